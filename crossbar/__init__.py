@@ -1,0 +1,1 @@
+"""Arrays of devices as weight matrices: periphery, pulsed updates, `AnalogProjection`."""

@@ -1,0 +1,1 @@
+"""Physics of one resistive device, vectorised: configs with aihwkit's names, pulse responses, presets."""

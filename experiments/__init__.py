@@ -1,0 +1,1 @@
+"""Presets, sweeps, reports, device-spec export, benchmarks and the `ept-hw` CLI."""

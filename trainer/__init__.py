@@ -1,0 +1,1 @@
+"""Data, training loops, the twin runner, controllers, checkpoints."""
