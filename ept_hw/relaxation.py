@@ -1,0 +1,505 @@
+"""The free phase: integrate dz/dt = F(z) (time in units of tau) to its fixed point.
+
+Three pluggable solvers behind one entry point, `relax`:
+
+- ``"euler"``: explicit Euler z <- z + eps F(z), the reference of SCIENCE §2 (eps = 0.1).
+- ``"dopri5"``: adaptive embedded Runge-Kutta 5(4) of Dormand and Prince (FSAL), error control with
+  rtol/atol. One step size is shared by the batch (the batch integrates one simulated time), but the
+  error norm is the *maximum* over samples of each sample's RMS error, so one sample's large error is
+  not averaged away.
+- ``"anderson"``: Anderson acceleration (type II) of the fixed point of the Euler map
+  g(z) = z + eps F(z); each sample gets its own mixing coefficients.
+
+Whatever the solver, the residual is always the one-step relative residual of SCIENCE §2,
+``res = ||eps F(z)|| / ||z||`` per sample, with ``eps = cfg.eps`` (not the adaptive step), so the
+figures of every solver are comparable. Convergence means the *maximum* over samples is <= tol.
+
+Where we differ from SCIENCE §2 / common practice (on purpose):
+- `min_steps` (T1) counts Euler steps and Anderson iterations; for dopri5 it is a minimum simulated
+  time of ``min_steps * eps`` (the same physical T1 as the Euler reference).
+- Anderson's Tikhonov term is relative: ``lam * mean(diag(F F^H))`` is added to the Gram matrix, so
+  that the regularisation does not swamp the least squares near convergence where ||F|| is tiny.
+  The small (m x m) solve is done in float64 whatever the state dtype. Samples whose solve is
+  singular (or non-finite) take a plain Euler-map step instead, and this is recorded in
+  ``RelaxResult.notes``.
+- dopri5 reaches the fixed point only as accurately as its error control allows: near z* the step
+  size grows to the edge of the method's stability region and the state wanders at the level of
+  rtol. Keep rtol about a decade below tol (defaults: rtol 1e-6, tol 1e-4); with rtol >= tol the
+  residual can stall just above tol.
+- The state returned is the final iterate, not the lowest-residual one (EP needs the final one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range
+
+__all__ = [
+    "SolverConfig",
+    "RelaxResult",
+    "NotConvergedError",
+    "NonFiniteStateError",
+    "one_step_residual",
+    "relax",
+    "dopri5_trajectory",
+]
+
+logger = logging.getLogger(__name__)
+
+Force = Callable[[Tensor], Tensor]
+
+METHODS = ("euler", "dopri5", "anderson")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    method: str = "euler"  # "euler" | "dopri5" | "anderson"
+    eps: float = 0.1  # Euler step in units of tau; also the epsilon of the residual definition
+    tol: float = 1e-4  # converged when the max over samples of the residual <= tol
+    min_steps: int = 0  # T1: run at least this many steps before testing tol
+    max_steps: int = 300  # cap (steps / iterations); non-convergence is then flagged
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_dt: float = 10.0
+    anderson_m: int = 5
+    anderson_lam: float = 1e-4
+    anderson_beta: float = 1.0
+    check_every: int = 1  # evaluate the residual every k steps (Euler gets it for free)
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_range("eps", self.eps, 0.0, None, lo_open=True)
+        check_range("tol", self.tol, 0.0, None)
+        check_positive_int("min_steps", self.min_steps, minimum=0)
+        check_positive_int("max_steps", self.max_steps, minimum=1)
+        if self.min_steps > self.max_steps:
+            raise ConfigError("min_steps", self.min_steps, f"an integer <= max_steps ({self.max_steps})")
+        check_range("rtol", self.rtol, 0.0, 1.0, lo_open=True)
+        check_range("atol", self.atol, 0.0, None)
+        check_range("max_dt", self.max_dt, 0.0, None, lo_open=True)
+        check_positive_int("anderson_m", self.anderson_m, minimum=1)
+        check_range("anderson_lam", self.anderson_lam, 0.0, None)
+        check_range("anderson_beta", self.anderson_beta, 0.0, 2.0, lo_open=True, hi_open=True)
+        check_positive_int("check_every", self.check_every, minimum=1)
+
+
+@dataclass
+class RelaxResult:
+    z: Tensor  # final state (not the lowest-residual iterate: EP needs the final one)
+    converged: bool
+    residual: Tensor  # (B,) final per-sample residual (SCIENCE §2 definition)
+    residual_max: float  # max over samples
+    trace: Tensor  # (n_checks, B) per-sample residual trace
+    n_force_evals: int
+    sim_time: float  # simulated time in units of tau (anderson: nan)
+    n_steps: int  # Euler steps, accepted dopri5 steps, or Anderson iterations
+    method: str = "euler"
+    trace_steps: Tensor | None = None  # (n_checks,) step index of each trace row
+    notes: list[str] = field(default_factory=list)  # fallbacks, rejected steps, ...
+    n_fallbacks: int = 0  # Anderson: sample-iterations that fell back to plain iteration
+
+
+class NotConvergedError(RuntimeError):
+    """Raised by `relax(require_converged=True)` when the tolerance was not reached."""
+
+    def __init__(self, result: RelaxResult):
+        self.result = result
+        super().__init__(
+            f"relaxation ({result.method}) did not converge: max residual {result.residual_max:.3e} "
+            f"after {result.n_steps} steps / {result.n_force_evals} force evaluations "
+            f"(worst sample {int(torch.argmax(result.residual))})"
+        )
+
+
+class NonFiniteStateError(FloatingPointError):
+    """Raised at once when the state or the force holds NaN/inf; the message names the step."""
+
+    def __init__(self, what: str, step: int, method: str, bad_samples: Sequence[int]):
+        self.what = what
+        self.step = step
+        self.method = method
+        self.bad_samples = list(bad_samples)
+        shown = self.bad_samples[:8]
+        more = "" if len(self.bad_samples) <= 8 else f" (+{len(self.bad_samples) - 8} more)"
+        super().__init__(
+            f"non-finite {what} at step {step} of the {method} relaxation, samples {shown}{more}"
+        )
+
+
+def _flat(z: Tensor) -> Tensor:
+    return z.reshape(z.shape[0], -1) if z.ndim > 1 else z.reshape(-1, 1)
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
+def one_step_residual(z: Tensor, f: Tensor, eps: float) -> Tensor:
+    """(B,) per-sample ||eps f|| / ||z||, norms over all dims but the first.
+
+    Complex-safe (moduli). Guarded at z = 0: the denominator is floored at the dtype's machine
+    epsilon, so a zero state with zero force gives 0 and a zero state with a force gives a large
+    finite number rather than inf/NaN.
+    """
+    if z.shape != f.shape:
+        raise ValueError(f"state shape {tuple(z.shape)} and force shape {tuple(f.shape)} differ")
+    if z.ndim == 0:
+        raise ValueError("the state needs a leading batch dimension")
+    num = torch.linalg.vector_norm(_flat(f), dim=1) * eps
+    den = torch.linalg.vector_norm(_flat(z), dim=1)
+    floor = torch.finfo(den.dtype).eps
+    return num / den.clamp_min(floor)
+
+
+def _check_finite(t: Tensor, what: str, step: int, method: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(_flat(t))).any(dim=1).nonzero().flatten().tolist()
+        raise NonFiniteStateError(what, step, method, bad)
+
+
+def _evaluate(force: Force, z: Tensor, step: int, method: str) -> Tensor:
+    f = force(z)
+    if f.shape != z.shape:
+        raise ValueError(f"force returned shape {tuple(f.shape)} for a state of shape {tuple(z.shape)}")
+    _check_finite(f, "force", step, method)
+    return f
+
+
+class _Trace:
+    def __init__(self) -> None:
+        self.rows: list[Tensor] = []
+        self.steps: list[int] = []
+
+    def add(self, step: int, res: Tensor) -> None:
+        self.rows.append(res)
+        self.steps.append(step)
+
+    def stack(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        if not self.rows:
+            return torch.empty(0, batch, dtype=dtype, device=device), torch.empty(0, dtype=torch.long)
+        return torch.stack(self.rows), torch.tensor(self.steps, dtype=torch.long)
+
+
+def relax(
+    force: Force,
+    z0: Tensor,
+    cfg: SolverConfig,
+    *,
+    require_converged: bool = False,
+    enable_grad: bool = False,
+) -> RelaxResult:
+    """Integrate dz/dt = force(z) from z0 until the residual test passes or max_steps.
+
+    `force` maps a state of shape (B, ...) to a tensor of the same shape. Runs under
+    `torch.no_grad()` unless `enable_grad=True`. Non-convergence sets `converged=False` and logs a
+    warning; with `require_converged=True` it raises `NotConvergedError` (holding the result).
+    NaN/inf in the state or the force raises `NonFiniteStateError` at once.
+    """
+    if not isinstance(cfg, SolverConfig):
+        raise TypeError(f"cfg must be a SolverConfig, got {type(cfg).__name__}")
+    if not isinstance(z0, Tensor) or z0.ndim == 0:
+        raise ValueError("z0 must be a tensor with a leading batch dimension (B, ...)")
+    if not (z0.dtype.is_floating_point or z0.dtype.is_complex):
+        raise ValueError(f"z0 must be a floating or complex tensor, got {z0.dtype}")
+    _check_finite(z0, "initial state", 0, cfg.method)
+    with torch.set_grad_enabled(enable_grad):
+        if cfg.method == "euler":
+            result = _relax_euler(force, z0, cfg)
+        elif cfg.method == "dopri5":
+            result = _relax_dopri5(force, z0, cfg)
+        else:
+            result = _relax_anderson(force, z0, cfg)
+    if not result.converged:
+        logger.warning(
+            "relaxation (%s) not converged: max residual %.3e > tol %.1e after %d steps",
+            cfg.method, result.residual_max, cfg.tol, result.n_steps,
+        )
+        if require_converged:
+            raise NotConvergedError(result)
+    return result
+
+
+def _finish(
+    z: Tensor, res: Tensor, trace: _Trace, converged: bool, n_evals: int, sim_time: float,
+    n_steps: int, cfg: SolverConfig, notes: list[str] | None = None, n_fallbacks: int = 0,
+) -> RelaxResult:
+    rows, steps = trace.stack(z.shape[0], res.dtype, res.device)
+    return RelaxResult(
+        z=z, converged=converged, residual=res, residual_max=float(res.max()), trace=rows,
+        n_force_evals=n_evals, sim_time=sim_time, n_steps=n_steps, method=cfg.method,
+        trace_steps=steps, notes=notes or [], n_fallbacks=n_fallbacks,
+    )
+
+
+# --------------------------------------------------------------------------------------- Euler
+
+
+def _relax_euler(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+    z = z0.clone()
+    trace = _Trace()
+    n_evals = 0
+    step = 0
+    converged = False
+    while True:
+        f = _evaluate(force, z, step, "euler")
+        n_evals += 1
+        res = one_step_residual(z, f, cfg.eps)
+        last = step >= cfg.max_steps
+        if step % cfg.check_every == 0 or last:
+            trace.add(step, res)
+            if step >= cfg.min_steps and float(res.max()) <= cfg.tol:
+                converged = True
+                break
+        if last:
+            break
+        z = z + cfg.eps * f
+        step += 1
+        _check_finite(z, "state", step, "euler")
+    return _finish(z, res, trace, converged, n_evals, step * cfg.eps, step, cfg)
+
+
+# ------------------------------------------------------------------------------- Dormand-Prince
+
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+# difference between the 5th- and the embedded 4th-order weights
+_DP_E = (
+    71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40,
+)
+_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
+
+
+def _error_norm(err: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float) -> float:
+    """Max over samples of the per-sample RMS of err / (atol + rtol max(|y0|, |y1|))."""
+    scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
+    ratio = _flat(err.abs() / scale)
+    return float(torch.sqrt((ratio**2).mean(dim=1)).max())
+
+
+def _initial_dt(force: Force, z: Tensor, f0: Tensor, cfg: SolverConfig, n_evals: list[int]) -> float:
+    """Hairer-Norsett-Wanner's starting step heuristic (one extra force evaluation)."""
+    scale = cfg.atol + cfg.rtol * z.abs()
+    d0 = float(torch.sqrt(((_flat(z.abs() / scale)) ** 2).mean(dim=1)).max())
+    d1 = float(torch.sqrt(((_flat(f0.abs() / scale)) ** 2).mean(dim=1)).max())
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    h0 = min(h0, cfg.max_dt)
+    f1 = _evaluate(force, z + h0 * f0, 0, "dopri5")
+    n_evals[0] += 1
+    d2 = float(torch.sqrt(((_flat((f1 - f0).abs() / scale)) ** 2).mean(dim=1)).max()) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1 / 5)
+    return min(100 * h0, h1, cfg.max_dt)
+
+
+def _dopri5_step(force: Force, z: Tensor, f0: Tensor, dt: float, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One Dormand-Prince step; returns (z_new, f(z_new), error estimate)."""
+    ks = [f0]
+    for i in range(1, 7):
+        incr = sum((a * k for a, k in zip(_DP_A[i], ks) if a != 0.0), torch.zeros_like(z))
+        zi = z + dt * incr
+        if i == 6:
+            z_new = zi  # the 7th stage sits at the 5th-order solution (FSAL)
+            _check_finite(z_new, "state", step, "dopri5")
+        ks.append(_evaluate(force, zi, step, "dopri5"))
+    err = dt * sum((e * k for e, k in zip(_DP_E, ks) if e != 0.0), torch.zeros_like(z))
+    return z_new, ks[6], err
+
+
+def _relax_dopri5(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+    z = z0.clone()
+    trace = _Trace()
+    counter = [0]
+    f = _evaluate(force, z, 0, "dopri5")
+    counter[0] += 1
+    dt = _initial_dt(force, z, f, cfg, counter)
+    t = 0.0
+    t_min = cfg.min_steps * cfg.eps
+    accepted = rejected = attempts = 0
+    converged = False
+    while True:
+        res = one_step_residual(z, f, cfg.eps)
+        last = attempts >= cfg.max_steps
+        if accepted % cfg.check_every == 0 or last:
+            trace.add(accepted, res)
+            if t >= t_min - 1e-12 and float(res.max()) <= cfg.tol:
+                converged = True
+                break
+        if last:
+            break
+        # take attempts until one is accepted (or the cap is hit)
+        while attempts < cfg.max_steps:
+            attempts += 1
+            if t < t_min:  # land on T1 exactly so the residual test starts on time
+                dt_try = min(dt, t_min - t) if t_min - t > 1e-12 else dt
+            else:
+                dt_try = dt
+            z_new, f_new, err = _dopri5_step(force, z, f, dt_try, accepted + 1)
+            counter[0] += 6
+            en = _error_norm(err, z, z_new, cfg.rtol, cfg.atol)
+            if not math.isfinite(en):
+                factor = _MIN_FACTOR
+            elif en == 0.0:
+                factor = _MAX_FACTOR
+            else:
+                factor = min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
+            if en <= 1.0:
+                z, f, t = z_new, f_new, t + dt_try
+                accepted += 1
+                dt = min(cfg.max_dt, dt_try * factor)
+                break
+            rejected += 1
+            dt = dt_try * min(1.0, factor)
+        else:
+            # cap reached inside the retry loop: record the final residual and stop
+            res = one_step_residual(z, f, cfg.eps)
+            trace.add(accepted, res)
+            break
+    notes = [f"dopri5: {accepted} accepted, {rejected} rejected steps"]
+    return _finish(z, res, trace, converged, counter[0], t, accepted, cfg, notes)
+
+
+def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor, cfg: SolverConfig | None = None) -> Tensor:
+    """States at the increasing times `t_eval` (units of tau) from the adaptive Dormand-Prince solver.
+
+    Returns a tensor of shape (len(t_eval), *z0.shape). Steps are clipped to land exactly on each
+    requested time (no interpolation), with the same error control as `relax(method="dopri5")`.
+    Runs under `torch.no_grad()`.
+    """
+    cfg = cfg or SolverConfig(method="dopri5")
+    times = [float(x) for x in (t_eval.tolist() if isinstance(t_eval, Tensor) else t_eval)]
+    if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 0):
+        raise ValueError("t_eval must be non-negative and non-decreasing")
+    _check_finite(z0, "initial state", 0, "dopri5")
+    out = []
+    with torch.no_grad():
+        z = z0.clone()
+        counter = [0]
+        f = _evaluate(force, z, 0, "dopri5")
+        dt = _initial_dt(force, z, f, cfg, counter)
+        t = 0.0
+        step = 0
+        for target in times:
+            while target - t > 1e-12 * max(1.0, abs(target)):
+                dt_try = min(dt, target - t)
+                step += 1
+                z_new, f_new, err = _dopri5_step(force, z, f, dt_try, step)
+                en = _error_norm(err, z, z_new, cfg.rtol, cfg.atol)
+                if not math.isfinite(en):
+                    factor = _MIN_FACTOR
+                elif en == 0.0:
+                    factor = _MAX_FACTOR
+                else:
+                    factor = min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
+                if en <= 1.0:
+                    z, f, t = z_new, f_new, t + dt_try
+                    # a step clipped to hit target should not shrink the next one
+                    dt = max(dt, min(cfg.max_dt, dt_try * factor)) if dt_try < dt else min(cfg.max_dt, dt_try * factor)
+                else:
+                    dt = dt_try * min(1.0, factor)
+                if dt < 1e-14 * max(1.0, t):
+                    raise FloatingPointError(f"dopri5 step size underflow at t = {t:g}")
+            out.append(z.clone())
+    return torch.stack(out) if out else torch.empty(0, *z0.shape, dtype=z0.dtype)
+
+
+# ------------------------------------------------------------------------------------ Anderson
+
+
+def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+    """Type-II Anderson on g(z) = z + eps F(z), per-sample coefficients.
+
+    With residuals r_i = g(x_i) - x_i = eps F(x_i) in the window, solve
+    min_a ||sum a_i r_i||^2 + lam' ||a||^2 s.t. sum a_i = 1, then
+    x+ = beta sum a_i g(x_i) + (1 - beta) sum a_i x_i.
+    """
+    batch = z0.shape[0]
+    x = z0.clone()
+    m = cfg.anderson_m
+    hist_x: list[Tensor] = []
+    hist_r: list[Tensor] = []
+    trace = _Trace()
+    notes: list[str] = []
+    n_fallbacks = 0
+    n_evals = 0
+    it = 0
+    converged = False
+    solve_dtype = torch.complex128 if x.dtype.is_complex else torch.float64
+    while True:
+        f = _evaluate(force, x, it, "anderson")
+        n_evals += 1
+        res = one_step_residual(x, f, cfg.eps)
+        last = it >= cfg.max_steps
+        if it % cfg.check_every == 0 or last:
+            trace.add(it, res)
+            if it >= cfg.min_steps and float(res.max()) <= cfg.tol:
+                converged = True
+                break
+        if last:
+            break
+        r = cfg.eps * f
+        hist_x.append(_flat(x))
+        hist_r.append(_flat(r))
+        if len(hist_x) > m:
+            hist_x.pop(0)
+            hist_r.pop(0)
+        k = len(hist_x)
+        X = torch.stack(hist_x, dim=1)  # (B, k, n)
+        R = torch.stack(hist_r, dim=1)
+        G = X + R
+        if k == 1:
+            new = X[:, 0] + cfg.anderson_beta * R[:, 0]
+        else:
+            Rd = R.to(solve_dtype)
+            gram = Rd @ Rd.transpose(1, 2).conj()  # (B, k, k)
+            diag_mean = gram.diagonal(dim1=1, dim2=2).real.mean(dim=1)  # (B,)
+            lam = cfg.anderson_lam * diag_mean
+            eye = torch.eye(k, dtype=solve_dtype, device=x.device)
+            # bordered system [[0, 1^T], [1, H]] [nu; a] = [1; 0]
+            H = torch.zeros(batch, k + 1, k + 1, dtype=solve_dtype, device=x.device)
+            H[:, 0, 1:] = 1
+            H[:, 1:, 0] = 1
+            H[:, 1:, 1:] = gram + lam[:, None, None] * eye
+            rhs = torch.zeros(batch, k + 1, 1, dtype=solve_dtype, device=x.device)
+            rhs[:, 0] = 1
+            sol, info = torch.linalg.solve_ex(H, rhs)
+            alpha = sol[:, 1:, 0]  # (B, k)
+            at_rest = diag_mean == 0  # exactly zero residual: a plain step leaves it there
+            ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & ~at_rest
+            alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha))
+            alpha = alpha.to(x.dtype)
+            mixed_g = (alpha[:, :, None] * G).sum(dim=1)
+            mixed_x = (alpha[:, :, None] * X).sum(dim=1)
+            new = cfg.anderson_beta * mixed_g + (1 - cfg.anderson_beta) * mixed_x
+            if not bool(ok.all()):
+                plain = X[:, -1] + cfg.anderson_beta * R[:, -1]
+                new = torch.where(ok[:, None], new, plain)
+            if bool((~ok & ~at_rest).any()):
+                bad = (~ok & ~at_rest).nonzero().flatten()
+                n_fallbacks += int(bad.numel())
+                notes.append(
+                    f"anderson: singular least squares at iteration {it}, samples "
+                    f"{bad.tolist()[:8]} fell back to plain iteration"
+                )
+                logger.info(notes[-1])
+        x = new.reshape(x.shape)
+        it += 1
+        _check_finite(x, "state", it, "anderson")
+    return _finish(x, res, trace, converged, n_evals, float("nan"), it, cfg, notes, n_fallbacks)
