@@ -1,0 +1,151 @@
+"""Force evaluations to reach res <= tol from x_in: Euler (eps = 0.1) vs Dormand-Prince vs Anderson.
+
+Run by hand:  python -m experiments.benchmarks.bench_solvers [--C 64 --T 32 --B 8 ...]
+
+Two blocks, measured side by side in one run:
+- "random": the block at initialisation (c = 1, resinit).
+- "partly trained": the same block with the attention made stronger and more non-conservative,
+  emulating what training does to it (SCIENCE §4): W_O and W_Q scaled up by `--attn-gain` and the
+  damping lowered to `--trained-c`, so the leading eigenvalue moves toward the imaginary axis and
+  the relaxation slows down. (A real partly trained checkpoint does not exist yet.)
+
+The block is `ept_hw.model` when it exists; otherwise a stand-in pre-LN transformer block written
+here (same force form as SCIENCE §1). The residual is the SCIENCE §2 one-step residual with
+eps = 0.1 for every solver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+
+import torch
+
+from ept_hw.relaxation import SolverConfig, relax
+
+
+def _standin_block(C: int, T: int, heads: int, vocab: int, gen: torch.Generator, dtype: torch.dtype):
+    """A stand-in block with the SCIENCE §1 force, used until ept_hw.model exists."""
+    def lin(n_in, n_out, scale=1.0):
+        return torch.randn(n_out, n_in, generator=gen, dtype=dtype) * scale / math.sqrt(n_in)
+
+    params = {
+        "tok": torch.randn(vocab, C, generator=gen, dtype=dtype) * 0.5,
+        "pos": torch.randn(T, C, generator=gen, dtype=dtype) * 0.1,
+        "W_Q": lin(C, C), "W_K": lin(C, C), "W_V": lin(C, C), "W_O": lin(C, C, 0.1),
+        "W_1": lin(C, 4 * C), "W_2": lin(4 * C, C, 0.1),
+    }
+    params["c"] = 1.0
+    hd = C // heads
+
+    def ln(u):
+        return torch.nn.functional.layer_norm(u, (C,))
+
+    def gelu(u):
+        return torch.nn.functional.gelu(u, approximate="tanh")
+
+    def force(z, x_in):
+        B, Tn, _ = z.shape
+        u = ln(z)
+        q = (u @ params["W_Q"].T).view(B, Tn, heads, hd).transpose(1, 2)
+        k = (u @ params["W_K"].T).view(B, Tn, heads, hd).transpose(1, 2)
+        v = (u @ params["W_V"].T).view(B, Tn, heads, hd).transpose(1, 2)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        att = att.transpose(1, 2).reshape(B, Tn, C) @ params["W_O"].T
+        ffn = gelu(ln(z) @ params["W_1"].T) @ params["W_2"].T
+        return -(z - x_in) + att + ffn - params["c"] * z
+
+    def embed(idx):
+        return params["tok"][idx] + params["pos"][: idx.shape[1]]
+
+    def make_trained(gain: float, c: float):
+        params["W_O"] = params["W_O"] * gain
+        params["W_Q"] = params["W_Q"] * math.sqrt(gain)
+        params["c"] = c
+
+    return force, embed, make_trained, "stand-in block (ept_hw.model not available)"
+
+
+def _model_block(C, T, heads, vocab, gen, dtype):
+    """The real block from ept_hw.model, adapted to (force, embed, make_trained)."""
+    from ept_hw import model as model_mod  # noqa: F401  (raises ImportError until it exists)
+
+    raise ImportError("adapter for ept_hw.model not written yet")
+
+
+def build_block(C, T, heads, vocab, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        return _model_block(C, T, heads, vocab, gen, dtype)
+    except ImportError:
+        return _standin_block(C, T, heads, vocab, gen, dtype)
+
+
+def measure(force, x_in, cfg: SolverConfig) -> dict:
+    relax(force, x_in, SolverConfig(method=cfg.method, max_steps=3, tol=0.0))  # warm-up
+    t0 = time.perf_counter()
+    res = relax(force, x_in, cfg)
+    return {
+        "evals": res.n_force_evals, "converged": res.converged, "res": res.residual_max,
+        "steps": res.n_steps, "sim_time": res.sim_time, "wall": time.perf_counter() - t0,
+        "fallbacks": res.n_fallbacks,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--C", type=int, default=64)
+    p.add_argument("--T", type=int, default=32)
+    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--attn-gain", type=float, default=5.0)
+    p.add_argument("--trained-c", type=float, default=0.5)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    torch.set_grad_enabled(False)
+    logging.getLogger("ept_hw.relaxation").setLevel(logging.ERROR)  # the table reports convergence
+
+    force, embed, make_trained, source = build_block(args.C, args.T, args.heads, args.vocab, args.seed, dtype)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    idx = torch.randint(0, args.vocab, (args.B, args.T), generator=gen)
+    x_in = embed(idx)
+    solvers = {
+        "euler eps=0.1": SolverConfig(method="euler", eps=0.1, tol=args.tol, max_steps=args.max_steps),
+        "dopri5": SolverConfig(method="dopri5", tol=args.tol, max_steps=args.max_steps,
+                               rtol=args.tol, atol=args.tol * 1e-2),
+        "anderson m=5": SolverConfig(method="anderson", tol=args.tol, max_steps=args.max_steps),
+        # beta > 1 over-relaxes the Euler map (a plain step of 1.5 eps); fine while 1.5 eps |mu| < 2
+        "anderson b=1.5": SolverConfig(method="anderson", tol=args.tol, max_steps=args.max_steps,
+                                       anderson_beta=1.5),
+    }
+    print(f"block: {source}; C={args.C} T={args.T} B={args.B} heads={args.heads} {args.dtype}; "
+          f"tol={args.tol:g} (SCIENCE §2 residual, eps=0.1)")
+    for label in ("random", "partly trained"):
+        if label == "partly trained":
+            make_trained(args.attn_gain, args.trained_c)
+            label += f" (W_O x{args.attn_gain:g}, W_Q x{math.sqrt(args.attn_gain):.2f}, c={args.trained_c:g})"
+        rows = {name: measure(lambda z: force(z, x_in), x_in, cfg) for name, cfg in solvers.items()}
+        base = rows["euler eps=0.1"]["evals"]
+        print(f"\n{label}")
+        print(f"  {'solver':<16}{'evals':>7}{'ratio':>8}{'conv':>6}{'max res':>11}{'sim t':>9}{'wall s':>8}")
+        for name, r in rows.items():
+            print(f"  {name:<16}{r['evals']:>7d}{r['evals'] / base:>8.3f}{str(r['converged']):>6}"
+                  f"{r['res']:>11.2e}{r['sim_time']:>9.2f}{r['wall']:>8.2f}")
+        done = [(r["evals"], n) for n, r in rows.items() if r["converged"] and n != "euler eps=0.1"]
+        if done:
+            best = min(done)
+            print(f"  best: {best[1]} at {best[0] / base:.3f} of Euler's evaluations (target <= 0.333)")
+        else:
+            print("  best: no accelerated solver converged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
