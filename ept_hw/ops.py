@@ -1,0 +1,96 @@
+"""Projection reads as autograd functions, and the recorder of port quantities.
+
+Every weight matrix inside the block is read through `project`, an autograd function whose
+
+- forward is `proj.forward(u)` (y = u Wᵀ),
+- backward is `proj.transpose(grad)` (the transposed read of the same array),
+- forward-mode rule (`jvp`) is `proj.forward(tangent)`.
+
+So every Jacobian product of F (J v by dual numbers, Jᵀ v by a backward pass) is made of reads of
+the same arrays as F itself: on the analog path, noise and quantisation act on them as on a chip.
+No gradient flows to the weight through this function: weights learn only by the port quantities.
+
+A `PortRecorder` passed down through `force` collects, in each backward, the projection's input u
+and the cotangent δ arriving at its output: one vjp of ⟨a, F(z*)⟩ then yields the local update
+δ uᵀ of every projection (SCIENCE §3). Through an unrolled graph (BPTT) a projection is read many
+times; the recorder keeps every read and `weight_grads` sums their outer products.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .projection import Projection
+
+__all__ = ["PortRecorder", "project", "outer_product_sum"]
+
+
+def outer_product_sum(u: Tensor, delta: Tensor) -> Tensor:
+    """Σ over all leading dims of δ uᵀ, shape (out, in): the weight gradient of one read."""
+    return delta.reshape(-1, delta.shape[-1]).T @ u.reshape(-1, u.shape[-1])
+
+
+class PortRecorder:
+    """Collects (u, δ) for each projection read that a backward pass goes through.
+
+    `ports()` returns, per name, the single (u, δ) pair (raising if a name was read several times:
+    EP needs exactly one read at z*); `weight_grads()` sums δ uᵀ over every read (BPTT).
+    """
+
+    def __init__(self) -> None:
+        self.reads: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def record(self, name: str, u: Tensor, delta: Tensor) -> None:
+        self.reads.setdefault(name, []).append((u.detach(), delta.detach()))
+
+    def ports(self) -> dict[str, tuple[Tensor, Tensor]]:
+        out = {}
+        for name, reads in self.reads.items():
+            if len(reads) != 1:
+                raise RuntimeError(f"projection {name} was read {len(reads)} times; port quantities need exactly one")
+            out[name] = reads[0]
+        return out
+
+    def weight_grads(self) -> dict[str, Tensor]:
+        grads = {}
+        for name, reads in self.reads.items():
+            total = None
+            for u, d in reads:
+                g = outer_product_sum(u, d)
+                total = g if total is None else total + g
+            grads[name] = total
+        return grads
+
+
+class _ProjectionRead(torch.autograd.Function):
+    @staticmethod
+    def forward(u: Tensor, proj: Any, name: str, recorder: PortRecorder | None) -> Tensor:
+        return proj.forward(u)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        u, proj, name, recorder = inputs
+        ctx.proj = proj
+        ctx.name = name
+        ctx.recorder = recorder
+        if recorder is not None:
+            ctx.save_for_backward(u)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        if ctx.recorder is not None:
+            (u,) = ctx.saved_tensors
+            ctx.recorder.record(ctx.name, u, grad)
+        return ctx.proj.transpose(grad), None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, u_tangent: Tensor, *_unused: Any) -> Tensor:
+        return ctx.proj.forward(u_tangent)
+
+
+def project(proj: Projection, u: Tensor, name: str, recorder: PortRecorder | None = None) -> Tensor:
+    """Read `proj` at `u` (y = u Wᵀ) so that autograd uses the projection's own transposed read."""
+    return _ProjectionRead.apply(u, proj, name, recorder)
