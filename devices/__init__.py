@@ -1,1 +1,55 @@
-"""Physics of one resistive device, vectorised: configs with aihwkit's names, pulse responses, presets."""
+"""Physics of one resistive device, vectorised: configs with aihwkit's names, pulse responses, presets.
+
+Public API (the contract `crossbar` builds on)::
+
+    load_device(name_or_path) -> DeviceConfig     # preset name or TOML file with a [device] table
+    device_from_dict({"model": "soft_bounds", ...}) -> DeviceConfig
+    save_device(path, cfg)                        # TOML with a [device] table
+    preset_names() -> list[str]
+    DeviceArray(config, shape, generator, device=None, dtype=torch.float32)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ept_hw.config import ConfigError, load_toml, save_toml
+
+from .array import DeviceArray
+from .configs import (
+    DEVICE_MODELS, ConstantStepDevice, DeviceConfig, ExpStepDevice, IdealDevice, LinearStepDevice,
+    PiecewiseStepDevice, PowStepDevice, PulsedDevice, SoftBoundsDevice, SoftBoundsReferenceDevice,
+    device_from_dict,
+)
+from .presets import preset, preset_names
+
+__all__ = [
+    "DeviceArray", "DeviceConfig", "PulsedDevice", "IdealDevice", "ConstantStepDevice",
+    "LinearStepDevice", "SoftBoundsDevice", "SoftBoundsReferenceDevice", "ExpStepDevice",
+    "PowStepDevice", "PiecewiseStepDevice", "DEVICE_MODELS", "device_from_dict", "load_device",
+    "save_device", "preset", "preset_names",
+]
+
+
+def device_from_toml_mapping(data: Mapping[str, Any], source: str = "device file") -> DeviceConfig:
+    """The config of a parsed TOML document holding a `[device]` table."""
+    if "device" not in data or not isinstance(data["device"], Mapping):
+        raise ConfigError("device", source, "a TOML file with a [device] table")
+    return device_from_dict(data["device"])
+
+
+def load_device(name_or_path: str | Path) -> DeviceConfig:
+    """A preset by name, or a TOML file whose `[device]` table has `model` and aihwkit keys."""
+    text = str(name_or_path)
+    if text in preset_names():
+        return preset(text)
+    path = Path(text)
+    if path.suffix == ".toml" or path.exists():
+        return device_from_toml_mapping(load_toml(path), source=text)
+    raise ConfigError("device", text, "a preset (" + ", ".join(preset_names()) + ") or a .toml device file")
+
+
+def save_device(path: str | Path, config: DeviceConfig) -> None:
+    """Write `config` as a TOML file with a `[device]` table (loads back with `load_device`)."""
+    save_toml(path, {"device": config.to_dict()})

@@ -1,0 +1,380 @@
+"""`DeviceArray`: the state of a tensor of devices of one config, with aihwkit's pulse response.
+
+Per-device (d2d) parameters are sampled once from an explicit generator at construction and live
+in `hidden` (aihwkit's hidden-parameter names); cycle-to-cycle noise is drawn per pulse.
+
+Order of pulses within one `apply_pulses` call: a device that gets u ups and d downs receives
+min(u, d) alternating (up, down) pairs first, then the |u − d| remaining pulses of the majority
+direction. Alternation keeps a bounded device from saturating on one side before the opposite
+pulses arrive (in aihwkit the pulses of different batch samples are applied sample by sample, so
+their order is data dependent; alternation is the unbiased choice).
+
+Where we differ from aihwkit
+----------------------------
+- Write noise (`write_noise_std`, units of dw_min) is redrawn once per call for every device that
+  received at least one pulse (aihwkit's CPU redraws after every pulse, its GPU once per
+  coincidence train: the weight a read sees is the same in distribution).
+- Random draws come from torch generators, so values differ from aihwkit's RNG stream; only the
+  distributions match.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .configs import (
+    ConstantStepDevice, DeviceConfig, ExpStepDevice, IdealDevice, LinearStepDevice,
+    PiecewiseStepDevice, PowStepDevice, PulsedDevice, SoftBoundsDevice, SoftBoundsReferenceDevice,
+    device_from_dict,
+)
+
+__all__ = ["DeviceArray"]
+
+
+class DeviceArray:
+    """State of a tensor of devices of one config (any shape, CPU or CUDA)."""
+
+    def __init__(self, config: DeviceConfig, shape: tuple[int, ...], generator: torch.Generator,
+                 *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.shape = tuple(int(s) for s in shape)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.hidden: dict[str, Tensor] = {}
+        self._persistent = torch.zeros(self.shape, device=self.device, dtype=dtype)
+        self._apparent: Tensor | None = None
+        if not config.is_ideal:
+            self._populate(generator)
+
+    # ------------------------------------------------------------------ sampling
+    def _randn(self, generator: torch.Generator) -> Tensor:
+        xi = torch.randn(self.shape, generator=generator, device=generator.device, dtype=self.dtype)
+        return xi.to(self.device)
+
+    def _populate(self, g: torch.Generator) -> None:
+        c = self.config
+        assert isinstance(c, PulsedDevice)
+        b_max = c.w_max * (1.0 + c.w_max_dtod * self._randn(g))
+        b_min = c.w_min * (1.0 + c.w_min_dtod * self._randn(g))
+        xi_gain = self._randn(g)
+        gain = torch.exp(c.dw_min_dtod * xi_gain) if c.dw_min_dtod_log_normal else 1.0 + c.dw_min_dtod * xi_gain
+        r = c.up_down_dtod * self._randn(g)
+        up_bias = min(c.up_down, 0.0)
+        down_bias = -max(c.up_down, 0.0)
+        dw_up = (up_bias + gain + r) * c.dw_min
+        dw_down = (down_bias + gain - r) * c.dw_min
+        if c.enforce_consistency:
+            dw_up, dw_down = dw_up.abs(), dw_down.abs()
+            swap = b_min > b_max
+            b_max, b_min = torch.where(swap, b_min, b_max), torch.where(swap, b_max, b_min)
+            b_max, b_min = b_max.abs(), -b_min.abs()
+        xi_life = self._randn(g)
+        if c.lifetime > 0:
+            life = (c.lifetime * (1.0 + c.lifetime_dtod * xi_life)).clamp_min(1.0)
+            decay = 1.0 - 1.0 / life
+        else:
+            decay = torch.ones_like(b_max)
+        reset_bias = c.reset + c.reset_dtod * self._randn(g)
+        h = self.hidden
+        h["max_bound"], h["min_bound"] = b_max, b_min
+        h["dwmin_up"], h["dwmin_down"] = dw_up, dw_down
+        h["decay_scales"] = decay
+        h["diffusion_rates"] = torch.zeros_like(b_max)
+        h["reset_bias"] = reset_bias
+
+        if isinstance(c, LinearStepDevice):
+            g_up = c.gamma_up + c.gamma_up_dtod * self._randn(g)
+            g_down = c.gamma_down + c.gamma_down_dtod * self._randn(g)
+            if not c.allow_increasing:
+                g_up, g_down = g_up.abs(), g_down.abs()
+            self._set_linear_slopes(g_up, g_down, c.mean_bound_reference, c.reverse_up, c.reverse_down,
+                                    c.reverse_offset)
+        elif isinstance(c, SoftBoundsDevice):
+            one = torch.ones_like(b_max)
+            self._set_linear_slopes(one, one, False, c.reverse_up, c.reverse_down, c.reverse_offset)
+        elif isinstance(c, SoftBoundsReferenceDevice):
+            consistent = (b_max > 0) & (b_min < 0)
+            slope_down = -dw_down / b_min * (1.0 + c.slope_down_dtod * self._randn(g)).abs()
+            slope_up = dw_up / b_max * (1.0 + c.slope_up_dtod * self._randn(g)).abs()
+            h["max_bound"] = b_max = torch.where(consistent, dw_up / slope_up, b_max)
+            h["min_bound"] = b_min = torch.where(consistent, -dw_down / slope_down, b_min)
+            ref = c.reference_mean + c.reference_std * self._randn(g)
+            if c.subtract_symmetry_point:
+                sp = (dw_up - dw_down) / (dw_up / b_max - dw_down / b_min)
+                sp = torch.where(consistent, sp, torch.zeros_like(sp))
+                ref = ref + sp
+                h["reset_bias"] = h["reset_bias"] + sp
+            h["reference"] = ref
+        elif isinstance(c, PowStepDevice):
+            gain_p = 1.0 + c.pow_gamma_dtod * self._randn(g)
+            r_p = c.pow_up_down_dtod * self._randn(g)
+            up_b = min(c.pow_up_down, 0.0)
+            down_b = -max(c.pow_up_down, 0.0)
+            gam_up = (up_b + gain_p + r_p) * c.pow_gamma
+            gam_down = (down_b + gain_p - r_p) * c.pow_gamma
+            if c.enforce_consistency:
+                gam_up, gam_down = gam_up.abs(), gam_down.abs()
+            h["gamma_up"], h["gamma_down"] = gam_up, gam_down
+
+        if getattr(c, "write_noise_std", 0.0) > 0:
+            self._apparent = self._persistent.clone()
+
+    def _set_linear_slopes(self, g_up: Tensor, g_down: Tensor, mean_ref: bool, rev_up: bool,
+                           rev_down: bool, offset: float) -> None:
+        c, h = self.config, self.hidden
+        b_max, b_min = h["max_bound"], h["min_bound"]
+        if mean_ref:
+            ref_up = torch.full_like(b_max, (c.w_min - offset) if rev_up else c.w_max)
+            ref_down = torch.full_like(b_max, (c.w_max + offset) if rev_down else c.w_min)
+        else:
+            ref_up = (b_min - offset) if rev_up else b_max
+            ref_down = (b_max + offset) if rev_down else b_min
+        zero = torch.zeros_like(b_max)
+        h["slope_up"] = torch.where(ref_up != 0, -g_up * h["dwmin_up"] / ref_up, zero)
+        h["slope_down"] = torch.where(ref_down != 0, -g_down * h["dwmin_down"] / ref_down, zero)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def weights(self) -> Tensor:
+        """The weight a read sees: persistent weight plus the current write-noise sample, if any."""
+        return self._apparent if self._apparent is not None else self._persistent
+
+    @property
+    def persistent_weights(self) -> Tensor:
+        """The weight the update acts on (equal to `weights` without write noise)."""
+        return self._persistent
+
+    def _write_noise_scale(self) -> float:
+        c = self.config
+        return getattr(c, "write_noise_std", 0.0) * (c.dw_min if c.dw_min != 0 else 1.0)
+
+    def set_weights(self, w: Tensor, generator: torch.Generator | None = None) -> None:
+        """Program the weights; each device is clipped to its own bounds.
+
+        With write noise and `apply_write_noise_on_set` (aihwkit default), the apparent weight gets
+        a fresh write-noise sample, which needs `generator`.
+        """
+        w = torch.as_tensor(w, dtype=self.dtype, device=self.device).expand(self.shape)
+        if self.config.is_ideal:
+            self._persistent = w.clone()
+            return
+        self._persistent = torch.minimum(torch.maximum(w, self.hidden["min_bound"]), self.hidden["max_bound"]).clone()
+        if self._apparent is not None:
+            if getattr(self.config, "apply_write_noise_on_set", True):
+                if generator is None:
+                    raise ValueError("set_weights needs a generator: this device has write noise on set")
+                self._apparent = self._persistent + self._write_noise_scale() * self._randn(generator)
+            else:
+                self._apparent = self._persistent.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Config, weights and every per-device sample (they must survive a checkpoint)."""
+        state: dict[str, Any] = {
+            "config": self.config.to_dict(),
+            "shape": list(self.shape),
+            "persistent_weights": self._persistent.clone(),
+            "hidden": {k: v.clone() for k, v in self.hidden.items()},
+        }
+        if self._apparent is not None:
+            state["apparent_weights"] = self._apparent.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cfg = device_from_dict(state["config"])
+        if cfg != self.config or tuple(state["shape"]) != self.shape:
+            raise ValueError(f"state is for {cfg.model} {tuple(state['shape'])}, "
+                             f"this array is {self.config.model} {self.shape}")
+        def conv(t: Tensor) -> Tensor:
+            return t.to(device=self.device, dtype=self.dtype).clone()
+        self._persistent = conv(state["persistent_weights"])
+        self.hidden = {k: conv(v) for k, v in state["hidden"].items()}
+        self._apparent = conv(state["apparent_weights"]) if "apparent_weights" in state else None
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, device=None, dtype=torch.float32) -> "DeviceArray":
+        cfg = device_from_dict(state["config"])
+        arr = cls.__new__(cls)
+        arr.config, arr.shape = cfg, tuple(state["shape"])
+        arr.device = torch.device(device) if device is not None else torch.device("cpu")
+        arr.dtype, arr.hidden, arr._apparent = dtype, {}, None
+        arr._persistent = torch.zeros(arr.shape, device=arr.device, dtype=dtype)
+        arr.load_state_dict(state)
+        return arr
+
+    # ------------------------------------------------------------------ update rules
+    def _step(self, w: Tensor, up: Tensor, xi: Tensor | None) -> Tensor:
+        """Signed Δw of one pulse per device (up where `up`, down elsewhere), before clipping.
+
+        `xi` is the per-pulse standard normal (None: noise-free). Returns Δw on the persistent
+        weight; SoftBoundsReference's reference shift is handled inside.
+        """
+        c, h = self.config, self.hidden
+        sigma = c.dw_min_std
+        noise = None if xi is None else sigma * xi
+        dw_up, dw_down = h["dwmin_up"], h["dwmin_down"]
+
+        if isinstance(c, ConstantStepDevice):
+            mag = torch.where(up, dw_up, dw_down)
+            if noise is not None:
+                mag = mag * (1.0 + noise)
+            return torch.where(up, mag, -mag)
+
+        if isinstance(c, (LinearStepDevice, SoftBoundsDevice)):
+            slope = torch.where(up, h["slope_up"], h["slope_down"])
+            base = torch.where(up, dw_up, dw_down)
+            if noise is None:
+                mag = slope * w + base
+            elif c.mult_noise:
+                mag = (slope * w + base) * (1.0 + noise)
+            else:
+                mag = slope * w + base * (1.0 + noise)
+            return torch.where(up, mag, -mag)
+
+        if isinstance(c, SoftBoundsReferenceDevice):
+            b_max, b_min = h["max_bound"], h["min_bound"]
+            wr = w + h["reference"]
+            a_up = torch.where(b_max > 0, wr / b_max, torch.zeros_like(w))
+            a_down = torch.where(b_min < 0, wr / b_min, torch.zeros_like(w))
+            base = torch.where(up, dw_up, dw_down)
+            shape_factor = 1.0 - torch.where(up, a_up, a_down)
+            if noise is None:
+                mag = base * shape_factor
+            elif c.mult_noise:
+                mag = base * shape_factor * (1.0 + noise)
+            else:
+                mag = base * (shape_factor + noise)
+            return torch.where(up, mag, -mag)
+
+        if isinstance(c, ExpStepDevice):
+            b_diff = h["max_bound"] - h["min_bound"]
+            z = 2.0 * w / b_diff * c.a + c.b
+            y_up = (1.0 - c.A_up * torch.exp(c.gamma_up * z)).clamp_min(0.0)
+            y_down = (1.0 - c.A_down * torch.exp(-c.gamma_down * z)).clamp_min(0.0)
+            dw = torch.where(up, y_up * dw_up, -y_down * dw_down)
+            if noise is not None:
+                if sigma > 0 and (c.dw_min_std_add != 0 or c.dw_min_std_slope != 0):
+                    dw = dw + sigma * (dw.abs() + c.dw_min_std_add + c.dw_min_std_slope * w.abs()) * xi
+                else:
+                    dw = dw * (1.0 + noise)
+            return torch.where(b_diff > 0, dw, torch.zeros_like(dw))
+
+        if isinstance(c, PowStepDevice):
+            b_max, b_min = h["max_bound"], h["min_bound"]
+            rng = b_max - b_min
+            safe = torch.where(rng != 0, rng, torch.ones_like(rng))
+            frac = torch.where(up, (b_max - w) / safe, (w - b_min) / safe).clamp_min(0.0)
+            mag = torch.where(up, dw_up, dw_down) * frac.pow(torch.where(up, h["gamma_up"], h["gamma_down"]))
+            if noise is not None:
+                mag = mag * (1.0 + noise)
+            return torch.where(rng != 0, torch.where(up, mag, -mag), torch.zeros_like(mag))
+
+        if isinstance(c, PiecewiseStepDevice):
+            b_max, b_min = h["max_bound"], h["min_bound"]
+            n_seg = len(c.piecewise_up) - 1
+            if n_seg == 0:
+                factor_up = torch.full_like(w, c.piecewise_up[0])
+                factor_down = torch.full_like(w, c.piecewise_down[0])
+            else:
+                q = ((w - b_min) / (b_max - b_min) * n_seg).clamp_min(0.0)
+                i = q.floor().clamp_max(n_seg - 1)
+                t = (q - i).clamp_max(1.0)
+                idx = i.long()
+                nodes_up = torch.tensor(c.piecewise_up, dtype=w.dtype, device=w.device)
+                nodes_down = torch.tensor(c.piecewise_down, dtype=w.dtype, device=w.device)
+                factor_up = (1 - t) * nodes_up[idx] + t * nodes_up[idx + 1]
+                factor_down = (1 - t) * nodes_down[idx] + t * nodes_down[idx + 1]
+            mag = torch.where(up, dw_up * factor_up, dw_down * factor_down)
+            if noise is not None:
+                mag = mag * (1.0 + noise)
+            return torch.where(up, mag, -mag)
+
+        raise TypeError(f"no update rule for {type(c).__name__}")
+
+    def _clip(self, w: Tensor) -> Tensor:
+        h = self.hidden
+        if isinstance(self.config, SoftBoundsReferenceDevice):
+            ref = h["reference"]
+            return torch.minimum(torch.maximum(w + ref, h["min_bound"]), h["max_bound"]) - ref
+        return torch.minimum(torch.maximum(w, h["min_bound"]), h["max_bound"])
+
+    def apply_pulses(self, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> None:
+        """Apply `n_up` up pulses and `n_down` down pulses per device (non-negative integer tensors).
+
+        Pulse by pulse: bounded devices saturate as they go, c2c noise is drawn per pulse. Order:
+        see the module docstring (alternating pairs first, then the surplus direction).
+        """
+        if self.config.is_ideal:
+            raise TypeError("an ideal device takes float updates: use apply_delta")
+        n_up = torch.as_tensor(n_up, device=self.device)
+        n_down = torch.as_tensor(n_down, device=self.device)
+        if n_up.shape != self.shape or n_down.shape != self.shape:
+            raise ValueError(f"pulse counts must have shape {self.shape}, got {tuple(n_up.shape)} and {tuple(n_down.shape)}")
+        if torch.is_floating_point(n_up) or torch.is_floating_point(n_down):
+            if not (torch.equal(n_up, n_up.round()) and torch.equal(n_down, n_down.round())):
+                raise ValueError("pulse counts must be integers")
+        n_up, n_down = n_up.long(), n_down.long()
+        if bool((n_up < 0).any()) or bool((n_down < 0).any()):
+            raise ValueError("pulse counts must be non-negative")
+        total = n_up + n_down
+        n_max = int(total.max()) if total.numel() else 0
+        if n_max == 0:
+            return
+        pairs2 = 2 * torch.minimum(n_up, n_down)
+        surplus_up = n_up > n_down
+        w = self._persistent
+        for t in range(n_max):
+            active = total > t
+            up = torch.where(t < pairs2, torch.full_like(active, t % 2 == 0), surplus_up)
+            xi = self._randn(generator)
+            w = torch.where(active, self._clip(w + self._step(w, up, xi)), w)
+        self._persistent = w
+        if self._apparent is not None:
+            noisy = w + self._write_noise_scale() * self._randn(generator)
+            self._apparent = torch.where(total > 0, noisy, self._apparent)
+
+    def pulse_once(self, up: Tensor, active: Tensor, generator: torch.Generator) -> None:
+        """One pulse on the devices where `active`, up where `up` (bool tensors); for protocols."""
+        w = self._persistent
+        xi = self._randn(generator)
+        self._persistent = torch.where(active, self._clip(w + self._step(w, up, xi)), w)
+        if self._apparent is not None:
+            noisy = self._persistent + self._write_noise_scale() * self._randn(generator)
+            self._apparent = torch.where(active, noisy, self._apparent)
+
+    def apply_delta(self, dw: Tensor) -> None:
+        """Exact float update, only for ideal devices (w += dw)."""
+        if not self.config.is_ideal:
+            raise TypeError(f"apply_delta is only for ideal devices, this is {self.config.model}: use apply_pulses")
+        self._persistent = self._persistent + torch.as_tensor(dw, dtype=self.dtype, device=self.device)
+
+    def mean_step(self, w: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Expected |Δw| of one up and one down pulse at w (default: current persistent weights).
+
+        Noise-free per-device step, including clipping at the device's bounds (a device at its
+        upper bound has mean up step 0; a given w beyond a device's bound is first clipped to it).
+        For multiplicative noise this is the exact mean away from the bounds; ideal devices raise.
+        """
+        if self.config.is_ideal:
+            raise TypeError("an ideal device has no pulse step")
+        if w is None:
+            w = self._persistent
+        else:  # a weight outside a device's range is read as the bound it would be clipped to
+            w = self._clip(torch.as_tensor(w, dtype=self.dtype, device=self.device).expand(self.shape))
+        ones = torch.ones(self.shape, dtype=torch.bool, device=self.device)
+        up = self._clip(w + self._step(w, ones, None)) - w
+        down = w - self._clip(w + self._step(w, ~ones, None))
+        return up, down
+
+    def decay(self) -> None:
+        """aihwkit's lifetime decay, once: w ← reset_bias + (w − reset_bias)·decay_scale (aihwkit
+        calls it in `post_update_step`; the pulse protocol never calls it)."""
+        if self.config.is_ideal or self.config.lifetime <= 0:
+            return
+        h = self.hidden
+        self._persistent = self._clip(h["reset_bias"] + (self._persistent - h["reset_bias"]) * h["decay_scales"])
+        if self._apparent is not None:
+            self._apparent = self._persistent.clone()
