@@ -35,6 +35,13 @@ from .configs import (
 __all__ = ["DeviceArray"]
 
 
+def _sel(up: Tensor | bool, if_up: Any, if_down: Any) -> Any:
+    """`torch.where(up, if_up, if_down)`, short-cut when the direction is one Python bool."""
+    if isinstance(up, bool):
+        return if_up if up else if_down
+    return torch.where(up, if_up, if_down)
+
+
 class DeviceArray:
     """State of a tensor of devices of one config (any shape, CPU or CUDA)."""
 
@@ -55,6 +62,10 @@ class DeviceArray:
         xi = torch.randn(self.shape, generator=generator, device=generator.device, dtype=self.dtype)
         return xi.to(self.device)
 
+    def _rand(self, generator: torch.Generator) -> Tensor:
+        u = torch.rand(self.shape, generator=generator, device=generator.device, dtype=self.dtype)
+        return u.to(self.device)
+
     def _populate(self, g: torch.Generator) -> None:
         c = self.config
         assert isinstance(c, PulsedDevice)
@@ -67,23 +78,31 @@ class DeviceArray:
         down_bias = -max(c.up_down, 0.0)
         dw_up = (up_bias + gain + r) * c.dw_min
         dw_down = (down_bias + gain - r) * c.dw_min
+        crossed = b_min > b_max
         if c.enforce_consistency:
             dw_up, dw_down = dw_up.abs(), dw_down.abs()
-            swap = b_min > b_max
-            b_max, b_min = torch.where(swap, b_min, b_max), torch.where(swap, b_max, b_min)
+            b_max, b_min = torch.where(crossed, b_min, b_max), torch.where(crossed, b_max, b_min)
             b_max, b_min = b_max.abs(), -b_min.abs()
-        xi_life = self._randn(g)
-        if c.lifetime > 0:
-            life = (c.lifetime * (1.0 + c.lifetime_dtod * xi_life)).clamp_min(1.0)
-            decay = 1.0 - 1.0 / life
-        else:
-            decay = torch.ones_like(b_max)
+        else:  # aihwkit "turns off" a device whose bounds crossed: both bounds at their midpoint
+            mid = 0.5 * (b_max + b_min)
+            b_max, b_min = torch.where(crossed, mid, b_max), torch.where(crossed, mid, b_min)
+        if c.corrupt_devices_prob > 0:  # stuck at a uniform value inside its range, no steps
+            corrupt = self._rand(g) < c.corrupt_devices_prob
+            lo = torch.minimum(b_max, b_min).clamp_min(-abs(c.corrupt_devices_range))
+            hi = torch.maximum(b_max, b_min).clamp_max(abs(c.corrupt_devices_range))
+            stuck = lo + (hi - lo) * self._rand(g)
+            b_max, b_min = torch.where(corrupt, stuck, b_max), torch.where(corrupt, stuck, b_min)
+            zero = torch.zeros_like(dw_up)
+            dw_up, dw_down = torch.where(corrupt, zero, dw_up), torch.where(corrupt, zero, dw_down)
+        diffusion = (c.diffusion * (1.0 + c.diffusion_dtod * self._randn(g))).abs()
         reset_bias = c.reset + c.reset_dtod * self._randn(g)
+        life = c.lifetime * (1.0 + c.lifetime_dtod * self._randn(g))
+        decay = torch.where(life > 1.0, 1.0 - 1.0 / life.clamp_min(1.0), torch.zeros_like(life))
         h = self.hidden
         h["max_bound"], h["min_bound"] = b_max, b_min
         h["dwmin_up"], h["dwmin_down"] = dw_up, dw_down
         h["decay_scales"] = decay
-        h["diffusion_rates"] = torch.zeros_like(b_max)
+        h["diffusion_rates"] = diffusion
         h["reset_bias"] = reset_bias
 
         if isinstance(c, LinearStepDevice):
@@ -209,6 +228,8 @@ class DeviceArray:
     def _step(self, w: Tensor, up: Tensor, xi: Tensor | None) -> Tensor:
         """Signed Δw of one pulse per device (up where `up`, down elsewhere), before clipping.
 
+        `up` is a bool tensor, or a Python bool when every device gets the same direction.
+
         `xi` is the per-pulse standard normal (None: noise-free). Returns Δw on the persistent
         weight; SoftBoundsReference's reference shift is handled inside.
         """
@@ -218,43 +239,54 @@ class DeviceArray:
         dw_up, dw_down = h["dwmin_up"], h["dwmin_down"]
 
         if isinstance(c, ConstantStepDevice):
-            mag = torch.where(up, dw_up, dw_down)
+            mag = _sel(up, dw_up, dw_down)
             if noise is not None:
                 mag = mag * (1.0 + noise)
-            return torch.where(up, mag, -mag)
+            return _sel(up, mag, -mag)
 
         if isinstance(c, (LinearStepDevice, SoftBoundsDevice)):
-            slope = torch.where(up, h["slope_up"], h["slope_down"])
-            base = torch.where(up, dw_up, dw_down)
+            slope = _sel(up, h["slope_up"], h["slope_down"])
+            base = _sel(up, dw_up, dw_down)
             if noise is None:
                 mag = slope * w + base
             elif c.mult_noise:
                 mag = (slope * w + base) * (1.0 + noise)
             else:
                 mag = slope * w + base * (1.0 + noise)
-            return torch.where(up, mag, -mag)
+            return _sel(up, mag, -mag)
 
         if isinstance(c, SoftBoundsReferenceDevice):
             b_max, b_min = h["max_bound"], h["min_bound"]
             wr = w + h["reference"]
-            a_up = torch.where(b_max > 0, wr / b_max, torch.zeros_like(w))
-            a_down = torch.where(b_min < 0, wr / b_min, torch.zeros_like(w))
-            base = torch.where(up, dw_up, dw_down)
-            shape_factor = 1.0 - torch.where(up, a_up, a_down)
+            if isinstance(up, bool):
+                bound = b_max if up else b_min
+                usable = bound > 0 if up else bound < 0
+                shape_factor = 1.0 - torch.where(usable, wr / bound, torch.zeros_like(w))
+            else:
+                a_up = torch.where(b_max > 0, wr / b_max, torch.zeros_like(w))
+                a_down = torch.where(b_min < 0, wr / b_min, torch.zeros_like(w))
+                shape_factor = 1.0 - torch.where(up, a_up, a_down)
+            base = _sel(up, dw_up, dw_down)
             if noise is None:
                 mag = base * shape_factor
             elif c.mult_noise:
                 mag = base * shape_factor * (1.0 + noise)
             else:
                 mag = base * (shape_factor + noise)
-            return torch.where(up, mag, -mag)
+            return _sel(up, mag, -mag)
 
         if isinstance(c, ExpStepDevice):
             b_diff = h["max_bound"] - h["min_bound"]
             z = 2.0 * w / b_diff * c.a + c.b
-            y_up = (1.0 - c.A_up * torch.exp(c.gamma_up * z)).clamp_min(0.0)
-            y_down = (1.0 - c.A_down * torch.exp(-c.gamma_down * z)).clamp_min(0.0)
-            dw = torch.where(up, y_up * dw_up, -y_down * dw_down)
+            if isinstance(up, bool):
+                if up:
+                    dw = (1.0 - c.A_up * torch.exp(c.gamma_up * z)).clamp_min(0.0) * dw_up
+                else:
+                    dw = -(1.0 - c.A_down * torch.exp(-c.gamma_down * z)).clamp_min(0.0) * dw_down
+            else:
+                y_up = (1.0 - c.A_up * torch.exp(c.gamma_up * z)).clamp_min(0.0)
+                y_down = (1.0 - c.A_down * torch.exp(-c.gamma_down * z)).clamp_min(0.0)
+                dw = torch.where(up, y_up * dw_up, -y_down * dw_down)
             if noise is not None:
                 if sigma > 0 and (c.dw_min_std_add != 0 or c.dw_min_std_slope != 0):
                     dw = dw + sigma * (dw.abs() + c.dw_min_std_add + c.dw_min_std_slope * w.abs()) * xi
@@ -266,11 +298,11 @@ class DeviceArray:
             b_max, b_min = h["max_bound"], h["min_bound"]
             rng = b_max - b_min
             safe = torch.where(rng != 0, rng, torch.ones_like(rng))
-            frac = torch.where(up, (b_max - w) / safe, (w - b_min) / safe).clamp_min(0.0)
-            mag = torch.where(up, dw_up, dw_down) * frac.pow(torch.where(up, h["gamma_up"], h["gamma_down"]))
+            frac = _sel(up, (b_max - w) / safe, (w - b_min) / safe).clamp_min(0.0)
+            mag = _sel(up, dw_up, dw_down) * frac.pow(_sel(up, h["gamma_up"], h["gamma_down"]))
             if noise is not None:
                 mag = mag * (1.0 + noise)
-            return torch.where(rng != 0, torch.where(up, mag, -mag), torch.zeros_like(mag))
+            return torch.where(rng != 0, _sel(up, mag, -mag), torch.zeros_like(mag))
 
         if isinstance(c, PiecewiseStepDevice):
             b_max, b_min = h["max_bound"], h["min_bound"]
@@ -287,10 +319,10 @@ class DeviceArray:
                 nodes_down = torch.tensor(c.piecewise_down, dtype=w.dtype, device=w.device)
                 factor_up = (1 - t) * nodes_up[idx] + t * nodes_up[idx + 1]
                 factor_down = (1 - t) * nodes_down[idx] + t * nodes_down[idx + 1]
-            mag = torch.where(up, dw_up * factor_up, dw_down * factor_down)
+            mag = _sel(up, dw_up * factor_up, dw_down * factor_down)
             if noise is not None:
                 mag = mag * (1.0 + noise)
-            return torch.where(up, mag, -mag)
+            return _sel(up, mag, -mag)
 
         raise TypeError(f"no update rule for {type(c).__name__}")
 
@@ -336,14 +368,29 @@ class DeviceArray:
             noisy = w + self._write_noise_scale() * self._randn(generator)
             self._apparent = torch.where(total > 0, noisy, self._apparent)
 
-    def pulse_once(self, up: Tensor, active: Tensor, generator: torch.Generator) -> None:
-        """One pulse on the devices where `active`, up where `up` (bool tensors); for protocols."""
-        w = self._persistent
+    def pulse_once(self, up: Tensor | bool, generator: torch.Generator, active: Tensor | None = None) -> None:
+        """One pulse on every device (or where `active`): up where `up` (bool tensor or one bool).
+
+        The fast path of characterisation protocols; `apply_pulses` is the general call.
+        """
         xi = self._randn(generator)
-        self._persistent = torch.where(active, self._clip(w + self._step(w, up, xi)), w)
+        xi_write = self._randn(generator) if self._apparent is not None else None
+        self.pulse_with_noise(up, xi, xi_write, active)
+
+    def pulse_with_noise(self, up: Tensor | bool, xi: Tensor, xi_write: Tensor | None = None,
+                         active: Tensor | None = None) -> None:
+        """`pulse_once` with the standard-normal draws given (c2c `xi`, write noise `xi_write`),
+        so that a protocol can draw them for many pulses at once."""
+        if self.config.is_ideal:
+            raise TypeError("an ideal device takes float updates: use apply_delta")
+        w = self._persistent
+        new = self._clip(w + self._step(w, up, xi))
+        self._persistent = new if active is None else torch.where(active, new, w)
         if self._apparent is not None:
-            noisy = self._persistent + self._write_noise_scale() * self._randn(generator)
-            self._apparent = torch.where(active, noisy, self._apparent)
+            if xi_write is None:
+                raise ValueError("this device has write noise: xi_write is needed")
+            noisy = self._persistent + self._write_noise_scale() * xi_write
+            self._apparent = noisy if active is None else torch.where(active, noisy, self._apparent)
 
     def apply_delta(self, dw: Tensor) -> None:
         """Exact float update, only for ideal devices (w += dw)."""
@@ -364,17 +411,27 @@ class DeviceArray:
             w = self._persistent
         else:  # a weight outside a device's range is read as the bound it would be clipped to
             w = self._clip(torch.as_tensor(w, dtype=self.dtype, device=self.device).expand(self.shape))
-        ones = torch.ones(self.shape, dtype=torch.bool, device=self.device)
-        up = self._clip(w + self._step(w, ones, None)) - w
-        down = w - self._clip(w + self._step(w, ~ones, None))
+        up = self._clip(w + self._step(w, True, None)) - w
+        down = w - self._clip(w + self._step(w, False, None))
         return up, down
 
     def decay(self) -> None:
-        """aihwkit's lifetime decay, once: w ← reset_bias + (w − reset_bias)·decay_scale (aihwkit
-        calls it in `post_update_step`; the pulse protocol never calls it)."""
+        """aihwkit's lifetime decay, once: w ← b + (w − b)·decay_scale with b the reset bias.
+
+        aihwkit calls it once per mini-batch in `post_update_step`; the pulse protocol never does.
+        A no-op when `lifetime` is 0.
+        """
         if self.config.is_ideal or self.config.lifetime <= 0:
             return
         h = self.hidden
         self._persistent = self._clip(h["reset_bias"] + (self._persistent - h["reset_bias"]) * h["decay_scales"])
         if self._apparent is not None:
             self._apparent = self._persistent.clone()
+
+    def diffuse(self, generator: torch.Generator) -> None:
+        """aihwkit's diffusion, once: w ← clip(w + diffusion_rate·ξ). A no-op when `diffusion` is 0."""
+        if self.config.is_ideal or self.config.diffusion == 0:
+            return
+        self._persistent = self._clip(self._persistent + self.hidden["diffusion_rates"] * self._randn(generator))
+        if self._apparent is not None:
+            self._apparent = self._persistent + self._write_noise_scale() * self._randn(generator)

@@ -8,11 +8,12 @@ Names, defaults and meanings follow IBM aihwkit 1.2 (`simulator/configs/devices.
 
 Where we deliberately differ from aihwkit
 -----------------------------------------
-- `drift` (a `DriftParameter` object), `diffusion`, `corrupt_devices_*`, `count_pulses` and
-  `construction_seed` are accepted with aihwkit's defaults so files carry over, but drift,
-  diffusion and corrupt devices are not simulated: non-default values raise `ConfigError`.
-  `lifetime` (weight decay) is kept per device (`decay_scales`) and applied only by
-  `DeviceArray.decay()`, as aihwkit applies it only in `post_update_step`.
+- `drift` (a `DriftParameter` object in aihwkit) is accepted only at its default (no drift);
+  `perfect_bias` only False (there is no bias column here). `count_pulses` and
+  `construction_seed` are kept for round trips and have no effect (our seed is the generator).
+- `lifetime` (decay) and `diffusion` are sampled per device (`decay_scales`, `diffusion_rates`)
+  and applied only by `DeviceArray.decay()` / `DeviceArray.diffuse()`, as aihwkit applies them
+  only in `post_update_step`; the pulse-response protocol applies neither.
 - ExpStep granularity: aihwkit's `calcWeightGranularity` computes `(dw_down + dw_down)/2` at w = 0,
   a typo for `(dw_up + dw_down)/2`. We keep aihwkit's value (the down step at w = 0) so that
   pulse counts, `n_steps` and learning-rate scaling agree with aihwkit; the typo is thus
@@ -141,8 +142,7 @@ class PulsedDevice(DeviceConfig):
         check_range("up_down", self.up_down)
         check_range("reset", self.reset)
         check_range("corrupt_devices_prob", self.corrupt_devices_prob, 0.0, 1.0)
-        _check_zero("corrupt_devices_prob", self.corrupt_devices_prob, "corrupt devices are not simulated")
-        _check_zero("diffusion", self.diffusion, "diffusion is not simulated")
+        check_range("diffusion", self.diffusion, 0.0)
         check_choice("drift", self.drift, ["DriftParameter()"])
         if self.perfect_bias:
             raise ConfigError("perfect_bias", self.perfect_bias, "false (there is no bias column here)")
