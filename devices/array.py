@@ -298,8 +298,13 @@ class DeviceArray:
             b_max, b_min = h["max_bound"], h["min_bound"]
             rng = b_max - b_min
             safe = torch.where(rng != 0, rng, torch.ones_like(rng))
-            frac = _sel(up, (b_max - w) / safe, (w - b_min) / safe).clamp_min(0.0)
-            mag = _sel(up, dw_up, dw_down) * frac.pow(_sel(up, h["gamma_up"], h["gamma_down"]))
+            if isinstance(up, bool):
+                frac = ((b_max - w) if up else (w - b_min)) / safe
+                gamma = h["gamma_up"] if up else h["gamma_down"]
+            else:
+                frac = torch.where(up, b_max - w, w - b_min) / safe
+                gamma = torch.where(up, h["gamma_up"], h["gamma_down"])
+            mag = _sel(up, dw_up, dw_down) * frac.clamp_min(0.0).pow(gamma)
             if noise is not None:
                 mag = mag * (1.0 + noise)
             return torch.where(rng != 0, _sel(up, mag, -mag), torch.zeros_like(mag))
