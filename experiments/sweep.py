@@ -374,7 +374,7 @@ def run_sweep(
 
 ROW_COLUMNS = (
     "point_id", "status", "analog_val_loss", "twin_val_loss", "gap", "analog_residual", "twin_residual",
-    "re_mu", "pulses_per_device", "wall_time", "error",
+    "re_mu", "pulses_per_device", "wall_time", "error", "run_dir",
 )
 
 
@@ -518,7 +518,8 @@ class Requirement:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "axis": self.axis, "unit": self.unit, "weaker_means": self.direction, "overrides": self.target,
+            "axis": self.axis, "unit": self.unit, "meaning": AXES[self.axis].meaning if self.axis in AXES else "",
+            "weaker_means": self.direction, "overrides": self.target,
             "tolerance": self.tolerance, "required": self.required, "status": self.status,
             "tested": [{"value": v, "gap": g} for v, g in self.tested],
             "failed_values": list(self.failed_values), "non_monotone": self.non_monotone,

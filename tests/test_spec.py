@@ -1,0 +1,198 @@
+"""Device-spec export: schema validation, derived figures, sweep requirements, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ept_hw.config import save_toml
+from experiments.spec import (
+    IncompleteRunError, SpecValidationError, build_spec, check_run_dir, device_source, export_spec, load_schema,
+    validate_spec,
+)
+from experiments.sweep import sweep_rows, write_tables
+from trainer.metrics import empty_row
+
+STEPS = 10
+BATCH, SEQ = 4, 16
+N_WEIGHTS = 1000
+
+
+def _write_run(run_dir: Path, device: str = "reram_sb", gap: float = 0.1, pulses_per_step: float = 500.0,
+               adc_per_step: float = 6400.0, free_steps: int = 40, steps: int = STEPS) -> Path:
+    """A `compare` run directory as the trainer writes it (config.toml, metrics.jsonl, summary.json)."""
+    run_dir.mkdir(parents=True)
+    save_toml(run_dir / "config.toml", {
+        "mode": "compare", "seed": 0,
+        "training": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ, "lr": 0.3},
+        "solver": {"method": "euler", "eps": 0.1},
+        "analog": {"device": device, "periphery": "default", "noise_mode": "common", "read_average": 2},
+    })
+    lines = []
+    for step in range(steps):
+        row = empty_row(step)
+        row["twin_loss"] = 3.0 - 0.05 * step
+        row["analog_loss"] = row["twin_loss"] + gap * step / steps
+        row["analog_pulses"] = pulses_per_step * (step + 1)
+        row["analog_adc_conversions"] = adc_per_step * (step + 1)
+        row["analog_free_steps"] = free_steps + (step % 2) * 10  # mean free_steps + 5
+        if step % 5 == 4:
+            row["twin_val_loss"] = 2.9 - 0.05 * step
+            row["analog_val_loss"] = row["twin_val_loss"] + gap
+        lines.append(json.dumps(row))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({
+        "mode": "compare", "steps_completed": steps, "unigram_entropy": 3.1,
+        "analog_counters": {"n_weights": N_WEIGHTS, "max_pulses_per_device": 37},
+    }))
+    return run_dir
+
+
+def test_run_export_validates_and_derives_figures(tmp_path):
+    run = _write_run(tmp_path / "runs" / "demo")
+    result = export_spec(run, tmp_path / "out", pdf=True, pulse_response=True)
+    spec = json.loads(result.spec_path.read_text())
+    validate_spec(spec)
+    assert spec["schema_version"] == "1.0.0"
+    assert spec["device"]["model"] == "soft_bounds_reference"
+    assert spec["device"]["parameters"]["dw_min"] == {"value": 0.002, "unit": "weight units per pulse"}
+    assert spec["device"]["source"]["kind"] == "preset" and spec["device"]["source"]["stand_in"] is True
+    d = spec["derived"]
+    assert d["number_of_states"]["value"] == pytest.approx(2.0 / 0.002)  # (1.25 + 0.75)/dw_min
+    assert d["endurance"]["value"] == 37
+    assert d["pulses_per_device_per_step"]["value"] == pytest.approx(500.0 / N_WEIGHTS)
+    assert d["adc_conversions_per_token"]["value"] == pytest.approx(6400.0 / (BATCH * SEQ))
+    assert d["settling_time"]["value"] == pytest.approx(45 * 0.1) and d["settling_time"]["unit"] == "tau"
+    # reram_sb is symmetric (up_down = 0): the measured asymmetry of the mean device is small
+    assert abs(d["asymmetry"]["value"]) < 0.05
+    assert spec["training"]["gap"]["value"] == pytest.approx(0.1)
+    assert spec["periphery"]["read"]["read_average"]["value"] == 2
+    assert spec["requirements"]["rows"] == [] and spec["requirements"]["tolerance"] is None
+    assert spec["provenance"]["runs"][0]["run_id"] == "demo"
+    assert len(spec["provenance"]["runs"][0]["config_hash"]) == 16
+    names = sorted(p.name for p in result.plots)
+    assert names == ["loss_curves.png", "pulse_response.png"]
+    md = result.markdown_path.read_text()
+    assert "stand-in" in md and "plots/pulse_response.png" in md and "plots/loss_curves.png" in md
+    assert result.pdf_path.read_bytes()[:4] == b"%PDF" and result.pdf_path.stat().st_size > 20_000
+
+
+def test_broken_spec_fails_validation(tmp_path):
+    spec = build_spec(_write_run(tmp_path / "r"))
+    validate_spec(spec)
+    cases = []
+    bad = copy.deepcopy(spec); del bad["device"]["source"]; cases.append(("device", bad))
+    bad = copy.deepcopy(spec); bad["schema_version"] = "0.9"; cases.append(("schema_version", bad))
+    bad = copy.deepcopy(spec); bad["derived"]["endurance"]["value"] = "many"; cases.append(("endurance", bad))
+    bad = copy.deepcopy(spec); bad["device"]["source"]["stand_in"] = False; cases.append(("source", bad))  # a preset is a stand-in
+    bad = copy.deepcopy(spec); bad["device"]["source"]["kind"] = "fit"; cases.append(("source", bad))  # a fit needs its error
+    bad = copy.deepcopy(spec); bad["provenance"]["runs"][0]["config_hash"] = "xyz"; cases.append(("config_hash", bad))
+    bad = copy.deepcopy(spec); bad["surprise"] = 1; cases.append(("top level", bad))
+    for where, broken in cases:
+        with pytest.raises(SpecValidationError, match=where):
+            validate_spec(broken)
+
+
+def test_schema_is_package_data():
+    schema = load_schema()
+    assert schema["properties"]["schema_version"]["const"] == "1.0.0"
+    import importlib.resources
+
+    assert importlib.resources.files("experiments").joinpath("spec_schema.json").is_file()
+
+
+def test_missing_pieces_are_named(tmp_path):
+    run = _write_run(tmp_path / "r")
+    (run / "summary.json").unlink()
+    (run / "config.toml").unlink()
+    with pytest.raises(IncompleteRunError) as info:
+        check_run_dir(run)
+    msg = str(info.value)
+    assert "config.toml" in msg and "summary.json" in msg and "metrics.jsonl" not in msg
+    # a corrupted log and a log without the analog path's validation loss
+    run2 = _write_run(tmp_path / "r2")
+    rows = [json.loads(l) for l in (run2 / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["analog_val_loss"] = None
+    (run2 / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
+    with pytest.raises(IncompleteRunError, match="not JSON") as info:
+        check_run_dir(run2)
+    assert "analog_val_loss" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_spec(tmp_path / "nowhere", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a bad source
+
+
+def test_device_source_kinds(tmp_path):
+    fit = tmp_path / "fitted.toml"
+    save_toml(fit, {"device": {"model": "soft_bounds", "dw_min": 0.01}, "fit": {"trace": "sample_7", "rmse": 0.012}})
+    user = tmp_path / "mine.toml"
+    save_toml(user, {"device": {"model": "constant_step", "dw_min": 0.01}})
+    s = device_source(str(fit))
+    assert s["kind"] == "fit" and s["fit_error"]["value"] == pytest.approx(0.012) and not s["stand_in"]
+    assert device_source(str(user))["kind"] == "user_file"
+    assert device_source("ecram")["kind"] == "preset"
+    # a run on a fitted device file carries its fit error into the spec
+    spec = build_spec(_write_run(tmp_path / "run_fit", device=str(fit)))
+    assert spec["device"]["source"]["fit_error"]["value"] == pytest.approx(0.012)
+    assert spec["derived"]["number_of_states"]["value"] == pytest.approx(1.2 / 0.01)
+
+
+def test_ideal_device_has_no_finite_states_and_still_validates(tmp_path):
+    result = export_spec(_write_run(tmp_path / "r", device="ideal"), tmp_path / "o")
+    d = result.spec["derived"]
+    assert d["number_of_states"]["value"] is None and "continuous" in d["number_of_states"]["note"]
+    assert [p.name for p in result.plots] == ["loss_curves.png"]  # no pulse response for an ideal device
+
+
+def _write_sweep(root: Path) -> Path:
+    """A sweep directory as `ept-hw sweep` writes it, over ADC bits, with a run per point."""
+    root.mkdir(parents=True)
+    (root / "sweep_manifest.json").write_text(json.dumps({"context": {"device": "reram_sb"}}))
+    gaps = {None: 0.01, 2: 0.8, 4: 0.2, 6: 0.03, 8: 0.02}
+    records = []
+    for bits, gap in gaps.items():
+        pid = "base" if bits is None else f"adc{bits}"
+        run = _write_run(root / "runs" / pid, gap=gap)
+        records.append({"point_id": pid, "overrides": {} if bits is None else {"adc_bits": bits}, "status": "ok",
+                        "analog_val_loss": 2.45 + gap, "twin_val_loss": 2.45, "gap": gap, "run_dir": f"runs/{pid}"})
+    records.append({"point_id": "adc3", "overrides": {"adc_bits": 3}, "status": "failed", "error": "boom", "gap": None})
+    rows = sweep_rows(records, ["adc_bits"], {"adc_bits": 9})
+    write_tables(rows, root, {"axes": {"adc_bits": [2, 3, 4, 6, 8]}, "tolerance": 0.05, "base_values": {"adc_bits": 9}})
+    return root
+
+
+def test_sweep_export_has_requirements_and_gap_plot(tmp_path):
+    sweep = _write_sweep(tmp_path / "sweep")
+    result = export_spec(sweep, tmp_path / "out", pulse_response=False)
+    req = result.spec["requirements"]
+    assert req["tolerance"] == {"value": 0.05, "unit": "nats"}
+    (row,) = req["rows"]
+    assert row["axis"] == "adc_bits" and row["required"] == 6 and row["status"] == "met"
+    assert [t["value"] for t in row["tested"]] == [2, 4, 6, 8, 9] and row["failed_values"] == [3]
+    assert row["base_value"] == 9
+    roles = sorted(r["role"] for r in result.spec["provenance"]["runs"])
+    assert roles == ["sweep_base"] + ["sweep_point"] * 4
+    assert result.spec["provenance"]["sweep"]["failed_points"] == 1
+    assert "gap_vs_adc_bits.png" in [p.name for p in result.plots]
+    assert "**6**" in result.markdown_path.read_text()
+    # A different tolerance moves the requirement: 0.25 admits 4 bits.
+    assert build_spec(sweep, tolerance=0.25)["requirements"]["rows"][0]["required"] == 4
+
+
+def test_sweep_dir_missing_pieces_are_named(tmp_path):
+    sweep = _write_sweep(tmp_path / "sweep")
+    shutil.rmtree(sweep / "runs" / "base")
+    with pytest.raises(IncompleteRunError, match="base") as info:
+        build_spec(sweep)
+    assert "does not exist" in str(info.value)
+    (sweep / "sweep.json").unlink()
+    (sweep / "sweep_manifest.json").unlink()
+    with pytest.raises(IncompleteRunError) as info:
+        build_spec(sweep)
+    assert "sweep.json" in str(info.value) and "sweep_manifest.json" in str(info.value)
