@@ -57,6 +57,10 @@ __all__ = [
     "Requirement",
     "derive_requirements",
     "axis_slice",
+    "apply_overrides",
+    "base_values",
+    "bits_to_res",
+    "res_to_bits",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +111,7 @@ class AxisSpec:
     def parse(self, text: str) -> Any:
         text = text.strip()
         if self.kind == "choice":
+            text = ALGORITHM_ALIASES.get(text, text) if self.name == "algorithm" else text
             if text not in self.choices:
                 raise ConfigError(f"axis {self.name}", text, "one of " + ", ".join(self.choices))
             return text
@@ -142,40 +147,128 @@ class AxisSpec:
         }[self.stronger]
 
 
-#: The update algorithms from the least to the most demanding periphery: plain SGD needs nothing
-#: beyond the array; Tiki-Taka v2 a second (transfer) array and a digital hidden buffer per row
-#: being transferred; mixed precision a digital accumulator per weight.
-ALGORITHMS = ("plain", "tiki_taka_v2", "mixed_precision")
+#: The update algorithms (crossbar's names) from the least to the most demanding periphery: plain
+#: SGD ("sgd") needs nothing beyond the array; Tiki-Taka v2 ("ttv2") a second (fast) array and a
+#: digital buffer of the columns being transferred; mixed precision a digital accumulator per weight.
+ALGORITHMS = ("sgd", "ttv2", "mixed_precision")
+ALGORITHM_ALIASES = {"plain": "sgd", "tiki_taka_v2": "ttv2", "tiki_taka": "ttv2", "tt_v2": "ttv2", "mp": "mixed_precision"}
 
 AXES: dict[str, AxisSpec] = {
     a.name: a
     for a in (
         AxisSpec("n_states", "int", "higher", "states",
-                 "number of device states (w_max - w_min)/dw_min",
-                 "device.dw_min = (w_max - w_min)/n_states", minimum=2),
+                 "number of device states (w_max - w_min)/granularity",
+                 "tile.device.dw_min scaled so that (w_max - w_min)/granularity = n_states", minimum=2),
         AxisSpec("up_down", "float", "abs_lower", "1",
                  "up/down asymmetry: up step dw_min(1 + up_down), down step dw_min(1 - up_down)",
-                 "device.up_down"),
+                 "tile.device.up_down"),
         AxisSpec("c2c", "float", "lower", "fraction of dw_min",
-                 "cycle-to-cycle (pulse-to-pulse) step noise", "device.dw_min_std", minimum=0),
+                 "cycle-to-cycle (pulse-to-pulse) step noise", "tile.device.dw_min_std", minimum=0),
         AxisSpec("d2d", "float", "lower", "fraction (relative std)",
                  "device-to-device variation of step size and bounds",
-                 "device.dw_min_dtod, device.w_max_dtod, device.w_min_dtod", minimum=0),
+                 "tile.device.dw_min_dtod = w_max_dtod = w_min_dtod", minimum=0),
         AxisSpec("dac_bits", "int", "higher", "bits", "DAC resolution of the inputs (forward and transposed reads)",
                  "tile.forward.inp_res = tile.backward.inp_res = 1/(2^bits - 2)", minimum=2),
         AxisSpec("adc_bits", "int", "higher", "bits", "ADC resolution of the outputs (forward and transposed reads)",
                  "tile.forward.out_res = tile.backward.out_res = 1/(2^bits - 2)", minimum=2),
-        AxisSpec("read_noise", "float", "lower", "output units (std)",
+        AxisSpec("read_noise", "float", "lower", "tile output units (std)",
                  "additive output (read) noise per MVM", "tile.forward.out_noise = tile.backward.out_noise",
                  minimum=0),
-        AxisSpec("reads_averaged", "int", "higher", "reads", "reads averaged per MVM", "analog.read_average",
+        AxisSpec("reads_averaged", "int", "higher", "reads", "reads averaged per MVM", "tile.n_reads",
                  minimum=1),
         AxisSpec("pulse_length", "int", "higher", "pulses", "update pulse-train length BL",
                  "tile.update.desired_bl", minimum=1),
-        AxisSpec("algorithm", "choice", "ordered", "-", "update algorithm", "tile.algorithm",
-                 choices=ALGORITHMS),
+        AxisSpec("algorithm", "choice", "ordered", "-", "update algorithm (sgd = plain, ttv2 = Tiki-Taka v2)",
+                 "tile.algorithm", choices=ALGORITHMS),
     )
 }
+
+
+def bits_to_res(bits: int) -> float:
+    """aihwkit's convention: a b-bit converter has 2^b - 2 steps, resolution 1/(2^b - 2) (7 bits: 1/126)."""
+    return 1.0 / (2.0 ** bits - 2.0)
+
+
+def res_to_bits(res: float) -> float | None:
+    """Inverse of `bits_to_res` (None: no quantisation)."""
+    if res <= 0.0:
+        return None
+    steps = res if res > 1.0 else 1.0 / res
+    return math.log2(steps + 2.0)
+
+
+def apply_overrides(tile: Any, overrides: Mapping[str, Any]) -> Any:
+    """The `crossbar.config.TileConfig` with the axis values of `overrides` applied (validated again).
+
+    Device axes rewrite the tile's device table (aihwkit names); periphery axes set the same value
+    on the forward and the transposed (backward) read. Unknown axis names raise `ConfigError`.
+    """
+    import dataclasses
+
+    device = tile.device_config()
+    dev_changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
+    fwd: dict[str, Any] = {}
+    upd: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in AXES:
+            raise ConfigError("axis", name, "one of " + ", ".join(AXES))
+        if name == "n_states":
+            if device.is_ideal:
+                raise ConfigError("axis n_states", value, "a pulsed device (the ideal device has no states)")
+            # granularity is proportional to dw_min for every model, so scale dw_min to hit n_states
+            target = (device.w_max - device.w_min) / float(value)
+            dev_changes["dw_min"] = device.dw_min * target / device.granularity
+        elif name == "up_down":
+            dev_changes["up_down"] = float(value)
+        elif name == "c2c":
+            dev_changes["dw_min_std"] = float(value)
+        elif name == "d2d":
+            dev_changes.update(dw_min_dtod=float(value), w_max_dtod=float(value), w_min_dtod=float(value))
+        elif name == "dac_bits":
+            fwd["inp_res"] = bits_to_res(int(value))
+        elif name == "adc_bits":
+            fwd["out_res"] = bits_to_res(int(value))
+        elif name == "read_noise":
+            fwd["out_noise"] = float(value)
+        elif name == "reads_averaged":
+            changes["n_reads"] = int(value)
+        elif name == "pulse_length":
+            upd["desired_bl"] = int(value)
+        elif name == "algorithm":
+            changes["algorithm"] = ALGORITHM_ALIASES.get(value, value)
+    if dev_changes:
+        if device.is_ideal:
+            raise ConfigError("axis " + ", ".join(sorted(set(overrides) & {"up_down", "c2c", "d2d"})), "ideal",
+                              "a pulsed device (the ideal device has no pulse parameters)")
+        changes["device"] = device.replace(**dev_changes).to_dict()
+    if fwd:
+        changes["forward"] = dataclasses.replace(tile.forward, **fwd)
+        changes["backward"] = dataclasses.replace(tile.backward, **fwd)
+    if upd:
+        changes["update"] = dataclasses.replace(tile.update, **upd)
+    return dataclasses.replace(tile, **changes) if changes else tile
+
+
+def base_values(tile: Any) -> dict[str, Any]:
+    """Every axis's value in the base tile (None where it does not apply, e.g. bits of perfect periphery)."""
+    device = tile.device_config()
+    out: dict[str, Any] = dict.fromkeys(AXES)
+    if not device.is_ideal:
+        g = device.granularity
+        out["n_states"] = int(round((device.w_max - device.w_min) / g)) if g > 0 else None
+        out["up_down"] = device.up_down
+        out["c2c"] = device.dw_min_std
+        out["d2d"] = device.dw_min_dtod
+    if not tile.forward.is_perfect:
+        dac, adc = res_to_bits(tile.forward.inp_res), res_to_bits(tile.forward.out_res)
+        out["dac_bits"] = None if dac is None else int(round(dac))
+        out["adc_bits"] = None if adc is None else int(round(adc))
+        out["read_noise"] = tile.forward.out_noise
+    out["reads_averaged"] = tile.n_reads
+    out["pulse_length"] = tile.update.desired_bl
+    out["algorithm"] = tile.algorithm
+    return out
 
 
 def axis_table() -> str:

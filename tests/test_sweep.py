@@ -45,7 +45,7 @@ def _n_calls(calls_dir):
 def test_parse_axis_types_and_errors():
     assert parse_axis("adc_bits=2, 8,8") == ("adc_bits", (2, 8))
     assert parse_axis("read_noise=0.01,0.1") == ("read_noise", (0.01, 0.1))
-    assert parse_axis("algorithm=plain,tiki_taka_v2") == ("algorithm", ("plain", "tiki_taka_v2"))
+    assert parse_axis("algorithm=plain,tiki_taka_v2,ttv2") == ("algorithm", ("sgd", "ttv2"))
     with pytest.raises(ConfigError, match="adc_bits"):
         parse_axis("adc_bits=two")
     with pytest.raises(ConfigError, match="one of"):
@@ -146,8 +146,8 @@ def test_requirement_is_the_weakest_value_with_all_stronger_passing():
         # asymmetry: larger |up_down| is weaker; a failed (raised) point neither passes nor fails
         _row(gap=0.01, up_down=0.0), _row(gap=0.02, up_down=-0.2), _row(gap=0.3, up_down=0.5),
         _row(status="failed", up_down=0.4),
-        # algorithm: plain is the weakest
-        _row(gap=0.5, algorithm="plain"), _row(gap=0.02, algorithm="tiki_taka_v2"),
+        # algorithm: plain SGD is the weakest
+        _row(gap=0.5, algorithm="sgd"), _row(gap=0.02, algorithm="ttv2"),
         _row(gap=0.01, algorithm="mixed_precision"),
     ]
     reqs = {r.axis: r for r in derive_requirements(rows, names, 0.05)}
@@ -155,7 +155,7 @@ def test_requirement_is_the_weakest_value_with_all_stronger_passing():
     assert [v for v, _ in reqs["adc_bits"].tested] == [2, 4, 6, 8, 10]
     assert reqs["read_noise"].required == 0.1 and reqs["read_noise"].non_monotone
     assert reqs["up_down"].required == -0.2 and reqs["up_down"].failed_values == (0.4,)
-    assert reqs["algorithm"].required == "tiki_taka_v2"
+    assert reqs["algorithm"].required == "ttv2"
     # Tighter tolerance: nothing at 2..6 bits passes 0.005; even 8 and 10 fail -> not met.
     tight = {r.axis: r for r in derive_requirements(rows, names, 0.005)}
     assert tight["adc_bits"].required is None and tight["adc_bits"].status == "not_met"
@@ -183,3 +183,33 @@ def test_every_issue_axis_is_defined():
     assert AXES["adc_bits"].strength(8) > AXES["adc_bits"].strength(2)
     assert AXES["c2c"].strength(0.1) > AXES["c2c"].strength(1.0)
     assert AXES["up_down"].strength(-0.1) > AXES["up_down"].strength(0.3)
+
+
+def test_axis_overrides_land_on_the_tile_fields():
+    from crossbar.config import TileConfig
+
+    from experiments.sweep import apply_overrides, base_values, bits_to_res
+
+    base = TileConfig(device="reram_sb")
+    bv = base_values(base)
+    assert bv["n_states"] == 1000 and bv["dac_bits"] == 7 and bv["adc_bits"] == 9
+    assert bv["read_noise"] == pytest.approx(0.06) and bv["pulse_length"] == 31 and bv["algorithm"] == "sgd"
+    tile = apply_overrides(base, {"n_states": 250, "adc_bits": 4, "dac_bits": 5, "read_noise": 0.2, "d2d": 0.1,
+                                  "up_down": -0.1, "c2c": 0.5, "reads_averaged": 3, "pulse_length": 7,
+                                  "algorithm": "ttv2"})
+    dev = tile.device_config()
+    assert (dev.w_max - dev.w_min) / dev.granularity == pytest.approx(250)
+    assert (dev.up_down, dev.dw_min_std, dev.dw_min_dtod, dev.w_max_dtod) == (-0.1, 0.5, 0.1, 0.1)
+    assert tile.forward.out_res == tile.backward.out_res == pytest.approx(1 / 14)
+    assert tile.forward.inp_res == tile.backward.inp_res == pytest.approx(bits_to_res(5))
+    assert tile.forward.out_noise == tile.backward.out_noise == 0.2
+    assert (tile.n_reads, tile.update.desired_bl, tile.algorithm) == (3, 7, "ttv2")
+    back = base_values(tile)
+    assert (back["n_states"], back["adc_bits"], back["dac_bits"]) == (250, 4, 5)
+    # ExpStep's granularity is not dw_min: n_states still lands on the requested number
+    exp = apply_overrides(TileConfig(device="reram_es"), {"n_states": 100}).device_config()
+    assert (exp.w_max - exp.w_min) / exp.granularity == pytest.approx(100)
+    # the untouched base is left alone, and an ideal device refuses device axes
+    assert base_values(base)["n_states"] == 1000
+    with pytest.raises(ConfigError, match="ideal"):
+        apply_overrides(TileConfig(device="ideal"), {"n_states": 10})
