@@ -1,1 +1,27 @@
-"""Arrays of devices as weight matrices: periphery, pulsed updates, `AnalogProjection`."""
+"""Arrays of devices as weight matrices: periphery, pulsed updates, `AnalogProjection`.
+
+Public API::
+
+    TileConfig, IOParameters, UpdateParameters, MappingParameters, MixedPrecisionParameters,
+    TransferParameters, load_tile_config, save_tile_config, tile_config_from_dict
+    tile_preset(device_name, algorithm="sgd", mode="fast"), tile_preset_names()
+    AnalogTile(config, out_features, in_features, generator)
+    AnalogProjection(weight, config, generator, name="W"); analog_factory(config, generator)
+    analog_read(weights, x, io, generator, stats=None)
+"""
+
+from .config import (ALGORITHMS, NOISE_MODES, MappingParameters, MixedPrecisionParameters, TileConfig,
+                     TransferParameters, load_tile_config, save_tile_config, tile_config_from_dict)
+from .io import IOParameters, ReadStats, analog_read, effective_res
+from .presets import perfect_io, preset_io, preset_update, tile_preset, tile_preset_names
+from .projection import AnalogProjection, analog_factory
+from .tile import AnalogTile, DeviceSlot
+from .update import UpdateParameters, expected_counts, fast_counts, plan_pulses, sample_counts_per_sample
+
+__all__ = [
+    "ALGORITHMS", "NOISE_MODES", "MappingParameters", "MixedPrecisionParameters", "TileConfig",
+    "TransferParameters", "load_tile_config", "save_tile_config", "tile_config_from_dict", "IOParameters",
+    "ReadStats", "analog_read", "effective_res", "perfect_io", "preset_io", "preset_update", "tile_preset",
+    "tile_preset_names", "AnalogProjection", "analog_factory", "AnalogTile", "DeviceSlot", "UpdateParameters",
+    "expected_counts", "fast_counts", "plan_pulses", "sample_counts_per_sample",
+]

@@ -1,0 +1,171 @@
+"""`TileConfig`: everything that defines an analog tile, round-tripping through TOML.
+
+```toml
+[tile]
+device = "reram_sb"            # a devices preset name, or a table {model = "soft_bounds", ...}
+algorithm = "sgd"              # "sgd" | "mixed_precision" | "ttv2"
+differential = "auto"          # "single" | "pair" | "auto" (pair for one-sided devices: w_min >= 0)
+noise_mode = "fresh"           # "fresh" | "common" | "frozen" (see crossbar.tile)
+n_reads = 1                    # reads averaged per MVM
+[tile.forward]                 # IOParameters (aihwkit names)
+[tile.backward]
+[tile.update]                  # UpdateParameters (aihwkit names + mode)
+[tile.mapping]                 # MappingParameters
+[tile.mixed_precision]         # MixedPrecisionParameters
+[tile.transfer]                # TransferParameters (Tiki-Taka v2)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from devices import DeviceConfig, device_from_dict, load_device
+from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range, from_dict, load_toml, save_toml, to_dict
+
+from .io import IOParameters
+from .update import UpdateParameters
+
+__all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "TileConfig", "ALGORITHMS",
+           "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
+
+ALGORITHMS = ("sgd", "mixed_precision", "ttv2")
+NOISE_MODES = ("fresh", "common", "frozen")
+DIFFERENTIAL = ("single", "pair", "auto")
+
+
+@dataclass(frozen=True)
+class MappingParameters:
+    """Weight <-> device scaling (aihwkit `MappingParameter`, fixed scale only).
+
+    With `weight_scaling_omega` ω > 0, `program(W)` stores W/s on the devices with
+    s = max|W|/ω (per output row if `weight_scaling_columnwise`), and every read is multiplied
+    by s digitally, so the model's weights fill ±ω of the device range. ω = 0: s = 1.
+    aihwkit's learned output scale (`learn_out_scaling`) is not implemented.
+    """
+
+    weight_scaling_omega: float = 0.0
+    weight_scaling_columnwise: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("weight_scaling_omega", self.weight_scaling_omega, 0.0)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionParameters:
+    """aihwkit `MixedPrecisionCompound`: a digital accumulator χ gets −lr·Σ d xᵀ exactly; every
+    `transfer_every` updates, whole multiples of the granularity (device granularity when 0)
+    are sent to the devices as pulses and removed from χ. aihwkit's x/d binning
+    (`n_x_bins`, `n_d_bins`) is not implemented (its default, 0, is no binning)."""
+
+    transfer_every: int = 1
+    granularity: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive_int("transfer_every", self.transfer_every)
+        check_range("granularity", self.granularity, 0.0)
+
+
+@dataclass(frozen=True)
+class TransferParameters:
+    """Tiki-Taka v2 (aihwkit `ChoppedTransferCompound` with `in_chop_prob=0`), our reading.
+
+    A fast array A gets the pulsed update with learning rate lr·`fast_lr` (aihwkit: `fast_lr` is
+    an absolute rate with `auto_scale`; here a factor on the SGD rate). Every `transfer_every`
+    updates, `n_reads_per_transfer` columns of A (cyclically) are read through the forward
+    periphery with one-hot inputs; the digital buffer H of those columns gets `transfer_lr` times
+    the read; whole multiples of `buffer_granularity`·g_C go to the slow array C as pulses; H then
+    loses what was transferred (`forget_buffer=True`: H is zeroed where a transfer happened).
+    The model sees C (aihwkit `gamma = 0`)."""
+
+    fast_lr: float = 1.0
+    transfer_lr: float = 1.0
+    transfer_every: int = 1
+    n_reads_per_transfer: int = 1
+    buffer_granularity: float = 1.0
+    forget_buffer: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("fast_lr", self.fast_lr, 0.0, lo_open=True)
+        check_range("transfer_lr", self.transfer_lr, 0.0, lo_open=True)
+        check_positive_int("transfer_every", self.transfer_every)
+        check_positive_int("n_reads_per_transfer", self.n_reads_per_transfer)
+        check_range("buffer_granularity", self.buffer_granularity, 0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """The whole tile. `device` is a devices preset name, a TOML device file, or a mapping with
+    `model` and aihwkit parameters. "Perfect periphery" is `IOParameters(is_perfect=True)`."""
+
+    device: Any = "ideal"
+    forward: IOParameters = field(default_factory=IOParameters)
+    backward: IOParameters = field(default_factory=IOParameters)
+    update: UpdateParameters = field(default_factory=UpdateParameters)
+    algorithm: str = "sgd"
+    mapping: MappingParameters = field(default_factory=MappingParameters)
+    mixed_precision: MixedPrecisionParameters = field(default_factory=MixedPrecisionParameters)
+    transfer: TransferParameters = field(default_factory=TransferParameters)
+    differential: str = "auto"
+    noise_mode: str = "fresh"
+    n_reads: int = 1
+    programming_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, DeviceConfig):
+            object.__setattr__(self, "device", self.device.to_dict())
+        if isinstance(self.device, Mapping):
+            object.__setattr__(self, "device", dict(self.device))
+        self.device_config()  # validates
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_choice("differential", self.differential, DIFFERENTIAL)
+        check_choice("noise_mode", self.noise_mode, NOISE_MODES)
+        check_positive_int("n_reads", self.n_reads)
+        check_range("programming_noise", self.programming_noise, 0.0)
+        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer"):
+            expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
+            if not isinstance(getattr(self, key), type(expected())):
+                raise ConfigError(key, getattr(self, key), f"a {type(expected()).__name__}")
+        dev = self.device_config()
+        if self.algorithm != "sgd" and dev.is_ideal:
+            raise ConfigError("algorithm", self.algorithm, "'sgd' for an ideal device")
+
+    def device_config(self) -> DeviceConfig:
+        if isinstance(self.device, str):
+            return load_device(self.device)
+        if isinstance(self.device, Mapping):
+            return device_from_dict(self.device)
+        raise ConfigError("device", self.device, "a preset name, a .toml path or a table with 'model'")
+
+    @property
+    def uses_pair(self) -> bool:
+        if self.differential == "auto":
+            dev = self.device_config()
+            return (not dev.is_ideal) and dev.w_min >= 0.0
+        return self.differential == "pair"
+
+    def replace(self, **changes: Any) -> "TileConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def tile_config_from_dict(data: Mapping[str, Any]) -> TileConfig:
+    """`TileConfig` from a plain mapping (unknown keys raise `ConfigError`)."""
+    return from_dict(TileConfig, data)
+
+
+def load_tile_config(path: str | Path) -> TileConfig:
+    """A TOML file with a `[tile]` table."""
+    data = load_toml(path)
+    if "tile" not in data or not isinstance(data["tile"], Mapping):
+        raise ConfigError("tile", str(path), "a TOML file with a [tile] table")
+    return tile_config_from_dict(data["tile"])
+
+
+def save_tile_config(path: str | Path, config: TileConfig) -> None:
+    save_toml(path, {"tile": config.to_dict()})

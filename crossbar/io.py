@@ -1,0 +1,210 @@
+"""DAC/ADC periphery of an analog matrix-vector read (aihwkit `IOParameters`, SEMANTICS §1.1).
+
+`analog_read` realises y = W x (or Wᵀ d for the transposed read) with aihwkit's order of
+operations: noise management (divide by α) -> input quantisation (DAC, step inp_res·2·inp_bound)
+-> clip ±inp_bound -> input noise -> MVM -> weight read noise -> output noise -> output
+quantisation (ADC, step out_res·2·out_bound) -> clip ±out_bound -> multiply by α (and by the
+bound-management factor). Vectorised over every leading dimension.
+
+Where we differ from aihwkit
+----------------------------
+- Not modelled: `ir_drop`, `out_nonlinearity`, `*_asymmetry`, `slope_calibration`,
+  `v_offset_*`, `r_series`, `w_read_asymmetry_dtod`, `mv_type` other than ONE_PASS, and the
+  bound-management types other than NONE/ITERATIVE.
+- aihwkit silently turns bound management off for the backward (transposed) pass; here a read
+  does what its `IOParameters` say. The tile presets in `crossbar.presets` therefore give the
+  backward IO `bound_management="none"`, as aihwkit effectively runs it.
+- `PCM_READ` weight noise: σ_i = w_noise·sqrt(Σ_j |W_ij| x_j²) (the current-dependent form of
+  aihwkit's docstring, without its w_max normalisation).
+- Iterative bound management re-reads only the vectors that saturated (aihwkit re-reads the whole
+  batch); the outputs are the same in distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ept_hw.config import ConfigError, check_choice, check_range
+
+__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
+           "W_NOISE_TYPES"]
+
+BOUND_MANAGEMENT = ("none", "iterative")
+NOISE_MANAGEMENT = ("none", "abs_max", "max", "constant")
+W_NOISE_TYPES = ("none", "additive_constant", "pcm_read")
+
+
+def effective_res(res: float) -> float:
+    """aihwkit `checkRes`: a resolution > 1 is a number of steps (-> 1/res); <= 0 means none."""
+    if res <= 0.0:
+        return 0.0
+    return 1.0 / res if res > 1.0 else res
+
+
+@dataclass(frozen=True)
+class IOParameters:
+    """aihwkit `IOParameters` (names and defaults as aihwkit 1.2), the subset this simulator models."""
+
+    is_perfect: bool = False
+    inp_bound: float = 1.0
+    inp_noise: float = 0.0
+    inp_res: float = 1.0 / 126.0
+    inp_sto_round: bool = False
+    out_bound: float = 12.0
+    out_noise: float = 0.06
+    out_res: float = 1.0 / 510.0
+    out_sto_round: bool = False
+    out_scale: float = 1.0
+    bound_management: str = "iterative"
+    noise_management: str = "abs_max"
+    nm_thres: float = 0.0
+    w_noise: float = 0.0
+    w_noise_type: str = "none"
+    max_bm_factor: float = 1000.0
+    max_bm_res: float = 0.25
+    bm_test_negative_bound: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("inp_bound", self.inp_bound, 0.0, lo_open=True)
+        check_range("out_bound", self.out_bound, 0.0, lo_open=True)
+        for key in ("inp_noise", "out_noise", "w_noise", "nm_thres", "inp_res", "out_res"):
+            check_range(key, getattr(self, key), 0.0)
+        check_range("out_scale", self.out_scale, 0.0, lo_open=True)
+        check_range("max_bm_factor", self.max_bm_factor, 1.0)
+        check_range("max_bm_res", self.max_bm_res, 0.0, lo_open=True)
+        check_choice("bound_management", self.bound_management, BOUND_MANAGEMENT)
+        check_choice("noise_management", self.noise_management, NOISE_MANAGEMENT)
+        check_choice("w_noise_type", self.w_noise_type, W_NOISE_TYPES)
+        if self.noise_management != "none" and self.inp_bound != 1.0 and not self.is_perfect:
+            raise ConfigError("inp_bound", self.inp_bound, "1.0 when noise_management is on (as aihwkit)")
+        if self.noise_management == "constant" and self.nm_thres <= 0.0 and not self.is_perfect:
+            raise ConfigError("nm_thres", self.nm_thres, "> 0 with noise_management = 'constant'")
+
+    @property
+    def inp_step(self) -> float:
+        return effective_res(self.inp_res) * 2.0 * self.inp_bound
+
+    @property
+    def out_step(self) -> float:
+        return effective_res(self.out_res) * 2.0 * self.out_bound
+
+
+class ReadStats:
+    """Counts of one tile's reads: MVM vectors (including bound-management re-reads), ADC
+    conversions (output values converted), ADC clips (outputs at ±out_bound in the kept read)."""
+
+    def __init__(self) -> None:
+        self.mvm_reads = 0
+        self.adc_conversions = 0
+        self.adc_clipped = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"mvm_reads": self.mvm_reads, "adc_conversions": self.adc_conversions, "adc_clipped": self.adc_clipped}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.mvm_reads = int(state["mvm_reads"])
+        self.adc_conversions = int(state["adc_conversions"])
+        self.adc_clipped = int(state["adc_clipped"])
+
+
+def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def _round(v: Tensor, step: float, stochastic: bool, generator: torch.Generator) -> Tensor:
+    if step <= 0.0:
+        return v
+    scaled = v / step
+    if stochastic:
+        noise = torch.rand(scaled.shape, generator=generator, device=generator.device, dtype=v.dtype).to(v.device)
+        return torch.floor(scaled + noise) * step
+    return torch.round(scaled) * step
+
+
+def _one_pass(w: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """One read of (N, in) already noise-managed inputs; returns outputs, per-vector saturation
+    (what bound management tests) and per-vector count of clipped outputs."""
+    x = _round(x, io.inp_step, io.inp_sto_round, generator)
+    x = x.clamp(-io.inp_bound, io.inp_bound)
+    if io.inp_noise > 0.0:
+        x = x + io.inp_noise * _randn(tuple(x.shape), x, generator)
+    y = x @ w.T
+    if io.w_noise > 0.0 and io.w_noise_type != "none":
+        if io.w_noise_type == "additive_constant":
+            sigma = io.w_noise * x.norm(dim=-1, keepdim=True)
+        else:
+            sigma = io.w_noise * ((x * x) @ w.abs().T).sqrt()
+        y = y + sigma * _randn(tuple(y.shape), y, generator)
+    if io.out_noise > 0.0:
+        y = y + io.out_noise * _randn(tuple(y.shape), y, generator)
+    y = _round(y, io.out_step, io.out_sto_round, generator)
+    if io.bm_test_negative_bound:
+        saturated = (y.abs() >= io.out_bound).any(dim=-1)
+    else:
+        saturated = (y >= io.out_bound).any(dim=-1)
+    clipped = (y.abs() >= io.out_bound).sum(dim=-1)
+    y = y.clamp(-io.out_bound, io.out_bound)
+    return y, saturated, clipped
+
+
+def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator,
+                stats: ReadStats | None = None) -> Tensor:
+    """y = x Wᵀ through the periphery `io` (W: (out, in) in device units, x: (..., in)).
+
+    For the transposed read pass `weights.T`. Computes in x's dtype. Every random draw comes from
+    `generator`. `stats` (optional) accumulates read counters.
+    """
+    if x.shape[-1] != weights.shape[1]:
+        raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
+    w = weights.to(dtype=x.dtype, device=x.device)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    n_vec, n_out = flat.shape[0], w.shape[0]
+    if io.is_perfect:
+        if stats is not None:
+            stats.mvm_reads += n_vec
+        return (flat @ w.T).reshape(*lead, n_out)
+
+    if io.noise_management == "none":
+        alpha = torch.ones(n_vec, 1, dtype=x.dtype, device=x.device)
+    elif io.noise_management == "constant":
+        alpha = torch.full((n_vec, 1), io.nm_thres, dtype=x.dtype, device=x.device)
+    else:
+        if io.noise_management == "abs_max":
+            alpha = flat.abs().amax(dim=-1, keepdim=True)
+        else:  # "max": aihwkit MAX uses the signed maximum, clipped at 0 -> fall back to abs max if <= 0
+            alpha = flat.amax(dim=-1, keepdim=True)
+            alpha = torch.where(alpha > 0, alpha, flat.abs().amax(dim=-1, keepdim=True))
+        if io.nm_thres > 0.0:
+            alpha = alpha.clamp_max(io.nm_thres)
+        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+
+    y, saturated, clipped = _one_pass(w, flat / alpha, io, generator)
+    reads = n_vec
+    if io.bound_management == "iterative":
+        res = effective_res(io.inp_res)
+        factor = 1.0
+        while bool(saturated.any()):
+            nxt = factor * 2.0
+            if nxt > io.max_bm_factor or (res > 0.0 and nxt * res > io.max_bm_res):
+                break
+            factor = nxt
+            idx = saturated.nonzero().squeeze(-1)
+            y_again, sat_again, clip_again = _one_pass(w, flat[idx] / (alpha[idx] * factor), io, generator)
+            reads += int(idx.numel())
+            y[idx] = y_again * factor
+            clipped[idx] = clip_again
+            saturated = torch.zeros_like(saturated)
+            saturated[idx] = sat_again
+    if stats is not None:
+        stats.mvm_reads += reads
+        stats.adc_conversions += reads * n_out
+        stats.adc_clipped += int(clipped.sum())
+    out = y * alpha
+    if io.out_scale != 1.0:
+        out = out * io.out_scale
+    return out.reshape(*lead, n_out)

@@ -1,0 +1,66 @@
+"""Tile presets: a device preset with its own IO and update parameters, as aihwkit's presets.
+
+aihwkit puts every device preset in a `SingleRPUConfig` with `forward = backward =
+PresetIOParameters` and `update = PresetUpdateParameters` (SEMANTICS §1.5). Here:
+- forward: `PresetIOParameters` (inp_res 1/126, out_res 1/510, out_bound 20, out_noise 0.1,
+  BM iterative, NM abs_max);
+- backward: the same with bound management off, as aihwkit runs the backward pass;
+- update: `PresetUpdateParameters` (= aihwkit defaults: BL 31, UBLM, UM, stochastic compressed);
+- one device per weight, a differential pair for one-sided devices (`pcm`, aihwkit's `PCMPreset`
+  unit cell);
+- mapping ω = 0.8·min(|w_min|, w_max) (0.5·w_max for a pair, below its refresh threshold), so a
+  model's weights fill the device range.
+Names: `tile_preset(device_name, algorithm="sgd")` for any `devices` preset; "perfect_ideal" is
+the ideal device with perfect periphery (reproduces `DigitalProjection`).
+"""
+
+from __future__ import annotations
+
+from devices import preset_names
+
+from ept_hw.config import check_choice
+
+from .config import ALGORITHMS, MappingParameters, TileConfig
+from .io import IOParameters
+from .update import UpdateParameters
+
+__all__ = ["preset_io", "preset_update", "perfect_io", "tile_preset", "tile_preset_names"]
+
+
+def preset_io() -> IOParameters:
+    """aihwkit `PresetIOParameters`."""
+    return IOParameters(inp_res=1.0 / 126.0, out_res=1.0 / 510.0, out_bound=20.0, out_noise=0.1,
+                        bound_management="iterative", noise_management="abs_max")
+
+
+def perfect_io() -> IOParameters:
+    return IOParameters(is_perfect=True)
+
+
+def preset_update(mode: str = "fast") -> UpdateParameters:
+    """aihwkit `PresetUpdateParameters` (its values are aihwkit's defaults) with our `mode`."""
+    return UpdateParameters(desired_bl=31, update_bl_management=True, update_management=True, mode=mode)
+
+
+def tile_preset_names() -> list[str]:
+    return ["perfect_ideal"] + preset_names()
+
+
+def tile_preset(name: str, algorithm: str = "sgd", mode: str = "fast") -> TileConfig:
+    """The tile config of a device preset (module docstring)."""
+    check_choice("tile_preset", name, tile_preset_names())
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    if name in ("perfect_ideal", "ideal"):
+        io = perfect_io() if name == "perfect_ideal" else preset_io()
+        return TileConfig(device="ideal", forward=io,
+                          backward=io if name == "perfect_ideal" else IOParameters(**{**io.__dict__, "bound_management": "none"}),
+                          update=preset_update(mode), algorithm="sgd")
+    probe = TileConfig(device=name)
+    dev = probe.device_config()
+    pair = probe.uses_pair
+    # a pair must stay below the refresh threshold (crossbar.tile.REFRESH_THRESHOLD of w_max)
+    omega = 0.5 * dev.w_max if pair else 0.8 * min(abs(dev.w_min), abs(dev.w_max))
+    fwd = preset_io()
+    bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
+    return TileConfig(device=name, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,
+                      mapping=MappingParameters(weight_scaling_omega=omega), differential="auto")

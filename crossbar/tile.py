@@ -1,0 +1,412 @@
+"""`AnalogTile`: a weight matrix held by devices, read through the periphery, trained by pulses.
+
+Model weight W (out, in) = s · W_dev, with s the fixed mapping scale (`MappingParameters`) and
+W_dev the devices' weights (one device per weight, or G⁺ − G⁻ of a differential pair).
+
+Noise modes (`TileConfig.noise_mode`; the read generator is the tile's own):
+- ``"fresh"``: every read draws new noise; `set_noise_seed` is ignored.
+- ``"common"``: `set_noise_seed(seed)` resets the read generator, so two phases that each start
+  with the same seed and issue the same sequence of reads see the same noise, read by read
+  (common random numbers for the + and − nudged phases of EP).
+- ``"frozen"``: the read generator is reset to the last seed before *every* read, so each read
+  of a given shape sees the same noise sample (a static circuit offset within a phase).
+
+Pulsed updates: see `crossbar.update` (modes exact / fast / expected). A differential pair is
+updated as aihwkit's one-sided unit cell: up pulses potentiate G⁺, down pulses potentiate G⁻;
+when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is
+reprogrammed to (max(W,0), max(−W,0)) (aihwkit `refresh_every=1`, our threshold rule).
+
+Algorithms: "sgd" (pulsed update on the array), "mixed_precision" and "ttv2" (see
+`crossbar.config`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from devices import DeviceArray, DeviceConfig
+
+from .config import TileConfig
+from .io import IOParameters, ReadStats, analog_read
+from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sample, expected_counts, fast_counts,
+                     plan_pulses, sample_counts_per_sample, _chunks)
+
+__all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
+
+REFRESH_THRESHOLD = 0.75
+
+
+def _derive_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+
+
+class DeviceSlot:
+    """One device per weight, or a differential pair G⁺ − G⁻ (same interface)."""
+
+    def __init__(self, config: DeviceConfig, shape: tuple[int, int], generator: torch.Generator, pair: bool,
+                 device: torch.device | None = None):
+        self.config = config
+        self.pair = pair
+        self.arrays = [DeviceArray(config, shape, generator, device=device)]
+        if pair:
+            self.arrays.append(DeviceArray(config, shape, generator, device=device))
+        self.refreshes = 0
+
+    @property
+    def is_ideal(self) -> bool:
+        return self.config.is_ideal
+
+    @property
+    def granularity(self) -> float:
+        return float(self.config.granularity)
+
+    @property
+    def weights(self) -> Tensor:
+        if self.pair:
+            return self.arrays[0].weights - self.arrays[1].weights
+        return self.arrays[0].weights
+
+    @property
+    def persistent(self) -> Tensor:
+        if self.pair:
+            return self.arrays[0].persistent_weights - self.arrays[1].persistent_weights
+        return self.arrays[0].persistent_weights
+
+    def set_weights(self, w: Tensor, generator: torch.Generator) -> None:
+        if self.pair:
+            self.arrays[0].set_weights(w.clamp_min(0.0), generator)
+            self.arrays[1].set_weights((-w).clamp_min(0.0), generator)
+        else:
+            self.arrays[0].set_weights(w, generator)
+
+    def apply_delta(self, dw: Tensor, generator: torch.Generator) -> None:
+        """Float update (ideal devices; pulse_type "none" clips to the bounds)."""
+        if self.is_ideal:
+            self.arrays[0].apply_delta(dw)
+        else:
+            self.set_weights(self.persistent + dw, generator)
+
+    def apply_pulses(self, n_up: Tensor, n_down: Tensor, generator: torch.Generator) -> None:
+        if self.pair:
+            zero = torch.zeros_like(n_up)
+            self.arrays[0].apply_pulses(n_up, zero, generator)
+            self.arrays[1].apply_pulses(n_down, zero, generator)
+            self._maybe_refresh(generator)
+        else:
+            self.arrays[0].apply_pulses(n_up, n_down, generator)
+
+    def apply_expected(self, mu_up: Tensor, mu_down: Tensor, generator: torch.Generator) -> None:
+        """Expected-value update with the noise-free mean step at the current weights."""
+        if self.pair:
+            for arr, mu in zip(self.arrays, (mu_up, mu_down)):
+                step_up, _ = arr.mean_step()
+                arr.set_weights(arr.persistent_weights + mu.to(step_up.dtype) * step_up, generator)
+            self._maybe_refresh(generator)
+        else:
+            arr = self.arrays[0]
+            step_up, step_down = arr.mean_step()
+            dw = mu_up.to(step_up.dtype) * step_up - mu_down.to(step_up.dtype) * step_down
+            arr.set_weights(arr.persistent_weights + dw, generator)
+
+    def _maybe_refresh(self, generator: torch.Generator) -> None:
+        plus, minus = self.arrays
+        limit = REFRESH_THRESHOLD * plus.hidden["max_bound"]
+        full = (plus.persistent_weights > limit) | (minus.persistent_weights > limit)
+        if bool(full.any()):
+            w = plus.persistent_weights - minus.persistent_weights
+            new_plus = torch.where(full, w.clamp_min(0.0), plus.persistent_weights)
+            new_minus = torch.where(full, (-w).clamp_min(0.0), minus.persistent_weights)
+            plus.set_weights(new_plus, generator)
+            minus.set_weights(new_minus, generator)
+            self.refreshes += int(full.sum())
+
+    def saturation_fraction(self) -> float:
+        """Fraction of devices within half a granularity of one of their own bounds."""
+        if self.is_ideal:
+            return 0.0
+        tol = 0.5 * self.granularity
+        total, at = 0, 0
+        for arr in self.arrays:
+            w, h = arr.persistent_weights, arr.hidden
+            at += int(((w >= h["max_bound"] - tol) | (w <= h["min_bound"] + tol)).sum())
+            total += w.numel()
+        return at / total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"arrays": [a.state_dict() for a in self.arrays], "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["arrays"]) != len(self.arrays):
+            raise ValueError("state is for a different unit cell (single vs differential pair)")
+        for arr, s in zip(self.arrays, state["arrays"]):
+            arr.load_state_dict(s)
+        self.refreshes = int(state["refreshes"])
+
+
+class AnalogTile:
+    """An (out, in) analog weight matrix: reads with periphery, pulsed updates, algorithms, counters."""
+
+    def __init__(self, config: TileConfig, out_features: int, in_features: int, generator: torch.Generator,
+                 device: torch.device | str | None = None):
+        if out_features < 1 or in_features < 1:
+            raise ValueError(f"tile shape must be positive, got ({out_features}, {in_features})")
+        self.config = config
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        shape = (self.out_features, self.in_features)
+        dev_cfg = config.device_config()
+        pair = config.uses_pair
+        self.slot = DeviceSlot(dev_cfg, shape, generator, pair, self.device)
+        self.fast: DeviceSlot | None = None
+        self.buffer: Tensor | None = None
+        self.accumulator: Tensor | None = None
+        if config.algorithm == "ttv2":
+            self.fast = DeviceSlot(dev_cfg, shape, generator, pair, self.device)
+            self.buffer = torch.zeros(shape, device=self.device)
+        elif config.algorithm == "mixed_precision":
+            self.accumulator = torch.zeros(shape, device=self.device)
+        gen_device = generator.device
+        self.read_generator = torch.Generator(device=gen_device)
+        self.read_generator.manual_seed(_derive_seed(generator))
+        self.update_generator = torch.Generator(device=gen_device)
+        self.update_generator.manual_seed(_derive_seed(generator))
+        self.scale = torch.ones(self.out_features, 1, device=self.device)
+        self.noise_mode = config.noise_mode
+        self.noise_seed = _derive_seed(generator)
+        self.read_stats = ReadStats()
+        self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.n_updates = 0
+        self.n_transfers = 0
+        self._transfer_column = 0
+
+    # ------------------------------------------------------------------ programming
+    def program(self, weight: Tensor) -> None:
+        """Set the model weights W (out, in): choose the mapping scale, program the devices."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"program: shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
+        w = weight.detach().to(device=self.device, dtype=torch.float32)
+        omega = self.config.mapping.weight_scaling_omega
+        if omega > 0.0:
+            if self.config.mapping.weight_scaling_columnwise:
+                amax = w.abs().amax(dim=1, keepdim=True)
+            else:
+                amax = w.abs().amax().expand(self.out_features, 1)
+            self.scale = torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
+        else:
+            self.scale = torch.ones(self.out_features, 1, device=self.device)
+        w_dev = w / self.scale
+        if self.config.programming_noise > 0.0:
+            xi = torch.randn(w_dev.shape, generator=self.update_generator, device=self.update_generator.device)
+            w_dev = w_dev + self.config.programming_noise * xi.to(self.device)
+        self.slot.set_weights(w_dev, self.update_generator)
+        if self.fast is not None:
+            self.fast.set_weights(torch.zeros_like(w_dev), self.update_generator)
+            self.buffer.zero_()
+        if self.accumulator is not None:
+            self.accumulator.zero_()
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective model weight s·W_dev (apparent device weights), detached."""
+        return (self.slot.weights * self.scale).detach()
+
+    # ------------------------------------------------------------------ reads
+    def set_noise_seed(self, seed: int) -> None:
+        """Remember `seed`; in "common" and "frozen" modes reset the read generator to it."""
+        self.noise_seed = int(seed)
+        if self.noise_mode in ("common", "frozen"):
+            self.read_generator.manual_seed(self.noise_seed)
+
+    def _read(self, w_dev: Tensor, x: Tensor, io: IOParameters) -> Tensor:
+        if self.noise_mode == "frozen":
+            self.read_generator.manual_seed(self.noise_seed)
+        y = analog_read(w_dev, x, io, self.read_generator, self.read_stats)
+        for _ in range(self.config.n_reads - 1):
+            y = y + analog_read(w_dev, x, io, self.read_generator, self.read_stats)
+        if self.config.n_reads > 1:
+            y = y / self.config.n_reads
+        return y
+
+    def forward(self, u: Tensor) -> Tensor:
+        """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
+        if u.shape[-1] != self.in_features:
+            raise ValueError(f"forward: input has last dimension {u.shape[-1]}, expected {self.in_features}")
+        y = self._read(self.slot.weights, u, self.config.forward)
+        return y * self.scale.squeeze(1).to(y.dtype)
+
+    def transpose(self, d: Tensor) -> Tensor:
+        """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype."""
+        if d.shape[-1] != self.out_features:
+            raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
+        # the digital scale acts on the rows of W, i.e. on the inputs of the transposed read
+        ds = d * self.scale.squeeze(1).to(d.dtype)
+        return self._read(self.slot.weights.T, ds, self.config.backward)
+
+    # ------------------------------------------------------------------ updates
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
+        """W <- W − lr·Σ delta uᵀ over every leading dimension (in expectation for pulsed devices)."""
+        if u.shape[-1] != self.in_features or delta.shape[-1] != self.out_features or u.shape[:-1] != delta.shape[:-1]:
+            raise ValueError(f"apply_update: u {tuple(u.shape)} and delta {tuple(delta.shape)} do not fit a "
+                             f"({self.out_features}, {self.in_features}) tile with shared leading dimensions")
+        if not (lr >= 0.0) or math.isinf(lr):
+            raise ValueError(f"apply_update: lr must be finite and >= 0, got {lr}")
+        x = u.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        # the mapping scale s: ΔW_dev = ΔW / s, row by row -> fold 1/s into delta
+        d = (delta.detach().reshape(-1, self.out_features).to(device=self.device, dtype=torch.float32)
+             / self.scale.squeeze(1))
+        algo = self.config.algorithm
+        if algo == "sgd":
+            self._pulsed_update(self.slot, x, d, lr, self.config.update)
+        elif algo == "mixed_precision":
+            self._mixed_precision_update(x, d, lr)
+        else:
+            self._ttv2_update(x, d, lr)
+        self.n_updates += 1
+
+    def _pulsed_update(self, slot: DeviceSlot, x: Tensor, d: Tensor, lr: float, up: UpdateParameters) -> None:
+        if lr == 0.0 or x.shape[0] == 0:
+            return
+        gen = self.update_generator
+        if slot.is_ideal or up.pulse_type == "none":
+            slot.apply_delta(-lr * (d.T @ x), gen)
+            return
+        plan = plan_pulses(x, d, lr, slot.granularity, up)
+        if up.pulse_type == "deterministic_implicit":
+            self._apply_per_sample(slot, plan, lambda sl: deterministic_counts_per_sample(plan, up, sl),
+                                   aggregate=up.mode != "exact")
+            return
+        if up.mode == "exact":
+            self._apply_per_sample(slot, plan, lambda sl: sample_counts_per_sample(plan, gen, sl), aggregate=False)
+        elif up.mode == "fast":
+            n_up, n_down = fast_counts(plan, gen)
+            self._apply_counts(slot, n_up, n_down)
+        else:
+            mu_up, mu_down = expected_counts(plan)
+            slot.apply_expected(mu_up, mu_down, gen)
+            self.pulse_count += (mu_up + mu_down).to(self.pulse_count.dtype)
+
+    def _apply_counts(self, slot: DeviceSlot, n_up: Tensor, n_down: Tensor) -> None:
+        slot.apply_pulses(n_up.round().long(), n_down.round().long(), self.update_generator)
+        self.pulse_count += (n_up + n_down).to(self.pulse_count.dtype)
+
+    def _apply_per_sample(self, slot: DeviceSlot, plan: PulsePlan, counts_of, aggregate: bool) -> None:
+        n = plan.bl.shape[0]
+        total_up = total_down = None
+        for sl in _chunks(n, self.out_features * self.in_features):
+            n_up, n_down = counts_of(sl)
+            if aggregate:
+                total_up = n_up.sum(0) if total_up is None else total_up + n_up.sum(0)
+                total_down = n_down.sum(0) if total_down is None else total_down + n_down.sum(0)
+            else:
+                for i in range(n_up.shape[0]):
+                    if bool((n_up[i] > 0).any()) or bool((n_down[i] > 0).any()):
+                        self._apply_counts(slot, n_up[i], n_down[i])
+        if aggregate and total_up is not None:
+            self._apply_counts(slot, total_up, total_down)
+
+    def _transfer_pulses(self, slot: DeviceSlot, amount: Tensor, granularity: float) -> Tensor:
+        """Send whole multiples of `granularity` in `amount` as pulses; returns what was sent."""
+        n = torch.trunc(amount / granularity)
+        self._apply_counts(slot, n.clamp_min(0.0), (-n).clamp_min(0.0))
+        return n * granularity
+
+    def _mixed_precision_update(self, x: Tensor, d: Tensor, lr: float) -> None:
+        self.accumulator -= lr * (d.T @ x)
+        mp = self.config.mixed_precision
+        if self.n_updates % mp.transfer_every == mp.transfer_every - 1:
+            gran = mp.granularity if mp.granularity > 0 else self.slot.granularity
+            self.accumulator -= self._transfer_pulses(self.slot, self.accumulator, gran)
+            self.n_transfers += 1
+
+    def _ttv2_update(self, x: Tensor, d: Tensor, lr: float) -> None:
+        tr = self.config.transfer
+        self._pulsed_update(self.fast, x, d, lr * tr.fast_lr, self.config.update)
+        if self.n_updates % tr.transfer_every != tr.transfer_every - 1:
+            return
+        gran = tr.buffer_granularity * self.slot.granularity
+        for _ in range(tr.n_reads_per_transfer):
+            j = self._transfer_column
+            one_hot = torch.zeros(1, self.in_features, device=self.device)
+            one_hot[0, j] = 1.0
+            column = self._read(self.fast.weights, one_hot, self.config.forward)[0]
+            self.buffer[:, j] += tr.transfer_lr * column
+            sent = self._transfer_pulses_column(j, gran)
+            if tr.forget_buffer:
+                self.buffer[:, j] = torch.where(sent != 0, torch.zeros_like(sent), self.buffer[:, j])
+            else:
+                self.buffer[:, j] -= sent
+            self._transfer_column = (j + 1) % self.in_features
+        self.n_transfers += 1
+
+    def _transfer_pulses_column(self, j: int, granularity: float) -> Tensor:
+        n = torch.trunc(self.buffer[:, j] / granularity)
+        n_up = torch.zeros(self.out_features, self.in_features, device=self.device)
+        n_down = torch.zeros_like(n_up)
+        n_up[:, j] = n.clamp_min(0.0)
+        n_down[:, j] = (-n).clamp_min(0.0)
+        self._apply_counts(self.slot, n_up, n_down)
+        return n * granularity
+
+    # ------------------------------------------------------------------ counters & state
+    def counters(self) -> dict[str, float]:
+        """Endurance, read and saturation counters (plain numbers, for metrics logs)."""
+        stats = self.read_stats.as_dict()
+        conv = stats["adc_conversions"]
+        return {
+            "pulses_max": float(self.pulse_count.max()),
+            "pulses_mean": float(self.pulse_count.mean()),
+            "mvm_reads": stats["mvm_reads"],
+            "adc_conversions": conv,
+            "adc_clip_fraction": stats["adc_clipped"] / conv if conv else 0.0,
+            "device_saturation_fraction": self.slot.saturation_fraction(),
+            "updates": self.n_updates,
+            "transfers": self.n_transfers,
+            "refreshes": self.slot.refreshes + (self.fast.refreshes if self.fast is not None else 0),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "shape": [self.out_features, self.in_features],
+            "slot": self.slot.state_dict(),
+            "scale": self.scale.clone(),
+            "read_generator": self.read_generator.get_state(),
+            "update_generator": self.update_generator.get_state(),
+            "noise_mode": self.noise_mode,
+            "noise_seed": self.noise_seed,
+            "read_stats": self.read_stats.as_dict(),
+            "pulse_count": self.pulse_count.clone(),
+            "n_updates": self.n_updates,
+            "n_transfers": self.n_transfers,
+            "transfer_column": self._transfer_column,
+        }
+        if self.fast is not None:
+            state["fast"] = self.fast.state_dict()
+            state["buffer"] = self.buffer.clone()
+        if self.accumulator is not None:
+            state["accumulator"] = self.accumulator.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["shape"]) != [self.out_features, self.in_features]:
+            raise ValueError(f"state is for a {tuple(state['shape'])} tile, this one is "
+                             f"{(self.out_features, self.in_features)}")
+        self.slot.load_state_dict(state["slot"])
+        self.scale = state["scale"].to(self.device).clone()
+        self.read_generator.set_state(state["read_generator"])
+        self.update_generator.set_state(state["update_generator"])
+        self.noise_mode = state["noise_mode"]
+        self.noise_seed = int(state["noise_seed"])
+        self.read_stats.load(state["read_stats"])
+        self.pulse_count = state["pulse_count"].to(self.device).clone()
+        self.n_updates = int(state["n_updates"])
+        self.n_transfers = int(state["n_transfers"])
+        self._transfer_column = int(state["transfer_column"])
+        if self.fast is not None:
+            self.fast.load_state_dict(state["fast"])
+            self.buffer = state["buffer"].to(self.device).clone()
+        if self.accumulator is not None:
+            self.accumulator = state["accumulator"].to(self.device).clone()

@@ -1,0 +1,221 @@
+"""Pulsed outer-product update: aihwkit `UpdateParameters`, BL/UM management, pulse trains.
+
+Sign convention (aihwkit `updateMatrix`): ΔW = −lr·Σₙ dₙ xₙᵀ in expectation. A coincidence of
+slot pulses on row i and column j with sign(x_j)·sign(d_i) > 0 is a **down** pulse.
+
+Per sample n (SEMANTICS §1.2, aihwkit `calculateBlAB`, `performUpdateManagement` and the CUDA
+`kernelUMGetScaleAndKValues`), with g the device granularity:
+- base: BL = desired_bl, A = B = sqrt(lr/(g·BL)); with `fixed_bl=False` (and UBLM off) and
+  g·desired_bl < lr: A = B = 1, BL = ceil(lr/g);
+- x_max = max(|xₙ|_∞, g²), d_max = max(|dₙ|_∞·um_grad_scale, g²), k = lr·x_max·d_max/g;
+- UBLM: BLₙ = min(ceil(k), desired_bl), A = B = sqrt(lr/(g·BLₙ));
+- UM (forced on by UBLM): if k > BL then d_max *= BL/k (the requested update is truncated);
+  A *= sqrt(x_max/d_max), B *= sqrt(d_max/x_max);
+- row i fires in each of the BLₙ slots with probability min(A|d_i|, 1), column j with
+  min(B|x_j|, 1); the coincidence count is Σ_slots of the products.
+
+Update modes (`UpdateParameters.mode`; aihwkit has only the first):
+- ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
+  devices sample after sample (the reference).
+- ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
+  from Binomial(T, μ/T), T = Σₙ BLₙ the number of slots and μ the exact expected count; applied in
+  one `DeviceArray.apply_pulses` call (the device's own order: alternating up/down pairs, then the
+  surplus). Approximations: the correlation between elements that share a slot train is dropped,
+  the variance is that of a binomial with the mean slot probability (≥ the exact Poisson-binomial
+  variance, equal when all slot probabilities are equal), and the per-sample order of pulses is
+  replaced by the device's alternating order.
+- ``"expected"``: no sampling: ΔW = μ_up·Δ⁺(W) − μ_down·Δ⁻(W) with the device's noise-free
+  mean step at the current weight (`DeviceArray.mean_step`); linearised in the number of pulses.
+
+`pulse_type="deterministic_implicit"` replaces the trains by nₙᵢⱼ = round(BLₙ·pᵢ·qⱼ) per sample
+(probabilities first rounded to `x_res_implicit`/`d_res_implicit` when set);
+`pulse_type="none"` is a float update (W −= lr·Σ d xᵀ, clipped to the device bounds).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range
+
+__all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "expected_counts",
+           "fast_counts", "deterministic_counts_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
+
+PULSE_TYPES = ("stochastic_compressed", "deterministic_implicit", "none")
+UPDATE_MODES = ("exact", "fast", "expected")
+
+# Largest number of (sample, row, column) count entries materialised at once.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class UpdateParameters:
+    """aihwkit `UpdateParameters` (names and defaults of aihwkit 1.2) plus our `mode`."""
+
+    desired_bl: int = 31
+    fixed_bl: bool = True
+    pulse_type: str = "stochastic_compressed"
+    update_bl_management: bool = True
+    update_management: bool = True
+    um_grad_scale: float = 1.0
+    x_res_implicit: float = 0.0
+    d_res_implicit: float = 0.0
+    mode: str = "fast"
+
+    def __post_init__(self) -> None:
+        check_positive_int("desired_bl", self.desired_bl)
+        check_choice("pulse_type", self.pulse_type, PULSE_TYPES)
+        check_choice("mode", self.mode, UPDATE_MODES)
+        check_range("um_grad_scale", self.um_grad_scale, 0.0, lo_open=True)
+        check_range("x_res_implicit", self.x_res_implicit, 0.0)
+        check_range("d_res_implicit", self.d_res_implicit, 0.0)
+
+    @property
+    def um_effective(self) -> bool:
+        """aihwkit forces update management on whenever UBLM is on."""
+        return self.update_management or self.update_bl_management
+
+
+@dataclass
+class PulsePlan:
+    """Per-sample pulse-train parameters: slot count BL (N,), row probabilities p (N, out) and
+    column probabilities q (N, in), both clipped to [0, 1], and the signs of d and x."""
+
+    bl: Tensor
+    p: Tensor
+    q: Tensor
+    d_sign: Tensor
+    x_sign: Tensor
+
+
+def _check_inputs(x: Tensor, d: Tensor, lr: float, granularity: float) -> None:
+    if x.dim() != 2 or d.dim() != 2 or x.shape[0] != d.shape[0]:
+        raise ValueError(f"pulse plan needs x (N, in) and d (N, out), got {tuple(x.shape)} and {tuple(d.shape)}")
+    if not (lr >= 0.0) or math.isinf(lr):
+        raise ValueError(f"learning rate must be finite and >= 0 (aihwkit), got {lr}")
+    if not granularity > 0.0:
+        raise ValueError(f"pulsed update needs a device granularity > 0, got {granularity}")
+
+
+def plan_pulses(x: Tensor, d: Tensor, lr: float, granularity: float, up: UpdateParameters) -> PulsePlan:
+    """BL, A, B per sample (module docstring) and the resulting slot probabilities."""
+    _check_inputs(x, d, lr, granularity)
+    n = x.shape[0]
+    g = granularity
+    dtype, dev = x.dtype, x.device
+    x_abs, d_abs = x.abs(), d.abs()
+    if lr == 0.0:
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        return PulsePlan(zeros, torch.zeros_like(d_abs), torch.zeros_like(x_abs), torch.sign(d), torch.sign(x))
+    if up.fixed_bl or up.update_bl_management or g * up.desired_bl >= lr:
+        base_bl, a_base = up.desired_bl, math.sqrt(lr / (g * up.desired_bl))
+    else:
+        base_bl, a_base = max(math.ceil(lr / g), 1), 1.0
+    bl = torch.full((n,), base_bl, dtype=torch.long, device=dev)
+    a = torch.full((n, 1), a_base, dtype=dtype, device=dev)
+    b = a.clone()
+    if up.um_effective:
+        reg = g * g
+        x_max = x_abs.amax(dim=1, keepdim=True).clamp_min(reg)
+        d_max = (d_abs.amax(dim=1, keepdim=True) * up.um_grad_scale).clamp_min(reg)
+        k = lr * x_max * d_max / g
+        if up.update_bl_management:
+            bl = torch.ceil(k).squeeze(1).clamp(1, up.desired_bl).long()
+            a = torch.sqrt(lr / (g * bl.to(dtype))).unsqueeze(1)
+            b = a.clone()
+        kmax = bl.to(dtype).unsqueeze(1)
+        d_max = torch.where(k > kmax, d_max * kmax / k, d_max)
+        a = a * torch.sqrt(x_max / d_max)
+        b = b * torch.sqrt(d_max / x_max)
+    p = (a * d_abs).clamp_max(1.0)
+    q = (b * x_abs).clamp_max(1.0)
+    return PulsePlan(bl, p, q, torch.sign(d), torch.sign(x))
+
+
+def _split_by_sign(counts: Tensor, d_sign: Tensor, x_sign: Tensor) -> tuple[Tensor, Tensor]:
+    """(…, out, in) non-negative coincidence counts -> (n_up, n_down): s = sign(d)·sign(x) > 0 is down."""
+    s = d_sign.unsqueeze(-1) * x_sign.unsqueeze(-2)
+    zero = torch.zeros((), dtype=counts.dtype, device=counts.device)
+    return torch.where(s < 0, counts, zero), torch.where(s > 0, counts, zero)
+
+
+def _chunks(n: int, per_sample: int):
+    size = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None
+                             ) -> tuple[Tensor, Tensor]:
+    """Exact stochastic-compressed trains: per-sample (n_up, n_down), each (N, out, in), float.
+
+    Row and column Bernoulli trains are drawn for every slot of every sample; counts are the
+    number of slots in which both fire (a batched product of the 0/1 trains).
+    """
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    bl, p, q = plan.bl[sl], plan.p[sl], plan.q[sl]
+    n, n_out, n_in = p.shape[0], p.shape[1], q.shape[1]
+    if n == 0:
+        z = torch.zeros(0, n_out, n_in, dtype=p.dtype, device=p.device)
+        return z, z.clone()
+    bl_max = int(bl.max())
+    slot_on = (torch.arange(bl_max, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)  # (N, BL)
+
+    def draw(probs: Tensor) -> Tensor:
+        u = torch.rand((n, bl_max, probs.shape[1]), generator=generator, device=generator.device,
+                       dtype=probs.dtype).to(probs.device)
+        return (u < probs.unsqueeze(1)).to(probs.dtype) * slot_on.unsqueeze(2)
+
+    rows = draw(p)  # (N, BL, out)
+    cols = draw(q)  # (N, BL, in)
+    counts = torch.bmm(rows.transpose(1, 2), cols)
+    return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
+
+
+def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
+                                    ) -> tuple[Tensor, Tensor]:
+    """DETERMINISTIC_IMPLICIT: nₙᵢⱼ = round(BLₙ·pᵢ·qⱼ), probabilities rounded to the implicit
+    resolutions first when those are set."""
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    p, q = plan.p[sl], plan.q[sl]
+    if up.d_res_implicit > 0:
+        p = torch.round(p / up.d_res_implicit) * up.d_res_implicit
+    if up.x_res_implicit > 0:
+        q = torch.round(q / up.x_res_implicit) * up.x_res_implicit
+    bl = plan.bl[sl].to(p.dtype).view(-1, 1, 1)
+    counts = torch.floor(bl * p.unsqueeze(2) * q.unsqueeze(1) + 0.5)
+    return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
+
+
+def expected_counts(plan: PulsePlan) -> tuple[Tensor, Tensor]:
+    """Exact expected up and down coincidence counts summed over the batch, each (out, in)."""
+    w = plan.bl.to(plan.p.dtype).unsqueeze(1)
+    p_pos = plan.p * (plan.d_sign > 0) * w
+    p_neg = plan.p * (plan.d_sign < 0) * w
+    q_pos = plan.q * (plan.x_sign > 0)
+    q_neg = plan.q * (plan.x_sign < 0)
+    # s > 0 (down) where d and x have the same sign
+    mu_down = torch.cat([p_pos, p_neg], dim=0).T @ torch.cat([q_pos, q_neg], dim=0)
+    mu_up = torch.cat([p_pos, p_neg], dim=0).T @ torch.cat([q_neg, q_pos], dim=0)
+    return mu_up, mu_down
+
+
+def fast_counts(plan: PulsePlan, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Batch-aggregated counts drawn from Binomial(T, μ/T) per element (module docstring)."""
+    mu_up, mu_down = expected_counts(plan)
+    total = float(plan.bl.sum())
+    if total == 0.0:
+        return torch.zeros_like(mu_up), torch.zeros_like(mu_down)
+
+    def draw(mu: Tensor) -> Tensor:
+        prob = (mu / total).clamp(0.0, 1.0)
+        cpu_gen = generator.device.type == "cpu"
+        src_prob = prob.float().cpu() if cpu_gen else prob.float()
+        out = torch.binomial(torch.full_like(src_prob, total), src_prob, generator=generator)
+        return out.to(device=mu.device, dtype=mu.dtype)
+
+    return draw(mu_up), draw(mu_down)
