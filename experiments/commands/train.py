@@ -1,0 +1,63 @@
+"""`ept-hw train`: one path (EP on the twin or the analog arrays) or a reference (BPTT, BP transformer)."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.run_args import add_run_arguments, config_from_args, print_result
+from trainer.loop import run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a single path: EP (digital or analog), BPTT, or a BP transformer",
+        description="Single-path training and the references: `--mode ep --optimizer adamw` is the best-digital "
+        "EP reference (AdamW, warmup-stable-decay, parameter EMA: --schedule wsd --ema 0.999); `--mode bptt` "
+        "backpropagates through the unrolled free phase of the same block with the same stabilisers; "
+        "`--mode bp` trains a standard transformer of matched width.",
+    )
+    add_run_arguments(p)
+    p.add_argument("--mode", choices=("ep", "bptt", "bp"), help="default ep")
+    p.add_argument("--path", choices=("twin", "analog"), help="mode ep: digital (twin, default) or analog arrays")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"))
+    p.add_argument("--schedule", choices=("constant", "wsd"))
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--ema", type=float, help="parameter EMA decay (0: off)")
+    p.add_argument("--report", action="store_true", help="write the report at the end")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise ValueError("--out runs/NAME is required")
+    if not args.resume and args.model is None:
+        raise ValueError("--model NAME is required for a new run")
+    base: dict = {}
+    if args.mode is not None or not args.resume:
+        base["mode"] = args.mode or "ep"
+    for attr, key in (("path", "path"),):
+        if getattr(args, attr) is not None:
+            base[key] = getattr(args, attr)
+    training: dict = {}
+    if args.optimizer is not None:
+        training["optimizer"] = args.optimizer
+    if args.ema is not None:
+        training["ema"] = args.ema
+    schedule: dict = {}
+    if args.schedule is not None:
+        schedule["kind"] = args.schedule
+    if args.warmup is not None:
+        schedule["warmup_steps"] = args.warmup
+    if schedule:
+        training["schedule"] = schedule
+    if training:
+        base["training"] = training
+    cfg = config_from_args(args, base)
+    result = run(cfg, args.out, resume=args.resume, init_ckpt=args.init_ckpt, progress=not args.no_progress)
+    print_result(result)
+    if args.report:
+        from experiments.report import write_report
+
+        print(f"report: {write_report(result.run_dir)}")
+    return result.exit_code

@@ -1,0 +1,363 @@
+"""Run report: PNG plots and `report.md` from a run directory (`config.toml`, `metrics.jsonl`,
+`summary.json`, `conductances.pt`).
+
+Plots (matplotlib, Agg backend, written under `plots/`): train/val loss of both paths, free-phase
+residual with its noise floor, update cosine per projection, weight gap, estimator health, device
+conductance (weight) histograms at start and end. `report.md` states the configuration, the
+physics choices of the analog relaxation, the final figures side by side and the validation
+text's unigram entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ept_hw.config import load_toml  # noqa: E402
+from trainer.metrics import PATHS, column, read_metrics  # noqa: E402
+
+__all__ = ["write_report", "final_figures"]
+
+PATH_STYLE = {"analog": {"color": "tab:red", "label": "analog"}, "twin": {"color": "tab:blue", "label": "digital twin"}}
+
+
+def _active_paths(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [p for p in PATHS if any(r.get(f"{p}_loss") is not None for r in rows)]
+
+
+def _smooth(values: list[float], k: int) -> list[float]:
+    if k <= 1 or len(values) < k:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= k:
+            acc -= values[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def _finite(steps: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+    pairs = [(s, v) for s, v in zip(steps, values) if isinstance(v, (int, float)) and math.isfinite(v)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_losses(rows, paths, out: Path, entropy: float | None) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for p in paths:
+        st = PATH_STYLE[p]
+        s, v = _finite(*column(rows, f"{p}_loss"))
+        if s:
+            ax.plot(s, _smooth(v, 10), color=st["color"], alpha=0.6, lw=1, label=f"{st['label']} train (10-step mean)")
+        s, v = _finite(*column(rows, f"{p}_val_loss"))
+        if s:
+            ax.plot(s, v, "o-", color=st["color"], lw=2, ms=4, label=f"{st['label']} validation")
+    if entropy is not None:
+        ax.axhline(entropy, color="k", ls="--", lw=1, label=f"unigram entropy {entropy:.3f}")
+        ax.axhline(entropy - 0.3, color="gray", ls=":", lw=1, label="entropy − 0.3 nats")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "loss.png")
+
+
+def _plot_residual(rows, paths, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for p in paths:
+        st = PATH_STYLE[p]
+        s, v = _finite(*column(rows, f"{p}_residual"))
+        v_pos = [max(x, 1e-12) for x in v]
+        if s:
+            ax.semilogy(s, v_pos, color=st["color"], lw=1, label=f"{st['label']} residual (noise-aware)")
+        s, v = _finite(*column(rows, f"{p}_residual_floor"))
+        if s and any(x > 0 for x in v):
+            ax.semilogy(s, [max(x, 1e-12) for x in v], color=st["color"], ls="--", lw=1, label=f"{st['label']} noise floor")
+    ax.set_xlabel("step")
+    ax.set_ylabel("one-step relative residual")
+    ax.set_title("Free-phase residual")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out / "residual.png")
+
+
+def _plot_cosines(rows, out: Path) -> Path | None:
+    names: list[str] = []
+    for r in rows:
+        if r.get("update_cos"):
+            names = list(r["update_cos"])
+            break
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in names:
+        s = [r["step"] for r in rows if r.get("update_cos") and r["update_cos"].get(name) is not None]
+        v = [r["update_cos"][name] for r in rows if r.get("update_cos") and r["update_cos"].get(name) is not None]
+        s, v = _finite(s, v)
+        ax.plot(s, _smooth(v, 5), lw=1, label=name)
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cos(analog update, twin update)")
+    ax.set_title("Update agreement per projection (5-step mean)")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "update_cosine.png")
+
+
+def _plot_weight_gap(rows, out: Path) -> Path | None:
+    s, v = _finite(*column(rows, "weight_gap"))
+    if not s:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(s, v, color="k", lw=2, label="all projections")
+    names: list[str] = []
+    for r in rows:
+        if r.get("weight_gap_per_projection"):
+            names = list(r["weight_gap_per_projection"])
+            break
+    for name in names:
+        ss = [r["step"] for r in rows if r.get("weight_gap_per_projection")]
+        vv = [r["weight_gap_per_projection"][name] for r in rows if r.get("weight_gap_per_projection")]
+        ax.plot(*_finite(ss, vv), lw=1, alpha=0.7, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖W_analog − W_twin‖ / ‖W_twin‖")
+    ax.set_title("Weight gap")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "weight_gap.png")
+
+
+def _plot_health(rows, out: Path) -> Path | None:
+    keys = [("health_cos", "cos(EP, implicit)"), ("health_self_coherence", "half-batch self-coherence")]
+    if not any(column(rows, k)[0] for k, _ in keys):
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, label in keys:
+        ax.plot(*_finite(*column(rows, k)), "o-", ms=3, label=label)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("step")
+    ax.set_title("Estimator health (twin)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    s, v = _finite(*column(rows, "health_norm_ratio"))
+    if s:
+        ax2.semilogy(s, [max(x, 1e-12) for x in v], "o-", ms=3, color="tab:green")
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("step")
+    ax2.set_title("‖EP gradient‖ / ‖implicit gradient‖")
+    ax2.grid(alpha=0.3, which="both")
+    return _save(fig, out / "estimator_health.png")
+
+
+def _plot_conductances(run_dir: Path, out: Path) -> Path | None:
+    path = run_dir / "conductances.pt"
+    if not path.is_file():
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    start, end = data.get("start", {}), data.get("end", {})
+    if not start or not end:
+        return None
+    names = list(start)
+    cols = min(4, len(names))
+    rows_n = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        a = start[name].reshape(-1).float()
+        b = end[name].reshape(-1).float()
+        lo = float(torch.minimum(a.min(), b.min()))
+        hi = float(torch.maximum(a.max(), b.max()))
+        if hi <= lo:
+            hi = lo + 1e-6
+        ax.hist(a.numpy(), bins=60, range=(lo, hi), alpha=0.5, label="start", color="tab:gray")
+        ax.hist(b.numpy(), bins=60, range=(lo, hi), alpha=0.5, label="end", color="tab:red")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Analog device weights ({data.get('quantity', 'weight')}) at start and end", fontsize=10)
+    return _save(fig, out / "conductances.png")
+
+
+def _last(rows, key: str) -> float | None:
+    for r in reversed(rows):
+        v = r.get(key)
+        if v is not None:
+            return v
+    return None
+
+
+def _mean_last(rows, key: str, n: int = 20) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None][-n:]
+    vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per path: final val loss, mean train loss of the last 20 logged steps, last residual, ..."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in _active_paths(rows):
+        out[p] = {
+            "val_loss": _last(rows, f"{p}_val_loss"),
+            "train_loss_last20": _mean_last(rows, f"{p}_loss"),
+            "residual_last20": _mean_last(rows, f"{p}_residual"),
+            "residual_floor_last20": _mean_last(rows, f"{p}_residual_floor"),
+            "free_steps_last20": _mean_last(rows, f"{p}_free_steps"),
+            "saturation": _last(rows, f"{p}_saturation"),
+            "pulses": _last(rows, f"{p}_pulses"),
+            "adc_conversions": _last(rows, f"{p}_adc_conversions"),
+            "adjoint_snr": _mean_last(rows, f"{p}_adjoint_snr"),
+            "jacreg_lambda": _last(rows, f"{p}_jacreg_lambda"),
+            "gated_steps": sum(1 for r in rows if r.get(f"{p}_gated")),
+        }
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _toml_block(config: Mapping[str, Any]) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(dict(config))
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no rows: nothing to report")
+    config = load_toml(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else {}
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    entropy = summary.get("unigram_entropy")
+    paths = _active_paths(rows)
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = [
+        _plot_losses(rows, paths, plots_dir, entropy),
+        _plot_residual(rows, paths, plots_dir),
+        _plot_cosines(rows, plots_dir),
+        _plot_weight_gap(rows, plots_dir),
+        _plot_health(rows, plots_dir),
+        _plot_conductances(run_dir, plots_dir),
+    ]
+    figures = final_figures(rows)
+
+    lines: list[str] = []
+    mode = summary.get("mode", config.get("mode", "?"))
+    lines.append(f"# Run report: `{run_dir.name}`\n")
+    lines.append(f"Mode: **{mode}**. Steps logged: {rows[-1]['step'] + 1}. "
+                 f"Wall time: {_fmt(rows[-1].get('wall_time'))} s.\n")
+    event = summary.get("divergence")
+    if event:
+        lines.append(f"**The run diverged and was stopped** (rule `{event['rule']}`): {event['message']}. "
+                     "The last good checkpoint was kept.\n")
+    if summary.get("interrupted"):
+        lines.append("The run was interrupted by the user (Ctrl-C); a checkpoint was saved.\n")
+
+    lines.append("## Final figures\n")
+    if entropy is not None:
+        lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
+                     f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
+    keys = [
+        ("val_loss", "validation loss (nats/token)"),
+        ("train_loss_last20", "train loss, mean of last 20 logged steps"),
+        ("residual_last20", "free-phase residual (noise-aware), last 20"),
+        ("residual_floor_last20", "residual noise floor, last 20"),
+        ("free_steps_last20", "free-phase steps, last 20"),
+        ("saturation", "device saturation fraction"),
+        ("pulses", "pulses applied"),
+        ("adc_conversions", "ADC conversions"),
+        ("adjoint_snr", "adjoint SNR (mean of probes)"),
+        ("jacreg_lambda", "jacreg λ"),
+        ("gated_steps", "steps gated (nudge skipped)"),
+    ]
+    lines.append("| figure | " + " | ".join(PATH_STYLE[p]["label"] for p in paths) + " |")
+    lines.append("|---|" + "---|" * len(paths))
+    for key, label in keys:
+        lines.append(f"| {label} | " + " | ".join(_fmt(figures[p][key]) for p in paths) + " |")
+    if entropy is not None:
+        lines.append("| entropy − validation loss | " + " | ".join(
+            _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths) + " |")
+    if "analog" in paths and "twin" in paths:
+        va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]
+        if va is not None and vt is not None:
+            lines.append(f"\nGap analog − twin in validation loss: **{va - vt:+.4f} nats**.")
+        gap = _last(rows, "weight_gap")
+        if gap is not None:
+            lines.append(f"Final weight gap ‖W_analog − W_twin‖/‖W_twin‖: {_fmt(gap)}.")
+        cos = _last(rows, "update_cos")
+        if cos:
+            lines.append("Mean update cosine per projection over the last 20 logged steps: " + ", ".join(
+                f"{n} {_fmt(_mean_nested(rows, 'update_cos', n))}" for n in cos) + ".")
+    health = [(k, _mean_last(rows, k, 5)) for k in ("health_cos", "health_norm_ratio", "health_self_coherence")]
+    if any(v is not None for _, v in health):
+        lines.append("\nEstimator health on the twin (last probes): " + ", ".join(f"{k} {_fmt(v)}" for k, v in health) + ".")
+    lines.append("")
+
+    explanation = summary.get("gap_explanation")
+    if explanation:
+        lines.append("## Where the gap comes from\n")
+        lines.extend(f"- {e}" for e in explanation)
+        lines.append("")
+
+    physics = summary.get("physics")
+    if physics:
+        lines.append("## Physics choices of the analog path\n")
+        lines.extend(f"- {p}" for p in physics)
+        lines.append("")
+
+    lines.append("## Plots\n")
+    for p in plots:
+        if p is not None:
+            lines.append(f"![{p.stem}](plots/{p.name})\n")
+
+    if config:
+        lines.append("## Configuration (`config.toml`)\n")
+        lines.append("```toml")
+        lines.append(_toml_block(config).rstrip())
+        lines.append("```\n")
+
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _mean_nested(rows, key: str, name: str, n: int = 20) -> float | None:
+    vals = [r[key][name] for r in rows if r.get(key) and r[key].get(name) is not None][-n:]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,255 @@
+"""Run configuration: model preset + data + solver + estimator + training + stabilisers + analog
+path + divergence rules + seed, as one dataclass saved to `runs/NAME/config.toml`.
+
+Model presets are TOML files in `experiments/presets/` holding any subset of these tables
+(`load_run_config` merges: dataclass defaults < preset file < explicit overrides). The model's
+`vocab_size` is not part of a preset: it is set from the tokenizer (`resolve_vocab`).
+
+Modes:
+- "compare": analog and digital twin side by side (the main job);
+- "ep": one EP path (`path` = "twin" digital or "analog"); with `training.optimizer = "adamw"` on
+  the digital path it is the best-digital reference of SCIENCE §5;
+- "bptt": BPTT through the unrolled Euler free phase of the same block, same stabilisers;
+- "bp": a standard (non-equilibrium) pre-LN transformer of matched width, trained by backprop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range, from_dict, load_toml, to_dict
+from ept_hw.estimators import EstimatorConfig
+from ept_hw.model import ModelConfig
+from ept_hw.relaxation import SolverConfig
+
+from .controllers import ControllerConfig, ScheduleConfig
+from .data import DataConfig
+from .divergence import DivergenceConfig
+
+__all__ = [
+    "TrainingConfig",
+    "StabiliserConfig",
+    "AnalogConfig",
+    "RunConfig",
+    "PRESET_DIR",
+    "preset_names",
+    "load_run_config",
+    "merge",
+]
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "presets"
+
+MODES = ("compare", "ep", "bptt", "bp")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation and logging.
+
+    `lr` is the step of plain SGD on the mean-CE gradient (the twin rule, both paths): every
+    projection gets W ← W − lr·Σ δuᵀ through `apply_update`, the digital periphery
+    p ← p − lr·periphery_lr_scale·g. With `optimizer = "adamw"` (digital paths only) `lr` is
+    AdamW's learning rate for every parameter.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 0.3
+    periphery_lr_scale: float = 1.0
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    ema: float = 0.0  # parameter EMA decay for evaluation (0 = off)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval_interval: int = 50
+    eval_batches: int = 4
+    health_interval: int = 0  # every k steps: estimator health (twin), adjoint SNR (analog); 0 = off
+    checkpoint_interval: int = 50
+    bptt_steps: int = 60  # unrolled Euler steps in mode "bptt"
+
+    def __post_init__(self) -> None:
+        check_positive_int("training.steps", self.steps)
+        check_positive_int("training.batch_size", self.batch_size)
+        check_positive_int("training.seq_len", self.seq_len)
+        check_range("training.lr", self.lr, 0.0, None, lo_open=True)
+        check_range("training.periphery_lr_scale", self.periphery_lr_scale, 0.0)
+        check_choice("training.optimizer", self.optimizer, ("sgd", "adamw"))
+        check_range("training.beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        check_range("training.beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        check_range("training.weight_decay", self.weight_decay, 0.0)
+        check_range("training.ema", self.ema, 0.0, 1.0, hi_open=True)
+        check_positive_int("training.eval_interval", self.eval_interval)
+        check_positive_int("training.eval_batches", self.eval_batches)
+        check_positive_int("training.health_interval", self.health_interval, minimum=0)
+        check_positive_int("training.checkpoint_interval", self.checkpoint_interval)
+        check_positive_int("training.bptt_steps", self.bptt_steps)
+
+
+@dataclass(frozen=True)
+class StabiliserConfig:
+    """Stabilisers (SCIENCE §4). Default recipe: resreg 0.2, jacreg frozen at 0.1, gate off.
+
+    - resreg (on-chip on the analog path: its gradient has the port form δuᵀ and goes through the
+      pulses): the update of ‖εF(z*)‖²/(‖z*‖² + δ), rescaled so that its norm is `resreg` times the
+      norm of the task (EP) update (`resreg_relative`; the scalar is computed digitally from the
+      port quantities), or `resreg` times the plain gradient otherwise.
+    - jacreg (digital assist on the analog path: computed on a digital copy programmed from the
+      arrays' read-out weights, then applied through the pulses): λ·‖J_nc v‖²/‖v‖² on a Gaussian
+      probe v, J_nc v by a central difference of F with step `jacreg_fd_step`; λ from the
+      controller (`jacreg`, frozen unless enabled).
+    - the validity gate skips the EP nudge when the noise-aware residual exceeds `gate_level`;
+      the stabilisers are still applied on a gated step.
+    """
+
+    resreg: float = 0.2
+    resreg_relative: bool = True
+    resreg_delta: float = 1e-8
+    jacreg: ControllerConfig = field(default_factory=ControllerConfig)
+    jacreg_on: bool = True
+    jacreg_fd_step: float = 1e-2
+    gate: bool = False
+    gate_level: float = 1e-2
+
+    def __post_init__(self) -> None:
+        check_range("stabilisers.resreg", self.resreg, 0.0)
+        check_range("stabilisers.resreg_delta", self.resreg_delta, 0.0, None, lo_open=True)
+        check_range("stabilisers.jacreg_fd_step", self.jacreg_fd_step, 0.0, 1.0, lo_open=True)
+        check_range("stabilisers.gate_level", self.gate_level, 0.0, None, lo_open=True)
+        for key in ("resreg_relative", "jacreg_on", "gate"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"stabilisers.{key}", getattr(self, key), "true or false")
+
+
+@dataclass(frozen=True)
+class AnalogConfig:
+    """The analog path: device, periphery and the physics choices of the relaxation.
+
+    `device` is a device preset name (`devices.presets`) or a TOML file. `periphery = "perfect"`
+    replaces the preset's IO (DAC/ADC, noise, bounds) by ideal periphery; "default" keeps the
+    preset's own. `noise_mode`: "fresh" draws new read noise at every read; "common" gives the
+    ± nudged phases the same draws (common random numbers). `read_average` k averages k reads of
+    each MVM. The free phase stops on a noise-aware criterion: the drift of the state over a
+    window of `noise_window` Euler steps (‖z_t − z_{t−W}‖/(W‖z̄‖), the residual of the
+    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor).
+    """
+
+    device: str = "ideal"
+    periphery: str = "default"  # "default" | "perfect"
+    noise_mode: str = "fresh"  # "fresh" | "common"
+    read_average: int = 1
+    noise_window: int = 10
+    stop_patience: int = 30
+    update_mode: str = "default"  # "default" (the tile's) | "pulsed" | "expected"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not self.device:
+            raise ConfigError("analog.device", self.device, "a device preset name or a TOML file")
+        check_choice("analog.periphery", self.periphery, ("default", "perfect"))
+        check_choice("analog.noise_mode", self.noise_mode, ("fresh", "common"))
+        check_positive_int("analog.read_average", self.read_average)
+        check_positive_int("analog.noise_window", self.noise_window)
+        check_positive_int("analog.stop_patience", self.stop_patience)
+        check_choice("analog.update_mode", self.update_mode, ("default", "pulsed", "expected"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str = "compare"
+    path: str = "twin"  # mode "ep": which path ("twin" = digital, "analog")
+    seed: int = 0
+    dtype: str = "float32"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(min_steps=0, tol=1e-4, max_steps=300))
+    estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(nudge="centered", t2sel=0))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    stabilisers: StabiliserConfig = field(default_factory=StabiliserConfig)
+    analog: AnalogConfig = field(default_factory=AnalogConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, MODES)
+        check_choice("path", self.path, ("twin", "analog"))
+        check_positive_int("seed", self.seed, minimum=0)
+        check_choice("dtype", self.dtype, ("float32", "float64"))
+        if self.training.seq_len > self.model.context:
+            raise ConfigError(
+                "training.seq_len", self.training.seq_len, f"at most model.context = {self.model.context}"
+            )
+        if self.uses_analog:
+            if self.training.optimizer != "sgd":
+                raise ConfigError(
+                    "training.optimizer", self.training.optimizer,
+                    "'sgd' on the analog path (an array learns only by pulsed port updates; AdamW is a digital reference)",
+                )
+            if self.solver.method != "euler":
+                raise ConfigError(
+                    "solver.method", self.solver.method,
+                    "'euler' on the analog path (the circuit integrates its ODE: Anderson can land on a root the "
+                    "circuit never reaches, adaptive steps chase noise)",
+                )
+            if self.estimator.nudge == "holomorphic" and self.estimator.points >= 3:
+                raise ConfigError(
+                    "estimator.points", self.estimator.points,
+                    "2 on the analog path (holomorphic EP with N >= 3 needs complex arithmetic that a crossbar "
+                    "does not have; N = 2 is the real centered pair)",
+                )
+        if self.mode in ("bptt", "bp") and self.path != "twin":
+            raise ConfigError("path", self.path, f"'twin' in mode {self.mode!r} (digital only)")
+
+    @property
+    def uses_analog(self) -> bool:
+        return self.mode == "compare" or (self.mode == "ep" and self.path == "analog")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (override wins; nested tables merge)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError("model", name, "a model preset: " + ", ".join(preset_names()))
+    return path
+
+
+def load_run_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults < preset file (`experiments/presets/NAME.toml`) < overrides (nested tables)."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        data = load_toml(preset_path(preset))
+        if "vocab_size" in data.get("model", {}):
+            raise ConfigError("model.vocab_size", data["model"]["vocab_size"], "not set in a preset (it comes from the tokenizer)")
+    if overrides:
+        data = merge(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:
+    """The config with `model.vocab_size` set from the tokenizer."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab_size))

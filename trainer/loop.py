@@ -1,0 +1,456 @@
+"""The training loop: compare (analog + twin), single EP path, BPTT, BP transformer.
+
+`run(cfg, run_dir)` is the library function behind `ept-hw compare` and `ept-hw train`. One
+step = one batch drawn from the data generator, handed to every path; each path runs its free
+phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
+
+Run directory (DESIGN §3): `config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`,
+`checkpoints/last.pt` (atomic), `summary.json` (final figures, divergence event, physics
+choices), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+at start and end, for the report's histograms).
+
+Nothing is written before the configuration, the data and the device have been checked, and an
+existing run is never overwritten (resume it, or choose another directory).
+
+Exact resume: the checkpoint holds every path's weights and device states, optimiser, controller,
+monitor, every generator (data sampler, jacreg probes, the arrays' noise and pulse generators)
+and the step; the metrics log is cut back to the checkpoint's step. A resumed run's rows then
+equal an uninterrupted run's in every field but `wall_time`.
+
+Ctrl-C: the first interrupt is deferred to the end of the current step, then a checkpoint is
+saved and the run exits cleanly (exit code 130); a second Ctrl-C aborts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ept_hw.config import ConfigError, from_dict, load_toml, save_toml, to_dict
+from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
+from ept_hw.projection import digital_factory
+
+from .checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint
+from .config import RunConfig, resolve_vocab
+from .controllers import LRSchedule
+from .data import TOKENIZER_FILE, TokenData, prepare_data, sample_batch, unigram_entropy
+from .divergence import DivergenceEvent
+from .metrics import MetricsLog, empty_row
+from .twin import BPPath, BPTTPath, EPPath, StepOutcome, _cos, analog_counters, weight_gap
+
+__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps_completed: int
+    summary: dict[str, Any]
+    exit_code: int = 0
+    divergence: DivergenceEvent | None = None
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- building
+def build_paths(cfg: RunConfig) -> dict[str, Any]:
+    """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`)."""
+    dtype = cfg.torch_dtype
+    seed = cfg.seed
+    if cfg.mode == "bp":
+        return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed))}
+    paths: dict[str, Any] = {}
+    if cfg.uses_analog:
+        from .analog import build_analog_factory
+
+        factory, generators = build_analog_factory(cfg.analog, seed)
+        model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        paths["analog"] = EPPath("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
+    if cfg.mode != "ep" or cfg.path == "twin":
+        model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        cls = BPTTPath if cfg.mode == "bptt" else EPPath
+        paths["twin"] = cls("twin", model, cfg, analog=False, probe_seed=seed + 7)
+    return paths
+
+
+def physics_notes(cfg: RunConfig) -> list[str]:
+    """The physics choices of the run, stated for the report."""
+    s, e, a, st, t = cfg.solver, cfg.estimator, cfg.analog, cfg.stabilisers, cfg.training
+    notes = [
+        f"Free and nudged phases integrate τ dz/dt = F(z) with explicit {s.method} (ε = {s.eps} τ) on every path; "
+        f"free-phase tolerance {s.tol:g}, cap {s.max_steps} steps.",
+    ]
+    if cfg.uses_analog:
+        notes += [
+            f"Analog device: `{a.device}`, periphery `{a.periphery}`; every force evaluation reads each projection once "
+            f"(noisy, quantised){'' if a.read_average == 1 else f', averaged over {a.read_average} reads'}; "
+            "Jacobian products in the nudge are reads of the same arrays.",
+            f"Read noise: `{a.noise_mode}` ("
+            + ("a fresh draw per read" if a.noise_mode == "fresh" else "the same draws in the + and − nudged phases")
+            + ").",
+            f"Noise-aware stop: the residual of the time-averaged dynamics over a window of {a.noise_window} steps "
+            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance or after {a.stop_patience} steps without improvement; "
+            "the state handed to the nudge is the window mean; the floor is measured from two reads at that state. "
+            "The gate, controller and divergence rules use this residual, never the raw one.",
+            "Holomorphic nudging with N ≥ 3 is refused on the analog path (complex arithmetic); N = 2 is the centered pair.",
+            f"Learning rate to pulses: W ← W − lr·Σδuᵀ is requested from the arrays (lr = {t.lr:g}); the crossbar "
+            "converts it into pulse trains (expected coincidences per device ∝ lr·|δ||u|/dw_min, aihwkit semantics).",
+        ]
+    notes += [
+        f"Estimator: {e.nudge} nudging, β (or r) = {e.beta:g}"
+        + (f", N = {e.points}" if e.nudge == "holomorphic" else "")
+        + f", AsymEP correction `{e.correction}`, T2 = {e.t2}, t2sel = {e.t2sel}. β is chosen against the read noise: "
+        "the adjoint (z₋ − z₊)/2β divides the noise by 2β, its SNR is logged.",
+        f"Stabilisers: resreg {st.resreg:g} ({'relative to the task update' if st.resreg_relative else 'absolute'}; "
+        "on-chip: port form δuᵀ through the pulses); "
+        + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
+           "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
+        + f"; validity gate {'on at ' + format(st.gate_level, 'g') if st.gate else 'off'}.",
+        f"Optimiser: {t.optimizer} (lr {t.lr:g}, schedule {t.schedule.kind}); digital periphery (embeddings, LayerNorm, "
+        "biases) by the same optimiser.",
+    ]
+    return notes
+
+
+# ---------------------------------------------------------------------------------- run
+class _Interrupt:
+    """Defers the first SIGINT to the end of the step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
+        raise ValueError(f"{run_dir} already holds a run: resume it with --resume, or choose another --out")
+
+
+def _saved_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no run to resume (no config.toml)")
+    return from_dict(RunConfig, load_toml(path))
+
+
+def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    t = cfg.training
+    return [sample_batch(data.val, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
+
+
+def _init_from_checkpoint(paths: Mapping[str, Any], path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """Program every path with the weights of a checkpoint (its twin path, else its only path)."""
+    ck = load_checkpoint(path)
+    src_name = "twin" if "twin" in ck["paths"] else next(iter(ck["paths"]))
+    src = ck["paths"][src_name]
+    if "model" not in src:
+        raise ValueError(f"--init-ckpt {path}: the checkpoint holds no equilibrium-transformer weights (a BP run?)")
+    state = src["model"]
+    if state["config"] != to_dict(cfg.model):
+        diffs = config_differences(state["config"], to_dict(cfg.model), "model.")
+        raise ConfigError("init_ckpt", str(path), f"a checkpoint of the same model (differs in {', '.join(diffs)})")
+    for p in paths.values():
+        model = p.model
+        for name, proj in model.projections.items():
+            proj.program(_readout_weight(state["projections"][name]))
+        for name, t in state["params"].items():
+            model.params[name].copy_(t)
+    return {"source": str(path), "source_path": src_name}
+
+
+def _readout_weight(proj_state: Mapping[str, Any]) -> torch.Tensor:
+    if "weight" in proj_state:
+        return proj_state["weight"]
+    raise ValueError("checkpoint projection state has no 'weight' entry to program from")
+
+
+def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Free-phase residual and verdict of a path's model on one validation batch."""
+    idx, _ = batch
+    _, fp = path.free_phase(idx)
+    out = {"residual": fp.residual, "floor": fp.floor, "steps": fp.steps, "converged": fp.result.converged}
+    try:
+        from ept_hw.stability import detect_limit_cycle
+
+        x_in = path.model.embed(idx)
+        rep = detect_limit_cycle(lambda z: path.model.force(z, x_in), x_in)
+        out["verdict"] = getattr(rep, "verdict", str(rep))
+    except Exception as exc:  # the verdict is a diagnostic: never let it stop the run
+        logger.warning("stability verdict unavailable: %s", exc)
+        out["verdict"] = "converged" if fp.result.converged else "not converged"
+    return out
+
+
+def run(
+    cfg: RunConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    init_ckpt: str | Path | None = None,
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
+    (with a checkpoint) after that many steps in this call, as an interruption would."""
+    run_dir = Path(run_dir)
+    if resume:
+        saved = _saved_config(run_dir)
+        ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({ckpt_path})")
+        data = prepare_data(saved.data, run_dir / TOKENIZER_FILE)
+        if cfg is not None:
+            current = resolve_vocab(cfg, data.vocab_size)
+            diffs = config_differences(to_dict(saved), to_dict(current))
+            if diffs:
+                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {run_dir} (these keys differ)")
+        cfg = saved
+    else:
+        if cfg is None:
+            raise ValueError("a configuration is needed for a new run")
+        _check_new_run_dir(run_dir)
+        data = prepare_data(cfg.data)
+        cfg = resolve_vocab(cfg, data.vocab_size)
+    t = cfg.training
+    if data.val.numel() <= t.seq_len + 1 or data.train.numel() <= t.seq_len + 1:
+        raise ValueError(
+            f"the data is too short for seq_len {t.seq_len}: {data.train.numel()} training and {data.val.numel()} "
+            "validation tokens"
+        )
+    eval_batches = _eval_batches(data, cfg)
+    paths = build_paths(cfg)
+    init_info = None
+    if init_ckpt is not None and not resume:
+        init_info = _init_from_checkpoint(paths, Path(init_ckpt), cfg)
+        init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
+
+    # ---- everything checked: from here on we write
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    start_step = 0
+    wall_offset = 0.0
+    summary: dict[str, Any] = {}
+    if resume:
+        ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+        for name, p in paths.items():
+            p.load_state_dict(ck["paths"][name])
+        data_gen.set_state(ck["data_rng"])
+        start_step = int(ck["step"])
+        wall_offset = float(ck["wall_time"])
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        summary.pop("divergence", None)
+        summary.pop("interrupted", None)
+    else:
+        save_toml(run_dir / "config.toml", cfg)
+        data.tokenizer.save(run_dir / TOKENIZER_FILE)
+        summary = {
+            "mode": cfg.mode,
+            "path": cfg.path,
+            "corpus": data.corpus_name,
+            "validation_works": list(data.val_groups),
+            "train_tokens": int(data.train.numel()),
+            "val_tokens": int(data.val.numel()),
+            "vocab_size": data.vocab_size,
+            "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+            "physics": physics_notes(cfg),
+            "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
+        }
+        if init_info is not None:
+            summary["init_ckpt"] = init_info
+        _save_conductances(run_dir, paths, "start")
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step - 1 if resume else None)
+    schedule = LRSchedule(t.schedule, t.steps)
+    result = RunResult(run_dir, start_step, summary, paths=paths)
+    t0 = time.perf_counter() - wall_offset
+    last_ckpt_step = start_step
+
+    def checkpoint(next_step: int) -> None:
+        payload = {
+            "step": next_step,
+            "config": to_dict(cfg),
+            "paths": {n: p.state_dict() for n, p in paths.items()},
+            "data_rng": data_gen.get_state(),
+            "wall_time": time.perf_counter() - t0,
+        }
+        save_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME, payload)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", unit="step", dynamic_ncols=True)
+    step = start_step
+    steps_this_call = 0
+    try:
+        with _Interrupt() as interrupt:
+            while step < t.steps:
+                idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
+                lr = schedule.lr(t.lr, step)
+                health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+                outcomes: dict[str, StepOutcome] = {}
+                for name, p in paths.items():
+                    outcomes[name] = p.train_step(idx, targets, lr, health=health)
+                evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+                vals = {n: p.evaluate(eval_batches) for n, p in paths.items()} if evaluate else {}
+                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals)
+                event = None
+                for name, p in paths.items():
+                    o = outcomes[name]
+                    event = p.monitor.check(step, o.loss, o.residual)
+                    if event is None and not _finite_update(o):
+                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
+                    if event is None and name in vals and not math.isfinite(vals[name]):
+                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
+                    if event is not None:
+                        break
+                log.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
+                                    | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+                if event is not None:
+                    result.divergence = event
+                    summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
+                    _append_event(run_dir, {"event": "divergence", **event.to_dict()})
+                    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
+                    result.exit_code = EXIT_DIVERGED
+                    step += 1
+                    break
+                step += 1
+                steps_this_call += 1
+                stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+                if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
+                    checkpoint(step)
+                    last_ckpt_step = step
+                if stop_now and step < t.steps:
+                    summary["interrupted"] = {"step": step}
+                    if interrupt.requested:
+                        _append_event(run_dir, {"event": "interrupted", "step": step})
+                        result.exit_code = EXIT_INTERRUPTED
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    result.steps_completed = step
+    if result.divergence is None:
+        _save_conductances(run_dir, paths, "end")
+    summary["steps_completed"] = step
+    summary["wall_time"] = time.perf_counter() - t0
+    summary["final_val_loss"] = _final_vals(run_dir)
+    _write_summary(run_dir, summary)
+    result.summary = summary
+    return result
+
+
+def _finite_update(o: StepOutcome) -> bool:
+    n = o.update_norm
+    return n is None or math.isfinite(n)
+
+
+def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> dict[str, Any]:
+    row = empty_row(step)
+    row["lr"] = lr
+    row["wall_time"] = wall
+    for name, o in outcomes.items():
+        p = paths[name]
+        row[f"{name}_loss"] = o.loss
+        row[f"{name}_val_loss"] = vals.get(name)
+        row[f"{name}_residual"] = o.residual
+        row[f"{name}_residual_raw"] = o.residual_raw
+        row[f"{name}_residual_floor"] = o.residual_floor
+        row[f"{name}_free_steps"] = o.free_steps
+        row[f"{name}_nudge_steps"] = o.nudge_steps
+        row[f"{name}_gated"] = o.gated
+        row[f"{name}_jacreg_lambda"] = o.jacreg_lambda
+        row[f"{name}_update_norm"] = o.update_norm
+        row[f"{name}_adjoint_snr"] = o.adjoint_snr
+        if getattr(p, "analog", False):
+            row.update({f"{name}_{k}": v for k, v in analog_counters(p.model).items()})
+        if o.health:
+            row.update(o.health)
+    if "analog" in outcomes and "twin" in outcomes:
+        ua, ut = outcomes["analog"].updates, outcomes["twin"].updates
+        row["update_cos"] = {n: (_cos(ua[n], ut[n]) if n in ua and n in ut else None) for n in PROJECTION_NAMES}
+        gap, per = weight_gap(paths["analog"].model, paths["twin"].model)
+        row["weight_gap"] = gap
+        row["weight_gap_per_projection"] = per
+    return row
+
+
+def _append_event(run_dir: Path, event: Mapping[str, Any]) -> None:
+    with (run_dir / "events.jsonl").open("a") as fh:
+        fh.write(json.dumps(dict(event)) + "\n")
+
+
+def _write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(run_dir / "summary.json")
+
+
+def _final_vals(run_dir: Path) -> dict[str, float | None]:
+    from .metrics import PATHS, read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    out: dict[str, float | None] = {}
+    for p in PATHS:
+        vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
+        if vals:
+            out[p] = vals[-1]
+    return out
+
+
+def _save_conductances(run_dir: Path, paths: Mapping[str, Any], when: str) -> None:
+    if "analog" not in paths:
+        return
+    target = run_dir / "conductances.pt"
+    data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
+    data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
+    tmp = run_dir / "conductances.pt.tmp"
+    torch.save(data, tmp)
+    tmp.replace(target)
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, TokenData, dict[str, Any]]:
+    """Config, data and paths of a run restored from its last checkpoint (for `sample`)."""
+    run_dir = Path(run_dir)
+    cfg = _saved_config(run_dir)
+    data = prepare_data(cfg.data, run_dir / TOKENIZER_FILE)
+    paths = build_paths(cfg)
+    ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+    for name, p in paths.items():
+        p.load_state_dict(ck["paths"][name])
+    return cfg, data, paths
