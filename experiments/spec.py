@@ -243,8 +243,51 @@ def check_run_dir(run_dir: str | Path) -> RunFacts:
         raise IncompleteRunError(run_dir, missing)
     facts = RunFacts(run_dir, config or {}, rows, summary or {})
     facts.counters = dict(facts.summary.get("analog_counters") or {})
+    facts.counters.update({k: v for k, v in _checkpoint_pulse_counts(run_dir).items() if k not in facts.counters})
     facts.n_weights = _count_weights(run_dir, facts)
     return facts
+
+
+def _checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
+    """Per-device pulse counters of the analog path found in the last checkpoint.
+
+    The crossbar keeps a `pulse_count` tensor per tile (one entry per unit cell: the device of a
+    weight, or the pair G+/G- of a differential cell); every such tensor in the analog path's state
+    counts. Returns {} when the run has no checkpoint or the checkpoint no counters.
+    """
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return {}
+    try:
+        import torch
+
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - the export goes on without the counters, and says so
+        logger.warning("cannot read checkpoint %s: %s", path, exc)
+        return {}
+    counts: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if k == "pulse_count" and hasattr(v, "numel"):
+                    counts.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    paths = ck.get("paths", ck) if isinstance(ck, Mapping) else {}
+    walk(paths.get("analog", paths) if isinstance(paths, Mapping) else paths)
+    if not counts:
+        return {}
+    return {
+        "max_pulses_per_device": float(max(float(c.max()) for c in counts)),
+        "total_pulses": float(sum(float(c.double().sum()) for c in counts)),
+        "n_weights": int(sum(int(c.numel()) for c in counts)),
+        "checkpoint_step": ck.get("step") if isinstance(ck, Mapping) else None,
+    }
 
 
 def read_run(run_dir: str | Path) -> RunFacts:
@@ -440,10 +483,16 @@ def derived_section(run: RunFacts, device_cfg: Any, response_figures: Mapping[st
             asym = _figure(getattr(device_cfg, "up_down", 0.0), "1", "nominal up_down of the device config")
 
     max_pulses = run.counters.get("max_pulses_per_device", run.summary.get("max_pulses_per_device"))
+    ck_step = run.counters.get("checkpoint_step")
+    endurance_note = None if max_pulses is not None else "not recorded by this run"
+    if max_pulses is not None and ck_step is not None and int(ck_step) != steps:
+        endurance_note = f"counted at the last checkpoint (step {ck_step} of {steps})"
     endurance = _figure(max_pulses, "pulses",
-                        "largest number of pulses any single device received over the run (array counters)",
-                        None if max_pulses is not None else "not recorded by this run")
+                        "largest number of pulses any single device (unit cell) received over the run (array counters)",
+                        endurance_note)
     pulses = run.last("analog_pulses")
+    if pulses is None and run.counters.get("total_pulses") is not None:
+        pulses = run.counters["total_pulses"]
     if pulses is not None and run.n_weights and steps:
         ppd = _figure(pulses / (run.n_weights * steps), "pulses per device per step",
                       f"all pulses ({pulses:.4g}) / (devices ({run.n_weights}) x training steps ({steps}))")

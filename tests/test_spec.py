@@ -196,3 +196,24 @@ def test_sweep_dir_missing_pieces_are_named(tmp_path):
     with pytest.raises(IncompleteRunError) as info:
         build_spec(sweep)
     assert "sweep.json" in str(info.value) and "sweep_manifest.json" in str(info.value)
+
+
+def test_endurance_and_device_count_from_the_checkpoint_counters(tmp_path):
+    import torch
+
+    run = _write_run(tmp_path / "r")
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["analog_counters"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    counts_q = torch.zeros(10, 20, dtype=torch.float64)
+    counts_q[3, 4] = 123.0
+    counts_o = torch.full((20, 10), 2.0, dtype=torch.float64)
+    (run / "checkpoints").mkdir()
+    torch.save({"step": STEPS, "paths": {
+        "analog": {"model": {"q": {"tile": {"pulse_count": counts_q}}, "o": {"tile": {"pulse_count": counts_o}}}},
+        "twin": {"model": {"q": {"pulse_count": torch.full((10, 20), 1e9)}}},  # not the analog path: ignored
+    }}, run / "checkpoints" / "last.pt")
+    d = build_spec(run)["derived"]
+    assert d["endurance"]["value"] == 123.0 and "note" not in d["endurance"]
+    # 400 unit cells; all pulses of the last metrics row (500 * STEPS) over cells and steps
+    assert d["pulses_per_device_per_step"]["value"] == pytest.approx(500.0 * STEPS / (400 * STEPS))
