@@ -92,12 +92,6 @@ def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float, center:
     The variance is mean((x − μ)²) without conjugation, so the complex extension is holomorphic;
     real inputs use torch's fused kernels of the same formula.
     """
-    if not x.is_complex():
-        shape = (x.shape[-1],)
-        if center:
-            return torch.nn.functional.layer_norm(x, shape, gain, bias, eps)
-        y = torch.nn.functional.rms_norm(x, shape, gain, eps)
-        return y if bias is None else y + bias
     if center:
         x = x - x.mean(dim=-1, keepdim=True)
     var = (x * x).mean(dim=-1, keepdim=True)
