@@ -77,12 +77,13 @@ class TransferParameters:
     an absolute rate with `auto_scale`; here a factor on the SGD rate). Every `transfer_every`
     updates, `n_reads_per_transfer` columns of A (cyclically) are read through the forward
     periphery with one-hot inputs; the digital buffer H of those columns gets `transfer_lr` times
-    the read; whole multiples of `buffer_granularity`·g_C go to the slow array C as pulses; H then
+    the read (times the SGD lr too when `scale_transfer_lr`, aihwkit's default); whole multiples of `buffer_granularity`·g_C go to the slow array C as pulses; H then
     loses what was transferred (`forget_buffer=True`: H is zeroed where a transfer happened).
     The model sees C (aihwkit `gamma = 0`)."""
 
     fast_lr: float = 1.0
     transfer_lr: float = 1.0
+    scale_transfer_lr: bool = True
     transfer_every: int = 1
     n_reads_per_transfer: int = 1
     buffer_granularity: float = 1.0

@@ -8,7 +8,8 @@ PresetIOParameters` and `update = PresetUpdateParameters` (SEMANTICS §1.5). Her
 - update: `PresetUpdateParameters` (= aihwkit defaults: BL 31, UBLM, UM, stochastic compressed);
 - one device per weight, a differential pair for one-sided devices (`pcm`, aihwkit's `PCMPreset`
   unit cell);
-- mapping ω = 0.8·min(|w_min|, w_max) (0.5·w_max for a pair, below its refresh threshold), so a
+- mapping ω = 0.6·min(|w_min|, w_max) (leaves room for the device-to-device spread of the
+  bounds; 0.5·w_max for a pair, below its refresh threshold), so a
   model's weights fill the device range.
 Names: `tile_preset(device_name, algorithm="sgd")` for any `devices` preset; "perfect_ideal" is
 the ideal device with perfect periphery (reproduces `DigitalProjection`).
@@ -59,7 +60,7 @@ def tile_preset(name: str, algorithm: str = "sgd", mode: str = "fast") -> TileCo
     dev = probe.device_config()
     pair = probe.uses_pair
     # a pair must stay below the refresh threshold (crossbar.tile.REFRESH_THRESHOLD of w_max)
-    omega = 0.5 * dev.w_max if pair else 0.8 * min(abs(dev.w_min), abs(dev.w_max))
+    omega = 0.5 * dev.w_max if pair else 0.6 * min(abs(dev.w_min), abs(dev.w_max))
     fwd = preset_io()
     bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
     return TileConfig(device=name, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,

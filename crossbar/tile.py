@@ -333,7 +333,7 @@ class AnalogTile:
             one_hot = torch.zeros(1, self.in_features, device=self.device)
             one_hot[0, j] = 1.0
             column = self._read(self.fast.weights, one_hot, self.config.forward)[0]
-            self.buffer[:, j] += tr.transfer_lr * column
+            self.buffer[:, j] += (tr.transfer_lr * lr if tr.scale_transfer_lr else tr.transfer_lr) * column
             sent = self._transfer_pulses_column(j, gran)
             if tr.forget_buffer:
                 self.buffer[:, j] = torch.where(sent != 0, torch.zeros_like(sent), self.buffer[:, j])
