@@ -18,12 +18,12 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 - ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
   devices sample after sample (the reference).
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
-  from Binomial(T, μ/T), T = Σₙ BLₙ the number of slots and μ the exact expected count; applied in
-  one `DeviceArray.apply_pulses` call (the device's own order: alternating up/down pairs, then the
-  surplus). Approximations: the correlation between elements that share a slot train is dropped,
-  the variance is that of a binomial with the mean slot probability (≥ the exact Poisson-binomial
-  variance, equal when all slot probabilities are equal), and the per-sample order of pulses is
-  replaced by the device's alternating order.
+  from a binomial with the exact mean and variance of the sum of the per-sample counts (see
+  `fast_counts`); applied in one `DeviceArray.apply_pulses` call (the device's own order:
+  alternating up/down pairs, then the surplus). Approximations: the correlation between elements
+  that share a slot train is dropped, the count distribution is a moment-matched binomial rather
+  than the exact Poisson-binomial, and the per-sample order of pulses is replaced by the
+  device's alternating order.
 - ``"expected"``: no sampling: ΔW = μ_up·Δ⁺(W) − μ_down·Δ⁻(W) with the device's noise-free
   mean step at the current weight (`DeviceArray.mean_step`); linearised in the number of pulses.
 
@@ -191,31 +191,43 @@ def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk
     return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
 
 
+def _signed_sums(plan: PulsePlan, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Σₙ BLₙ pₙᵢ qₙⱼ over the samples whose coincidence is up, and over those that are down."""
+    w = plan.bl.to(p.dtype).unsqueeze(1)
+    p_pos = p * (plan.d_sign > 0) * w
+    p_neg = p * (plan.d_sign < 0) * w
+    q_pos = q * (plan.x_sign > 0)
+    q_neg = q * (plan.x_sign < 0)
+    rows = torch.cat([p_pos, p_neg], dim=0).T
+    # s > 0 (down) where d and x have the same sign
+    down = rows @ torch.cat([q_pos, q_neg], dim=0)
+    up = rows @ torch.cat([q_neg, q_pos], dim=0)
+    return up, down
+
+
 def expected_counts(plan: PulsePlan) -> tuple[Tensor, Tensor]:
     """Exact expected up and down coincidence counts summed over the batch, each (out, in)."""
-    w = plan.bl.to(plan.p.dtype).unsqueeze(1)
-    p_pos = plan.p * (plan.d_sign > 0) * w
-    p_neg = plan.p * (plan.d_sign < 0) * w
-    q_pos = plan.q * (plan.x_sign > 0)
-    q_neg = plan.q * (plan.x_sign < 0)
-    # s > 0 (down) where d and x have the same sign
-    mu_down = torch.cat([p_pos, p_neg], dim=0).T @ torch.cat([q_pos, q_neg], dim=0)
-    mu_up = torch.cat([p_pos, p_neg], dim=0).T @ torch.cat([q_neg, q_pos], dim=0)
-    return mu_up, mu_down
+    return _signed_sums(plan, plan.p, plan.q)
 
 
 def fast_counts(plan: PulsePlan, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Batch-aggregated counts drawn from Binomial(T, μ/T) per element (module docstring)."""
+    """Batch-aggregated counts per element, drawn from a binomial whose mean and variance match
+    the exact ones: the count is a sum of independent Bernoulli(pₙᵢqₙⱼ) slots, mean
+    μ = Σ BL p q and variance μ − ν with ν = Σ BL (p q)²; Binomial(m, μ/m) with m = ceil(μ²/ν)
+    has that mean and (up to the rounding of m) that variance."""
     mu_up, mu_down = expected_counts(plan)
-    total = float(plan.bl.sum())
-    if total == 0.0:
-        return torch.zeros_like(mu_up), torch.zeros_like(mu_down)
+    nu_up, nu_down = _signed_sums(plan, plan.p * plan.p, plan.q * plan.q)
 
-    def draw(mu: Tensor) -> Tensor:
-        prob = (mu / total).clamp(0.0, 1.0)
-        cpu_gen = generator.device.type == "cpu"
-        src_prob = prob.float().cpu() if cpu_gen else prob.float()
-        out = torch.binomial(torch.full_like(src_prob, total), src_prob, generator=generator)
+    def draw(mu: Tensor, nu: Tensor) -> Tensor:
+        positive = (mu > 0) & (nu > 0)
+        trials = torch.where(positive, torch.ceil(mu * mu / torch.where(positive, nu, torch.ones_like(nu)) - 1e-9),
+                             torch.zeros_like(mu))
+        trials = torch.maximum(trials, torch.ceil(mu - 1e-9))
+        prob = torch.where(trials > 0, mu / trials.clamp_min(1.0), torch.zeros_like(mu)).clamp(0.0, 1.0)
+        if generator.device.type == "cpu":
+            out = torch.binomial(trials.float().cpu(), prob.float().cpu(), generator=generator)
+        else:
+            out = torch.binomial(trials.float(), prob.float(), generator=generator)
         return out.to(device=mu.device, dtype=mu.dtype)
 
-    return draw(mu_up), draw(mu_down)
+    return draw(mu_up, nu_up), draw(mu_down, nu_down)
