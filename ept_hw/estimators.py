@@ -227,13 +227,17 @@ class _Counter:
 
 
 def _antisym_dual(model: EquilibriumTransformer, x_in: Tensor, p: Tensor, tangents: Tensor) -> Tensor:
-    """(J(p) − J(p)ᵀ) v for real p, v of one shape: J v by dual numbers, Jᵀ v by a backward of that graph."""
-    p = p.detach().requires_grad_(True)
-    with torch.enable_grad(), fwAD.dual_level():
-        out = model.force(fwAD.make_dual(p, tangents), x_in)
-        primal, jv = fwAD.unpack_dual(out)
-        (jtv,) = torch.autograd.grad(primal, p, tangents)
-    return jv.detach() - jtv
+    """(J(p) − J(p)ᵀ) v for real p, v of one shape: J v by dual numbers, Jᵀ v by a backward pass.
+
+    The dual forward runs without building a graph, and Jᵀ v through a fresh plain graph: cheaper
+    than back-propagating through the dual computation.
+    """
+    with torch.no_grad(), fwAD.dual_level():
+        jv = fwAD.unpack_dual(model.force(fwAD.make_dual(p.detach(), tangents), x_in)).tangent
+    point = p.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (jtv,) = torch.autograd.grad(model.force(point, x_in), point, tangents)
+    return jv - jtv
 
 
 class _FrozenLinearisation:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .config import ConfigError, check_positive_int, check_range, to_dict
@@ -86,7 +87,7 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float, center: bool = True) -> Tensor:
+def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float | Tensor, center: bool = True) -> Tensor:
     """LayerNorm (center=True) or RMSNorm (center=False) over the last dim.
 
     The variance is mean((x − μ)²) without conjugation, so the complex extension is holomorphic;
@@ -181,6 +182,7 @@ class EquilibriumTransformer:
             self.params["q_norm_g"] = ones(cfg.head_dim)
             self.params["k_norm_g"] = ones(cfg.head_dim)
         self._masks: dict[int, Tensor] = {}
+        self._mask_biases: dict[tuple[int, torch.dtype], Tensor] = {}
 
     # ----------------------------------------------------------------- groups and state
     @staticmethod
@@ -258,6 +260,12 @@ class EquilibriumTransformer:
             self._masks[T] = torch.ones(T, T, dtype=torch.bool).tril()
         return self._masks[T]
 
+    def _mask_bias(self, T: int, dtype: torch.dtype) -> Tensor:
+        key = (T, dtype)
+        if key not in self._mask_biases:
+            self._mask_biases[key] = torch.zeros(T, T, dtype=dtype).masked_fill(~self._mask(T), float("-inf"))
+        return self._mask_biases[key]
+
     def force(
         self,
         z: Tensor,
@@ -279,24 +287,48 @@ class EquilibriumTransformer:
         P = self.projections
         B, T, C = z.shape
         H, d = cfg.heads, cfg.head_dim
+        real_dtype = z.real.dtype if z.is_complex() else z.dtype
 
-        h = layer_norm(z, p["ln1_g"], p["ln1_b"], cfg.ln_eps)
+        # Under forward-mode AD (J v by dual numbers) every operand that carries no tangent sends
+        # torch 2.13 down a slow zero-tangent path (10-30x per elementwise op); giving the constants
+        # explicit zero tangents keeps J v within a few F.
+        dual = fwAD.unpack_dual(z).tangent is not None
+
+        def const(t: Tensor | float) -> Tensor | float:
+            if not dual:
+                return t
+            if not isinstance(t, Tensor):
+                t = torch.tensor(t, dtype=real_dtype)
+            if fwAD.unpack_dual(t).tangent is not None:
+                return t
+            return fwAD.make_dual(t, torch.zeros_like(t))
+
+        if dual:
+            p = {name: const(t) for name, t in p.items()}
+            x_in = const(x_in)
+        ln_eps = const(cfg.ln_eps)
+
+        h = layer_norm(z, p["ln1_g"], p["ln1_b"], ln_eps)
         q = project(P["W_Q"], h, "W_Q", recorder).view(B, T, H, d).transpose(1, 2)
         k = project(P["W_K"], h, "W_K", recorder).view(B, T, H, d).transpose(1, 2)
         v = project(P["W_V"], h, "W_V", recorder).view(B, T, H, d).transpose(1, 2)
         if cfg.qknorm:
-            q = layer_norm(q, p["q_norm_g"], None, cfg.ln_eps, center=False)
-            k = layer_norm(k, p["k_norm_g"], None, cfg.ln_eps, center=False)
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-        att = softmax_ratio(scores, self._mask(T) if cfg.causal else None)
+            q = layer_norm(q, p["q_norm_g"], None, ln_eps, center=False)
+            k = layer_norm(k, p["k_norm_g"], None, ln_eps, center=False)
+        scores = (q @ k.transpose(-1, -2)) * const(1.0 / math.sqrt(d))
+        if scores.is_complex():
+            att = softmax_ratio(scores, self._mask(T) if cfg.causal else None)
+        else:
+            # the same softmax with the causal mask as an additive −inf bias (no masked_fill on duals)
+            att = torch.softmax(scores + const(self._mask_bias(T, real_dtype)) if cfg.causal else scores, dim=-1)
         mixed = (att @ v).transpose(1, 2).reshape(B, T, C)
         attn_out = project(P["W_O"], mixed, "W_O", recorder)
 
-        h2 = layer_norm(z, p["ln2_g"], p["ln2_b"], cfg.ln_eps)
+        h2 = layer_norm(z, p["ln2_g"], p["ln2_b"], ln_eps)
         hidden = gelu_tanh(project(P["W_1"], h2, "W_1", recorder) + p["b_1"])
         ffn_out = project(P["W_2"], hidden, "W_2", recorder) + p["b_2"]
 
-        return x_in - (1.0 + cfg.damping) * z + attn_out + ffn_out
+        return x_in - const(1.0 + cfg.damping) * z + attn_out + ffn_out
 
     # ----------------------------------------------------------------- readout
     def logits(self, z: Tensor, recorder: PortRecorder | None = None) -> Tensor:
