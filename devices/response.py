@@ -71,7 +71,8 @@ def run_pulse_response(config: DeviceConfig, *, n_devices: int = 2000, n_steps: 
 
     `c2c_samples` pulses (spread over the run) are also used to measure the cycle-to-cycle noise:
     the spread of the realised step around the noise-free step of each device at its weight,
-    over devices that stay inside their bounds. `quantiles=False` skips p05/p95 (left NaN): they
+    over devices that stay inside their bounds (`c2c_std`; in units of the granularity, and
+    relative to the mean noise-free step, which near soft bounds is smaller than dw_min). `quantiles=False` skips p05/p95 (left NaN): they
     cost more than the pulses themselves on CPU, and tests of mean and spread do not need them.
     """
     if config.is_ideal:
@@ -144,8 +145,8 @@ def run_pulse_response(config: DeviceConfig, *, n_devices: int = 2000, n_steps: 
         res = torch.cat(residuals).double()
         exp = torch.cat(expected).double()
         if res.numel() > 1:
-            c2c = {"c2c_std": float(res.std()), "c2c_relative": float(res.std() / exp.mean()),
-                   "c2c_samples": int(res.numel())}
+            c2c = {"c2c_std": float(res.std()), "c2c_in_granularity": float(res.std()) / config.granularity,
+                   "c2c_relative": float(res.std() / exp.mean()), "c2c_samples": int(res.numel())}
     return PulseResponse(
         config=config, n_devices=n_devices, n_steps=n_steps, n_loops=n_loops, w_init=w_init,
         seed=seed, direction=directions, mean=stats["mean"], std=stats["std"], p05=stats["p05"],
@@ -201,11 +202,12 @@ def derived_figures(response: PulseResponse) -> dict[str, Any]:
     }
 
 
-def response_to_json(response: PulseResponse, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+def response_to_json(response: PulseResponse, figures: dict[str, Any] | None = None,
+                     name: str | None = None) -> dict[str, Any]:
     """The keys and meanings of the reference files, plus `device_params` and `derived`."""
     cfg = response.config
     return {
-        "name": cfg.model,
+        "name": name or cfg.model,
         "device_class": type(cfg).__name__,
         "device_params": cfg.to_dict(),
         "n_devices": response.n_devices,
@@ -237,9 +239,13 @@ def plot_response(path: str | Path, response: PulseResponse, title: str | None =
     p05 = np.concatenate([[np.nan], response.p05])
     p95 = np.concatenate([[np.nan], response.p95])
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(pulses, response.traces, color="0.6", lw=0.5, alpha=0.6)
-    ax.fill_between(pulses, p05, p95, color="tab:blue", alpha=0.2, label="5–95 % of devices")
-    ax.plot(pulses, mean, color="tab:blue", lw=2, label=f"mean of {response.n_devices} devices")
+    n_show = min(5, response.traces.shape[1])
+    ax.plot(pulses, response.traces[:, :n_show], lw=0.4, alpha=0.5)
+    ax.plot([], [], lw=0.6, color="0.5", label=f"{n_show} single devices")
+    ax.fill_between(pulses, p05, p95, color="tab:blue", alpha=0.15)
+    ax.plot(pulses, p05, color="tab:blue", lw=1, ls="--", label="5 % and 95 % of devices")
+    ax.plot(pulses, p95, color="tab:blue", lw=1, ls="--")
+    ax.plot(pulses, mean, color="k", lw=2, label=f"mean of {response.n_devices} devices")
     ax.set_xlabel("pulse number")
     ax.set_ylabel("weight")
     ax.set_title(title or f"{response.config.model}: {response.n_steps} up / {response.n_steps} down × {response.n_loops}")
@@ -249,11 +255,12 @@ def plot_response(path: str | Path, response: PulseResponse, title: str | None =
     plt.close(fig)
 
 
-def write_response(out_dir: str | Path, response: PulseResponse, title: str | None = None) -> dict[str, Any]:
+def write_response(out_dir: str | Path, response: PulseResponse, title: str | None = None,
+                   name: str | None = None) -> dict[str, Any]:
     """Write `response.json` and `response.png` into `out_dir`; returns the JSON mapping."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = response_to_json(response)
+    data = response_to_json(response, name=name)
     (out / "response.json").write_text(json.dumps(data, indent=1))
     plot_response(out / "response.png", response, title=title)
     return data

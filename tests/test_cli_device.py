@@ -1,0 +1,101 @@
+"""`ept-hw device response|fit` write what they promise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from devices import device_from_dict, load_device
+from devices.fit import generate_traces, write_traces
+from experiments.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small tensors on a shared 2-core machine: intra-op threads only contend (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_device_response_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "resp"
+    rc = main(["device", "response", "--device", "gokmen_vlasov", "--n-devices", "300", "--n-steps", "200",
+               "--n-loops", "1", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "response.json").read_text())
+    n = 2 * 200
+    for key in ("direction", "mean", "std", "p05", "p95"):
+        assert len(data[key]) == n, key
+    assert data["direction"][:200] == [1] * 200 and data["direction"][200:] == [-1] * 200
+    assert data["name"] == "gokmen_vlasov" and data["n_devices"] == 300
+    assert data["device_params"]["dw_min"] == 0.0016
+    mean, p05, p95 = map(np.array, (data["mean"], data["p05"], data["p95"]))
+    assert np.all(p05 <= mean + 1e-6) and np.all(mean <= p95 + 1e-6)
+    # 200 pulses of ~dw_min from w_min: the mean rises by about 200·0.0016 = 0.32 (less where saturated)
+    assert 0.2 < mean[199] - data["w_start_mean"] < 0.34
+    d = data["derived"]
+    assert d["n_states"] == pytest.approx(2.0 / 0.0016)
+    assert abs(d["up_down_asymmetry"]) < 0.02                 # up_down = 0, dtod 0.01
+    assert d["c2c_in_granularity"] == pytest.approx(0.3, rel=0.15)   # dw_min_std = 0.3
+    assert (out / "response.png").stat().st_size > 10_000
+    assert "symmetry point" in capsys.readouterr().out
+
+
+def test_device_response_from_toml_and_w_init(tmp_path):
+    dev = tmp_path / "mine.toml"
+    dev.write_text('[device]\nmodel = "soft_bounds"\ndw_min = 0.01\nup_down = 0.3\n')
+    out = tmp_path / "r2"
+    assert main(["device", "response", "--device", str(dev), "--n-devices", "200", "--n-loops", "1",
+                 "--w-init", "0.0", "--out", str(out)]) == 0
+    data = json.loads((out / "response.json").read_text())
+    assert data["n_steps"] == 120 and data["w_start_mean"] == pytest.approx(0.0, abs=1e-6)
+    # up_down = 0.3 shrinks the down step: the symmetry point sits above 0
+    assert data["derived"]["up_down_asymmetry"] > 0.1 and data["derived"]["symmetry_point_mean"] > 0.05
+
+
+def test_device_response_bad_device_is_a_clean_error(tmp_path, capsys):
+    assert main(["device", "response", "--device", "no_such_device", "--out", str(tmp_path)]) == 2
+    assert "no_such_device" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[device]\nmodel = "soft_bounds"\ndw_min = -0.01\n')
+    assert main(["device", "response", "--device", str(bad), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "dw_min" in err and "-0.01" in err
+
+
+def test_device_fit_writes_a_loadable_toml(tmp_path, capsys):
+    true = device_from_dict({"model": "soft_bounds", "dw_min": 0.01, "up_down": 0.1, "dw_min_std": 0.2,
+                             "dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0, "w_min_dtod": 0.0})
+    csv_path = tmp_path / "trace.csv"
+    write_traces(csv_path, generate_traces(true, n_traces=3, n_steps=120, seed=5))
+    out = tmp_path / "fitted.toml"
+    assert main(["device", "fit", str(csv_path), "--model", "soft_bounds", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dw_up" in text and "fit error" in text and "NeuroSim-style nonlinearity: LTP +" in text
+    fitted = load_device(out)
+    assert fitted.model == "soft_bounds"
+    assert fitted.dw_min == pytest.approx(0.01, rel=0.06) and fitted.up_down == pytest.approx(0.1, abs=0.04)
+
+
+def test_device_fit_conductances_and_bad_csv(tmp_path, capsys):
+    g = tmp_path / "g.csv"
+    rows = ["trace,pulse,direction,value"]
+    cond = 1e-6 * np.concatenate([[10.0], 10 + 20 * (1 - np.exp(-np.arange(1, 41) / 15)),
+                                  30 - 20 * (1 - np.exp(-np.arange(1, 41) / 15))])
+    dirs = [0] + [1] * 40 + [-1] * 40
+    rows += [f"A,{k},{d},{float(c)!r}" for k, (d, c) in enumerate(zip(dirs, cond))]
+    g.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "g.toml"
+    assert main(["device", "fit", str(g), "--model", "soft_bounds", "--g-min", "10e-6", "--g-max", "30e-6",
+                 "--out", str(out)]) == 0
+    cfg = load_device(out)
+    assert -1.3 < cfg.w_min < -0.9 and 0.9 < cfg.w_max < 1.6   # mapped onto about [-1, 1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("trace;pulse;direction;value\n")
+    assert main(["device", "fit", str(bad), "--model", "soft_bounds", "--out", str(out)]) == 2
+    assert "header" in capsys.readouterr().err
