@@ -353,6 +353,10 @@ def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
         path = run_dir / path
     data = load_toml(path) if path.is_file() else {}
     fit = data.get("fit") if isinstance(data.get("fit"), Mapping) else None
+    tile_device = data.get("tile", {}).get("device") if isinstance(data.get("tile"), Mapping) else None
+    if fit is None and isinstance(tile_device, str) and tile_device in preset_names():
+        return {"kind": "preset", "name": tile_device, "stand_in": True, "path": str(path), "fit_error": None,
+                "note": f"library preset in the tile file {path.name}: a stand-in for a real device"}
     if fit is not None:
         error_key = next((k for k in ("rmse", "error", "fit_error", "nrmse") if k in fit), None)
         fit_error = None
@@ -367,19 +371,6 @@ def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
     return {"kind": "user_file", "name": path.stem, "stand_in": False, "path": str(path), "fit_error": None}
 
 
-def _device_config(config: Mapping[str, Any], run_dir: Path):
-    from devices import load_device
-
-    device = config.get("analog", {}).get("device", "ideal")
-    try:
-        return load_device(device)
-    except ConfigError:
-        alt = run_dir / device
-        if alt.is_file():
-            return load_device(alt)
-        raise
-
-
 def _device_section(config: Mapping[str, Any], run_dir: Path, device_cfg: Any) -> dict[str, Any]:
     params = device_cfg.to_dict()
     model = params.pop("model")
@@ -389,13 +380,6 @@ def _device_section(config: Mapping[str, Any], run_dir: Path, device_cfg: Any) -
         "parameters": {k: _parameter(k, v) for k, v in params.items()} or {"granularity": _parameter("dw_min", 0.0)},
         "source": device_source(config.get("analog", {}).get("device", "ideal"), run_dir),
     }
-
-
-_DAC_KEYS = ("inp_res", "inp_bound", "inp_noise", "inp_sto_round", "inp_asymmetry", "dac_bits")
-_ADC_KEYS = ("out_res", "out_bound", "out_sto_round", "out_scale", "out_asymmetry", "adc_bits",
-             "bound_management", "noise_management")
-_READ_KEYS = ("out_noise", "out_noise_std", "w_noise", "w_noise_type", "ir_drop", "out_nonlinearity", "is_perfect",
-              "mv_type", "read_average", "noise_mode")
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -408,56 +392,59 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def periphery_section(tile: Mapping[str, Any] | None, analog: Mapping[str, Any]) -> dict[str, Any]:
-    """Group a tile description (aihwkit IO/update names, any nesting) into DAC, ADC, read, update.
+_DAC_KEYS = ("inp_res", "inp_bound", "inp_noise", "inp_sto_round")
+_ADC_KEYS = ("out_res", "out_bound", "out_sto_round", "out_scale", "bound_management", "max_bm_factor", "max_bm_res",
+             "bm_test_negative_bound")
+_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer"}
 
-    `tile` is the tile configuration as a nested mapping (forward/backward IO, update parameters,
-    algorithm); `analog` the run's `[analog]` table (periphery mode, reads averaged, noise mode).
+
+def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dict[str, Any]:
+    """Group a `crossbar.config.TileConfig` (as a dict) into DAC, ADC, read, update and algorithm.
+
+    The forward and the transposed (backward) read keep their own entries (``forward.out_res``,
+    ``backward.out_res``); resolutions also state their number of bits.
     """
     groups: dict[str, dict[str, Any]] = {"dac": {}, "adc": {}, "read": {}, "update": {}, "other": {}}
-    algorithm: dict[str, Any] = {"name": "plain", "parameters": {}}
-    for key, value in _flatten(tile or {}).items():
-        leaf = key.rsplit(".", 1)[-1]
-        if leaf in ("algorithm", "name") and key.split(".")[0] in ("algorithm", key) and isinstance(value, str):
-            algorithm["name"] = value
+    name = str(tile.get("algorithm", "sgd"))
+    algorithm: dict[str, Any] = {"name": name, "parameters": {}}
+    active_table = _ALGORITHM_TABLES.get(name)
+    for key, value in _flatten({k: v for k, v in tile.items() if k not in ("device", "algorithm")}).items():
+        head, _, leaf = key.rpartition(".")
+        leaf = leaf or key
+        table = key.split(".", 1)[0]
+        if table in ("mixed_precision", "transfer"):
+            if table == active_table:
+                algorithm["parameters"][key.split(".", 1)[1]] = _parameter(leaf, value)
             continue
-        if key.startswith("algorithm."):
-            algorithm["parameters"][key.split(".", 1)[1]] = _parameter(leaf, value)
-            continue
-        group = ("dac" if leaf in _DAC_KEYS else "adc" if leaf in _ADC_KEYS else "read" if leaf in _READ_KEYS
-                 else "update" if key.startswith("update.") or leaf in ("desired_bl", "pulse_type", "update_bl_management",
-                                                                        "update_management", "fixed_bl")
-                 else "other")
+        if table in ("forward", "backward"):
+            group = "dac" if leaf in _DAC_KEYS else "adc" if leaf in _ADC_KEYS else "read"
+        elif table == "update":
+            group = "update"
+        elif key in ("n_reads", "noise_mode"):
+            group = "read"
+        else:
+            group = "other"
         entry = _parameter(leaf, value)
-        if leaf.endswith("_res") and isinstance(value, (int, float)) and 0 < value < 1:
-            entry["meaning"] = f"{math.log2(1.0 / value + 2.0):.2f} bits (steps 1/res + 2 levels)"
-        elif leaf.endswith("_res") and value in (0, -1):
-            entry["meaning"] = "no quantisation"
+        if leaf.endswith("_res") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps = value if value > 1 else (1.0 / value if value > 0 else 0.0)
+            entry["meaning"] = (f"{math.log2(steps + 2.0):.2f} bits (2^bits - 2 = {steps:.0f} steps)" if steps
+                                else "no quantisation")
         groups[group][key] = entry
     groups["read"]["read_average"] = _parameter("read_average", analog.get("read_average", 1))
-    groups["read"]["noise_mode"] = {"value": analog.get("noise_mode", "fresh"), "unit": "-",
+    groups["read"]["noise_mode"] = {"value": analog.get("noise_mode", tile.get("noise_mode", "fresh")), "unit": "-",
                                     "meaning": "fresh: new read noise at every read; common: the same draws in the ± nudged phases"}
+    groups["read"].pop("n_reads", None)  # the trainer sets it from read_average
     return {"mode": analog.get("periphery", "default"), "dac": groups["dac"], "adc": groups["adc"],
             "read": groups["read"], "update": groups["update"], "algorithm": algorithm, "other": groups["other"]}
 
 
-def _tile_description(config: Mapping[str, Any], run_dir: Path, summary: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The tile (periphery) configuration of a run: as the run recorded it, else rebuilt by `crossbar`."""
-    for key in ("tile", "tile_config", "periphery"):
-        if isinstance(summary.get(key), Mapping):
-            return dict(summary[key])
-    if isinstance(config.get("tile"), Mapping):
-        return dict(config["tile"])
-    try:
-        from trainer.analog import tile_config_for  # the trainer's own resolution of device + periphery
-    except ImportError:
-        return None
-    try:
-        tile = tile_config_for(config.get("analog", {}), run_dir)
-    except Exception as exc:  # noqa: BLE001 - report without the periphery rather than not at all
-        logger.warning("cannot rebuild the tile configuration: %s", exc)
-        return None
-    return tile.to_dict() if hasattr(tile, "to_dict") else dict(tile)
+def resolve_tile(config: Mapping[str, Any]) -> Any:
+    """The run's `TileConfig`, resolved by the trainer exactly as the run resolved it."""
+    from ept_hw.config import from_dict
+    from trainer.analog import resolve_tile_config
+    from trainer.config import AnalogConfig
+
+    return resolve_tile_config(from_dict(AnalogConfig, dict(config.get("analog", {}))))
 
 
 def derived_section(run: RunFacts, device_cfg: Any, response_figures: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -642,14 +629,15 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
     source = Path(source)
     sweep: SweepFacts | None = check_sweep_dir(source) if is_sweep_dir(source) else None
     run = sweep.base if sweep is not None else check_run_dir(source)
-    device_cfg = _device_config(run.config, run.path)
+    tile = resolve_tile(run.config)
+    device_cfg = tile.device_config()
     spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": "ept-hw device specification",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "units_convention": dict(UNITS_CONVENTION),
         "device": _device_section(run.config, run.path, device_cfg),
-        "periphery": periphery_section(_tile_description(run.config, run.path, run.summary), run.config.get("analog", {})),
+        "periphery": periphery_section(tile.to_dict(), run.config.get("analog", {})),
         "derived": derived_section(run, device_cfg, response_figures),
         "training": training_section(run),
     }
@@ -678,6 +666,9 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
             runs.append({"run_id": prun.run_id, "role": role, "config_hash": prun.config_hash,
                          "path": str(prun.path), "overrides": overrides})
         manifest = json.loads((sweep.path / "sweep_manifest.json").read_text())
+        base_device = manifest.get("context", {}).get("device")
+        if base_device:  # the points run on generated tile files: the description came from the sweep's base device
+            spec["device"]["source"] = device_source(str(base_device), sweep.path)
         sweep_info = {"path": str(sweep.path), "context_hash": config_hash(manifest.get("context", {})),
                       "points": len(sweep.points), "failed_points": failed}
     spec["provenance"] = {"software": _software(), "runs": runs, "sweep": sweep_info}
@@ -848,7 +839,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
     source = Path(source)
     sweep = check_sweep_dir(source) if is_sweep_dir(source) else None
     run = sweep.base if sweep is not None else check_run_dir(source)
-    device_cfg = _device_config(run.config, run.path)
+    device_cfg = resolve_tile(run.config).device_config()
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)

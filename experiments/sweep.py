@@ -174,7 +174,8 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("read_noise", "float", "lower", "tile output units (std)",
                  "additive output (read) noise per MVM", "tile.forward.out_noise = tile.backward.out_noise",
                  minimum=0),
-        AxisSpec("reads_averaged", "int", "higher", "reads", "reads averaged per MVM", "tile.n_reads",
+        AxisSpec("reads_averaged", "int", "higher", "reads", "reads averaged per MVM",
+                 "analog.read_average (the trainer sets tile.n_reads from it)",
                  minimum=1),
         AxisSpec("pulse_length", "int", "higher", "pulses", "update pulse-train length BL",
                  "tile.update.desired_bl", minimum=1),
@@ -467,7 +468,7 @@ def run_sweep(
 
 ROW_COLUMNS = (
     "point_id", "status", "analog_val_loss", "twin_val_loss", "gap", "analog_residual", "twin_residual",
-    "re_mu", "pulses_per_device", "wall_time", "error", "run_dir",
+    "re_mu", "pulses_per_device", "analog_diverged", "wall_time", "error", "run_dir",
 )
 
 
@@ -660,3 +661,197 @@ def derive_requirements(rows: Sequence[Mapping[str, Any]], axis_names: Sequence[
         reqs.append(Requirement(name, spec.unit, spec.weaker_means, spec.target, float(tolerance), required,
                                 "met" if required is not None else "not_met", tested, tuple(failed), non_monotone))
     return reqs
+
+
+# --------------------------------------------------------------------------------------------
+# The compare point function and the device sweep
+# --------------------------------------------------------------------------------------------
+
+PERIPHERY_AXES = ("dac_bits", "adc_bits", "read_noise")
+
+
+def _run_config(context: Mapping[str, Any], analog: Mapping[str, Any] | None = None) -> Any:
+    from trainer.config import load_run_config, merge
+
+    overrides = merge(dict(context.get("run_overrides") or {}), {"mode": "compare"})
+    analog_base = {"device": context["device"], "periphery": context.get("periphery", "default")}
+    overrides = merge(overrides, {"analog": merge(analog_base, dict(analog or {}))})
+    return load_run_config(context["model"], overrides)
+
+
+def base_tile(context: Mapping[str, Any]) -> Any:
+    """The base tile of a sweep, resolved exactly as `compare` resolves `--device` and `--periphery`."""
+    from trainer.analog import resolve_tile_config
+
+    return resolve_tile_config(_run_config(context).analog)
+
+
+def leading_re_mu(run_dir: str | Path, n_samples: int = 2) -> float:
+    """Largest Re μ of the relaxation's Jacobian at the analog path's final weights.
+
+    As `ept_hw.stability` advises for the analog path, the Jacobian is taken on a digital copy
+    programmed from the arrays' read-out (noise-free) weights, at the operating point of
+    `n_samples` validation sequences.
+    """
+    import torch
+
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from ept_hw.relaxation import SolverConfig
+    from ept_hw.stability import find_operating_point, leading_eigenvalues
+    from trainer.data import sample_batch
+    from trainer.loop import load_run
+
+    cfg, data, paths = load_run(run_dir)
+    analog = paths["analog"].model
+    copy = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0), dtype=analog.dtype)
+    for name, proj in analog.projections.items():
+        copy.projections[name].program(proj.weight)
+    copy.params = analog.params
+    idx, _ = sample_batch(data.val, n_samples, cfg.training.seq_len, torch.Generator().manual_seed(cfg.seed + 3))
+    with torch.no_grad():
+        x_in = copy.embed(idx)
+    force = lambda z: copy.force(z, x_in)  # noqa: E731
+    eps = cfg.solver.eps
+    op = find_operating_point(force, x_in, SolverConfig(method="euler", eps=eps, tol=1e-5, max_steps=600), long_steps=1500)
+    report = leading_eigenvalues(force, op.z, eps, k=4, generator=torch.Generator().manual_seed(0))
+    return float(report.lead_re_mu)
+
+
+def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """One sweep point: a short `compare` run with the base tile changed by `overrides`.
+
+    Every point has the same run configuration and seed, hence the same initial weights, batches,
+    evaluation batches and generator seeds (common random numbers across points); only the tile
+    differs. The point's tile is written to ``tiles/<id>.toml`` and its run to ``runs/<id>/``.
+    A run that diverges is a result (gap null, ``analog_diverged`` true), not an error; an
+    interrupted run raises `KeyboardInterrupt` so that the point is not recorded.
+    """
+    import shutil
+
+    import torch
+
+    from crossbar.config import save_tile_config
+    from trainer.loop import EXIT_INTERRUPTED, run
+    from trainer.metrics import read_metrics
+
+    torch.set_num_threads(int(context.get("threads", 1)))
+    out = Path(context["out_dir"])
+    pid = point_id(overrides)
+    base = base_tile(context)
+    if base.forward.is_perfect and set(overrides) & set(PERIPHERY_AXES):
+        raise ConfigError("axis", ", ".join(sorted(set(overrides) & set(PERIPHERY_AXES))),
+                          "an axis of the device (the base periphery is perfect: use --periphery default)")
+    tile = apply_overrides(base, overrides)
+    tile_path = out / "tiles" / f"{pid}.toml"
+    tile_path.parent.mkdir(parents=True, exist_ok=True)
+    save_tile_config(tile_path, tile)
+    analog = {"device": str(tile_path.resolve()), "periphery": "default"}
+    if "reads_averaged" in overrides:
+        analog["read_average"] = int(overrides["reads_averaged"])
+    cfg = _run_config(context, analog)
+    run_dir = out / "runs" / pid
+    if run_dir.exists():  # left by an interrupted attempt at this point (it has no record): start over
+        shutil.rmtree(run_dir)
+    result = run(cfg, run_dir, progress=False)
+    if result.exit_code == EXIT_INTERRUPTED or result.summary.get("interrupted"):
+        raise KeyboardInterrupt
+    rows = read_metrics(run_dir / "metrics.jsonl")
+
+    def last(key: str) -> Any:
+        return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+    a_val, t_val = last("analog_val_loss"), last("twin_val_loss")
+    diverged = result.summary.get("divergence")
+    out_row: dict[str, Any] = {
+        "analog_val_loss": a_val,
+        "twin_val_loss": t_val,
+        "gap": None if diverged or a_val is None or t_val is None else a_val - t_val,
+        "analog_residual": last("analog_residual"),
+        "twin_residual": last("twin_residual"),
+        "analog_diverged": bool(diverged),
+        "divergence": diverged,
+        "steps": result.steps_completed,
+        "run_dir": str(run_dir.relative_to(out)),
+        "tile": str(tile_path.relative_to(out)),
+    }
+    from .spec import _checkpoint_pulse_counts
+
+    counts = _checkpoint_pulse_counts(run_dir)
+    if counts.get("n_weights") and result.steps_completed:
+        out_row["pulses_per_device"] = counts["total_pulses"] / counts["n_weights"] / result.steps_completed
+        out_row["max_pulses_per_device"] = counts["max_pulses_per_device"]
+    if context.get("re_mu", True) and not diverged:
+        try:
+            out_row["re_mu"] = leading_re_mu(run_dir)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic column: keep the point
+            logger.warning("point %s: Re mu unavailable: %s", pid, exc)
+            out_row["re_mu_error"] = f"{type(exc).__name__}: {exc}"
+    return out_row
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    rows: list[dict[str, Any]]
+    requirements: list[Requirement]
+    base_values: dict[str, Any]
+    csv_path: Path
+    json_path: Path
+    plots: list[Path]
+
+
+def run_device_sweep(
+    out_dir: str | Path,
+    *,
+    model: str,
+    device: str,
+    axes: Mapping[str, Sequence[Any]],
+    tolerance: float = 0.05,
+    grid: bool = False,
+    workers: int = 1,
+    periphery: str = "default",
+    run_overrides: Mapping[str, Any] | None = None,
+    retry_failed: bool = False,
+    re_mu: bool = True,
+    threads: int = 1,
+    point_fn: PointFn = compare_point,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> SweepResult:
+    """`ept-hw sweep`: every point a short `compare`; tables, plots and requirements under `out_dir`.
+
+    The base configuration (model preset + `run_overrides` + device + periphery) is checked before
+    anything runs; its settings are pinned in the sweep manifest so a resume cannot mix bases.
+    """
+    from ept_hw.config import check_range
+
+    if not axes:
+        raise ConfigError("axis", None, "at least one --axis NAME=v1,v2,...")
+    for name in axes:
+        if name not in AXES:
+            raise ConfigError("axis", name, "one of " + ", ".join(AXES))
+    check_range("tolerance", tolerance, 0.0)
+    out = Path(out_dir).resolve()
+    context = {"out_dir": str(out), "model": model, "device": device, "periphery": periphery,
+               "run_overrides": json.loads(json.dumps(dict(run_overrides or {}))), "re_mu": bool(re_mu),
+               "threads": int(threads)}
+    tile = base_tile(context)  # raises ConfigError on a bad model, device or override, before any work
+    if tile.forward.is_perfect and set(axes) & set(PERIPHERY_AXES):
+        raise ConfigError("axis", ", ".join(sorted(set(axes) & set(PERIPHERY_AXES))),
+                          "an axis of the device (the base periphery is perfect: use --periphery default)")
+    bases = base_values(tile)
+    points = sweep_points(axes, grid=grid)
+    if grid:
+        points.insert(0, {})  # the base point: the device spec's device, periphery and loss curves
+    records = run_sweep(point_fn, points, out, context=context, workers=workers, retry_failed=retry_failed,
+                        on_record=on_record)
+    names = list(axes)
+    rows = sweep_rows(records, names, bases)
+    reqs = derive_requirements(rows, names, tolerance, bases)
+    csv_path, json_path = write_tables(rows, out, {
+        "axes": {k: list(v) for k, v in axes.items()}, "tolerance": tolerance, "grid": grid,
+        "base_values": {k: bases.get(k) for k in names}, "model": model, "device": device, "periphery": periphery,
+        "requirements": [r.to_dict() for r in reqs],
+    })
+    plots = plot_gaps(rows, names, tolerance, out, bases)
+    return SweepResult(out, rows, reqs, bases, csv_path, json_path, plots)

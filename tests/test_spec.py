@@ -71,7 +71,14 @@ def test_run_export_validates_and_derives_figures(tmp_path):
     # reram_sb is symmetric (up_down = 0): the measured asymmetry of the mean device is small
     assert abs(d["asymmetry"]["value"]) < 0.05
     assert spec["training"]["gap"]["value"] == pytest.approx(0.1)
-    assert spec["periphery"]["read"]["read_average"]["value"] == 2
+    per = spec["periphery"]
+    assert per["read"]["read_average"]["value"] == 2 and per["read"]["noise_mode"]["value"] == "common"
+    # reram_sb's tile preset: aihwkit PresetIOParameters (ADC 1/510 = 9 bits, DAC 1/126 = 7 bits, out_noise 0.1)
+    assert per["adc"]["forward.out_res"]["value"] == pytest.approx(1 / 510)
+    assert per["adc"]["forward.out_res"]["meaning"].startswith("9.00 bits")
+    assert per["dac"]["backward.inp_res"]["meaning"].startswith("7.00 bits")
+    assert per["read"]["forward.out_noise"]["value"] == pytest.approx(0.1)
+    assert per["update"]["update.desired_bl"]["value"] == 31 and per["algorithm"]["name"] == "sgd"
     assert spec["requirements"]["rows"] == [] and spec["requirements"]["tolerance"] is None
     assert spec["provenance"]["runs"][0]["run_id"] == "demo"
     assert len(spec["provenance"]["runs"][0]["config_hash"]) == 16
