@@ -171,3 +171,29 @@ def test_multi_pulse_call_equals_pulse_by_pulse():
     expect = h["max_bound"] * (1 - (1 - h["dwmin_up"] / h["max_bound"]) ** 30)
     assert regular.sum() > 450
     assert torch.allclose(a.weights[regular], expect[regular], atol=1e-12)
+
+
+@pytest.mark.parametrize("data, w0, n_up, n_down", [
+    ({"model": "soft_bounds"}, 0.2, 40, 10),
+    ({"model": "linear_step", "gamma_up": 0.5, "gamma_down": 0.5}, 0.0, 30, 3),
+    ({"model": "exp_step"}, 0.3, 15, 2),
+    ({"model": "pow_step", "pow_gamma": 2.0}, -0.3, 8, 25),
+    ({"model": "soft_bounds_reference", "mult_noise": False, "dw_min_std": 2.0, "write_noise_std": 5.0}, 0.1, 20, 20),
+], ids=["soft_bounds", "linear_step", "exp_step", "pow_step", "sbref_additive"])
+def test_closed_form_n_pulse_approximation_matches_exact_loop(data, w0, n_up, n_down):
+    cfg = device_from_dict(data)
+    g = torch.Generator().manual_seed(7)
+    exact = DeviceArray(cfg, (N,), g, dtype=torch.float64)
+    approx = DeviceArray.from_state_dict(exact.state_dict(), dtype=torch.float64)
+    start = torch.full((N,), w0, dtype=torch.float64)
+    exact.set_weights(start, g)
+    approx.set_weights(start, g)
+    w_start = exact.persistent_weights.clone()
+    up, down = torch.full((N,), n_up), torch.full((N,), n_down)
+    exact.apply_pulses(up, down, g)
+    approx.apply_pulses_approx(up, down, g)
+    d_exact = exact.persistent_weights - w_start
+    d_approx = approx.persistent_weights - w_start
+    scale = d_exact.abs().mean().item()
+    assert abs(d_exact.mean().item() - d_approx.mean().item()) < 0.03 * scale + 5 * d_exact.std().item() / math.sqrt(N)
+    assert d_approx.std().item() == pytest.approx(d_exact.std().item(), rel=0.1)
