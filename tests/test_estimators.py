@@ -197,3 +197,15 @@ def test_estimator_config_and_bad_state_errors(small):
         EPEstimator(solver=SOLVER).compute(model, idx + 100, tg)
     with pytest.raises(ValueError, match="targets"):
         EPEstimator(solver=SOLVER).compute(model, idx, tg[:1])
+
+
+@pytest.mark.parametrize("correction", ["frozen", "tracking"])
+def test_holomorphic_three_points_with_either_correction(small, correction):
+    """N = 3 runs complex; the correction acts on Re and Im parts separately."""
+    model, idx, tg, ref = small
+    cfg = EstimatorConfig(nudge="holomorphic", points=3, beta=0.1, correction=correction, t2=110, t2sel=0)
+    res = EPEstimator(cfg, SOLVER).compute(model, idx, tg, free=ref.free)
+    assert _rel_err(res, ref) < 1e-6
+    assert res.adjoint.dtype == torch.float64
+    plain = EPEstimator(EstimatorConfig(nudge="holomorphic", points=3, beta=0.1, correction="none", t2=110, t2sel=0), SOLVER)
+    assert _rel_err(plain.compute(model, idx, tg, free=ref.free), ref) > 100 * _rel_err(res, ref)

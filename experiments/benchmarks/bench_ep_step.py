@@ -68,7 +68,7 @@ def main() -> None:
     print(f"F                      {t_f * 1e3:8.2f} ms  (1.00 F)")
     print(f"J v (dual numbers)     {t_jv * 1e3:8.2f} ms  ({t_jv / t_f:.2f} F)")
     print(f"F + Jᵀ v (backward)    {t_vjp * 1e3:8.2f} ms  ({t_vjp / t_f:.2f} F)")
-    print(f"(J − Jᵀ) v, one graph  {t_anti * 1e3:8.2f} ms  ({t_anti / t_f:.2f} F)")
+    print(f"(J − Jᵀ) v, dual+bwd  {t_anti * 1e3:8.2f} ms  ({t_anti / t_f:.2f} F)")
 
     solver = SolverConfig(min_steps=150, tol=1e-4, max_steps=300)
     with torch.no_grad():
