@@ -358,11 +358,18 @@ def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
         return {"kind": "preset", "name": tile_device, "stand_in": True, "path": str(path), "fit_error": None,
                 "note": f"library preset in the tile file {path.name}: a stand-in for a real device"}
     if fit is not None:
-        error_key = next((k for k in ("rmse", "error", "fit_error", "nrmse") if k in fit), None)
+        # `ept-hw device fit` writes trajectory_rms (of w_max - w_min) and step_rms (of the mean step)
         fit_error = None
-        if error_key is not None:
-            fit_error = {"value": float(fit[error_key]), "metric": str(fit.get("metric", error_key)),
-                         "unit": str(fit.get("unit", "weight units"))}
+        if "trajectory_rms" in fit:
+            fit_error = {"value": float(fit["trajectory_rms"]), "metric": "trajectory RMS of the fitted model's "
+                         "pulse trajectory against the measured trace", "unit": "fraction of (w_max - w_min)"}
+            if "step_rms" in fit:
+                fit_error["step_rms"] = float(fit["step_rms"])
+        else:
+            error_key = next((k for k in ("rmse", "error", "fit_error", "nrmse", "step_rms") if k in fit), None)
+            if error_key is not None:
+                fit_error = {"value": float(fit[error_key]), "metric": str(fit.get("metric", error_key)),
+                             "unit": str(fit.get("unit", "weight units"))}
         out = {"kind": "fit", "name": str(fit.get("trace", fit.get("source", path.stem))), "stand_in": False,
                "path": str(path), "fit_error": fit_error}
         if fit_error is None:
@@ -745,7 +752,8 @@ def _markdown(spec: Mapping[str, Any], plots: Sequence[Path], out_dir: Path) -> 
     elif src["kind"] == "fit":
         fe = src.get("fit_error")
         lines.append(f"Fit to the measured trace `{src['name']}` (file `{src['path']}`); fit error: "
-                     + (f"{fe['value']:.4g} ({fe['metric']}, {fe.get('unit', '')})" if fe else "not stated") + ".")
+                     + (f"{fe['value']:.4g} {fe.get('unit', '')} ({fe['metric']})" if fe else "not stated")
+                     + (f"; one-step RMS {fe['step_rms']:.3g} of the mean step" if fe and "step_rms" in fe else "") + ".")
     else:
         lines.append(f"User file `{src['path']}`.")
     lines += ["", "## Training result (base configuration)", "",

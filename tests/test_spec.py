@@ -143,6 +143,13 @@ def test_device_source_kinds(tmp_path):
     s = device_source(str(fit))
     assert s["kind"] == "fit" and s["fit_error"]["value"] == pytest.approx(0.012) and not s["stand_in"]
     assert device_source(str(user))["kind"] == "user_file"
+    # the [fit] table that `ept-hw device fit` writes
+    fitted = tmp_path / "from_cli.toml"
+    save_toml(fitted, {"device": {"model": "soft_bounds", "dw_min": 0.01},
+                       "fit": {"source": "trace.csv", "step_rms": 0.3, "trajectory_rms": 0.021}})
+    s2 = device_source(str(fitted))
+    assert s2["name"] == "trace.csv" and s2["fit_error"]["value"] == pytest.approx(0.021)
+    assert s2["fit_error"]["step_rms"] == pytest.approx(0.3)
     assert device_source("ecram")["kind"] == "preset"
     # a run on a fitted device file carries its fit error into the spec
     spec = build_spec(_write_run(tmp_path / "run_fit", device=str(fit)))
