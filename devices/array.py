@@ -353,25 +353,32 @@ class DeviceArray:
         if torch.is_floating_point(n_up) or torch.is_floating_point(n_down):
             if not (torch.equal(n_up, n_up.round()) and torch.equal(n_down, n_down.round())):
                 raise ValueError("pulse counts must be integers")
-        n_up, n_down = n_up.long(), n_down.long()
-        if bool((n_up < 0).any()) or bool((n_down < 0).any()):
+        n_up, n_down = n_up.to(torch.int32), n_down.to(torch.int32)
+        if bool((torch.minimum(n_up, n_down) < 0).any()):
             raise ValueError("pulse counts must be non-negative")
         total = n_up + n_down
         n_max = int(total.max()) if total.numel() else 0
         if n_max == 0:
             return
+        n_min = int(total.min())
+        only_up = not bool(n_down.any())
+        only_down = not only_up and not bool(n_up.any())
         pairs2 = 2 * torch.minimum(n_up, n_down)
         surplus_up = n_up > n_down
         w = self._persistent
         for t in range(n_max):
-            active = total > t
-            up = torch.where(t < pairs2, torch.full_like(active, t % 2 == 0), surplus_up)
-            xi = self._randn(generator)
-            w = torch.where(active, self._clip(w + self._step(w, up, xi)), w)
+            if only_up or only_down:
+                up: Tensor | bool = only_up
+            elif t % 2 == 0:   # inside the alternating pairs an even pulse is up, then the surplus
+                up = (pairs2 > t) | surplus_up
+            else:
+                up = (pairs2 <= t) & surplus_up
+            new = self._clip(w + self._step(w, up, self._randn(generator)))
+            w = new if t < n_min else torch.where(total > t, new, w)
         self._persistent = w
         if self._apparent is not None:
             noisy = w + self._write_noise_scale() * self._randn(generator)
-            self._apparent = torch.where(total > 0, noisy, self._apparent)
+            self._apparent = noisy if n_min > 0 else torch.where(total > 0, noisy, self._apparent)
 
     def pulse_once(self, up: Tensor | bool, generator: torch.Generator, active: Tensor | None = None) -> None:
         """One pulse on every device (or where `active`): up where `up` (bool tensor or one bool).
