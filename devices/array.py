@@ -482,6 +482,21 @@ class DeviceArray:
         down = w - self._clip(w + self._step(w, False, None))
         return up, down
 
+    def reset(self, mask: Tensor, generator: torch.Generator) -> None:
+        """aihwkit's device reset where `mask`: w ← clip(reset_bias + reset_std·ξ) (e.g. a refresh)."""
+        if self.config.is_ideal:
+            self._persistent = torch.where(mask, torch.zeros_like(self._persistent), self._persistent)
+            return
+        h = self.hidden
+        value = self._clip_to_bounds(h["reset_bias"] + self.config.reset_std * self._randn(generator))
+        self._persistent = torch.where(mask, value, self._persistent)
+        if self._apparent is not None:
+            noisy = self._persistent + self._write_noise_scale() * self._randn(generator)
+            self._apparent = torch.where(mask, noisy, self._apparent)
+
+    def _clip_to_bounds(self, w: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(w, self.hidden["min_bound"]), self.hidden["max_bound"])
+
     def decay(self) -> None:
         """aihwkit's lifetime decay, once: w ← b + (w − b)·decay_scale with b the reset bias.
 

@@ -214,3 +214,73 @@ def test_any_shape_and_float64():
     arr.apply_pulses(torch.ones(2, 3, 4, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long), gen())
     assert arr.weights.dtype == torch.float64 and arr.weights.shape == (2, 3, 4)
     assert (arr.weights > 0).all()
+
+
+# ---------------------------------------------------------------- aihwkit names, decay, corrupt devices
+def test_config_from_aihwkit_params_and_class_names():
+    from devices.aihwkit_compat import config_from_aihwkit_params
+
+    params = {k: v for k, v in load_device("reram_es").to_dict().items() if k != "model"}
+    cfg = config_from_aihwkit_params("ReRamESPresetDevice", params)
+    assert cfg == load_device("reram_es")
+    assert config_from_aihwkit_params("PowStepDevice", {"pow_gamma": 2.0}).granularity == pytest.approx(0.00025)
+    with pytest.raises(ConfigError) as err:
+        config_from_aihwkit_params("JARTv1bDevice", {})
+    assert err.value.key == "device_class"
+
+
+def test_to_and_from_aihwkit_round_trip():
+    pytest.importorskip("aihwkit")
+    from devices.aihwkit_compat import from_aihwkit, to_aihwkit
+
+    for name in preset_names():
+        cfg = load_device(name)
+        assert from_aihwkit(to_aihwkit(cfg)) == cfg
+
+
+def test_decay_towards_reset_bias_with_per_device_lifetime():
+    cfg = ConstantStepDevice(lifetime=100.0, lifetime_dtod=0.0, reset=0.1, reset_dtod=0.0, w_max_dtod=0.0)
+    arr = DeviceArray(cfg, (10,), gen())
+    arr.set_weights(torch.full((10,), 0.5))
+    arr.decay()
+    assert torch.allclose(arr.weights, torch.full((10,), 0.1 + 0.4 * (1 - 1 / 100)))
+    still = DeviceArray(ConstantStepDevice(), (10,), gen())
+    still.set_weights(torch.full((10,), 0.05))
+    still.decay()
+    assert torch.equal(still.weights, torch.full((10,), 0.05))
+
+
+def test_corrupt_devices_are_stuck():
+    cfg = ConstantStepDevice(corrupt_devices_prob=0.3, corrupt_devices_range=0.05)
+    arr = DeviceArray(cfg, (20000,), gen(21))
+    h = arr.hidden
+    stuck = h["dwmin_up"] == 0
+    assert stuck.float().mean().item() == pytest.approx(0.3, abs=0.015)
+    assert torch.equal(h["max_bound"][stuck], h["min_bound"][stuck])
+    assert h["max_bound"][stuck].abs().max().item() <= 0.05
+    arr.set_weights(torch.zeros(20000))
+    arr.apply_pulses(torch.full((20000,), 3), torch.zeros(20000, dtype=torch.long), gen(22))
+    assert torch.equal(arr.weights[stuck], h["max_bound"][stuck])
+    assert (arr.weights[~stuck] > 0).all()
+
+
+def test_reset_draws_around_reset_bias():
+    cfg = ConstantStepDevice(reset=0.1, reset_dtod=0.0, reset_std=0.01, w_max_dtod=0.0, w_min_dtod=0.0)
+    arr = DeviceArray(cfg, (20000,), gen(31))
+    arr.set_weights(torch.full((20000,), -0.4))
+    mask = torch.arange(20000) % 2 == 0
+    arr.reset(mask, gen(32))
+    assert arr.weights[mask].mean().item() == pytest.approx(0.1, abs=3e-4)
+    assert arr.weights[mask].std().item() == pytest.approx(0.01, rel=0.05)
+    assert torch.equal(arr.weights[~mask], torch.full((10000,), -0.4))
+
+
+def test_enforce_consistency_off_turns_crossed_devices_off():
+    cfg = ConstantStepDevice(enforce_consistency=False, w_max_dtod=2.0, w_min_dtod=2.0, dw_min_dtod=1.0)
+    arr = DeviceArray(cfg, (5000,), gen(33))
+    h = arr.hidden
+    crossed = h["min_bound"] == h["max_bound"]
+    # w_max(1 + 2ξ1) < w_min(1 + 2ξ2) happens for a sizeable fraction; those sit at the midpoint
+    assert 0.05 < crossed.float().mean().item() < 0.6
+    assert (h["min_bound"] <= h["max_bound"]).all()
+    assert (h["dwmin_up"] < 0).any()   # no |.|: aihwkit keeps negative steps without consistency
