@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .config import ConfigError, check_positive_int, check_range, to_dict
-from .ops import PortRecorder, project
+from .ops import PortRecorder, project, transpose_read
 from .projection import Projection, ProjectionFactory
 
 __all__ = ["ModelConfig", "EquilibriumTransformer", "PROJECTION_NAMES", "gelu_tanh", "layer_norm", "softmax_ratio"]
@@ -360,4 +360,4 @@ class EquilibriumTransformer:
 
     def loss_grad(self, z: Tensor, targets: Tensor, n_tokens: int | None = None) -> Tensor:
         """∇_z of the mean CE, through the transposed read of W_h (holomorphic for complex z)."""
-        return self.projections["W_h"].transpose(self.readout_error(z, targets, n_tokens))
+        return transpose_read(self.projections["W_h"], self.readout_error(z, targets, n_tokens))

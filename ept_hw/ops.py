@@ -6,6 +6,8 @@ Every weight matrix inside the block is read through `project`, an autograd func
 - backward is `proj.transpose(grad)` (the transposed read of the same array),
 - forward-mode rule (`jvp`) is `proj.forward(tangent)`.
 
+Complex inputs (holomorphic EP) are read as two real reads, so any projection serves them.
+
 So every Jacobian product of F (J v by dual numbers, Jᵀ v by a backward pass) is made of reads of
 the same arrays as F itself: on the analog path, noise and quantisation act on them as on a chip.
 No gradient flows to the weight through this function: weights learn only by the port quantities.
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from .projection import Projection
 
-__all__ = ["PortRecorder", "project", "outer_product_sum"]
+__all__ = ["PortRecorder", "project", "outer_product_sum", "forward_read", "transpose_read"]
 
 
 def outer_product_sum(u: Tensor, delta: Tensor) -> Tensor:
@@ -68,7 +70,7 @@ class PortRecorder:
 class _ProjectionRead(torch.autograd.Function):
     @staticmethod
     def forward(u: Tensor, proj: Any, name: str, recorder: PortRecorder | None) -> Tensor:
-        return proj.forward(u)
+        return forward_read(proj, u)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -89,6 +91,20 @@ class _ProjectionRead(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, u_tangent: Tensor, *_unused: Any) -> Tensor:
         return ctx.proj.forward(u_tangent)
+
+
+def forward_read(proj: Projection, u: Tensor) -> Tensor:
+    """proj.forward(u); a complex u is read as two real reads (Re, Im), as a chip would do it."""
+    if u.is_complex():
+        return torch.complex(proj.forward(u.real.contiguous()), proj.forward(u.imag.contiguous()))
+    return proj.forward(u)
+
+
+def transpose_read(proj: Projection, d: Tensor) -> Tensor:
+    """proj.transpose(d); a complex d is read as two real transposed reads."""
+    if d.is_complex():
+        return torch.complex(proj.transpose(d.real.contiguous()), proj.transpose(d.imag.contiguous()))
+    return proj.transpose(d)
 
 
 def project(proj: Projection, u: Tensor, name: str, recorder: PortRecorder | None = None) -> Tensor:

@@ -235,3 +235,29 @@ def test_bad_inputs_raise_clear_errors():
         m.loss(x, tg[:, :3])
     with pytest.raises(FloatingPointError, match="NaN"):
         m.check_state(torch.full_like(x, float("nan")), "z", finite=True)
+
+
+class _RealOnlyProjection(DigitalProjection):
+    """Like an analog array: refuses complex inputs."""
+
+    def forward(self, u):
+        if u.is_complex():
+            raise TypeError("real reads only")
+        return super().forward(u)
+
+    def transpose(self, d):
+        if d.is_complex():
+            raise TypeError("real reads only")
+        return super().transpose(d)
+
+
+def test_complex_states_are_read_as_two_real_reads():
+    exact, real_only = _model(), _model(factory=lambda n, w: _RealOnlyProjection(w, n))
+    idx, tg = _batch()
+    x = exact.embed(idx)
+    g = torch.Generator().manual_seed(8)
+    z = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).to(torch.complex128)
+    z = z + 0.05j * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    assert float((real_only.force(z, x) - exact.force(z, x)).abs().max()) < 1e-14
+    assert float((real_only.loss_grad(z, tg) - exact.loss_grad(z, tg)).abs().max()) < 1e-15
+    assert float(exact.force(z, x).imag.abs().max()) > 1e-3
