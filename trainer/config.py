@@ -144,7 +144,7 @@ class AnalogConfig:
     read_average: int = 1
     noise_window: int = 10
     stop_patience: int = 30
-    update_mode: str = "default"  # "default" (the tile's) | "pulsed" | "expected"
+    update_mode: str = "fast"  # crossbar update mode: "exact" | "fast" | "expected"
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -154,7 +154,7 @@ class AnalogConfig:
         check_positive_int("analog.read_average", self.read_average)
         check_positive_int("analog.noise_window", self.noise_window)
         check_positive_int("analog.stop_patience", self.stop_patience)
-        check_choice("analog.update_mode", self.update_mode, ("default", "pulsed", "expected"))
+        check_choice("analog.update_mode", self.update_mode, ("exact", "fast", "expected"))
 
 
 @dataclass(frozen=True)

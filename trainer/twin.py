@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from ept_hw.estimators import EPEstimator, GradientResult, compare_gradients, port_quantities, resreg_gradient
+from ept_hw.estimators import EPEstimator, GradientResult, compare_gradients, nudge_betas, port_quantities, resreg_gradient
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.ops import outer_product_sum
 from ept_hw.projection import digital_factory
@@ -82,10 +82,10 @@ def analog_counters(model: EquilibriumTransformer) -> dict[str, float | None]:
             continue
         c = counters() if callable(counters) else counters
         seen = True
-        pulses += float(c.get("pulses", 0.0))
-        adc += float(c.get("adc_conversions", 0.0))
         n = float(proj.in_features * proj.out_features)
-        sat_num += float(c.get("saturation", 0.0)) * n
+        pulses += float(c.get("pulses_mean", 0.0)) * n  # pulses per device (mean) x devices
+        adc += float(c.get("adc_conversions", 0.0))
+        sat_num += float(c.get("device_saturation_fraction", 0.0)) * n
         sat_den += n
     if not seen:
         return {"saturation": None, "pulses": None, "adc_conversions": None}
@@ -237,7 +237,16 @@ class EPPath:
         return ports, digital
 
     def _task_gradient(self, idx: Tensor, targets: Tensor, fp: FreePhase) -> GradientResult:
-        return self.estimator.compute(self.model, idx, targets, free=fp.result)
+        if not (self.analog and self.cfg.analog.noise_mode == "common"):
+            return self.estimator.compute(self.model, idx, targets, free=fp.result)
+        from .analog import set_common_blocks
+
+        k = len(nudge_betas(self.cfg.estimator)[0])
+        set_common_blocks(self.model.projections, (k, idx.shape[0]))
+        try:
+            return self.estimator.compute(self.model, idx, targets, free=fp.result)
+        finally:
+            set_common_blocks(self.model.projections, None)
 
     def train_step(self, idx: Tensor, targets: Tensor, lr: float, *, health: bool = False) -> StepOutcome:
         cfg, st = self.cfg, self.cfg.stabilisers
@@ -312,7 +321,7 @@ class EPPath:
         if self.analog:
             adjoints = [ep.adjoint]
             for _ in range(2):
-                adjoints.append(self.estimator.compute(self.model, idx, targets, free=fp.result).adjoint)
+                adjoints.append(self._task_gradient(idx, targets, fp).adjoint)
             a = torch.stack([x.double() for x in adjoints])
             mean = a.mean(dim=0)
             spread = math.sqrt(float((a - mean).pow(2).sum(dim=tuple(range(1, a.dim()))).mean()) * len(adjoints) / (len(adjoints) - 1))

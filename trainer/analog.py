@@ -1,0 +1,147 @@
+"""The analog path's projections: tile configuration from `AnalogConfig`, and common random numbers.
+
+`build_analog_factory(cfg, seed)` resolves `cfg.device`:
+- a name of `crossbar.tile_preset_names()` (a device preset with its own IO and update
+  parameters, as aihwkit's presets);
+- a TOML file with a `[tile]` table (a whole tile: device, periphery, update, algorithm);
+- a TOML file with a `[device]` table (a device alone: it gets the preset periphery and update,
+  and the mapping rule of `crossbar.tile_preset`).
+Then `periphery = "perfect"` replaces both read peripheries by ideal ones, `noise_mode`,
+`read_average` (aihwkit-free `n_reads`) and `update_mode` are set on the tile.
+
+Common random numbers ("common" noise mode): the EP estimator runs the K nudged phases in
+lockstep as one stacked batch of K·B states, so one array read serves all phases. `CommonNoise`
+wraps each `AnalogProjection`: while `blocks = (K, B)` is set (during the estimate) a read of K·B
+rows is split into its K phase blocks and each block is read after resetting the tile's read
+generator to the same fresh seed (`set_noise_seed`), so the + and − phases see the same noise
+draws, read by read, and the ± contrast cancels them to first order. Other reads (free phase,
+port reads) pass through and draw fresh noise. The seeds come from the wrapper's own generator,
+saved in its `state_dict`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ept_hw.config import ConfigError, load_toml
+
+from .config import AnalogConfig
+
+__all__ = ["resolve_tile_config", "build_analog_factory", "CommonNoise", "set_common_blocks"]
+
+
+def resolve_tile_config(cfg: AnalogConfig):
+    from crossbar import (MappingParameters, TileConfig, perfect_io, preset_io, preset_update, tile_config_from_dict,
+                          tile_preset, tile_preset_names)
+    from crossbar.io import IOParameters
+
+    name = cfg.device
+    if name in tile_preset_names():
+        tile = tile_preset(name, mode=cfg.update_mode)
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(
+                "analog.device", name,
+                "a device preset (" + ", ".join(tile_preset_names()) + ") or an existing TOML file with a [tile] or [device] table",
+            )
+        data = load_toml(path)
+        if "tile" in data:
+            tile = tile_config_from_dict(data["tile"])
+        elif "device" in data:
+            probe = TileConfig(device=dict(data["device"]))
+            dev = probe.device_config()
+            pair = probe.uses_pair
+            omega = 0.0 if dev.is_ideal else (0.5 * dev.w_max if pair else 0.8 * min(abs(dev.w_min), abs(dev.w_max)))
+            fwd = preset_io()
+            bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
+            tile = TileConfig(device=dict(data["device"]), forward=fwd, backward=bwd,
+                              update=preset_update(cfg.update_mode), mapping=MappingParameters(weight_scaling_omega=omega))
+        else:
+            raise ConfigError("analog.device", name, "a TOML file with a [tile] or a [device] table")
+    if cfg.periphery == "perfect":
+        tile = tile.replace(forward=perfect_io(), backward=perfect_io())
+    update = tile.update.__class__(**{**tile.update.__dict__, "mode": cfg.update_mode})
+    return tile.replace(noise_mode=cfg.noise_mode, n_reads=cfg.read_average, update=update)
+
+
+class CommonNoise:
+    """`AnalogProjection` wrapper giving the K stacked nudged phases common read noise."""
+
+    def __init__(self, inner: Any, seed: int):
+        self.inner = inner
+        self.name = inner.name
+        self.seed_generator = torch.Generator().manual_seed(seed)
+        self.blocks: tuple[int, int] | None = None
+
+    in_features = property(lambda self: self.inner.in_features)
+    out_features = property(lambda self: self.inner.out_features)
+    weight = property(lambda self: self.inner.weight)
+
+    def _read(self, read: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        if self.blocks is None:
+            return read(v)
+        k, b = self.blocks
+        if k < 2 or v.shape[0] != k * b:
+            return read(v)
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
+        outs = []
+        for chunk in v.split(b, dim=0):
+            self.inner.set_noise_seed(seed)
+            outs.append(read(chunk))
+        return torch.cat(outs, dim=0)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self._read(self.inner.forward, u)
+
+    def transpose(self, d: Tensor) -> Tensor:
+        return self._read(self.inner.transpose, d)
+
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
+        self.inner.apply_update(u, delta, lr)
+
+    def program(self, weight: Tensor) -> None:
+        self.inner.program(weight)
+
+    def counters(self) -> dict[str, float]:
+        return self.inner.counters()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.inner.state_dict(), "common_noise_generator": self.seed_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        gen = state.pop("common_noise_generator", None)
+        self.inner.load_state_dict(state)
+        if gen is not None:
+            self.seed_generator.set_state(gen)
+
+
+def set_common_blocks(projections: dict[str, Any], blocks: tuple[int, int] | None) -> None:
+    for proj in projections.values():
+        if isinstance(proj, CommonNoise):
+            proj.blocks = blocks
+
+
+def build_analog_factory(cfg: AnalogConfig, seed: int) -> tuple[Callable[[str, Tensor], Any], dict[str, torch.Generator]]:
+    """(projection factory, generators owned by the trainer). The device generator (device-to-device
+    samples, the tiles' read and update seeds) is seeded from the run seed; the tiles keep their
+    own read/update generators in their state_dicts."""
+    from crossbar import analog_factory
+
+    tile = resolve_tile_config(cfg)
+    device_generator = torch.Generator().manual_seed(seed + 1000)
+    inner = analog_factory(tile, device_generator)
+    if cfg.noise_mode != "common":
+        return inner, {}
+    counter = [0]
+
+    def build(name: str, weight: Tensor) -> Any:
+        counter[0] += 1
+        return CommonNoise(inner(name, weight), seed + 2000 + counter[0])
+
+    return build, {}
