@@ -98,6 +98,8 @@ class DeviceArray:
         reset_bias = c.reset + c.reset_dtod * self._randn(g)
         life = c.lifetime * (1.0 + c.lifetime_dtod * self._randn(g))
         decay = torch.where(life > 1.0, 1.0 - 1.0 / life.clamp_min(1.0), torch.zeros_like(life))
+        if c.lifetime <= 0:  # aihwkit: no lifetime means no decay (scale 1)
+            decay = torch.ones_like(life)
         h = self.hidden
         h["max_bound"], h["min_bound"] = b_max, b_min
         h["dwmin_up"], h["dwmin_down"] = dw_up, dw_down

@@ -245,6 +245,7 @@ def test_decay_towards_reset_bias_with_per_device_lifetime():
     arr.decay()
     assert torch.allclose(arr.weights, torch.full((10,), 0.1 + 0.4 * (1 - 1 / 100)))
     still = DeviceArray(ConstantStepDevice(), (10,), gen())
+    assert torch.equal(still.hidden["decay_scales"], torch.ones(10))  # aihwkit's "no decay"
     still.set_weights(torch.full((10,), 0.05))
     still.decay()
     assert torch.equal(still.weights, torch.full((10,), 0.05))
