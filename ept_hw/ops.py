@@ -86,11 +86,11 @@ class _ProjectionRead(torch.autograd.Function):
         if ctx.recorder is not None:
             (u,) = ctx.saved_tensors
             ctx.recorder.record(ctx.name, u, grad)
-        return ctx.proj.transpose(grad), None, None, None
+        return transpose_read(ctx.proj, grad), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, u_tangent: Tensor, *_unused: Any) -> Tensor:
-        return ctx.proj.forward(u_tangent)
+        return forward_read(ctx.proj, u_tangent)
 
 
 def forward_read(proj: Projection, u: Tensor) -> Tensor:
