@@ -345,7 +345,7 @@ def _run_point(point_fn: PointFn, overrides: dict[str, Any], context: dict[str, 
         result = dict(point_fn(overrides, context))
         record.update({k: result.get(k) for k in RESULT_KEYS})
         record.update({k: v for k, v in result.items() if k not in RESULT_KEYS})
-        if record.get("gap") is None and record.get("analog_val_loss") is not None and record.get("twin_val_loss") is not None:
+        if "gap" not in result and record.get("analog_val_loss") is not None and record.get("twin_val_loss") is not None:
             record["gap"] = float(record["analog_val_loss"]) - float(record["twin_val_loss"])
         record["status"] = "ok"
         record["error"] = None
