@@ -62,6 +62,10 @@ class DeviceArray:
         xi = torch.randn(self.shape, generator=generator, device=generator.device, dtype=self.dtype)
         return xi.to(self.device)
 
+    def _randn_flat(self, n: int, generator: torch.Generator) -> Tensor:
+        xi = torch.randn((n,), generator=generator, device=generator.device, dtype=self.dtype)
+        return xi.to(self.device)
+
     def _rand(self, generator: torch.Generator) -> Tensor:
         u = torch.rand(self.shape, generator=generator, device=generator.device, dtype=self.dtype)
         return u.to(self.device)
@@ -227,15 +231,18 @@ class DeviceArray:
         return arr
 
     # ------------------------------------------------------------------ update rules
-    def _step(self, w: Tensor, up: Tensor, xi: Tensor | None) -> Tensor:
+    def _step(self, w: Tensor, up: Tensor | bool, xi: Tensor | None,
+              h: dict[str, Tensor] | None = None) -> Tensor:
         """Signed Δw of one pulse per device (up where `up`, down elsewhere), before clipping.
 
         `up` is a bool tensor, or a Python bool when every device gets the same direction.
 
         `xi` is the per-pulse standard normal (None: noise-free). Returns Δw on the persistent
-        weight; SoftBoundsReference's reference shift is handled inside.
+        weight; SoftBoundsReference's reference shift is handled inside. `h`: the hidden
+        parameters of the devices in `w` (default: all of them).
         """
-        c, h = self.config, self.hidden
+        c = self.config
+        h = self.hidden if h is None else h
         sigma = c.dw_min_std
         noise = None if xi is None else sigma * xi
         dw_up, dw_down = h["dwmin_up"], h["dwmin_down"]
@@ -333,8 +340,8 @@ class DeviceArray:
 
         raise TypeError(f"no update rule for {type(c).__name__}")
 
-    def _clip(self, w: Tensor) -> Tensor:
-        h = self.hidden
+    def _clip(self, w: Tensor, h: dict[str, Tensor] | None = None) -> Tensor:
+        h = self.hidden if h is None else h
         if isinstance(self.config, SoftBoundsReferenceDevice):
             ref = h["reference"]
             return torch.minimum(torch.maximum(w + ref, h["min_bound"]), h["max_bound"]) - ref
@@ -365,22 +372,48 @@ class DeviceArray:
         n_min = int(total.min())
         only_up = not bool(n_down.any())
         only_down = not only_up and not bool(n_up.any())
-        pairs2 = 2 * torch.minimum(n_up, n_down)
-        surplus_up = n_up > n_down
-        w = self._persistent
+        pairs2 = 2 * torch.minimum(n_up, n_down).reshape(-1)
+        surplus_up = (n_up > n_down).reshape(-1)
+        total = total.reshape(-1)
+        # Work on the devices still receiving pulses: when fewer than half of the current set
+        # remain, gather them (weights, hidden parameters, counts) and go on with the subset.
+        w_all = self._persistent.reshape(-1)
+        hidden = {k: v.reshape(-1) for k, v in self.hidden.items()}
+        index: Tensor | None = None
+        w = w_all
         for t in range(n_max):
+            if t >= n_min:
+                active = total > t
+                n_active = int(active.sum())
+                if 2 * n_active <= active.numel():
+                    keep = active.nonzero().squeeze(1)
+                    if index is None:
+                        w_all = w.clone()      # the full, current weights
+                    else:
+                        w_all[index] = w
+                    index = keep if index is None else index[keep]
+                    w, total, pairs2, surplus_up = w[keep], total[keep], pairs2[keep], surplus_up[keep]
+                    hidden = {k: v[keep] for k, v in hidden.items()}
+                    active = None
+            else:
+                active = None
             if only_up or only_down:
                 up: Tensor | bool = only_up
             elif t % 2 == 0:   # inside the alternating pairs an even pulse is up, then the surplus
                 up = (pairs2 > t) | surplus_up
             else:
                 up = (pairs2 <= t) & surplus_up
-            new = self._clip(w + self._step(w, up, self._randn(generator)))
-            w = new if t < n_min else torch.where(total > t, new, w)
-        self._persistent = w
+            xi = self._randn_flat(w.numel(), generator)
+            new = self._clip(w + self._step(w, up, xi, hidden), hidden)
+            w = new if active is None else torch.where(active, new, w)
+        if index is not None:
+            w_all[index] = w
+            w = w_all
+        self._persistent = w.reshape(self.shape)
         if self._apparent is not None:
-            noisy = w + self._write_noise_scale() * self._randn(generator)
-            self._apparent = noisy if n_min > 0 else torch.where(total > 0, noisy, self._apparent)
+            touched = (n_up + n_down) > 0
+            noisy = self._persistent + self._write_noise_scale() * self._randn(generator)
+            self._apparent = noisy if n_min > 0 else torch.where(touched, noisy, self._apparent)
 
     def pulse_once(self, up: Tensor | bool, generator: torch.Generator, active: Tensor | None = None) -> None:
         """One pulse on every device (or where `active`): up where `up` (bool tensor or one bool).
