@@ -4,10 +4,11 @@ Run by hand:  python -m experiments.benchmarks.bench_solvers [--C 64 --T 32 --B 
 
 Two blocks, measured side by side in one run:
 - "random": the block at initialisation (c = 1, resinit).
-- "partly trained": the same block with the attention made stronger and more non-conservative,
-  emulating what training does to it (SCIENCE §4): W_O and W_Q scaled up by `--attn-gain` and the
-  damping lowered to `--trained-c`, so the leading eigenvalue moves toward the imaginary axis and
-  the relaxation slows down. (A real partly trained checkpoint does not exist yet.)
+- "partly trained": the same block with stronger residual branches and sharper attention,
+  emulating what training does to it (SCIENCE §4): W_O and W_2 scaled by `--attn-gain` (10: the
+  resinit factor 0.1 undone) and the qknorm gains by `--qk-gain` (1.5), so the leading eigenvalue
+  moves toward the imaginary axis and the relaxation slows down (qk gain 2.5 already gives a limit
+  cycle). No EP training was run: a partly trained checkpoint does not exist yet.
 
 The block is `ept_hw.model` when it exists; otherwise a stand-in pre-LN transformer block written
 here (same force form as SCIENCE §1). The residual is the SCIENCE §2 one-step residual with
@@ -60,19 +61,35 @@ def _standin_block(C: int, T: int, heads: int, vocab: int, gen: torch.Generator,
     def embed(idx):
         return params["tok"][idx] + params["pos"][: idx.shape[1]]
 
-    def make_trained(gain: float, c: float):
+    def make_trained(gain: float, qk_gain: float):
         params["W_O"] = params["W_O"] * gain
-        params["W_Q"] = params["W_Q"] * math.sqrt(gain)
-        params["c"] = c
+        params["W_2"] = params["W_2"] * gain
+        params["W_Q"] = params["W_Q"] * qk_gain
 
     return force, embed, make_trained, "stand-in block (ept_hw.model not available)"
 
 
 def _model_block(C, T, heads, vocab, gen, dtype):
     """The real block from ept_hw.model, adapted to (force, embed, make_trained)."""
-    from ept_hw import model as model_mod  # noqa: F401  (raises ImportError until it exists)
+    from ept_hw.model import EquilibriumTransformer, ModelConfig
+    from ept_hw.projection import digital_factory
 
-    raise ImportError("adapter for ept_hw.model not written yet")
+    model = EquilibriumTransformer(ModelConfig(vocab_size=vocab, context=T, width=C, heads=heads),
+                                   digital_factory, gen, dtype)
+
+    def force(z, x_in):
+        return model.force(z, x_in)
+
+    def make_trained(gain: float, qk_gain: float):
+        # resinit undone and then some (W_O, W_2 x gain) and sharper attention (qknorm gains x
+        # qk_gain): what training does to the block's residual branches and its attention
+        for name in ("W_O", "W_2"):
+            proj = model.projections[name]
+            proj.program(proj.weight * gain)
+        for name in ("q_norm_g", "k_norm_g"):
+            model.params[name] = model.params[name] * qk_gain
+
+    return force, model.embed, make_trained, "ept_hw.model.EquilibriumTransformer (digital projections)"
 
 
 def build_block(C, T, heads, vocab, seed, dtype):
@@ -104,12 +121,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--attn-gain", type=float, default=5.0)
-    p.add_argument("--trained-c", type=float, default=0.5)
+    p.add_argument("--attn-gain", type=float, default=10.0, help="W_O and W_2 scale for 'partly trained'")
+    p.add_argument("--qk-gain", type=float, default=1.5, help="qknorm gain scale for 'partly trained'")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)  # small block on a shared CPU: threads only add contention
     logging.getLogger("ept_hw.relaxation").setLevel(logging.ERROR)  # the table reports convergence
 
     force, embed, make_trained, source = build_block(args.C, args.T, args.heads, args.vocab, args.seed, dtype)
@@ -129,8 +147,8 @@ def main(argv=None) -> int:
           f"tol={args.tol:g} (SCIENCE §2 residual, eps=0.1)")
     for label in ("random", "partly trained"):
         if label == "partly trained":
-            make_trained(args.attn_gain, args.trained_c)
-            label += f" (W_O x{args.attn_gain:g}, W_Q x{math.sqrt(args.attn_gain):.2f}, c={args.trained_c:g})"
+            make_trained(args.attn_gain, args.qk_gain)
+            label += f" (W_O, W_2 x{args.attn_gain:g}; qknorm gains x{args.qk_gain:g})"
         rows = {name: measure(lambda z: force(z, x_in), x_in, cfg) for name, cfg in solvers.items()}
         base = rows["euler eps=0.1"]["evals"]
         print(f"\n{label}")
