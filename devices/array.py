@@ -20,14 +20,13 @@ Where we differ from aihwkit
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .configs import (
-    ConstantStepDevice, DeviceConfig, ExpStepDevice, IdealDevice, LinearStepDevice,
+    ConstantStepDevice, DeviceConfig, ExpStepDevice, LinearStepDevice,
     PiecewiseStepDevice, PowStepDevice, PulsedDevice, SoftBoundsDevice, SoftBoundsReferenceDevice,
     device_from_dict,
 )

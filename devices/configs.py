@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from ept_hw.config import ConfigError, check_choice, check_range, from_dict
@@ -88,8 +88,8 @@ class IdealDevice(DeviceConfig):
     lifetime: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_zero("diffusion", self.diffusion, "diffusion is not simulated")
-        check_range("lifetime", self.lifetime, 0.0)
+        _check_zero("diffusion", self.diffusion, "the ideal device is exact: no diffusion")
+        _check_zero("lifetime", self.lifetime, "the ideal device is exact: no decay")
 
     @property
     def granularity(self) -> float:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares, minimize_scalar
 
-from ept_hw.config import ConfigError, check_choice
+from ept_hw.config import check_choice
 
 from .array import DeviceArray
 from .configs import DeviceConfig, device_from_dict

@@ -10,7 +10,6 @@ included, as aihwkit's `get_weights()`), reduced over devices to mean, std, 5 % 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

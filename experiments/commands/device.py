@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import tomli_w
 
 from devices import load_device
 from devices.fit import FIT_MODELS, fit_device, read_traces
-from devices.response import derived_figures, run_pulse_response, write_response
+from devices.response import run_pulse_response, write_response
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
