@@ -115,48 +115,70 @@ def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> 
     return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
 
 
-def _round(v: Tensor, step: float, stochastic: bool, generator: torch.Generator) -> Tensor:
-    if step <= 0.0:
-        return v
-    scaled = v / step
+def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator) -> Tensor:
+    """Round in place to integers (values already in units of the step)."""
     if stochastic:
-        noise = torch.rand(scaled.shape, generator=generator, device=generator.device, dtype=v.dtype).to(v.device)
-        return torch.floor(scaled + noise) * step
-    return torch.round(scaled) * step
+        v.add_(torch.rand(v.shape, generator=generator, device=generator.device, dtype=v.dtype).to(v.device))
+        return v.floor_()
+    return v.round_()
 
 
-def _one_pass(w: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """One read of (N, in) already noise-managed inputs; returns outputs, per-vector saturation
-    (what bound management tests) and per-vector count of clipped outputs."""
-    x = _round(x, io.inp_step, io.inp_sto_round, generator)
-    x = x.clamp(-io.inp_bound, io.inp_bound)
+def _one_pass(w: Tensor, x: Tensor, inv_alpha: Tensor, io: IOParameters, generator: torch.Generator,
+              inputs_within_bound: bool) -> tuple[Tensor, Tensor, Tensor, float]:
+    """One read of the (N, in) inputs x·inv_alpha. Works in units of the DAC and ADC steps so
+    that scalings fold into the small weight matrix and the output noise fuses into the product.
+
+    Returns the outputs in ADC units, per-vector saturation (what bound management tests), the
+    per-vector count of clipped outputs and the ADC unit.
+    """
+    in_step = io.inp_step
+    in_unit = in_step if in_step > 0 else 1.0
+    xu = x * (inv_alpha / in_unit)
+    if in_step > 0:
+        _quantise_(xu, io.inp_sto_round, generator)
+    if not inputs_within_bound:
+        xu.clamp_(-io.inp_bound / in_unit, io.inp_bound / in_unit)
     if io.inp_noise > 0.0:
-        x = x + io.inp_noise * _randn(tuple(x.shape), x, generator)
-    y = x @ w.T
-    if io.w_noise > 0.0 and io.w_noise_type != "none":
-        if io.w_noise_type == "additive_constant":
-            sigma = io.w_noise * x.norm(dim=-1, keepdim=True)
-        else:
-            sigma = io.w_noise * ((x * x) @ w.abs().T).sqrt()
-        y = y + sigma * _randn(tuple(y.shape), y, generator)
-    if io.out_noise > 0.0:
-        y = y + io.out_noise * _randn(tuple(y.shape), y, generator)
-    y = _round(y, io.out_step, io.out_sto_round, generator)
-    if io.bm_test_negative_bound:
-        saturated = (y.abs() >= io.out_bound).any(dim=-1)
+        xu.add_(_randn(tuple(xu.shape), xu, generator), alpha=io.inp_noise / in_unit)
+    out_step = io.out_step
+    out_unit = out_step if out_step > 0 else 1.0
+    w_units = w * (in_unit / out_unit)
+    has_w_noise = io.w_noise > 0.0 and io.w_noise_type != "none"
+    if io.out_noise > 0.0 and not has_w_noise:
+        noise = _randn((xu.shape[0], w.shape[0]), xu, generator)
+        y = torch.addmm(noise, xu, w_units.T, beta=io.out_noise / out_unit)
     else:
-        saturated = (y >= io.out_bound).any(dim=-1)
-    clipped = (y.abs() >= io.out_bound).sum(dim=-1)
-    y = y.clamp(-io.out_bound, io.out_bound)
-    return y, saturated, clipped
+        y = xu @ w_units.T
+        if has_w_noise:
+            if io.w_noise_type == "additive_constant":
+                sigma = (io.w_noise * in_unit / out_unit) * xu.norm(dim=-1, keepdim=True)
+            else:
+                sigma = (io.w_noise * in_unit / out_unit) * ((xu * xu) @ w.abs().T).sqrt()
+            y.add_(sigma * _randn(tuple(y.shape), y, generator))
+        if io.out_noise > 0.0:
+            y.add_(_randn(tuple(y.shape), y, generator), alpha=io.out_noise / out_unit)
+    if out_step > 0:
+        _quantise_(y, io.out_sto_round, generator)
+    bound = io.out_bound / out_unit
+    lo, hi = torch.aminmax(y, dim=-1)
+    at_upper, at_lower = hi >= bound, lo <= -bound
+    saturated = (at_upper | at_lower) if io.bm_test_negative_bound else at_upper
+    touched = at_upper | at_lower
+    clipped = torch.zeros_like(touched, dtype=torch.long)
+    if bool(touched.any()):
+        rows = touched.nonzero().squeeze(-1)
+        clipped[rows] = (y[rows].abs() >= bound).sum(dim=-1)
+        y.clamp_(-bound, bound)
+    return y, saturated, clipped, out_unit
 
 
 def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator,
-                stats: ReadStats | None = None) -> Tensor:
+                stats: ReadStats | None = None, digital_scale: float = 1.0) -> Tensor:
     """y = x Wᵀ through the periphery `io` (W: (out, in) in device units, x: (..., in)).
 
     For the transposed read pass `weights.T`. Computes in x's dtype. Every random draw comes from
-    `generator`. `stats` (optional) accumulates read counters.
+    `generator`. `stats` (optional) accumulates read counters. `digital_scale` multiplies the
+    result after the ADC (the tile's mapping scale; folded into the final rescaling).
     """
     if x.shape[-1] != weights.shape[1]:
         raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
@@ -167,23 +189,28 @@ def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.G
     if io.is_perfect:
         if stats is not None:
             stats.mvm_reads += n_vec
-        return (flat @ w.T).reshape(*lead, n_out)
+        y = flat @ (w.T * digital_scale if digital_scale != 1.0 else w.T)
+        return y.reshape(*lead, n_out)
 
+    within = False
     if io.noise_management == "none":
         alpha = torch.ones(n_vec, 1, dtype=x.dtype, device=x.device)
     elif io.noise_management == "constant":
         alpha = torch.full((n_vec, 1), io.nm_thres, dtype=x.dtype, device=x.device)
     else:
+        lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+        abs_max = torch.maximum(-lo, hi)
         if io.noise_management == "abs_max":
-            alpha = flat.abs().amax(dim=-1, keepdim=True)
-        else:  # "max": aihwkit MAX uses the signed maximum, clipped at 0 -> fall back to abs max if <= 0
-            alpha = flat.amax(dim=-1, keepdim=True)
-            alpha = torch.where(alpha > 0, alpha, flat.abs().amax(dim=-1, keepdim=True))
+            alpha = abs_max
+            # |x|/max|x| <= 1 = inp_bound: the DAC clip cannot act (rounding keeps ±1 on the grid)
+            within = io.nm_thres == 0.0 and io.inp_bound >= 1.0
+        else:  # "max": aihwkit MAX uses the signed maximum; fall back to abs max where it is <= 0
+            alpha = torch.where(hi > 0, hi, abs_max)
         if io.nm_thres > 0.0:
             alpha = alpha.clamp_max(io.nm_thres)
         alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
 
-    y, saturated, clipped = _one_pass(w, flat / alpha, io, generator)
+    y, saturated, clipped, out_unit = _one_pass(w, flat, 1.0 / alpha, io, generator, within)
     reads = n_vec
     if io.bound_management == "iterative":
         res = effective_res(io.inp_res)
@@ -194,7 +221,8 @@ def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.G
                 break
             factor = nxt
             idx = saturated.nonzero().squeeze(-1)
-            y_again, sat_again, clip_again = _one_pass(w, flat[idx] / (alpha[idx] * factor), io, generator)
+            y_again, sat_again, clip_again, _ = _one_pass(w, flat[idx], 1.0 / (alpha[idx] * factor), io,
+                                                          generator, within)
             reads += int(idx.numel())
             y[idx] = y_again * factor
             clipped[idx] = clip_again
@@ -204,7 +232,5 @@ def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.G
         stats.mvm_reads += reads
         stats.adc_conversions += reads * n_out
         stats.adc_clipped += int(clipped.sum())
-    out = y * alpha
-    if io.out_scale != 1.0:
-        out = out * io.out_scale
-    return out.reshape(*lead, n_out)
+    y.mul_(alpha * (out_unit * io.out_scale * digital_scale))
+    return y.reshape(*lead, n_out)

@@ -44,6 +44,32 @@ def _derive_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
 
+def _integrated_response(arr: DeviceArray, n_up: Tensor, n_down: Tensor, generator: torch.Generator,
+                         substeps: int) -> None:
+    """Integrated n-pulse response (see `crossbar.update`, fast mode): Euler steps of the mean
+    drift, then Gaussian c2c noise of the summed per-pulse variance."""
+    cfg = arr.config
+    n_up = n_up.to(arr.dtype)
+    n_down = n_down.to(arr.dtype)
+    pairs = torch.minimum(n_up, n_down)
+    surplus_up, surplus_down = n_up - pairs, n_down - pairs
+    w = arr.persistent_weights
+    var = torch.zeros_like(w)
+    mult_noise = getattr(cfg, "mult_noise", True)
+    for _ in range(substeps):
+        step_up, step_down = arr.mean_step(w)
+        w = w + ((pairs + surplus_up) * step_up - (pairs + surplus_down) * step_down) / substeps
+        if mult_noise:
+            var = var + (n_up * step_up * step_up + n_down * step_down * step_down) / substeps
+    if not mult_noise:
+        h = arr.hidden
+        var = n_up * h["dwmin_up"] ** 2 + n_down * h["dwmin_down"] ** 2
+    if cfg.dw_min_std > 0:
+        xi = torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
+        w = w + cfg.dw_min_std * var.sqrt() * xi
+    arr.set_weights(w, generator)
+
+
 class DeviceSlot:
     """One device per weight, or a differential pair G⁺ − G⁻ (same interface)."""
 
@@ -98,6 +124,23 @@ class DeviceSlot:
             self._maybe_refresh(generator)
         else:
             self.arrays[0].apply_pulses(n_up, n_down, generator)
+
+    def apply_counts(self, n_up: Tensor, n_down: Tensor, generator: torch.Generator, up: UpdateParameters) -> None:
+        """Pulse by pulse when counts are small, else the integrated n-pulse response
+        (`crossbar.update` module docstring, fast mode)."""
+        n_max = int((n_up + n_down).max()) if n_up.numel() else 0
+        if n_max == 0:
+            return
+        if n_max <= up.fast_exact_max_pulses:
+            self.apply_pulses(n_up.long(), n_down.long(), generator)
+            return
+        if self.pair:
+            zero = torch.zeros_like(n_up)
+            _integrated_response(self.arrays[0], n_up, zero, generator, up.fast_substeps)
+            _integrated_response(self.arrays[1], n_down, zero, generator, up.fast_substeps)
+            self._maybe_refresh(generator)
+        else:
+            _integrated_response(self.arrays[0], n_up, n_down, generator, up.fast_substeps)
 
     def apply_expected(self, mu_up: Tensor, mu_down: Tensor, generator: torch.Generator) -> None:
         """Expected-value update with the noise-free mean step at the current weights."""
@@ -221,20 +264,27 @@ class AnalogTile:
         if self.noise_mode in ("common", "frozen"):
             self.read_generator.manual_seed(self.noise_seed)
 
-    def _read(self, w_dev: Tensor, x: Tensor, io: IOParameters) -> Tensor:
+    def _read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
-        y = analog_read(w_dev, x, io, self.read_generator, self.read_stats)
+        y = analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
         for _ in range(self.config.n_reads - 1):
-            y = y + analog_read(w_dev, x, io, self.read_generator, self.read_stats)
+            y = y + analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
         if self.config.n_reads > 1:
             y = y / self.config.n_reads
         return y
+
+    def _uniform_scale(self) -> float | None:
+        lo, hi = torch.aminmax(self.scale)
+        return float(hi) if float(lo) == float(hi) else None
 
     def forward(self, u: Tensor) -> Tensor:
         """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
         if u.shape[-1] != self.in_features:
             raise ValueError(f"forward: input has last dimension {u.shape[-1]}, expected {self.in_features}")
+        uniform = self._uniform_scale()
+        if uniform is not None:
+            return self._read(self.slot.weights, u, self.config.forward, uniform)
         y = self._read(self.slot.weights, u, self.config.forward)
         return y * self.scale.squeeze(1).to(y.dtype)
 
@@ -242,7 +292,10 @@ class AnalogTile:
         """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype."""
         if d.shape[-1] != self.out_features:
             raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
-        # the digital scale acts on the rows of W, i.e. on the inputs of the transposed read
+        uniform = self._uniform_scale()
+        if uniform is not None:
+            return self._read(self.slot.weights.T, d, self.config.backward, uniform)
+        # a per-row digital scale acts on the rows of W, i.e. on the inputs of the transposed read
         ds = d * self.scale.squeeze(1).to(d.dtype)
         return self._read(self.slot.weights.T, ds, self.config.backward)
 
@@ -283,14 +336,18 @@ class AnalogTile:
             self._apply_per_sample(slot, plan, lambda sl: sample_counts_per_sample(plan, gen, sl), aggregate=False)
         elif up.mode == "fast":
             n_up, n_down = fast_counts(plan, gen)
-            self._apply_counts(slot, n_up, n_down)
+            slot.apply_counts(n_up, n_down, gen, up)
+            self.pulse_count += (n_up + n_down).to(self.pulse_count.dtype)
         else:
             mu_up, mu_down = expected_counts(plan)
             slot.apply_expected(mu_up, mu_down, gen)
             self.pulse_count += (mu_up + mu_down).to(self.pulse_count.dtype)
 
-    def _apply_counts(self, slot: DeviceSlot, n_up: Tensor, n_down: Tensor) -> None:
-        slot.apply_pulses(n_up.round().long(), n_down.round().long(), self.update_generator)
+    def _apply_counts(self, slot: DeviceSlot, n_up: Tensor, n_down: Tensor, pulse_by_pulse: bool = False) -> None:
+        if pulse_by_pulse:
+            slot.apply_pulses(n_up.round().long(), n_down.round().long(), self.update_generator)
+        else:
+            slot.apply_counts(n_up.round(), n_down.round(), self.update_generator, self.config.update)
         self.pulse_count += (n_up + n_down).to(self.pulse_count.dtype)
 
     def _apply_per_sample(self, slot: DeviceSlot, plan: PulsePlan, counts_of, aggregate: bool) -> None:
@@ -304,7 +361,7 @@ class AnalogTile:
             else:
                 for i in range(n_up.shape[0]):
                     if bool((n_up[i] > 0).any()) or bool((n_down[i] > 0).any()):
-                        self._apply_counts(slot, n_up[i], n_down[i])
+                        self._apply_counts(slot, n_up[i], n_down[i], pulse_by_pulse=True)
         if aggregate and total_up is not None:
             self._apply_counts(slot, total_up, total_down)
 

@@ -23,7 +23,12 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
   alternating up/down pairs, then the surplus). Approximations: the correlation between elements
   that share a slot train is dropped, the count distribution is a moment-matched binomial rather
   than the exact Poisson-binomial, and the per-sample order of pulses is replaced by the
-  device's alternating order.
+  device's alternating order. When some device gets more than `fast_exact_max_pulses` pulses,
+  the n-pulse response is integrated instead of simulated pulse by pulse: `fast_substeps` Euler
+  steps of dw/dn with the device's noise-free mean steps (pairs drift by Δ⁺(w) − Δ⁻(w), the
+  surplus moves by its own direction), plus Gaussian cycle-to-cycle noise with the variance of the
+  sum of the per-pulse noises (dw_min_std·|mean step| per pulse; dw_min_std·dw_min for
+  additive-noise models).
 - ``"expected"``: no sampling: ΔW = μ_up·Δ⁺(W) − μ_down·Δ⁻(W) with the device's noise-free
   mean step at the current weight (`DeviceArray.mean_step`); linearised in the number of pulses.
 
@@ -65,6 +70,8 @@ class UpdateParameters:
     x_res_implicit: float = 0.0
     d_res_implicit: float = 0.0
     mode: str = "fast"
+    fast_substeps: int = 8
+    fast_exact_max_pulses: int = 16
 
     def __post_init__(self) -> None:
         check_positive_int("desired_bl", self.desired_bl)
@@ -73,6 +80,8 @@ class UpdateParameters:
         check_range("um_grad_scale", self.um_grad_scale, 0.0, lo_open=True)
         check_range("x_res_implicit", self.x_res_implicit, 0.0)
         check_range("d_res_implicit", self.d_res_implicit, 0.0)
+        check_positive_int("fast_substeps", self.fast_substeps)
+        check_positive_int("fast_exact_max_pulses", self.fast_exact_max_pulses, minimum=0)
 
     @property
     def um_effective(self) -> bool:
@@ -80,16 +89,49 @@ class UpdateParameters:
         return self.update_management or self.update_bl_management
 
 
-@dataclass
 class PulsePlan:
-    """Per-sample pulse-train parameters: slot count BL (N,), row probabilities p (N, out) and
-    column probabilities q (N, in), both clipped to [0, 1], and the signs of d and x."""
+    """Per-sample pulse-train parameters: slot count BL (N,), row factor A (N, 1) and column
+    factor B (N, 1). The signed row probabilities ps = clip(A·d, −1, 1) (N, out) and column
+    probabilities qs = clip(B·x, −1, 1) (N, in) are built on first use: |ps|, |qs| are the firing
+    probabilities, their signs those of d and x. `unclipped` is true when no probability reaches
+    1, so that BL·p·q = lr·|d x|/g exactly (no truncation)."""
 
-    bl: Tensor
-    p: Tensor
-    q: Tensor
-    d_sign: Tensor
-    x_sign: Tensor
+    def __init__(self, bl: Tensor, a: Tensor, b: Tensor, x: Tensor, d: Tensor, lr: float, granularity: float,
+                 unclipped: bool):
+        self.bl, self.a, self.b = bl, a, b
+        self.x, self.d = x, d
+        self.lr, self.granularity = lr, granularity
+        self.unclipped = unclipped
+        self._ps: Tensor | None = None
+        self._qs: Tensor | None = None
+
+    @property
+    def ps(self) -> Tensor:
+        if self._ps is None:
+            self._ps = (self.d * self.a).clamp_(-1.0, 1.0)
+        return self._ps
+
+    @property
+    def qs(self) -> Tensor:
+        if self._qs is None:
+            self._qs = (self.x * self.b).clamp_(-1.0, 1.0)
+        return self._qs
+
+    @property
+    def p(self) -> Tensor:
+        return self.ps.abs()
+
+    @property
+    def q(self) -> Tensor:
+        return self.qs.abs()
+
+    @property
+    def d_sign(self) -> Tensor:
+        return torch.sign(self.d)
+
+    @property
+    def x_sign(self) -> Tensor:
+        return torch.sign(self.x)
 
 
 def _check_inputs(x: Tensor, d: Tensor, lr: float, granularity: float) -> None:
@@ -101,39 +143,45 @@ def _check_inputs(x: Tensor, d: Tensor, lr: float, granularity: float) -> None:
         raise ValueError(f"pulsed update needs a device granularity > 0, got {granularity}")
 
 
+def _abs_max(v: Tensor) -> Tensor:
+    lo, hi = torch.aminmax(v, dim=1, keepdim=True)  # one pass instead of abs + amax
+    return torch.maximum(-lo, hi)
+
+
 def plan_pulses(x: Tensor, d: Tensor, lr: float, granularity: float, up: UpdateParameters) -> PulsePlan:
-    """BL, A, B per sample (module docstring) and the resulting slot probabilities."""
+    """BL, A, B per sample (module docstring)."""
     _check_inputs(x, d, lr, granularity)
     n = x.shape[0]
     g = granularity
     dtype, dev = x.dtype, x.device
-    x_abs, d_abs = x.abs(), d.abs()
     if lr == 0.0:
-        zeros = torch.zeros(n, dtype=torch.long, device=dev)
-        return PulsePlan(zeros, torch.zeros_like(d_abs), torch.zeros_like(x_abs), torch.sign(d), torch.sign(x))
+        zero = torch.zeros(n, 1, dtype=dtype, device=dev)
+        return PulsePlan(torch.zeros(n, dtype=torch.long, device=dev), zero, zero, x, d, lr, g, True)
     if up.fixed_bl or up.update_bl_management or g * up.desired_bl >= lr:
         base_bl, a_base = up.desired_bl, math.sqrt(lr / (g * up.desired_bl))
     else:
         base_bl, a_base = max(math.ceil(lr / g), 1), 1.0
     bl = torch.full((n,), base_bl, dtype=torch.long, device=dev)
-    a = torch.full((n, 1), a_base, dtype=dtype, device=dev)
-    b = a.clone()
+    x_abs_max, d_abs_max = _abs_max(x), _abs_max(d)
     if up.um_effective:
         reg = g * g
-        x_max = x_abs.amax(dim=1, keepdim=True).clamp_min(reg)
-        d_max = (d_abs.amax(dim=1, keepdim=True) * up.um_grad_scale).clamp_min(reg)
+        x_max = x_abs_max.clamp_min(reg)
+        d_max = (d_abs_max * up.um_grad_scale).clamp_min(reg)
         k = lr * x_max * d_max / g
         if up.update_bl_management:
             bl = torch.ceil(k).squeeze(1).clamp(1, up.desired_bl).long()
             a = torch.sqrt(lr / (g * bl.to(dtype))).unsqueeze(1)
-            b = a.clone()
+        else:
+            a = torch.full((n, 1), a_base, dtype=dtype, device=dev)
         kmax = bl.to(dtype).unsqueeze(1)
         d_max = torch.where(k > kmax, d_max * kmax / k, d_max)
-        a = a * torch.sqrt(x_max / d_max)
-        b = b * torch.sqrt(d_max / x_max)
-    p = (a * d_abs).clamp_max(1.0)
-    q = (b * x_abs).clamp_max(1.0)
-    return PulsePlan(bl, p, q, torch.sign(d), torch.sign(x))
+        ratio = torch.sqrt(x_max / d_max)
+        a, b = a * ratio, a / ratio
+    else:
+        a = torch.full((n, 1), a_base, dtype=dtype, device=dev)
+        b = a.clone()
+    unclipped = bool(((a * d_abs_max).max() <= 1.0) & ((b * x_abs_max).max() <= 1.0))
+    return PulsePlan(bl, a, b, x, d, lr, g, unclipped)
 
 
 def _split_by_sign(counts: Tensor, d_sign: Tensor, x_sign: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,23 +239,29 @@ def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk
     return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
 
 
-def _signed_sums(plan: PulsePlan, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """Σₙ BLₙ pₙᵢ qₙⱼ over the samples whose coincidence is up, and over those that are down."""
-    w = plan.bl.to(p.dtype).unsqueeze(1)
-    p_pos = p * (plan.d_sign > 0) * w
-    p_neg = p * (plan.d_sign < 0) * w
-    q_pos = q * (plan.x_sign > 0)
-    q_neg = q * (plan.x_sign < 0)
-    rows = torch.cat([p_pos, p_neg], dim=0).T
-    # s > 0 (down) where d and x have the same sign
-    down = rows @ torch.cat([q_pos, q_neg], dim=0)
-    up = rows @ torch.cat([q_neg, q_pos], dim=0)
-    return up, down
+def _split_sums(bl: Tensor, ps: Tensor, qs: Tensor, p_abs: Tensor, q_abs: Tensor) -> tuple[Tensor, Tensor]:
+    """(Σ over up coincidences, Σ over down coincidences) of BLₙ·|ps|·|qs|, from two products:
+    the signed sum M and the absolute sum S give up = (S − M)/2 and down = (S + M)/2."""
+    w = bl.to(ps.dtype).unsqueeze(1)
+    signed = (ps * w).T @ qs
+    total = (p_abs * w).T @ q_abs
+    return (total - signed) * 0.5, (total + signed) * 0.5
 
 
 def expected_counts(plan: PulsePlan) -> tuple[Tensor, Tensor]:
-    """Exact expected up and down coincidence counts summed over the batch, each (out, in)."""
-    return _signed_sums(plan, plan.p, plan.q)
+    """Exact expected up and down coincidence counts summed over the batch, each (out, in).
+
+    Without clipped probabilities BL·p·q = lr·|d x|/g, so the sums are two plain products of
+    d and x (no probability tensors are built)."""
+    if plan.unclipped:
+        factor = plan.lr / plan.granularity
+        signed = plan.d.T @ plan.x
+        total = plan.d.abs().T @ plan.x.abs()
+        mu_up = (total - signed).mul_(0.5 * factor)
+        mu_down = (total + signed).mul_(0.5 * factor)
+    else:
+        mu_up, mu_down = _split_sums(plan.bl, plan.ps, plan.qs, plan.p, plan.q)
+    return mu_up.clamp_min_(0.0), mu_down.clamp_min_(0.0)
 
 
 def fast_counts(plan: PulsePlan, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -216,13 +270,17 @@ def fast_counts(plan: PulsePlan, generator: torch.Generator) -> tuple[Tensor, Te
     μ = Σ BL p q and variance μ − ν with ν = Σ BL (p q)²; Binomial(m, μ/m) with m = ceil(μ²/ν)
     has that mean and (up to the rounding of m) that variance."""
     mu_up, mu_down = expected_counts(plan)
-    nu_up, nu_down = _signed_sums(plan, plan.p * plan.p, plan.q * plan.q)
+    p_sq, q_sq = plan.ps * plan.ps, plan.qs * plan.qs
+    nu_up, nu_down = _split_sums(plan.bl, plan.ps.abs() * plan.ps, plan.qs.abs() * plan.qs, p_sq, q_sq)
+    nu_up.clamp_min_(0.0)
+    nu_down.clamp_min_(0.0)
 
     def draw(mu: Tensor, nu: Tensor) -> Tensor:
         positive = (mu > 0) & (nu > 0)
-        trials = torch.where(positive, torch.ceil(mu * mu / torch.where(positive, nu, torch.ones_like(nu)) - 1e-9),
-                             torch.zeros_like(mu))
-        trials = torch.maximum(trials, torch.ceil(mu - 1e-9))
+        # relative slack: μ and ν come from different float products (μ²/ν = 20.000004 must give 20)
+        ratio = mu * mu / torch.where(positive, nu, torch.ones_like(nu))
+        trials = torch.where(positive, torch.ceil(ratio * (1 - 1e-5)), torch.zeros_like(mu))
+        trials = torch.maximum(trials, torch.ceil(mu * (1 - 1e-5)))
         prob = torch.where(trials > 0, mu / trials.clamp_min(1.0), torch.zeros_like(mu)).clamp(0.0, 1.0)
         if generator.device.type == "cpu":
             out = torch.binomial(trials.float().cpu(), prob.float().cpu(), generator=generator)

@@ -1,0 +1,84 @@
+"""Analog tile vs digital matrix, measured side by side in one run.
+
+Run by hand:  python -m experiments.benchmarks.bench_crossbar [--n 512 --batch 4096 --repeats 3]
+
+- forward: `AnalogTile.forward` with the full preset periphery (ReRAM-SB preset: DAC/ADC
+  quantisation, out noise, abs-max noise management, iterative bound management) vs `x @ W.T`;
+- update: `AnalogTile.apply_update` (ReRAM-SB, aihwkit's preset update: BL 31, UBLM, UM) in the
+  expected-value, fast pulse-train and exact pulse-train modes vs the digital rank-k update
+  `W -= lr * d.T @ x`. The exact mode (per-sample Bernoulli trains, applied sample by sample) is
+  timed on `--exact-batch` samples and scaled linearly to the full batch.
+Anchor (reference/README.md, aihwkit 1.2.0 CPU, same shapes): forward 7.7x, pulsed update 248x.
+Targets (issue 4): forward <= 3x, update <= 5x (expected value), <= 100x (pulse trains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from crossbar import AnalogTile, tile_preset
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--exact-batch", type=int, default=16)
+    parser.add_argument("--device", default="reram_sb")
+    parser.add_argument("--lr", type=float, default=0.01)
+    args = parser.parse_args(argv)
+
+    gen = torch.Generator().manual_seed(0)
+    n, batch = args.n, args.batch
+    w = torch.randn(n, n, generator=gen) / n**0.5
+    x = torch.randn(batch, n, generator=gen)
+    # errors of a realistic scale: per-sample d with |d| ~ 1/batch so the batch update is O(lr)
+    d = torch.randn(batch, n, generator=gen) / batch**0.5
+
+    tiles = {mode: AnalogTile(tile_preset(args.device, mode=mode), n, n, torch.Generator().manual_seed(1))
+             for mode in ("expected", "fast", "exact")}
+    for tile in tiles.values():
+        tile.program(w)
+
+    w_digital = w.clone()
+    t_matmul = _best(lambda: x @ w_digital.T, args.repeats)
+    t_forward = _best(lambda: tiles["fast"].forward(x), args.repeats)
+    t_transpose = _best(lambda: tiles["fast"].transpose(x), args.repeats)
+    t_rank_k = _best(lambda: w_digital.sub_(args.lr * (d.T @ x)), args.repeats)
+    t_expected = _best(lambda: tiles["expected"].apply_update(x, d, args.lr), args.repeats)
+    t_fast = _best(lambda: tiles["fast"].apply_update(x, d, args.lr), args.repeats)
+    xb, db = x[: args.exact_batch], d[: args.exact_batch]
+    t_exact_small = _best(lambda: tiles["exact"].apply_update(xb, db, args.lr), 1)
+    t_exact = t_exact_small * batch / args.exact_batch
+
+    print(f"shape {n}x{n}, batch {batch}, device {args.device}, threads {torch.get_num_threads()}")
+    print(f"digital matmul            {t_matmul * 1e3:9.1f} ms")
+    print(f"analog forward            {t_forward * 1e3:9.1f} ms   ratio {t_forward / t_matmul:6.2f}x  "
+          "(target <= 3x, aihwkit 7.7x)")
+    print(f"analog transpose          {t_transpose * 1e3:9.1f} ms   ratio {t_transpose / t_matmul:6.2f}x")
+    print(f"digital rank-k update     {t_rank_k * 1e3:9.1f} ms")
+    print(f"analog update, expected   {t_expected * 1e3:9.1f} ms   ratio {t_expected / t_rank_k:6.2f}x  "
+          "(target <= 5x)")
+    print(f"analog update, fast       {t_fast * 1e3:9.1f} ms   ratio {t_fast / t_rank_k:6.2f}x  "
+          "(target <= 100x, aihwkit 248x)")
+    print(f"analog update, exact      {t_exact * 1e3:9.1f} ms   ratio {t_exact / t_rank_k:6.2f}x  "
+          f"(timed on {args.exact_batch} samples, scaled)")
+    print("pulses per device after the timed updates (fast tile):", tiles["fast"].counters()["pulses_max"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
