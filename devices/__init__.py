@@ -7,6 +7,17 @@ Public API (the contract `crossbar` builds on)::
     save_device(path, cfg)                        # TOML with a [device] table
     preset_names() -> list[str]
     DeviceArray(config, shape, generator, device=None, dtype=torch.float32)
+        .hidden, .weights, .persistent_weights, .set_weights(w, generator=None)
+        .apply_pulses(n_up, n_down, generator)        # exact, pulse by pulse
+        .apply_pulses_approx(n_up, n_down, generator) # closed form for large counts (approximation)
+        .apply_delta(dw)                              # ideal devices only
+        .mean_step(w=None) -> (up, down)              # noise-free expected |Δw| per pulse
+        .pulse_once(up, generator), .decay(), .diffuse(generator), .reset(mask, generator)
+        .state_dict(), .load_state_dict(state), DeviceArray.from_state_dict(state)
+
+Characterisation and fitting live in `devices.response` (`run_pulse_response`,
+`derived_figures`, `write_response`) and `devices.fit` (`read_traces`, `fit_device`);
+`devices.aihwkit_compat` converts to and from aihwkit when it is installed.
 """
 
 from __future__ import annotations
