@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from devices import DeviceArray, DeviceConfig
+from devices import DeviceArray, DeviceConfig, ExpStepDevice
 
 from .config import TileConfig
 from .io import IOParameters, ReadStats, analog_read
@@ -44,29 +44,50 @@ def _derive_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
 
+def _per_pulse_noise_std(cfg: DeviceConfig, hidden: dict[str, Tensor], w: Tensor, step: Tensor, up: bool) -> Tensor:
+    """Std of one pulse's cycle-to-cycle noise at w, in the device model's own form."""
+    sigma = cfg.dw_min_std
+    if isinstance(cfg, ExpStepDevice) and (cfg.dw_min_std_add != 0 or cfg.dw_min_std_slope != 0):
+        return sigma * (step + cfg.dw_min_std_add + cfg.dw_min_std_slope * w.abs())
+    if getattr(cfg, "mult_noise", True):
+        return sigma * step
+    return sigma * hidden["dwmin_up" if up else "dwmin_down"]
+
+
 def _integrated_response(arr: DeviceArray, n_up: Tensor, n_down: Tensor, generator: torch.Generator,
                          substeps: int) -> None:
     """Integrated n-pulse response (see `crossbar.update`, fast mode): Euler steps of the mean
-    drift, then Gaussian c2c noise of the summed per-pulse variance."""
-    cfg = arr.config
+    drift with Gaussian cycle-to-cycle noise of the summed per-pulse variance, clipped to each
+    device's bounds after every step.
+
+    The up and down pulses are spread evenly over the steps: the integrated path follows a
+    random interleaving of the batch's pulses (as the exact per-sample mode does), not
+    `DeviceArray.apply_pulses`'s pairs-first order. At least `substeps` steps, more when a device
+    would otherwise move more than 2 % of its range in one step (at most one per pulse)."""
+    cfg, h = arr.config, arr.hidden
     n_up = n_up.to(arr.dtype)
     n_down = n_down.to(arr.dtype)
-    pairs = torch.minimum(n_up, n_down)
-    surplus_up, surplus_down = n_up - pairs, n_down - pairs
     w = arr.persistent_weights
-    var = torch.zeros_like(w)
-    mult_noise = getattr(cfg, "mult_noise", True)
-    for _ in range(substeps):
-        step_up, step_down = arr.mean_step(w)
-        w = w + ((pairs + surplus_up) * step_up - (pairs + surplus_down) * step_down) / substeps
-        if mult_noise:
-            var = var + (n_up * step_up * step_up + n_down * step_down * step_down) / substeps
-    if not mult_noise:
-        h = arr.hidden
-        var = n_up * h["dwmin_up"] ** 2 + n_down * h["dwmin_down"] ** 2
-    if cfg.dw_min_std > 0:
-        xi = torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-        w = w + cfg.dw_min_std * var.sqrt() * xi
+    ref = h.get("reference")
+    step_up, step_down = arr.mean_step(w)
+    span = (h["max_bound"] - h["min_bound"]).clamp_min(1e-12)
+    travel = float(((n_up * step_up + n_down * step_down) / span).max())
+    n_max = int((n_up + n_down).max())
+    substeps = max(1, min(n_max, max(substeps, math.ceil(travel / 0.02))))
+    for i in range(substeps):
+        if i > 0:
+            step_up, step_down = arr.mean_step(w)
+        w = w + (n_up * step_up - n_down * step_down) / substeps
+        if cfg.dw_min_std > 0:
+            sd_up = _per_pulse_noise_std(cfg, h, w, step_up, True)
+            sd_down = _per_pulse_noise_std(cfg, h, w, step_down, False)
+            var = (n_up * sd_up * sd_up + n_down * sd_down * sd_down) / substeps
+            xi = torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
+            w = w + var.sqrt() * xi
+        if ref is not None:
+            w = torch.minimum(torch.maximum(w + ref, h["min_bound"]), h["max_bound"]) - ref
+        else:
+            w = torch.minimum(torch.maximum(w, h["min_bound"]), h["max_bound"])
     arr.set_weights(w, generator)
 
 

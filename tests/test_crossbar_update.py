@@ -181,3 +181,25 @@ def test_mixed_precision_and_ttv2_beat_plain_sgd_on_soft_bounds():
     assert sgd > 0.25
     assert mp < 0.8 * sgd and mp < 0.27
     assert tt < 0.6 * sgd and tt < 0.15
+
+
+@pytest.mark.parametrize("preset", ["reram_sb", "reram_es"])
+def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
+    """The fast mode's integrated response vs the same pulses applied one by one in random order."""
+    from crossbar.tile import _integrated_response
+    from devices import DeviceArray, load_device
+
+    dev = load_device(preset)
+    n = 1000
+    for n_up, n_down in ((120, 80), (300, 0), (40, 200)):
+        ref, fast = (DeviceArray(dev, (n,), _gen(0)) for _ in range(2))
+        for arr in (ref, fast):
+            arr.set_weights(torch.full((n,), 0.1), _gen(1))
+        g = _gen(2)
+        order = torch.rand(n, n_up + n_down, generator=g).argsort(dim=1) < n_up  # True: up
+        for t in range(n_up + n_down):
+            ref.pulse_once(order[:, t], g)
+        _integrated_response(fast, torch.full((n,), float(n_up)), torch.full((n,), float(n_down)), _gen(3), 8)
+        span = dev.w_max - dev.w_min
+        assert abs(float(ref.weights.mean() - fast.weights.mean())) < 0.01 * span
+        assert 0.8 < float(fast.weights.std() / ref.weights.std()) < 1.25
