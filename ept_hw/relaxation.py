@@ -424,20 +424,34 @@ def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor
 
 
 def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
-    """Type-II Anderson on g(z) = z + eps F(z), per-sample coefficients.
+    """Type-II Anderson on g(z) = z + eps F(z), per-sample coefficients and per-sample restarts.
 
     With residuals r_i = g(x_i) - x_i = eps F(x_i) in the window, solve
     min_a ||sum a_i r_i||^2 + lam' ||a||^2 s.t. sum a_i = 1, then
     x+ = beta sum a_i g(x_i) + (1 - beta) sum a_i x_i.
+
+    Windowed Anderson behaves like restarted GMRES and can stagnate on the block's strongly
+    non-normal Jacobian (measured: one sample of a batch stuck at res ~1e-3 while plain Euler
+    converged; which sample depends on 1e-12 perturbations). So a sample whose residual
+    rises above `_RESTART_GROWTH` x its best, or has not halved its residual within
+    `_STALL_WINDOW` x m iterations of its window's start, drops its window and restarts from the
+    current iterate; a sample that stalls twice continues with plain iteration (in `notes`).
     """
     batch = z0.shape[0]
     x = z0.clone()
     m = cfg.anderson_m
     hist_x: list[Tensor] = []
     hist_r: list[Tensor] = []
+    hist_it: list[int] = []
+    start_it = torch.zeros(batch, dtype=torch.long)
+    best = torch.full((batch,), float("inf"), dtype=torch.float64)
+    best_it = torch.zeros(batch, dtype=torch.long)
+    start_res = torch.full((batch,), float("inf"), dtype=torch.float64)
+    strikes = torch.zeros(batch, dtype=torch.long)
+    plain_only = torch.zeros(batch, dtype=torch.bool)
     trace = _Trace()
     notes: list[str] = []
-    n_fallbacks = 0
+    n_fallbacks = n_restarts = 0
     n_evals = 0
     it = 0
     converged = False
@@ -454,45 +468,73 @@ def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
                 break
         if last:
             break
+        # per-sample safeguards: restart a window that blew up or stalls; a sample that stalls
+        # twice is handed to plain iteration (it then converges wherever Euler does)
+        res64 = res.detach().to(torch.float64).cpu()
+        improved = res64 < best
+        best = torch.where(improved, res64, best)
+        best_it = torch.where(improved, torch.full_like(best_it, it), best_it)
+        window_age = it - start_it
+        grew = res64 > _RESTART_GROWTH * best
+        stalled = (window_age >= _STALL_WINDOW * m) & (res64 > _STALL_FACTOR * start_res)
+        restart = (grew | stalled) & (window_age > 0) & ~plain_only
+        if bool(restart.any()):
+            n_restarts += int(restart.sum())
+            strikes = strikes + stalled.long() * restart.long()
+            give_up = restart & (strikes >= 2)
+            if bool(give_up.any()):
+                plain_only = plain_only | give_up
+                notes.append(f"anderson: samples {give_up.nonzero().flatten().tolist()[:8]} stalled twice, "
+                             f"plain iteration from iteration {it}")
+            start_it = torch.where(restart, torch.full_like(start_it, it), start_it)
+            start_res = torch.where(restart, res64, start_res)
+        start_res = torch.where(start_it == it, res64, start_res)
+
         r = cfg.eps * f
         hist_x.append(_flat(x))
         hist_r.append(_flat(r))
+        hist_it.append(it)
         if len(hist_x) > m:
             hist_x.pop(0)
             hist_r.pop(0)
+            hist_it.pop(0)
         k = len(hist_x)
         X = torch.stack(hist_x, dim=1)  # (B, k, n)
         R = torch.stack(hist_r, dim=1)
-        G = X + R
-        if k == 1:
-            new = X[:, 0] + cfg.anderson_beta * R[:, 0]
+        plain = X[:, -1] + cfg.anderson_beta * R[:, -1]
+        valid = torch.tensor(hist_it)[None, :] >= start_it[:, None]  # (B, k)
+        use = (valid.sum(dim=1) > 1) & ~plain_only
+        if k == 1 or not bool(use.any()):
+            new = plain
         else:
-            Rd = R.to(solve_dtype)
-            gram = Rd @ Rd.transpose(1, 2).conj()  # (B, k, k)
-            diag_mean = gram.diagonal(dim1=1, dim2=2).real.mean(dim=1)  # (B,)
+            valid_d = valid.to(device=x.device)
+            vmask = valid_d.to(solve_dtype)
+            Rd = R.to(solve_dtype) * vmask[:, :, None]
+            gram = Rd @ Rd.transpose(1, 2).conj()  # (B, k, k); zero rows/cols for invalid entries
+            n_valid = valid_d.sum(dim=1).clamp_min(1)
+            diag_mean = gram.diagonal(dim1=1, dim2=2).real.sum(dim=1) / n_valid  # (B,)
             lam = cfg.anderson_lam * diag_mean
             eye = torch.eye(k, dtype=solve_dtype, device=x.device)
-            # bordered system [[0, 1^T], [1, H]] [nu; a] = [1; 0]
+            # bordered system [[0, 1^T], [1, H]] [nu; a] = [1; 0]; invalid entries get a_j = 0
             H = torch.zeros(batch, k + 1, k + 1, dtype=solve_dtype, device=x.device)
-            H[:, 0, 1:] = 1
-            H[:, 1:, 0] = 1
-            H[:, 1:, 1:] = gram + lam[:, None, None] * eye
+            H[:, 0, 1:] = vmask
+            H[:, 1:, 0] = vmask
+            H[:, 1:, 1:] = gram + (lam[:, None] * vmask)[:, :, None] * eye + torch.diag_embed(1 - vmask)
             rhs = torch.zeros(batch, k + 1, 1, dtype=solve_dtype, device=x.device)
             rhs[:, 0] = 1
             sol, info = torch.linalg.solve_ex(H, rhs)
             alpha = sol[:, 1:, 0]  # (B, k)
             at_rest = diag_mean == 0  # exactly zero residual: a plain step leaves it there
-            ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & ~at_rest
-            alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha))
-            alpha = alpha.to(x.dtype)
+            ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & ~at_rest & use.to(x.device)
+            alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha)).to(x.dtype)
+            G = X + R
             mixed_g = (alpha[:, :, None] * G).sum(dim=1)
             mixed_x = (alpha[:, :, None] * X).sum(dim=1)
             new = cfg.anderson_beta * mixed_g + (1 - cfg.anderson_beta) * mixed_x
-            if not bool(ok.all()):
-                plain = X[:, -1] + cfg.anderson_beta * R[:, -1]
-                new = torch.where(ok[:, None], new, plain)
-            if bool((~ok & ~at_rest).any()):
-                bad = (~ok & ~at_rest).nonzero().flatten()
+            new = torch.where(ok[:, None], new, plain)
+            failed = ~ok & ~at_rest & use.to(x.device)
+            if bool(failed.any()):
+                bad = failed.nonzero().flatten()
                 n_fallbacks += int(bad.numel())
                 notes.append(
                     f"anderson: singular least squares at iteration {it}, samples "
@@ -502,4 +544,11 @@ def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
         x = new.reshape(x.shape)
         it += 1
         _check_finite(x, "state", it, "anderson")
+    if n_restarts:
+        notes.append(f"anderson: {n_restarts} per-sample window restarts")
     return _finish(x, res, trace, converged, n_evals, float("nan"), it, cfg, notes, n_fallbacks)
+
+
+_RESTART_GROWTH = 10.0  # restart when the residual exceeds this multiple of the sample's best
+_STALL_WINDOW = 4  # a window is judged after this many multiples of m iterations ...
+_STALL_FACTOR = 0.5  # ... and stalls if the residual has not halved since the window started
