@@ -38,6 +38,7 @@ from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sampl
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
 REFRESH_THRESHOLD = 0.75
+MAX_SUBSTEPS = 64
 
 
 def _derive_seed(generator: torch.Generator) -> int:
@@ -63,17 +64,18 @@ def _integrated_response(arr: DeviceArray, n_up: Tensor, n_down: Tensor, generat
     The up and down pulses are spread evenly over the steps: the integrated path follows a
     random interleaving of the batch's pulses (as the exact per-sample mode does), not
     `DeviceArray.apply_pulses`'s pairs-first order. At least `substeps` steps, more when a device
-    would otherwise move more than 2 % of its range in one step (at most one per pulse)."""
+    would otherwise move more than 5 % of the nominal range (w_max − w_min) in one step, but at
+    most `MAX_SUBSTEPS` and at most one per pulse."""
     cfg, h = arr.config, arr.hidden
     n_up = n_up.to(arr.dtype)
     n_down = n_down.to(arr.dtype)
     w = arr.persistent_weights
     ref = h.get("reference")
     step_up, step_down = arr.mean_step(w)
-    span = (h["max_bound"] - h["min_bound"]).clamp_min(1e-12)
-    travel = float(((n_up * step_up + n_down * step_down) / span).max())
+    span = cfg.w_max - cfg.w_min
+    travel = float((n_up * step_up + n_down * step_down).max()) / span
     n_max = int((n_up + n_down).max())
-    substeps = max(1, min(n_max, max(substeps, math.ceil(travel / 0.02))))
+    substeps = max(1, min(n_max, MAX_SUBSTEPS, max(substeps, math.ceil(travel / 0.05))))
     for i in range(substeps):
         if i > 0:
             step_up, step_down = arr.mean_step(w)
