@@ -231,3 +231,22 @@ def test_endurance_and_device_count_from_the_checkpoint_counters(tmp_path):
     assert d["endurance"]["value"] == 123.0 and "note" not in d["endurance"]
     # 400 unit cells; all pulses of the last metrics row (500 * STEPS) over cells and steps
     assert d["pulses_per_device_per_step"]["value"] == pytest.approx(500.0 * STEPS / (400 * STEPS))
+
+
+def test_cli_export_validate_and_clear_errors(tmp_path, capsys):
+    from experiments.cli import main
+
+    run = _write_run(tmp_path / "runs" / "demo")
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o"), "--no-pulse-response"]) == 0
+    assert main(["spec", "validate", str(tmp_path / "o" / "device_spec.json")]) == 0
+    assert "valid device spec" in capsys.readouterr().out
+    broken = json.loads((tmp_path / "o" / "device_spec.json").read_text())
+    broken["derived"]["settling_time"]["unit"] = ""
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    assert main(["spec", "validate", str(tmp_path / "bad.json")]) == 2
+    assert "derived/settling_time/unit" in capsys.readouterr().err
+    (run / "metrics.jsonl").unlink()
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "incomplete" in err
+    assert not (tmp_path / "o2").exists()

@@ -213,3 +213,86 @@ def test_axis_overrides_land_on_the_tile_fields():
     assert base_values(base)["n_states"] == 1000
     with pytest.raises(ConfigError, match="ideal"):
         apply_overrides(TileConfig(device="ideal"), {"n_states": 10})
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sweep: each point a short `compare` of the tiny model (shared by the tests below).
+
+ADC_TOLERANCE = 0.05
+SMALL_TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+              "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
+              "And by opposing end them.\n") * 40
+
+
+def _adc_sweep_args(root: Path) -> list[str]:
+    return ["sweep", "--model", "tiny", "--device", str(root / "tile_base.toml"), "--axis", "adc_bits=2,8",
+            "--tolerance", str(ADC_TOLERANCE), "--data", str(root / "small.txt"), "--steps", "10", "--batch-size", "4",
+            "--set", "training.eval_interval=10", "--set", "training.eval_batches=1", "--set", "estimator.beta=0.5",
+            "--workers", "2", "--out", str(root / "sweep"), "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def adc_sweep(tmp_path_factory):
+    """ADC bits 2 against 8 on an ideal device with noise-free reads (so quantisation is the only
+    analog effect), every point from the same seed and data (common random numbers)."""
+    import dataclasses
+
+    from crossbar.config import save_tile_config
+    from crossbar.presets import tile_preset
+    from experiments.cli import main
+
+    root = tmp_path_factory.mktemp("adc_sweep")
+    (root / "small.txt").write_text(SMALL_TEXT)
+    tile = tile_preset("ideal")
+    io = dataclasses.replace(tile.forward, out_noise=0.0, out_bound=4.0)
+    tile = tile.replace(forward=io, backward=dataclasses.replace(io, bound_management="none"))
+    save_tile_config(root / "tile_base.toml", tile)
+    assert main(_adc_sweep_args(root)) == 0
+    return root
+
+
+def test_real_adc_sweep_orders_gaps_and_derives_the_smallest_passing_value(adc_sweep):
+    data = json.loads((adc_sweep / "sweep" / "sweep.json").read_text())
+    rows = {r["overrides"]: r for r in data["rows"]}
+    assert set(rows) == {"base", "adc_bits=2", "adc_bits=8"} and all(r["status"] == "ok" for r in rows.values())
+    # same seed and data for every point: the twins are identical runs
+    twins = {r["twin_val_loss"] for r in rows.values()}
+    assert len(twins) == 1
+    gap2, gap8 = rows["adc_bits=2"]["gap"], rows["adc_bits=8"]["gap"]
+    assert gap2 > gap8 + 0.1  # 2 bits: 3 output levels, the readout is flat; 8 bits tracks the twin
+    assert gap2 > ADC_TOLERANCE >= gap8
+    assert data["base_values"]["adc_bits"] == 9
+    (req,) = data["requirements"]
+    passing = sorted(t["value"] for t in req["tested"] if t["gap"] is not None and t["gap"] <= ADC_TOLERANCE)
+    assert req["required"] == passing[0] == 8 and req["status"] == "met"
+    assert all(math.isfinite(r["re_mu"]) for r in rows.values())
+    assert all(r["pulses_per_device"] is not None and r["pulses_per_device"] >= 0 for r in rows.values())
+    assert (adc_sweep / "sweep" / "plots" / "gap_vs_adc_bits.png").stat().st_size > 5000
+
+
+def test_real_sweep_rerun_recomputes_nothing(adc_sweep, capsys):
+    from experiments.cli import main
+
+    points = sorted((adc_sweep / "sweep" / "points").glob("*.json"))
+    before = {p.name: p.stat().st_mtime_ns for p in points}
+    runs_before = {p.name: p.stat().st_mtime_ns for p in (adc_sweep / "sweep" / "runs").iterdir()}
+    assert main(_adc_sweep_args(adc_sweep)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in points} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (adc_sweep / "sweep" / "runs").iterdir()} == runs_before
+    assert "adc_bits:" in capsys.readouterr().out
+
+
+def test_real_sweep_exports_a_valid_spec(adc_sweep):
+    from experiments.spec import export_spec, validate_spec
+
+    result = export_spec(adc_sweep / "sweep", adc_sweep / "spec")
+    spec = json.loads(result.spec_path.read_text())
+    validate_spec(spec)
+    (row,) = spec["requirements"]["rows"]
+    assert row["axis"] == "adc_bits" and row["required"] == 8
+    source = spec["device"]["source"]
+    assert source["kind"] == "preset" and source["path"].endswith("tile_base.toml")  # preset device in a tile file
+    assert spec["periphery"]["adc"]["forward.out_bound"]["value"] == 4.0
+    assert spec["derived"]["settling_time"]["value"] > 0
+    assert sorted(r["role"] for r in spec["provenance"]["runs"]) == ["sweep_base", "sweep_point", "sweep_point"]
+    assert {p.name for p in result.plots} == {"loss_curves.png", "gap_vs_adc_bits.png"}
