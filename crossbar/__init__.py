@@ -7,7 +7,17 @@ Public API::
     tile_preset(device_name, algorithm="sgd", mode="fast"), tile_preset_names()
     AnalogTile(config, out_features, in_features, generator)
     AnalogProjection(weight, config, generator, name="W"); analog_factory(config, generator)
-    analog_read(weights, x, io, generator, stats=None)
+    analog_read(weights, x, io, generator, stats=None, digital_scale=1.0)
+
+AnalogProjection beyond the `Projection` protocol:
+    proj.counters() -> {"pulses_max", "pulses_mean", "mvm_reads", "adc_conversions",
+                        "adc_clip_fraction", "device_saturation_fraction", "updates",
+                        "transfers", "refreshes"}
+    proj.noise_mode = "fresh" | "common" | "frozen";  proj.set_noise_seed(seed)
+        common: call set_noise_seed(s) at the start of each nudged phase with the same s, and
+        both phases see the same read noise, read by read; frozen: every read replays the draws
+        of seed s; fresh: set_noise_seed is ignored.
+    proj.tile: the AnalogTile (weights in device units: proj.tile.slot.weights; scale: proj.tile.scale)
 """
 
 from .config import (ALGORITHMS, NOISE_MODES, MappingParameters, MixedPrecisionParameters, TileConfig,

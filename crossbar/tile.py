@@ -235,7 +235,7 @@ class AnalogTile:
             self.buffer = torch.zeros(shape, device=self.device)
         elif config.algorithm == "mixed_precision":
             self.accumulator = torch.zeros(shape, device=self.device)
-        gen_device = generator.device
+        gen_device = self.device  # read/update noise drawn where the tile lives
         self.read_generator = torch.Generator(device=gen_device)
         self.read_generator.manual_seed(_derive_seed(generator))
         self.update_generator = torch.Generator(device=gen_device)

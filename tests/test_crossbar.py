@@ -219,3 +219,25 @@ def test_state_dict_resumes_exactly():
     assert torch.equal(a.forward(u), b.forward(u))
     assert a.counters() == b.counters()
     assert a.counters()["pulses_max"] > 0 and a.counters()["mvm_reads"] > 0
+
+
+def test_analog_factory_inside_the_model_matches_digital_twin():
+    """The model's autograd plumbing (forward read, transposed read for the VJP) through analog
+    projections with an ideal device and perfect periphery equals the digital twin."""
+    from ept_hw.model import EquilibriumTransformer, ModelConfig
+    from ept_hw.projection import digital_factory
+
+    cfg = ModelConfig(vocab_size=11, context=6, width=8, heads=2)
+    analog = EquilibriumTransformer(cfg, analog_factory(tile_preset("perfect_ideal"), _gen(1)), _gen(2))
+    digital = EquilibriumTransformer(cfg, digital_factory, _gen(2))
+    idx = torch.randint(0, 11, (2, 6), generator=_gen(3))
+    z = 0.5 * torch.randn(2, 6, 8, generator=_gen(4))
+    forces = []
+    for model in (analog, digital):
+        zz = z.clone().requires_grad_(True)
+        f = model.force(zz, model.embed(idx))
+        (vjp,) = torch.autograd.grad(f, zz, torch.ones_like(f))
+        forces.append((f.detach(), vjp))
+    torch.testing.assert_close(forces[0][0], forces[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forces[0][1], forces[1][1], rtol=1e-5, atol=1e-5)
+    assert float(forces[0][1].abs().max()) > 0.1
