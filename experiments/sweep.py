@@ -379,7 +379,8 @@ def load_records(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 def _check_manifest(out_dir: Path, context: Mapping[str, Any]) -> None:
     """A sweep directory belongs to one base (context); resuming with another base is refused."""
     path = out_dir / MANIFEST
-    fresh = json.loads(json.dumps(dict(context), sort_keys=True, default=str))
+    # keys starting with "_" are run mechanics (where, how many threads), not the physics of a point
+    fresh = json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}, sort_keys=True, default=str))
     if path.is_file():
         old = json.loads(path.read_text()).get("context", {})
         differing = sorted(k for k in set(old) | set(fresh) if old.get(k) != fresh.get(k))
@@ -407,7 +408,8 @@ def run_sweep(
     Points with a record on disk are not recomputed (failed ones only with `retry_failed`).
     `workers > 1` runs points in spawned worker processes; `workers = 1` runs them in this
     process. `context` (JSON-able) is passed to every call and pinned in ``sweep_manifest.json``:
-    resuming a directory with a different context raises `ValueError` naming the differing keys.
+    resuming a directory with a different context raises `ValueError` naming the differing keys
+    (keys starting with "_" are passed but not pinned: run mechanics such as threads).
     """
     if workers < 1:
         raise ConfigError("workers", workers, "an integer >= 1")
@@ -736,8 +738,8 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     from trainer.loop import EXIT_INTERRUPTED, run
     from trainer.metrics import read_metrics
 
-    torch.set_num_threads(int(context.get("threads", 1)))
-    out = Path(context["out_dir"])
+    torch.set_num_threads(int(context.get("_threads", 1)))
+    out = Path(context["_out_dir"])
     pid = point_id(overrides)
     base = base_tile(context)
     if base.forward.is_perfect and set(overrides) & set(PERIPHERY_AXES):
@@ -782,7 +784,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     if counts.get("n_weights") and result.steps_completed:
         out_row["pulses_per_device"] = counts["total_pulses"] / counts["n_weights"] / result.steps_completed
         out_row["max_pulses_per_device"] = counts["max_pulses_per_device"]
-    if context.get("re_mu", True) and not diverged:
+    if context.get("_re_mu", True) and not diverged:
         try:
             out_row["re_mu"] = leading_re_mu(run_dir)
         except Exception as exc:  # noqa: BLE001 - a diagnostic column: keep the point
@@ -833,9 +835,9 @@ def run_device_sweep(
             raise ConfigError("axis", name, "one of " + ", ".join(AXES))
     check_range("tolerance", tolerance, 0.0)
     out = Path(out_dir).resolve()
-    context = {"out_dir": str(out), "model": model, "device": device, "periphery": periphery,
-               "run_overrides": json.loads(json.dumps(dict(run_overrides or {}))), "re_mu": bool(re_mu),
-               "threads": int(threads)}
+    context = {"model": model, "device": device, "periphery": periphery,
+               "run_overrides": json.loads(json.dumps(dict(run_overrides or {}))),
+               "_out_dir": str(out), "_re_mu": bool(re_mu), "_threads": int(threads)}
     tile = base_tile(context)  # raises ConfigError on a bad model, device or override, before any work
     if tile.forward.is_perfect and set(axes) & set(PERIPHERY_AXES):
         raise ConfigError("axis", ", ".join(sorted(set(axes) & set(PERIPHERY_AXES))),

@@ -99,6 +99,9 @@ def test_resume_with_a_different_base_is_refused(tmp_path):
     run_sweep(synthetic_point, [{}], tmp_path / "s", context={"calls_dir": str(calls), "device": "reram_sb"})
     with pytest.raises(ValueError, match="device"):
         run_sweep(synthetic_point, [{}], tmp_path / "s", context={"calls_dir": str(calls), "device": "ecram"})
+    # run mechanics ("_" keys) may change between resumes; nothing is recomputed
+    run_sweep(synthetic_point, [{}], tmp_path / "s", context={"calls_dir": str(calls), "device": "reram_sb", "_threads": 4})
+    assert _n_calls(calls) == 1
 
 
 def test_parallel_workers_run_in_other_processes(tmp_path):
