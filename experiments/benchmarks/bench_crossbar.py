@@ -22,13 +22,16 @@ import torch
 from crossbar import AnalogTile, tile_preset
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def _paired(fns: dict, repeats: int) -> dict:
+    """Best-of-`repeats` times, the candidates interleaved within each repeat so that the load
+    of a shared machine hits them alike."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         tile.program(w)
 
     w_digital = w.clone()
-    t_matmul = _best(lambda: x @ w_digital.T, args.repeats)
-    t_forward = _best(lambda: tiles["fast"].forward(x), args.repeats)
-    t_transpose = _best(lambda: tiles["fast"].transpose(x), args.repeats)
-    t_rank_k = _best(lambda: w_digital.sub_(args.lr * (d.T @ x)), args.repeats)
-    t_expected = _best(lambda: tiles["expected"].apply_update(x, d, args.lr), args.repeats)
-    t_fast = _best(lambda: tiles["fast"].apply_update(x, d, args.lr), args.repeats)
+    t = _paired({
+        "matmul": lambda: x @ w_digital.T,
+        "forward": lambda: tiles["fast"].forward(x),
+        "transpose": lambda: tiles["fast"].transpose(x),
+        "rank_k": lambda: w_digital.sub_(args.lr * (d.T @ x)),
+        "expected": lambda: tiles["expected"].apply_update(x, d, args.lr),
+        "fast": lambda: tiles["fast"].apply_update(x, d, args.lr),
+    }, args.repeats)
+    t_matmul, t_forward, t_transpose = t["matmul"], t["forward"], t["transpose"]
+    t_rank_k, t_expected, t_fast = t["rank_k"], t["expected"], t["fast"]
     xb, db = x[: args.exact_batch], d[: args.exact_batch]
-    t_exact_small = _best(lambda: tiles["exact"].apply_update(xb, db, args.lr), 1)
+    t_exact_small = _paired({"exact": lambda: tiles["exact"].apply_update(xb, db, args.lr)}, 1)["exact"]
     t_exact = t_exact_small * batch / args.exact_batch
 
     print(f"shape {n}x{n}, batch {batch}, device {args.device}, threads {torch.get_num_threads()}")
