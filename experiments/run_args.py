@@ -13,7 +13,7 @@ from ept_hw.config import ConfigError
 
 from trainer.config import RunConfig, load_run_config, merge, preset_names
 
-__all__ = ["add_run_arguments", "config_from_args", "print_result"]
+__all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result"]
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -39,6 +39,24 @@ def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> Non
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-ckpt", help="start from this checkpoint's weights (programmed onto the arrays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: at these sizes a second thread mostly spins; see README)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:

@@ -28,8 +28,17 @@ SMALL = {
     "estimator": {"t2": 6, "beta": 3.2},
 }
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second torch thread only spins (and steals a core from the other suites)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
-@pytest.fixture(scope="session")
+
+
+@pytest.fixture(scope="module")
 def text_file():
     """A real play (UTF-8, ~180k characters): quicker to load than the whole embedded corpus."""
     return str(embedded_works()["hamlet"][0])
@@ -39,7 +48,7 @@ def small_config(text_file, **overrides):
     return load_run_config("tiny", merge(merge(SMALL, {"data": {"source": text_file}}), overrides))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def noisy_full_run(tmp_path_factory, text_file):
     """compare on a noisy, pulsed device: 4 uninterrupted steps."""
     out = tmp_path_factory.mktemp("runs") / "full"
@@ -48,7 +57,7 @@ def noisy_full_run(tmp_path_factory, text_file):
     return cfg, out, result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ideal_run(tmp_path_factory, text_file):
     out = tmp_path_factory.mktemp("runs") / "ideal"
     cfg = small_config(

@@ -203,8 +203,11 @@ def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     try:
         from ept_hw.stability import detect_limit_cycle
 
-        x_in = path.model.embed(idx)
-        rep = detect_limit_cycle(lambda z: path.model.force(z, x_in), x_in)
+        # On the read-out weights (the analog arrays' effective weights): a verdict through noisy
+        # reads would only ever see the noise floor.
+        model = path._shadow_model()
+        x_in = model.embed(idx)
+        rep = detect_limit_cycle(lambda z: model.force(z, x_in), x_in, eps=path.cfg.solver.eps, n_steps=1000)
         out["verdict"] = getattr(rep, "verdict", str(rep))
     except Exception as exc:  # the verdict is a diagnostic: never let it stop the run
         logger.warning("stability verdict unavailable: %s", exc)

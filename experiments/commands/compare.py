@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.run_args import add_run_arguments, config_from_args, print_result
+from experiments.run_args import add_run_arguments, apply_threads, config_from_args, print_result
 from trainer.loop import run
 
 
@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     if args.out is None:
         raise ValueError("--out runs/NAME is required")
     if not args.resume and args.model is None:

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="override the preset's step count")
     p.add_argument("--device", help="override the preset's device")
     p.add_argument("--no-progress", action="store_true")
+    from experiments.run_args import add_threads_argument
+
+    add_threads_argument(p)
     p.set_defaults(func=_run)
 
 
@@ -34,10 +37,11 @@ def _free_dir(base: Path) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     from experiments.report import write_report
-    from experiments.run_args import print_result
+    from experiments.run_args import apply_threads, print_result
     from trainer.config import load_run_config
     from trainer.loop import run
 
+    apply_threads(args)
     overrides: dict = {"mode": "compare"}
     if args.steps is not None:
         overrides["training"] = {"steps": args.steps}

@@ -1,0 +1,94 @@
+"""End-to-end CLI: train, compare, report, sample, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments.cli import main
+from trainer.data import embedded_works
+
+SMALL = ["--set", "model.context=8", "--set", "model.width=16", "--seq-len", "8", "--batch-size", "4",
+         "--set", "training.eval_interval=2", "--set", "training.eval_batches=1", "--set", "solver.max_steps=60",
+         "--set", "estimator.t2=6", "--no-progress"]
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second torch thread only spins (and steals a core from the other suites)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="module")
+def text_file():
+    return str(embedded_works()["macbeth"][0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "--model", "tiny", "--data", text_file, "--steps", "3", "--out", str(out), *SMALL])
+    return rc, out
+
+
+def test_train_report_sample(trained, capsys):
+    rc, out = trained
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rc == 0 and main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{summary['unigram_entropy']:.4f}" in report
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prompt", "Thane", "--length", "20", "--top-k", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Thane") and len(text.rstrip("\n")) >= 25 - 1
+
+
+def test_compare_with_ideal_device_cli(tmp_path, text_file, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", "tiny", "--device", "ideal", "--periphery", "perfect", "--data", text_file,
+               "--steps", "2", "--out", str(out), "--report", *SMALL])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "final validation loss (analog)" in printed and "final validation loss (twin)" in printed
+    assert (out / "report.md").is_file() and (out / "plots" / "update_cosine.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--model", "nope", "--out", "{out}"], "model = 'nope'"),
+        (["compare", "--model", "tiny", "--device", "unobtainium", "--data", "{data}", "--out", "{out}"], "analog.device"),
+        (["train", "--model", "tiny", "--data", "{missing}", "--out", "{out}"], "does not exist"),
+        (["train", "--model", "tiny", "--data", "{empty}", "--out", "{out}"], "empty"),
+        (["train", "--model", "tiny", "--seq-len", "999", "--data", "{data}", "--out", "{out}"], "training.seq_len"),
+        (["train", "--model", "tiny", "--set", "training.nope=1", "--out", "{out}"], "training.nope"),
+        (["compare", "--model", "tiny", "--set", "training.optimizer='adamw'", "--out", "{out}"], "training.optimizer"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, text_file, capsys, argv, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    out = tmp_path / "out"
+    subs = {"{out}": str(out), "{data}": text_file, "{missing}": str(tmp_path / "missing.txt"), "{empty}": str(empty)}
+    rc = main([subs.get(a, a) for a in argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not out.exists()  # nothing written
+
+
+def test_existing_run_dir_is_refused(trained, text_file, capsys):
+    _, out = trained
+    before = (out / "metrics.jsonl").read_bytes()
+    rc = main(["train", "--model", "tiny", "--data", text_file, "--steps", "3", "--out", str(out), *SMALL])
+    assert rc == 2 and "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_bytes() == before
