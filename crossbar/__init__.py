@@ -22,7 +22,7 @@ AnalogProjection beyond the `Projection` protocol:
 
 from .config import (ALGORITHMS, NOISE_MODES, MappingParameters, MixedPrecisionParameters, TileConfig,
                      TransferParameters, load_tile_config, save_tile_config, tile_config_from_dict)
-from .io import IOParameters, ReadStats, analog_read, effective_res
+from .io import IOParameters, ReadStats, analog_read, effective_res, res_from_bits
 from .presets import perfect_io, preset_io, preset_update, tile_preset, tile_preset_names
 from .projection import AnalogProjection, analog_factory
 from .tile import AnalogTile, DeviceSlot
@@ -31,7 +31,7 @@ from .update import UpdateParameters, expected_counts, fast_counts, plan_pulses,
 __all__ = [
     "ALGORITHMS", "NOISE_MODES", "MappingParameters", "MixedPrecisionParameters", "TileConfig",
     "TransferParameters", "load_tile_config", "save_tile_config", "tile_config_from_dict", "IOParameters",
-    "ReadStats", "analog_read", "effective_res", "perfect_io", "preset_io", "preset_update", "tile_preset",
+    "ReadStats", "analog_read", "effective_res", "res_from_bits", "perfect_io", "preset_io", "preset_update", "tile_preset",
     "tile_preset_names", "AnalogProjection", "analog_factory", "AnalogTile", "DeviceSlot", "UpdateParameters",
     "expected_counts", "fast_counts", "plan_pulses", "sample_counts_per_sample",
 ]

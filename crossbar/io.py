@@ -30,12 +30,19 @@ from torch import Tensor
 
 from ept_hw.config import ConfigError, check_choice, check_range
 
-__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
+__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "res_from_bits", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
            "W_NOISE_TYPES"]
 
 BOUND_MANAGEMENT = ("none", "iterative")
 NOISE_MANAGEMENT = ("none", "abs_max", "max", "constant")
 W_NOISE_TYPES = ("none", "additive_constant", "pcm_read")
+
+
+def res_from_bits(bits: int) -> float:
+    """aihwkit's convention: a converter of b bits has res = 1/(2^b − 2) (e.g. 7 bits -> 1/126)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
+        raise ConfigError("bits", bits, "an integer >= 2")
+    return 1.0 / (2**bits - 2)
 
 
 def effective_res(res: float) -> float:

@@ -36,6 +36,8 @@ def test_quantisation_error_within_resolution_bound():
     io_steps = IOParameters(inp_res=126.0, out_res=510.0, out_bound=40.0, out_noise=0.0,
                             bound_management="none", noise_management="abs_max")
     assert torch.equal(analog_read(w, x, io_steps, _gen(2)), y)
+    from crossbar import res_from_bits
+    assert res_from_bits(7) == io.inp_res and res_from_bits(9) == io.out_res
 
 
 def test_read_noise_std_matches_config():
