@@ -17,6 +17,8 @@ the ideal device with perfect periphery (reproduces `DigitalProjection`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from devices import preset_names
 
 from ept_hw.config import check_choice
@@ -25,7 +27,7 @@ from .config import ALGORITHMS, MappingParameters, TileConfig
 from .io import IOParameters
 from .update import UpdateParameters
 
-__all__ = ["preset_io", "preset_update", "perfect_io", "tile_preset", "tile_preset_names"]
+__all__ = ["preset_io", "preset_update", "perfect_io", "tile_preset", "tile_preset_names", "tile_for_device"]
 
 
 def preset_io() -> IOParameters:
@@ -56,12 +58,22 @@ def tile_preset(name: str, algorithm: str = "sgd", mode: str = "fast") -> TileCo
         return TileConfig(device="ideal", forward=io,
                           backward=io if name == "perfect_ideal" else IOParameters(**{**io.__dict__, "bound_management": "none"}),
                           update=preset_update(mode), algorithm="sgd")
-    probe = TileConfig(device=name)
+    return tile_for_device(name, algorithm=algorithm, mode=mode)
+
+
+def tile_for_device(device: Any, algorithm: str = "sgd", mode: str = "fast") -> TileConfig:
+    """A device (preset name, TOML path, mapping with `model`, or `DeviceConfig`) with the preset
+    periphery, update and mapping rule of this module (use it for device files, too)."""
+    probe = TileConfig(device=device)
     dev = probe.device_config()
+    if dev.is_ideal:
+        fwd = preset_io()
+        return TileConfig(device=probe.device, forward=fwd, backward=IOParameters(**{**fwd.__dict__, "bound_management": "none"}),
+                          update=preset_update(mode), algorithm="sgd")
     pair = probe.uses_pair
     # a pair must stay below the refresh threshold (crossbar.tile.REFRESH_THRESHOLD of w_max)
     omega = 0.5 * dev.w_max if pair else 0.6 * min(abs(dev.w_min), abs(dev.w_max))
     fwd = preset_io()
     bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
-    return TileConfig(device=name, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,
+    return TileConfig(device=probe.device, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,
                       mapping=MappingParameters(weight_scaling_omega=omega), differential="auto")

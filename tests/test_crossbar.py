@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from crossbar import (AnalogProjection, AnalogTile, IOParameters, TileConfig, UpdateParameters, analog_factory,
+from crossbar import (AnalogProjection, AnalogTile, IOParameters, TileConfig, UpdateParameters, analog_factory, tile_for_device,
                       analog_read, load_tile_config, perfect_io, save_tile_config, tile_config_from_dict,
                       tile_preset, tile_preset_names)
 from crossbar.io import ReadStats
@@ -243,3 +243,12 @@ def test_analog_factory_inside_the_model_matches_digital_twin():
     torch.testing.assert_close(forces[0][0], forces[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forces[0][1], forces[1][1], rtol=1e-5, atol=1e-5)
     assert float(forces[0][1].abs().max()) > 0.1
+
+
+def test_tile_for_device_applies_the_preset_rules():
+    cfg = tile_for_device({"model": "soft_bounds", "dw_min": 0.01, "w_max": 1.0, "w_min": -0.5})
+    assert cfg.mapping.weight_scaling_omega == pytest.approx(0.3)  # 0.6·min(|w_min|, w_max)
+    assert cfg.forward.out_bound == 20.0 and cfg.backward.bound_management == "none"
+    assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
+    pcm = tile_for_device("pcm")
+    assert pcm.uses_pair and pcm.mapping.weight_scaling_omega == pytest.approx(1.0)
