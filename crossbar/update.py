@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range
+from ept_hw.config import check_choice, check_positive_int, check_range
 
 __all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "expected_counts",
            "fast_counts", "deterministic_counts_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
