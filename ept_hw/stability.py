@@ -53,6 +53,10 @@ __all__ = [
     "EigRegResult",
     "eigreg_penalty",
     "leading_pair_from_2x2",
+    "model_force",
+    "stability_report",
+    "attention_knockout",
+    "model_eigreg",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,8 +106,8 @@ def make_jvp(
     finite differences are used.
     """
     check_choice("jvp", mode, ("auto", "forward", "fd"))
-    z = z.detach()
-    h = _fd_step(z, fd_rel_step, fd_abs_floor)
+    # z is kept as given: a caller that wants gradients in z (or a graph through it) passes a leaf
+    h = _fd_step(z.detach(), fd_rel_step, fd_abs_floor)
 
     def fd(v: Tensor) -> Tensor:
         return _fd_jvp(force, z, v, h)
@@ -260,10 +264,24 @@ class OperatingPoint:
 
 
 def find_operating_point(
-    force: Force, z0: Tensor, cfg: SolverConfig | None = None, *, long_steps: int = 3000
+    force: Force,
+    z0: Tensor,
+    cfg: SolverConfig | None = None,
+    *,
+    long_steps: int = 3000,
+    search_unstable: bool = True,
 ) -> OperatingPoint:
-    """z* if `relax` converges under cfg; otherwise continue with Euler to `long_steps` in all and
-    return that relaxed state (no fixed point may exist past the bifurcation), labelled as such."""
+    """The point the eigenvalues are taken at.
+
+    1. z* if `relax` converges under cfg (label "z*");
+    2. otherwise Euler is continued to `long_steps` steps in all; if that converges, "z*";
+    3. otherwise (`search_unstable`) Newton-Krylov (scipy), which does not follow the dynamics,
+       is started from the relaxed state: past a Hopf bifurcation the fixed point usually still
+       exists but repels, and its Jacobian is the one that carries the Hopf signal (label
+       "unstable z* ..."). Anderson was tried first and does not find it;
+    4. failing that, the relaxed state after the long run, labelled as such: its Jacobian depends
+       on where on the cycle the run stopped, so its eigenvalues are indicative only.
+    """
     cfg = cfg or SolverConfig()
     res = relax(force, z0, cfg)
     if res.converged:
@@ -273,8 +291,37 @@ def find_operating_point(
     steps = res.n_steps + cont.n_steps
     if cont.converged:
         return OperatingPoint(cont.z, True, cont.residual_max, "z*", steps)
+    if search_unstable:
+        fp = _newton_krylov_fixed_point(force, cont.z, cfg.eps)
+        if fp is not None:
+            with torch.no_grad():
+                r = float(one_step_residual(fp, force(fp), cfg.eps).max())
+            if r <= cfg.tol:
+                return OperatingPoint(fp, True, r, "unstable z* (Newton-Krylov; the relaxation does not reach it)", steps)
     return OperatingPoint(cont.z, False, cont.residual_max,
                           f"relaxed state after {steps} steps (not converged)", steps)
+
+
+def _newton_krylov_fixed_point(force: Force, z: Tensor, eps: float, maxiter: int = 60) -> Tensor | None:
+    """F(z) = 0 by scipy's Newton-Krylov from z (float64 numpy round trip); None if it fails."""
+    from scipy.optimize import NoConvergence, newton_krylov
+
+    shape, dtype = z.shape, z.dtype
+
+    def fn(v: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = force(torch.as_tensor(v, dtype=dtype, device=z.device).reshape(shape))
+        return out.reshape(-1).to(torch.float64).cpu().numpy()
+
+    scale = max(float(z.detach().abs().max()), 1.0)
+    f_tol = max(1e-10, 10 * float(torch.finfo(dtype).eps)) * scale / eps
+    try:
+        sol = newton_krylov(fn, z.detach().reshape(-1).to(torch.float64).cpu().numpy(), f_tol=f_tol, maxiter=maxiter)
+    except (NoConvergence, ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        logger.info("Newton-Krylov found no fixed point: %s", type(exc).__name__)
+        return None
+    out = torch.as_tensor(sol, dtype=dtype, device=z.device).reshape(shape)
+    return out if bool(torch.isfinite(out).all()) else None
 
 
 # ------------------------------------------------------------------------- limit cycles
@@ -452,6 +499,7 @@ class EigRegResult:
     lead_mu: complex
     basis: Tensor  # (n, 2) orthonormal, detached: pass back as the next call's warm start
     n_matvecs: int
+    state_leaf: Tensor | None = None  # the z* copy the differentiable products were taken at
 
 
 def leading_pair_from_2x2(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -504,7 +552,11 @@ def eigreg_penalty(
             q = torch.linalg.qr(map_cols(q))[0]
             count += 2
     q = q.detach()
-    jq = torch.stack([jv_nograd(c.reshape(z.shape)).reshape(-1) for c in q.T], dim=1)  # with grad
+    # a leaf copy of z*: the graph then exists even when only projections (which learn through
+    # their recorded ports, not through autograd leaves) depend on theta
+    z_leaf = z.clone().requires_grad_(True)
+    jv_graph, _ = make_jvp(force, z_leaf, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
+    jq = torch.stack([jv_graph(c.reshape(z.shape)).reshape(-1) for c in q.T], dim=1)
     count += 2
     h = q.T @ (q + cfg.eps * jq)
     abs_lam, re_lam, im_lam = leading_pair_from_2x2(h)
@@ -514,4 +566,128 @@ def eigreg_penalty(
     return EigRegResult(
         penalty=penalty, lead_abs_lambda=float(abs_lam.detach()), lead_re_mu=float(re_mu.detach()),
         lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=q, n_matvecs=count,
+        state_leaf=z_leaf,
     )
+
+
+# ------------------------------------------------------------------------- the model
+
+
+def model_force(model, x_in: Tensor, *, params: dict[str, Tensor] | None = None, recorder=None) -> Force:
+    """The block's force closure z -> F(z; x_in) (the operating point's clamp is fixed)."""
+    return lambda z: model.force(z, x_in, params=params, recorder=recorder)
+
+
+def stability_report(
+    model,
+    idx: Tensor,
+    *,
+    solver: SolverConfig | None = None,
+    k: int = 6,
+    jvp: JvpMode = "auto",
+    long_steps: int = 3000,
+    cycle_steps: int = 2000,
+    sample: int | str = "worst",
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Everything the CLI and the trainer log about one batch: operating point, leading eigenvalues
+    (of one sample: the worst by residual unless `sample` is an index), limit-cycle verdict.
+
+    The eigenvalues are computed on one sample because the batch Jacobian is block diagonal and a
+    (B T C)-sized Arnoldi basis would be wasteful; the verdict uses the whole batch. On the analog
+    path call this with the effective (noise-free) weights programmed in.
+    """
+    solver = solver or SolverConfig(min_steps=0, tol=1e-4, max_steps=300)
+    with torch.no_grad():
+        x_in = model.embed(idx)
+    force = model_force(model, x_in)
+    op = find_operating_point(force, x_in, solver, long_steps=long_steps)
+    with torch.no_grad():
+        res = one_step_residual(op.z, force(op.z), solver.eps)
+    b = int(torch.argmax(res)) if sample == "worst" else int(sample)
+    xb = x_in[b : b + 1]
+    eig = leading_eigenvalues(model_force(model, xb), op.z[b : b + 1], solver.eps, k=k, jvp=jvp, generator=generator)
+    cyc = detect_limit_cycle(force, x_in, eps=solver.eps, n_steps=cycle_steps, tol=solver.tol, generator=generator)
+    return {
+        "operating_point": {"label": op.label, "converged": op.converged, "residual_max": op.residual_max,
+                            "n_steps": op.n_steps, "sample": b, "sample_residual": float(res[b])},
+        "re_mu": eig.lead_re_mu,
+        "im_mu": eig.lead_im_mu,
+        "abs_lambda": eig.lead_abs_lambda,
+        "euler_artefact": eig.euler_artefact,
+        "eigen": eig.as_dict(),
+        "verdict": cyc.verdict,
+        "cycle": cyc.as_dict(),
+    }
+
+
+def attention_knockout(
+    model,
+    idx: Tensor,
+    alphas=(1.0, 0.5, 0.2, 0.0),
+    *,
+    eps: float = 0.1,
+    n_steps: int = 2000,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> list[dict]:
+    """Scale W_O by alpha (attention output knocked down) and report the relaxation per alpha.
+
+    W_O is re-programmed with alpha times its effective weight and restored from its own
+    `state_dict` afterwards (on an analog array `program` adds programming noise; the restore
+    does not)."""
+    proj = model.projections["W_O"]
+    saved = proj.state_dict()
+    w0 = proj.weight.detach().clone()
+    with torch.no_grad():
+        x_in = model.embed(idx)
+    rows = []
+    try:
+        for alpha in alphas:
+            proj.program(w0 * float(alpha))
+            cyc = detect_limit_cycle(model_force(model, x_in), x_in, eps=eps, n_steps=n_steps, tol=tol,
+                                     generator=generator)
+            rows.append({"alpha": float(alpha), "verdict": cyc.verdict, "residual_floor": cyc.residual_floor,
+                         "final_residual": cyc.final_residual, "period": cyc.period, "n_steps": cyc.n_steps})
+    finally:
+        proj.load_state_dict(saved)
+    return rows
+
+
+def model_eigreg(
+    model,
+    z_star: Tensor,
+    x_in: Tensor,
+    cfg: EigRegConfig | None = None,
+    *,
+    params: dict[str, Tensor] | None = None,
+    basis: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[EigRegResult, dict[str, Tensor], dict[str, Tensor]]:
+    """eigreg on the block: (result, projection weight gradients, digital parameter gradients).
+
+    Projections learn through their ports: the backward of the penalty records (u, delta) at every
+    read, and the weight gradient is the summed outer product (the Jacobian products read each
+    projection several times). Digital parameters get gradients when `params` holds leaves that
+    require grad (the model's own `params` are used otherwise, with no gradient). Gradients are
+    of the penalty itself (weight included); all zero when the leading eigenvalue is under the margin.
+    """
+    from ept_hw.ops import PortRecorder  # the model layer; stability itself stays generic
+
+    cfg = cfg or EigRegConfig()
+    recorder = PortRecorder()
+    force = model_force(model, x_in.detach(), params=params, recorder=recorder)
+    result = eigreg_penalty(force, z_star, cfg, basis=basis, generator=generator)
+    leaves = {n: t for n, t in (params or {}).items() if t.requires_grad}
+    weight_grads: dict[str, Tensor] = {}
+    param_grads: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}
+    if result.penalty.requires_grad and float(result.penalty.detach()) > 0:
+        inputs = list(leaves.values()) + [result.state_leaf]
+        grads = torch.autograd.grad(result.penalty, inputs, allow_unused=True)
+        for (n, t), g in zip(leaves.items(), grads[: len(leaves)]):
+            param_grads[n] = torch.zeros_like(t) if g is None else g
+        weight_grads = recorder.weight_grads()
+    for name, proj in model.projections.items():
+        if name not in weight_grads:
+            weight_grads[name] = torch.zeros_like(proj.weight)
+    return result, weight_grads, param_grads

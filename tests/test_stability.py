@@ -144,9 +144,14 @@ def test_operating_point_labels():
     op = find_operating_point(force, z0, SolverConfig(tol=1e-8, max_steps=2000))
     assert op.converged and op.label == "z*" and op.residual_max <= 1e-8
     force_u, c_u = hopf_system(0.3)
-    op_u = find_operating_point(force_u, c_u + 0.05, SolverConfig(tol=1e-8, max_steps=200), long_steps=1000)
+    op_u = find_operating_point(force_u, c_u + 0.05, SolverConfig(tol=1e-8, max_steps=200), long_steps=1000,
+                                search_unstable=False)
     assert not op_u.converged and "not converged" in op_u.label and op_u.residual_max > 1e-3
     assert op_u.n_steps == 1000
+    # past the bifurcation the fixed point still exists, repelling: Newton-Krylov finds it
+    op_s = find_operating_point(force_u, c_u + 0.05, SolverConfig(tol=1e-8, max_steps=200), long_steps=1000)
+    assert op_s.converged and op_s.label.startswith("unstable z*")
+    assert float((op_s.z - c_u).abs().max()) < 1e-8
 
 
 def test_auto_jvp_detects_detached_force():
@@ -223,3 +228,73 @@ def test_eigreg_config_errors():
         EigRegConfig(weight=-1.0)
     with pytest.raises(ConfigError):
         EigRegConfig(jvp="magic")
+
+
+# ----------------------------------------------------------------------------- with the model
+
+
+def _block(residual_gain=1.0, qk_gain=1.0, batch=1, width=16, context=8, damping=1.0, seed=0):
+    model_mod = pytest.importorskip("ept_hw.model")
+    from ept_hw.projection import digital_factory
+
+    model = model_mod.EquilibriumTransformer(
+        model_mod.ModelConfig(width=width, heads=4, context=context, damping=damping),
+        digital_factory, _gen(seed), torch.float64,
+    )
+    for name in ("W_O", "W_2"):
+        model.projections[name].program(model.projections[name].weight * residual_gain)
+    for name in ("q_norm_g", "k_norm_g"):
+        model.params[name] = model.params[name] * qk_gain
+    idx = torch.randint(0, model.cfg.vocab_size, (batch, context), generator=_gen(seed + 1))
+    return model, idx
+
+
+@pytest.mark.parametrize("gains", [(1.0, 1.0), (10.0, 3.0)], ids=["init", "strong-attention"])
+def test_arpack_matches_dense_jacobian_on_the_block(gains):
+    from ept_hw.stability import model_force
+
+    model, idx = _block(*gains)
+    x_in = model.embed(idx)
+    force = model_force(model, x_in)
+    op = find_operating_point(force, x_in, SolverConfig(method="anderson", tol=1e-10, max_steps=1000))
+    assert op.converged
+    # the dense Jacobian by reverse-mode autograd (not the jvp the instrument uses)
+    jac = torch.autograd.functional.jacobian(lambda u: force(u.reshape(op.z.shape)).reshape(-1), op.z.reshape(-1))
+    ev = torch.linalg.eigvals(jac).numpy()
+    lead_re = ev[np.argmax(ev.real)]
+    lead_abs = np.abs(1 + EPS * ev).max()
+    rep = leading_eigenvalues(force, op.z, EPS, k=4, jvp="auto", generator=_gen(12), dense_below=0)
+    assert rep.method == "arpack"
+    got = complex(rep.lead_re_mu, rep.lead_im_mu)
+    assert abs(got - complex(lead_re.real, abs(lead_re.imag))) / abs(lead_re) < 1e-3
+    assert abs(rep.lead_abs_lambda - lead_abs) / lead_abs < 1e-3
+
+
+def test_block_at_init_is_stable_and_converges():
+    from ept_hw.stability import stability_report
+
+    model, idx = _block(batch=2)
+    rep = stability_report(model, idx, cycle_steps=400, generator=_gen(13))
+    assert rep["operating_point"]["label"] == "z*"
+    assert rep["re_mu"] < -1.0  # clamp + damping c = 1: about -2 plus the small residual branches
+    assert rep["verdict"] == "converged"
+    assert rep["abs_lambda"] < 1
+
+
+def test_block_with_expansive_non_conservative_gain_crosses():
+    # W_O, W_2 x20 and qknorm gains x3: attention and FFN outgain the clamp and the damping
+    from ept_hw.stability import attention_knockout, stability_report
+
+    model, idx = _block(20.0, 3.0, batch=1)
+    rep = stability_report(model, idx, long_steps=600, cycle_steps=600, generator=_gen(14))
+    # the relaxation circles; Newton-Krylov finds the repelling fixed point inside the cycle
+    assert rep["operating_point"]["label"].startswith("unstable z*")
+    assert rep["operating_point"]["residual_max"] < 1e-8
+    # a complex pair in the right half plane: a Hopf, not an Euler artefact
+    assert rep["re_mu"] > 0.1 and rep["im_mu"] > 0.5 and not rep["euler_artefact"]
+    assert rep["verdict"] in ("limit cycle", "divergent")
+    w_before = model.projections["W_O"].weight.clone()
+    rows = attention_knockout(model, idx, alphas=(1.0, 0.0), n_steps=600, generator=_gen(15))
+    assert torch.equal(model.projections["W_O"].weight, w_before)  # restored
+    assert rows[0]["verdict"] in ("limit cycle", "divergent") and rows[0]["residual_floor"] > 1e-3
+    assert rows[1]["verdict"] == "converged"  # no attention output: the fixed point returns
