@@ -606,10 +606,13 @@ def check_sweep_dir(sweep_dir: str | Path) -> SweepFacts:
     for row in table["rows"]:
         run = None
         if row.get("status") == "ok" and row.get("run_dir") and row is not base_rows[0]:
+            # provenance needs only the configuration: a point whose analog path diverged before its
+            # first evaluation is still evidence (it fails the tolerance)
+            point_dir = _resolve(sweep_dir, row["run_dir"])
             try:
-                run = check_run_dir(_resolve(sweep_dir, row["run_dir"]))
-            except IncompleteRunError as exc:
-                logger.warning("sweep point %s: %s", row.get("point_id"), exc)
+                run = RunFacts(point_dir, load_toml(point_dir / "config.toml"), [], {})
+            except ConfigError as exc:
+                logger.warning("sweep point %s: no readable config.toml in %s (%s)", row.get("point_id"), point_dir, exc)
         points.append((row, base if row is base_rows[0] else run))
     return SweepFacts(sweep_dir, table, base, points)
 
@@ -630,12 +633,17 @@ def is_sweep_dir(path: str | Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _read_source(source: Path) -> tuple[SweepFacts | None, RunFacts]:
+    sweep = check_sweep_dir(source) if is_sweep_dir(source) else None
+    return sweep, (sweep.base if sweep is not None else check_run_dir(source))
+
+
 def build_spec(source: str | Path, *, tolerance: float | None = None,
-               response_figures: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               response_figures: Mapping[str, Any] | None = None,
+               _facts: tuple[SweepFacts | None, RunFacts] | None = None) -> dict[str, Any]:
     """The `device_spec.json` mapping of a run or sweep directory (validated against the schema)."""
     source = Path(source)
-    sweep: SweepFacts | None = check_sweep_dir(source) if is_sweep_dir(source) else None
-    run = sweep.base if sweep is not None else check_run_dir(source)
+    sweep, run = _facts if _facts is not None else _read_source(source)
     tile = resolve_tile(run.config)
     device_cfg = tile.device_config()
     spec: dict[str, Any] = {
@@ -769,7 +777,7 @@ def _markdown(spec: Mapping[str, Any], plots: Sequence[Path], out_dir: Path) -> 
                   "| axis | required (weakest passing) | status | base | unit | weaker means | tested (value: gap) |",
                   "|---|---|---|---|---|---|---|"]
         for r in req["rows"]:
-            tested = ", ".join(f"{t['value']}: {_fmt(t['gap'])}" for t in r["tested"])
+            tested = ", ".join(f"{t['value']}: {'diverged' if t['gap'] is None else _fmt(t['gap'])}" for t in r["tested"])
             flag = " (non-monotone)" if r.get("non_monotone") else ""
             lines.append(f"| `{r['axis']}` | **{_fmt(r['required'])}**{flag} | {r['status']} | {_fmt(r.get('base_value'))} "
                          f"| {r['unit']} | {r['weaker_means']} | {tested} |")
@@ -845,8 +853,8 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
     Nothing is written unless the source reads completely and the spec validates.
     """
     source = Path(source)
-    sweep = check_sweep_dir(source) if is_sweep_dir(source) else None
-    run = sweep.base if sweep is not None else check_run_dir(source)
+    facts = _read_source(source)
+    sweep, run = facts
     device_cfg = resolve_tile(run.config).device_config()
     out = Path(out_dir)
     plot_dir = out / "plots"
@@ -857,7 +865,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
         figures = _pulse_response(device_cfg, plot_dir / "pulse_response.png")
         if figures is not None:
             plots.append(plot_dir / "pulse_response.png")
-    spec = build_spec(source, tolerance=tolerance, response_figures=figures)
+    spec = build_spec(source, tolerance=tolerance, response_figures=figures, _facts=facts)
     plots.append(_plot_losses(run, plot_dir / "loss_curves.png"))
     if sweep is not None:
         table = sweep.table

@@ -563,15 +563,21 @@ def plot_gaps(rows: Sequence[Mapping[str, Any]], axis_names: Sequence[str], tole
         xs = [xs_all[i] for i in order]
         gaps = [sl[i]["gap"] if _finite(sl[i].get("gap")) else math.nan for i in order]
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
+        finite = [g for g in gaps if math.isfinite(g)]
         ax.plot(xs, gaps, "o-", color="tab:red", label="analog − twin val loss")
-        diverged = [x for x, g, i in zip(xs, gaps, order) if not math.isfinite(g)]
-        if diverged:
-            ax.plot(diverged, [tolerance] * len(diverged), "x", color="black", ms=9, label="diverged / no loss")
+        diverged = [x for x, g in zip(xs, gaps) if not math.isfinite(g)]
+        if diverged:  # no loss to plot: mark them above every finite gap
+            top = max(finite + [tolerance, 0.0]) * 1.15 + 1e-3
+            ax.plot(diverged, [top] * len(diverged), "x", color="black", ms=9, mew=2, label="diverged (no gap)")
         ax.axhline(tolerance, color="tab:green", ls="--", label=f"tolerance {tolerance:g}")
         ax.axhline(0.0, color="0.7", lw=0.8)
+        base = (base_values or {}).get(name)
+        if base is not None:
+            bx = spec.choices.index(base) if spec.kind == "choice" else float(base)
+            ax.axvline(bx, color="0.5", ls=":", lw=1, label=f"base {base}")
         if spec.kind == "choice":
             ax.set_xticks(range(len(spec.choices)), spec.choices)
-        elif spec.stronger == "lower" and all(x > 0 for x in xs) and max(xs) / min(xs) > 20:
+        elif all(x > 0 for x in xs) and max(xs) / min(xs) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(f"{name} [{spec.unit}]")
         ax.set_ylabel("gap [nats]")
