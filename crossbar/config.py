@@ -79,7 +79,13 @@ class TransferParameters:
     periphery with one-hot inputs; the digital buffer H of those columns gets `transfer_lr` times
     the read (times the SGD lr too when `scale_transfer_lr`, aihwkit's default); whole multiples of `buffer_granularity`·g_C go to the slow array C as pulses; H then
     loses what was transferred (`forget_buffer=True`: H is zeroed where a transfer happened).
-    The model sees C (aihwkit `gamma = 0`)."""
+    The model sees C (aihwkit `gamma = 0`).
+
+    `fast_reference = "symmetry_point"` (not in aihwkit's ChoppedTransferCompound; the reference
+    array of Gokmen's and Rasch's TTv2 papers): at programming, A is driven to its devices'
+    symmetry points and every transfer read subtracts them (a reference array), so an
+    asymmetric A drifts toward a read value of zero instead of biasing H. Single devices only
+    (a differential pair uses "zero")."""
 
     fast_lr: float = 1.0
     transfer_lr: float = 1.0
@@ -88,8 +94,10 @@ class TransferParameters:
     n_reads_per_transfer: int = 1
     buffer_granularity: float = 1.0
     forget_buffer: bool = True
+    fast_reference: str = "zero"
 
     def __post_init__(self) -> None:
+        check_choice("fast_reference", self.fast_reference, ("zero", "symmetry_point"))
         check_range("fast_lr", self.fast_lr, 0.0, lo_open=True)
         check_range("transfer_lr", self.transfer_lr, 0.0, lo_open=True)
         check_positive_int("transfer_every", self.transfer_every)

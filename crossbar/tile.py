@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from devices import DeviceArray, DeviceConfig, ExpStepDevice
+from devices.response import symmetry_points
 
 from .config import TileConfig
 from .io import IOParameters, ReadStats, analog_read
@@ -233,6 +234,7 @@ class AnalogTile:
         if config.algorithm == "ttv2":
             self.fast = DeviceSlot(dev_cfg, shape, generator, pair, self.device)
             self.buffer = torch.zeros(shape, device=self.device)
+            self.fast_reference = torch.zeros(shape, device=self.device)
         elif config.algorithm == "mixed_precision":
             self.accumulator = torch.zeros(shape, device=self.device)
         gen_device = self.device  # read/update noise drawn where the tile lives
@@ -270,7 +272,11 @@ class AnalogTile:
             w_dev = w_dev + self.config.programming_noise * xi.to(self.device)
         self.slot.set_weights(w_dev, self.update_generator)
         if self.fast is not None:
-            self.fast.set_weights(torch.zeros_like(w_dev), self.update_generator)
+            if self.config.transfer.fast_reference == "symmetry_point" and not self.fast.pair:
+                self.fast_reference = symmetry_points(self.fast.arrays[0])
+            else:
+                self.fast_reference = torch.zeros_like(w_dev)
+            self.fast.set_weights(self.fast_reference, self.update_generator)
             self.buffer.zero_()
         if self.accumulator is not None:
             self.accumulator.zero_()
@@ -412,7 +418,7 @@ class AnalogTile:
             j = self._transfer_column
             one_hot = torch.zeros(1, self.in_features, device=self.device)
             one_hot[0, j] = 1.0
-            column = self._read(self.fast.weights, one_hot, self.config.forward)[0]
+            column = self._read(self.fast.weights - self.fast_reference, one_hot, self.config.forward)[0]
             self.buffer[:, j] += (tr.transfer_lr * lr if tr.scale_transfer_lr else tr.transfer_lr) * column
             sent = self._transfer_pulses_column(j, gran)
             if tr.forget_buffer:
@@ -466,6 +472,7 @@ class AnalogTile:
         if self.fast is not None:
             state["fast"] = self.fast.state_dict()
             state["buffer"] = self.buffer.clone()
+            state["fast_reference"] = self.fast_reference.clone()
         if self.accumulator is not None:
             state["accumulator"] = self.accumulator.clone()
         return state
@@ -488,5 +495,6 @@ class AnalogTile:
         if self.fast is not None:
             self.fast.load_state_dict(state["fast"])
             self.buffer = state["buffer"].to(self.device).clone()
+            self.fast_reference = state["fast_reference"].to(self.device).clone()
         if self.accumulator is not None:
             self.accumulator = state["accumulator"].to(self.device).clone()

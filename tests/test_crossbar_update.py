@@ -155,13 +155,14 @@ def test_pulse_counters_track_endurance():
     torch.testing.assert_close(tile.weight, torch.full((4, 4), -0.02))
 
 
-def _linear_regression(algorithm: str, seed: int, steps: int = 400, lr: float = 0.02) -> float:
+def _linear_regression(algorithm: str, seed: int, steps: int = 400, lr: float = 0.02, up_down: float = 0.0,
+                       fast_reference: str = "zero") -> float:
     g = _gen(seed)
-    device = SoftBoundsDevice(dw_min=0.01, up_down=0.0, w_max=1.0, w_min=-1.0, dw_min_dtod=0.0, up_down_dtod=0.0,
-                              w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.1)
+    device = SoftBoundsDevice(dw_min=0.01, up_down=up_down, w_max=1.0, w_min=-1.0, dw_min_dtod=0.0,
+                              up_down_dtod=0.0, w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.1)
     cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
                      update=UpdateParameters(mode="fast"), algorithm=algorithm,
-                     transfer=TransferParameters(transfer_lr=3.0))
+                     transfer=TransferParameters(transfer_lr=3.0, fast_reference=fast_reference))
     w_star = 1.4 * (torch.rand(4, 8, generator=g) - 0.5)
     tile = AnalogTile(cfg, 4, 8, g)
     tile.program(torch.zeros(4, 8))
@@ -181,6 +182,20 @@ def test_mixed_precision_and_ttv2_beat_plain_sgd_on_soft_bounds():
     assert sgd > 0.25
     assert mp < 0.8 * sgd and mp < 0.27
     assert tt < 0.6 * sgd and tt < 0.15
+
+
+def test_mixed_precision_and_ttv2_on_strongly_asymmetric_soft_bounds():
+    """up_down = 0.5: the down step is half the up step at w = 0, the symmetry point is far from
+    zero. TTv2 needs its fast array referenced to the symmetry point (a zero reference lets A's
+    drift bias the buffer and C)."""
+    sgd = _linear_regression("sgd", 0, up_down=0.5)
+    mp = _linear_regression("mixed_precision", 0, up_down=0.5)
+    tt = _linear_regression("ttv2", 0, up_down=0.5, fast_reference="symmetry_point")
+    tt_zero = _linear_regression("ttv2", 0, up_down=0.5)
+    assert sgd > 0.35
+    assert mp < 0.6 * sgd and mp < 0.3
+    assert tt < 0.4 * sgd and tt < 0.16
+    assert tt_zero > 2 * tt
 
 
 @pytest.mark.parametrize("preset", ["reram_sb", "reram_es"])
