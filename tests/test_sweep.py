@@ -229,6 +229,7 @@ SMALL_TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler i
 
 def _adc_sweep_args(root: Path) -> list[str]:
     return ["sweep", "--model", "tiny", "--device", str(root / "tile_base.toml"), "--axis", "adc_bits=2,8",
+            "--axis", "algorithm=ttv2",  # refused for an ideal device: a failed point, recorded
             "--tolerance", str(ADC_TOLERANCE), "--data", str(root / "small.txt"), "--steps", "10", "--batch-size", "4",
             "--set", "training.eval_interval=10", "--set", "training.eval_batches=1", "--set", "estimator.beta=0.5",
             "--workers", "2", "--out", str(root / "sweep"), "--no-progress"]
@@ -257,6 +258,8 @@ def adc_sweep(tmp_path_factory):
 def test_real_adc_sweep_orders_gaps_and_derives_the_smallest_passing_value(adc_sweep):
     data = json.loads((adc_sweep / "sweep" / "sweep.json").read_text())
     rows = {r["overrides"]: r for r in data["rows"]}
+    failed = rows.pop("algorithm=ttv2")
+    assert failed["status"] == "failed" and "algorithm" in failed["error"] and "ideal" in failed["error"]
     assert set(rows) == {"base", "adc_bits=2", "adc_bits=8"} and all(r["status"] == "ok" for r in rows.values())
     # same seed and data for every point: the twins are identical runs
     twins = {r["twin_val_loss"] for r in rows.values()}
@@ -265,7 +268,7 @@ def test_real_adc_sweep_orders_gaps_and_derives_the_smallest_passing_value(adc_s
     assert gap2 > gap8 + 0.1  # 2 bits: 3 output levels, the readout is flat; 8 bits tracks the twin
     assert gap2 > ADC_TOLERANCE >= gap8
     assert data["base_values"]["adc_bits"] == 9
-    (req,) = data["requirements"]
+    req = next(r for r in data["requirements"] if r["axis"] == "adc_bits")
     passing = sorted(t["value"] for t in req["tested"] if t["gap"] is not None and t["gap"] <= ADC_TOLERANCE)
     assert req["required"] == passing[0] == 8 and req["status"] == "met"
     assert all(math.isfinite(r["re_mu"]) for r in rows.values())
@@ -282,7 +285,8 @@ def test_real_sweep_rerun_recomputes_nothing(adc_sweep, capsys):
     assert main(_adc_sweep_args(adc_sweep)) == 0
     assert {p.name: p.stat().st_mtime_ns for p in points} == before
     assert {p.name: p.stat().st_mtime_ns for p in (adc_sweep / "sweep" / "runs").iterdir()} == runs_before
-    assert "adc_bits:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adc_bits:" in out and "1 failed" in out
 
 
 def test_real_sweep_exports_a_valid_spec(adc_sweep):
@@ -291,8 +295,10 @@ def test_real_sweep_exports_a_valid_spec(adc_sweep):
     result = export_spec(adc_sweep / "sweep", adc_sweep / "spec")
     spec = json.loads(result.spec_path.read_text())
     validate_spec(spec)
-    (row,) = spec["requirements"]["rows"]
-    assert row["axis"] == "adc_bits" and row["required"] == 8
+    rows = {r["axis"]: r for r in spec["requirements"]["rows"]}
+    assert rows["adc_bits"]["required"] == 8
+    # the base point (plain SGD) passes; the refused ttv2 point neither passes nor fails
+    assert rows["algorithm"]["required"] == "sgd" and rows["algorithm"]["failed_values"] == ["ttv2"]
     source = spec["device"]["source"]
     assert source["kind"] == "preset" and source["path"].endswith("tile_base.toml")  # preset device in a tile file
     assert spec["periphery"]["adc"]["forward.out_bound"]["value"] == 4.0

@@ -78,12 +78,19 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(last=f"{record.get('overrides') or 'base'}: gap {record.get('gap')}")
 
+    from pathlib import Path
+
     try:
         result = run_device_sweep(
             args.out, model=args.model, device=args.device, axes=axes, tolerance=args.tolerance, grid=args.grid,
             workers=args.workers, periphery=args.periphery, run_overrides=overrides, retry_failed=args.retry_failed,
             re_mu=not args.no_re_mu, threads=args.threads, on_record=on_record,
         )
+    except KeyboardInterrupt:
+        points = Path(args.out) / "points"
+        done = len(list(points.glob("*.json"))) if points.is_dir() else 0
+        print(f"interrupted: {done} points finished and kept under {points}; rerun the same command to resume")
+        return 130
     finally:
         if bar is not None:
             bar.close()
