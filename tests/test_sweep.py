@@ -304,4 +304,4 @@ def test_real_sweep_exports_a_valid_spec(adc_sweep):
     assert spec["periphery"]["adc"]["forward.out_bound"]["value"] == 4.0
     assert spec["derived"]["settling_time"]["value"] > 0
     assert sorted(r["role"] for r in spec["provenance"]["runs"]) == ["sweep_base", "sweep_point", "sweep_point"]
-    assert {p.name for p in result.plots} == {"loss_curves.png", "gap_vs_adc_bits.png"}
+    assert {p.name for p in result.plots} == {"loss_curves.png", "gap_vs_adc_bits.png", "gap_vs_algorithm.png"}
