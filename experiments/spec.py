@@ -57,6 +57,10 @@ __all__ = [
     "ExportResult",
     "export_spec",
     "PARAMETER_UNITS",
+    "checkpoint_pulse_counts",
+    "periphery_section",
+    "resolve_tile",
+    "is_sweep_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -243,12 +247,12 @@ def check_run_dir(run_dir: str | Path) -> RunFacts:
         raise IncompleteRunError(run_dir, missing)
     facts = RunFacts(run_dir, config or {}, rows, summary or {})
     facts.counters = dict(facts.summary.get("analog_counters") or {})
-    facts.counters.update({k: v for k, v in _checkpoint_pulse_counts(run_dir).items() if k not in facts.counters})
+    facts.counters.update({k: v for k, v in checkpoint_pulse_counts(run_dir).items() if k not in facts.counters})
     facts.n_weights = _count_weights(run_dir, facts)
     return facts
 
 
-def _checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
+def checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
     """Per-device pulse counters of the analog path found in the last checkpoint.
 
     The crossbar keeps a `pulse_count` tensor per tile (one entry per unit cell: the device of a

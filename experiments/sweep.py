@@ -784,9 +784,9 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
         "run_dir": str(run_dir.relative_to(out)),
         "tile": str(tile_path.relative_to(out)),
     }
-    from .spec import _checkpoint_pulse_counts
+    from .spec import checkpoint_pulse_counts
 
-    counts = _checkpoint_pulse_counts(run_dir)
+    counts = checkpoint_pulse_counts(run_dir)
     if counts.get("n_weights") and result.steps_completed:
         out_row["pulses_per_device"] = counts["total_pulses"] / counts["n_weights"] / result.steps_completed
         out_row["max_pulses_per_device"] = counts["max_pulses_per_device"]
