@@ -298,6 +298,8 @@ class EPPath:
                     proj.apply_update(u, d, lr)
             plr = lr * t.periphery_lr_scale
             for name, g in ports.digital.items():
+                if EquilibriumTransformer.param_group(name) in t.frozen:
+                    continue
                 self.model.params[name].sub_(plr * g.to(self.model.params[name].dtype))
         else:
             for group in self.optimizer.param_groups:
@@ -309,7 +311,10 @@ class EPPath:
                     tensor.grad = out.updates[name] / lr if name in out.updates else torch.zeros_like(tensor)
                 else:
                     g = ports.digital.get(name)
-                    tensor.grad = g.to(tensor.dtype) if g is not None else torch.zeros_like(tensor)
+                    if g is None or EquilibriumTransformer.param_group(name) in t.frozen:
+                        tensor.grad = None  # AdamW skips it (weight decay included)
+                    else:
+                        tensor.grad = g.to(tensor.dtype)
             self.optimizer.step()
             for tensor in tensors.values():
                 tensor.grad = None
