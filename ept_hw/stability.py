@@ -475,6 +475,7 @@ class EigRegConfig:
     on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
     eps: float = 0.1  # the map is I + eps J
     iters: int = 20  # subspace iterations per call (warm start with the returned basis)
+    block: int = 8  # subspace dimension (Rayleigh-Ritz then picks the leading pair)
     jvp: str = "fd"  # "fd" | "forward" (both differentiable in the parameters)
     fd_rel_step: float = 1e-3
 
@@ -487,6 +488,7 @@ class EigRegConfig:
             check_range("margin", self.margin)
         check_range("eps", self.eps, 0.0, None, lo_open=True)
         check_positive_int("iters", self.iters, minimum=0)
+        check_positive_int("block", self.block, minimum=2)
         check_choice("jvp", self.jvp, ("fd", "forward"))
         check_range("fd_rel_step", self.fd_rel_step, 0.0, 1.0, lo_open=True)
 
@@ -497,7 +499,7 @@ class EigRegResult:
     lead_abs_lambda: float
     lead_re_mu: float
     lead_mu: complex
-    basis: Tensor  # (n, 2) orthonormal, detached: pass back as the next call's warm start
+    basis: Tensor  # (n, block) orthonormal, detached: pass back as the next call's warm start
     n_matvecs: int
     state_leaf: Tensor | None = None  # the z* copy the differentiable products were taken at
 
@@ -527,9 +529,9 @@ def eigreg_penalty(
 ) -> EigRegResult:
     """Soft one-sided penalty weight * relu(x - margin)^2 on the leading eigenvalue of I + eps J.
 
-    Subspace iteration on a 2-D block (the leading complex pair, or the two leading real modes)
-    with detached Jacobian products, then a Rayleigh quotient H = Q^T (Q + eps J(theta) Q) of the
-    detached basis with J Q recomputed with autograd in the parameters at fixed z*. ``penalty``
+    Subspace iteration on a `block`-dimensional subspace with detached Jacobian products,
+    Rayleigh-Ritz to pick the leading pair (a complex pair, or the two leading real modes) and its
+    real 2-D basis Q, then a Rayleigh quotient H = Q^T (Q + eps J(theta) Q) of the detached Q with J Q recomputed with autograd in the parameters at fixed z*. ``penalty``
     backpropagates into whatever parameters `force` closes over (for projections: call backward,
     or `torch.autograd.grad` on their weights). x is |lambda| (on="abs_lambda") or Re mu = Re(lambda
     - 1)/eps of the same pair (on="re_mu"); subspace iteration finds the largest-|lambda| pair, which
@@ -538,11 +540,15 @@ def eigreg_penalty(
     cfg = cfg or EigRegConfig()
     z = z_star.detach()
     n = z.numel()
+    p = min(cfg.block, n)
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
-    if basis is None or basis.shape != (n, 2):
-        basis = torch.randn(n, 2, generator=generator, dtype=z.dtype, device=z.device)
-    q = torch.linalg.qr(basis.to(z.dtype))[0]
+    if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=z.device)
+    elif basis.shape[1] < p:
+        extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype, device=z.device)
+        basis = torch.cat([basis.to(z.dtype), extra], dim=1)
+    q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
     def map_cols(qm: Tensor) -> Tensor:
         return torch.stack([c + cfg.eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
@@ -550,7 +556,23 @@ def eigreg_penalty(
     with torch.no_grad():
         for _ in range(cfg.iters):
             q = torch.linalg.qr(map_cols(q))[0]
-            count += 2
+            count += p
+        # Rayleigh-Ritz on the p-dimensional subspace, then the real 2-D invariant subspace of the
+        # leading Ritz value (its complex pair, or the two leading real Ritz vectors)
+        hp = q.T @ map_cols(q)
+        count += p
+        vals, vecs = torch.linalg.eig(hp)
+        key = vals.abs() if cfg.on == "abs_lambda" else vals.real
+        order = torch.argsort(key, descending=True)
+        lead = order[0]
+        w = vecs[:, lead]
+        if abs(float(vals[lead].imag)) > 1e-12 * max(1.0, float(vals[lead].abs())):
+            pair = torch.stack([w.real, w.imag], dim=1)
+        else:
+            pair = torch.stack([w.real, vecs[:, order[1]].real], dim=1)
+        q2 = torch.linalg.qr(q @ pair.to(q.dtype))[0]
+        full_basis = q
+    q = q2
     q = q.detach()
     # a leaf copy of z*: the graph then exists even when only projections (which learn through
     # their recorded ports, not through autograd leaves) depend on theta
@@ -565,7 +587,7 @@ def eigreg_penalty(
     penalty = cfg.weight * torch.relu(x - cfg.margin) ** 2
     return EigRegResult(
         penalty=penalty, lead_abs_lambda=float(abs_lam.detach()), lead_re_mu=float(re_mu.detach()),
-        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=q, n_matvecs=count,
+        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=full_basis, n_matvecs=count,
         state_leaf=z_leaf,
     )
 
