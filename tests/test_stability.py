@@ -341,3 +341,15 @@ def test_model_eigreg_lowers_the_leading_eigenvalue():
     after, _ = leading_abs(z)
     print(f"model eigreg: leading |lambda| {before.lead_abs_lambda:.5f} -> {after.lead_abs_lambda:.5f} (seen {seen})")
     assert after.lead_abs_lambda < before.lead_abs_lambda - 2e-3
+
+
+def test_eigreg_on_re_mu_tracks_the_leading_real_part():
+    force, w = _param_system()
+    op = find_operating_point(force, torch.zeros(1, 12, dtype=torch.float64) + 0.1, SolverConfig(tol=1e-10, max_steps=20000))
+    ref = leading_eigenvalues(force, op.z, EPS, jvp="forward")
+    out = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=-0.2, weight=1.0, iters=100), generator=_gen(18))
+    assert out.lead_re_mu == pytest.approx(ref.lead_re_mu, rel=1e-3)
+    # one-sided: Re mu ~ -0.1 is above the margin -0.2 by ~0.1, so the penalty is ~(0.1)^2
+    assert float(out.penalty.detach()) == pytest.approx((ref.lead_re_mu + 0.2) ** 2, rel=1e-2)
+    under = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=0.0, iters=100), generator=_gen(18))
+    assert float(under.penalty.detach()) == 0.0
