@@ -410,8 +410,9 @@ def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor
                     factor = min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
                 if en <= 1.0:
                     z, f, t = z_new, f_new, t + dt_try
-                    # a step clipped to hit target should not shrink the next one
-                    dt = max(dt, min(cfg.max_dt, dt_try * factor)) if dt_try < dt else min(cfg.max_dt, dt_try * factor)
+                    proposal = min(cfg.max_dt, dt_try * factor)
+                    # a step clipped to land on `target` must not shrink the next one
+                    dt = max(dt, proposal) if dt_try < dt else proposal
                 else:
                     dt = dt_try * min(1.0, factor)
                 if dt < 1e-14 * max(1.0, t):

@@ -10,8 +10,7 @@ Two blocks, measured side by side in one run:
   moves toward the imaginary axis and the relaxation slows down (qk gain 2.5 already gives a limit
   cycle). No EP training was run: a partly trained checkpoint does not exist yet.
 
-The block is `ept_hw.model` when it exists; otherwise a stand-in pre-LN transformer block written
-here (same force form as SCIENCE §1). The residual is the SCIENCE §2 one-step residual with
+The block is `ept_hw.model.EquilibriumTransformer` with digital projections. The residual is the SCIENCE §2 one-step residual with
 eps = 0.1 for every solver.
 """
 
@@ -19,54 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 
 import torch
 
 from ept_hw.relaxation import SolverConfig, relax
-
-
-def _standin_block(C: int, T: int, heads: int, vocab: int, gen: torch.Generator, dtype: torch.dtype):
-    """A stand-in block with the SCIENCE §1 force, used until ept_hw.model exists."""
-    def lin(n_in, n_out, scale=1.0):
-        return torch.randn(n_out, n_in, generator=gen, dtype=dtype) * scale / math.sqrt(n_in)
-
-    params = {
-        "tok": torch.randn(vocab, C, generator=gen, dtype=dtype) * 0.5,
-        "pos": torch.randn(T, C, generator=gen, dtype=dtype) * 0.1,
-        "W_Q": lin(C, C), "W_K": lin(C, C), "W_V": lin(C, C), "W_O": lin(C, C, 0.1),
-        "W_1": lin(C, 4 * C), "W_2": lin(4 * C, C, 0.1),
-    }
-    params["c"] = 1.0
-    hd = C // heads
-
-    def ln(u):
-        return torch.nn.functional.layer_norm(u, (C,))
-
-    def gelu(u):
-        return torch.nn.functional.gelu(u, approximate="tanh")
-
-    def force(z, x_in):
-        B, Tn, _ = z.shape
-        u = ln(z)
-        q = (u @ params["W_Q"].T).view(B, Tn, heads, hd).transpose(1, 2)
-        k = (u @ params["W_K"].T).view(B, Tn, heads, hd).transpose(1, 2)
-        v = (u @ params["W_V"].T).view(B, Tn, heads, hd).transpose(1, 2)
-        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        att = att.transpose(1, 2).reshape(B, Tn, C) @ params["W_O"].T
-        ffn = gelu(ln(z) @ params["W_1"].T) @ params["W_2"].T
-        return -(z - x_in) + att + ffn - params["c"] * z
-
-    def embed(idx):
-        return params["tok"][idx] + params["pos"][: idx.shape[1]]
-
-    def make_trained(gain: float, qk_gain: float):
-        params["W_O"] = params["W_O"] * gain
-        params["W_2"] = params["W_2"] * gain
-        params["W_Q"] = params["W_Q"] * qk_gain
-
-    return force, embed, make_trained, "stand-in block (ept_hw.model not available)"
 
 
 def _model_block(C, T, heads, vocab, gen, dtype):
@@ -93,11 +49,7 @@ def _model_block(C, T, heads, vocab, gen, dtype):
 
 
 def build_block(C, T, heads, vocab, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    try:
-        return _model_block(C, T, heads, vocab, gen, dtype)
-    except ImportError:
-        return _standin_block(C, T, heads, vocab, gen, dtype)
+    return _model_block(C, T, heads, vocab, torch.Generator().manual_seed(seed), dtype)
 
 
 def measure(force, x_in, cfg: SolverConfig) -> dict:
