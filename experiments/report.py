@@ -57,7 +57,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _plot_losses(rows, paths, out: Path, entropy: float | None) -> Path:
+def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for p in paths:
         st = PATH_STYLE[p]
@@ -65,6 +65,8 @@ def _plot_losses(rows, paths, out: Path, entropy: float | None) -> Path:
         if s:
             ax.plot(s, _smooth(v, 10), color=st["color"], alpha=0.6, lw=1, label=f"{st['label']} train (10-step mean)")
         s, v = _finite(*column(rows, f"{p}_val_loss"))
+        if initial and initial.get(p) is not None:
+            s, v = [-1] + s, [initial[p]] + v  # before the first update
         if s:
             ax.plot(s, v, "o-", color=st["color"], lw=2, ms=4, label=f"{st['label']} validation")
     if entropy is not None:
@@ -268,7 +270,7 @@ def write_report(run_dir: str | Path) -> Path:
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = [
-        _plot_losses(rows, paths, plots_dir, entropy),
+        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss")),
         _plot_residual(rows, paths, plots_dir),
         _plot_cosines(rows, plots_dir),
         _plot_weight_gap(rows, plots_dir),
@@ -383,8 +385,11 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                    "direction than the twin's; both start from the same weights and see the same batches.")
     un_a, un_t = _mean_last(rows, "analog_update_norm"), _mean_last(rows, "twin_update_norm")
     if un_a and un_t:
-        out.append(f"Requested update size: analog {un_a:.3g} against twin {un_t:.3g} (ratio {un_a / un_t:.2f}): "
-                   "the excess is noise in the port quantities.")
+        ratio = un_a / un_t
+        why = ("the excess is noise in the port quantities" if ratio > 1.2 else
+               "comparable sizes: the gap is in the direction, not the size" if ratio > 0.8 else
+               "the arrays request smaller updates (noisy, partly cancelling port quantities)")
+        out.append(f"Requested update size: analog {un_a:.3g} against twin {un_t:.3g} (ratio {ratio:.2f}): {why}.")
     sat = fa.get("saturation")
     if sat is not None:
         out.append(f"Device saturation: {sat:.2%} of the devices sit at a bound at the end"

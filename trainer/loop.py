@@ -323,13 +323,23 @@ def run(
                 lr = schedule.lr(t.lr, step)
                 health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
                 outcomes: dict[str, StepOutcome] = {}
-                for name, p in paths.items():
-                    outcomes[name] = p.train_step(idx, targets, lr, health=health)
-                evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
-                vals = {n: p.evaluate(eval_batches) for n, p in paths.items()} if evaluate else {}
-                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals)
                 event = None
+                evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+                vals: dict[str, float] = {}
                 for name, p in paths.items():
+                    try:
+                        outcomes[name] = p.train_step(idx, targets, lr, health=health)
+                        if evaluate:
+                            vals[name] = p.evaluate(eval_batches)
+                    except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+                        outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
+                        vals.pop(name, None)
+                        break
+                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals)
+                for name, p in paths.items():
+                    if event is not None:
+                        break
                     o = outcomes[name]
                     event = p.monitor.check(step, o.loss, o.residual)
                     if event is None and not _finite_update(o):

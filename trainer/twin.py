@@ -289,8 +289,9 @@ class EPPath:
 
     def _apply(self, ports: _Ports, lr: float, out: StepOutcome) -> None:
         t = self.cfg.training
-        for name in ports.ports:
-            out.updates[name] = lr * ports.dense(name)
+        grads = {name: ports.dense(name) for name in ports.ports}
+        for name, g in grads.items():
+            out.updates[name] = lr * g
         if self.optimizer is None:
             for name, proj in self.model.projections.items():
                 if name in ports.ports:
@@ -308,7 +309,7 @@ class EPPath:
             for key, tensor in tensors.items():
                 kind, name = key.split(".", 1)
                 if kind == "proj":
-                    tensor.grad = out.updates[name] / lr if name in out.updates else torch.zeros_like(tensor)
+                    tensor.grad = grads[name].to(tensor.dtype) if name in grads else None
                 else:
                     g = ports.digital.get(name)
                     if g is None or EquilibriumTransformer.param_group(name) in t.frozen:
