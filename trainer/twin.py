@@ -465,7 +465,7 @@ class BPPath:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(dict(self.net.named_parameters()))
-        return StepOutcome(loss=float(loss), residual=0.0)
+        return StepOutcome(loss=float(loss.detach()), residual=0.0)
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[Tensor, Tensor]]) -> float:
