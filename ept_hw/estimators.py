@@ -24,6 +24,17 @@ AsymEP correction corr_k = (J(p) − J(p)ᵀ) v_k, real-linear (applied to Re an
   second order). One dual forward gives J v and builds the graph for the Jᵀ v backward.
 For the centered pair under tracking v₋ = −v₊, so one tangent serves both.
 
+How J(p) v is formed under tracking (`jvp`):
+- "dual" (reference): forward-mode dual numbers at p, about 1.5–3 F per product.
+- "secant": from the forces the nudge computes anyway. Centered pair: p = (z₊ + z₋)/2,
+  v = (z₊ − z₋)/2, and (F(z₊) − F(z₋))/2 = J(p) v + O(‖v‖³); one-sided: p the midpoint of z* and
+  z_β, F(z_β) − F(z*) = J(p) v + O(‖v‖³) (F(z*) read once). Only Jᵀ v costs extra (one F + backward
+  at p). On the analog path each F is one noisy read per projection, so the secant product carries
+  the read noise of two reads (halved in the centered difference, not averaged away): this is
+  physical, a circuit forming J v from its own two nudged reads would see exactly that. Real nudges
+  only (one-sided, centered, holomorphic N = 2) and only with `correction = "tracking"`: frozen
+  wants J(z*), which no pair of nudged forces straddles.
+
 Differences from SCIENCE: the nudge Euler step is the free phase's ε (`SolverConfig.eps`); T2
 snapshots start at T2 (the base nudge length), so t2sel ≤ T2 turns selection off.
 """
@@ -59,6 +70,7 @@ __all__ = [
 
 NUDGES = ("one_sided", "centered", "holomorphic")
 CORRECTIONS = ("none", "frozen", "tracking")
+JVP_METHODS = ("dual", "secant")
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ class EstimatorConfig:
     t2: int = 20  # base nudge length (Euler steps)
     t2sel: int = 40  # horizon of the snapshot selection; <= t2 turns selection off
     snapshot_every: int = 5
+    jvp: str = "dual"  # J v under tracking: "dual" (forward-mode) | "secant" (from the nudged forces)
 
     def __post_init__(self) -> None:
         check_choice("nudge", self.nudge, NUDGES)
@@ -83,6 +96,11 @@ class EstimatorConfig:
         check_positive_int("snapshot_every", self.snapshot_every)
         if self.nudge != "holomorphic" and self.points != 2:
             raise ConfigError("points", self.points, "2 unless nudge = 'holomorphic'")
+        check_choice("jvp", self.jvp, JVP_METHODS)
+        if self.jvp == "secant" and self.correction == "frozen":
+            raise ConfigError("jvp", self.jvp, "'dual' with correction = 'frozen' (secant needs tracking)")
+        if self.jvp == "secant" and self.nudge == "holomorphic" and self.points > 2:
+            raise ConfigError("jvp", self.jvp, "'dual' for holomorphic N >= 3 (secant needs real nudges)")
 
     @property
     def n_steps(self) -> int:
@@ -240,6 +258,14 @@ def _antisym_dual(model: EquilibriumTransformer, x_in: Tensor, p: Tensor, tangen
     return jv - jtv
 
 
+def _antisym_secant(model: EquilibriumTransformer, x_in: Tensor, p: Tensor, tangents: Tensor, jv: Tensor) -> Tensor:
+    """(J(p) − J(p)ᵀ) v with J(p) v already known (a secant of nudged forces): Jᵀ v by a backward pass."""
+    point = p.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (jtv,) = torch.autograd.grad(model.force(point, x_in), point, tangents)
+    return jv - jtv
+
+
 class _FrozenLinearisation:
     """J(z*) and J(z*)ᵀ products for a fixed batch of M tangents: the Jᵀ graph is built once."""
 
@@ -327,7 +353,14 @@ class EPEstimator:
             frozen = _FrozenLinearisation(model, x_in.repeat(K * n_tan, 1, 1), z_star.repeat(K * n_tan, 1, 1))
             count.force += K * n_tan
 
-        def correction(Z: Tensor) -> Tensor:
+        secant = cfg.correction == "tracking" and cfg.jvp == "secant"
+        force_star = None
+        if secant and K == 1:
+            with torch.no_grad():
+                force_star = model.force(z_star, x_in)
+            count.force += 1
+
+        def correction(Z: Tensor, force_Z: Tensor) -> Tensor:
             if cfg.correction == "none":
                 return torch.zeros_like(Z)
             if cfg.correction == "frozen":
@@ -345,14 +378,19 @@ class EPEstimator:
             if K == 1:
                 p = 0.5 * (z_star + Zk[0])
                 V = Zk[0] - z_star
-                count.jvp += 1
                 count.vjp += 1
+                if secant:
+                    return _antisym_secant(model, x_in, p, V, force_Z - force_star)
+                count.jvp += 1
                 return _antisym_dual(model, x_in, p, V)
             p = Zk.mean(dim=0).real if holo_complex else Zk.mean(dim=0)
             if not holo_complex and K == 2:
-                c = _antisym_dual(model, x_in, p, Zk[0] - p)
-                count.jvp += 1
                 count.vjp += 1
+                if secant:
+                    c = _antisym_secant(model, x_in, p, Zk[0] - p, 0.5 * (force_Z[:B] - force_Z[B:]))
+                else:
+                    count.jvp += 1
+                    c = _antisym_dual(model, x_in, p, Zk[0] - p)
                 return torch.cat([c, -c])
             V = (Zk - p).reshape(K * B, *Z.shape[1:])
             p_rep = p.repeat(K, 1, 1)
@@ -374,10 +412,11 @@ class EPEstimator:
         inc_trace: list[tuple[int, float]] = []
         with torch.no_grad():
             for step in range(1, cfg.n_steps + 1):
-                f = model.force(Z, x_rep) - beta_vec * model.loss_grad(Z, t_rep, n_tokens=n_tok)
+                force_Z = model.force(Z, x_rep)
+                f = force_Z - beta_vec * model.loss_grad(Z, t_rep, n_tokens=n_tok)
                 count.force += K
                 if cfg.correction != "none":
-                    f = f - correction(Z)
+                    f = f - correction(Z, force_Z)
                 if step == cfg.n_steps:
                     nudge_res = one_step_residual(Z, f, eps)
                 Z = Z + eps * f
@@ -405,6 +444,7 @@ class EPEstimator:
             "force_evals_nudge": count.force,
             "jvp_evals": count.jvp,
             "vjp_evals": count.vjp,
+            "jvp_method": cfg.jvp if cfg.correction == "tracking" else "n/a",
         }
         return best_a.detach(), diag
 

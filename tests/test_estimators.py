@@ -73,10 +73,10 @@ def test_without_correction_attention_falls_clearly_below(nonconservative):
     assert cmp["W_h"][0] > 1 - 1e-12
 
 
-def _slope(model, idx, tg, ref, nudge, points, betas):
+def _slope(model, idx, tg, ref, nudge, points, betas, jvp="dual"):
     errs = []
     for b in betas:
-        cfg = EstimatorConfig(nudge=nudge, points=points, beta=b, correction="tracking", t2=110, t2sel=0)
+        cfg = EstimatorConfig(nudge=nudge, points=points, beta=b, correction="tracking", t2=110, t2sel=0, jvp=jvp)
         errs.append(_rel_err(EPEstimator(cfg, SOLVER).compute(model, idx, tg, free=ref.free), ref))
     xs = [math.log(b) for b in betas]
     ys = [math.log(e) for e in errs]
@@ -98,6 +98,32 @@ def test_beta_sweep_order(small, nudge, points, betas, order):
     slope, errs = _slope(model, idx, tg, ref, nudge, points, betas)
     assert abs(slope - order) < 0.2, (slope, errs)
     assert max(errs) < 1e-3
+
+
+def test_beta_sweep_order_secant_centered(small):
+    """The secant J v is third-order accurate, so the centered estimate keeps its second order."""
+    model, idx, tg, ref = small
+    slope, errs = _slope(model, idx, tg, ref, "centered", 2, [1e-2, 3e-2, 1e-1], jvp="secant")
+    assert abs(slope - 2.0) < 0.2, (slope, errs)
+    assert max(errs) < 1e-3
+
+
+@pytest.mark.parametrize("nudge", ["centered", "one_sided"])
+def test_secant_tracking_matches_implicit_and_dual(nonconservative, nudge):
+    model, idx, tg, ref = nonconservative
+    res = {}
+    for jvp in ("dual", "secant"):
+        cfg = EstimatorConfig(nudge=nudge, beta=1e-3, correction="tracking", t2=150, t2sel=0, jvp=jvp)
+        res[jvp] = EPEstimator(cfg, SOLVER).compute(model, idx, tg, free=ref.free)
+    for group, (cos, ratio) in compare_gradients(res["secant"], ref).items():
+        assert cos >= 0.999, (group, cos)
+        assert abs(ratio - 1) < 1e-3, (group, ratio)
+    e_dual, e_secant = _rel_err(res["dual"], ref), _rel_err(res["secant"], ref)
+    assert e_secant < 1e-4 and e_secant < 1.5 * e_dual, (e_secant, e_dual)
+    d = res["secant"].diagnostics
+    # no dual-number products; one F + backward per nudge step (+ F(z*) once, one-sided)
+    assert d["jvp_evals"] == 0 and d["vjp_evals"] == 150 and d["jvp_method"] == "secant"
+    assert d["force_evals_nudge"] == (2 * 150 if nudge == "centered" else 150 + 1)
 
 
 @pytest.mark.slow
@@ -190,6 +216,12 @@ def test_estimator_config_and_bad_state_errors(small):
         EstimatorConfig(nudge="centered", points=3)
     with pytest.raises(ConfigError, match="beta"):
         EstimatorConfig(beta=0.0)
+    with pytest.raises(ConfigError, match="jvp"):
+        EstimatorConfig(jvp="finite")
+    with pytest.raises(ConfigError, match="jvp"):
+        EstimatorConfig(correction="frozen", jvp="secant")
+    with pytest.raises(ConfigError, match="jvp"):
+        EstimatorConfig(nudge="holomorphic", points=3, jvp="secant")
     bad = type(ref.free)(**{**ref.free.__dict__, "z": torch.full_like(ref.free.z, float("nan"))})
     with pytest.raises(FloatingPointError, match="NaN"):
         EPEstimator(solver=SOLVER).compute(model, idx, tg, free=bad)
