@@ -396,8 +396,11 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                    + (" (bounded devices clip the update)." if sat > 0.01 else " (not a limiting factor here)."))
     gap = _last(rows, "weight_gap")
     if gap is not None:
+        first = next((r["weight_gap"] for r in rows if r.get("weight_gap") is not None), None)
         out.append(f"Weight gap ‖W_analog − W_twin‖/‖W_twin‖ = {gap:.3f} at the end: the accumulated effect of "
-                   "noisy updates, quantised pulses and device asymmetry.")
+                   "noisy updates, quantised pulses and device asymmetry"
+                   + (f"; it was already {first:.3f} after the first step (programming error and write noise of the "
+                      "devices as the read-out weights see them)." if first is not None and first > 0.05 else "."))
     return out
 
 
