@@ -2,8 +2,9 @@
 
 Run by hand: `python -m experiments.benchmarks.bench_ep_step [--width 64 --heads 4 --context 64 --batch 16]`.
 Measures side by side in one run, float32, at the reference recipe (holomorphic N = 2, r = 0.02,
-T2 20, t2sel 40, T1 150 capped at 300, tol 1e-4): the AsymEP correction frozen vs tracking vs none,
-and the unit costs of F, J v (dual numbers), F + Jᵀ v (backward) and (J − Jᵀ) v.
+T2 20, t2sel 40, T1 150 capped at 300, tol 1e-4): the AsymEP correction none vs frozen vs tracking
+with J v by dual numbers vs tracking with the secant J v (from the nudged forces), the unit costs of
+F, J v (dual numbers), F + Jᵀ v (backward) and (J − Jᵀ) v, and F at 1 vs the default torch threads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ept_hw.estimators import EPEstimator, EstimatorConfig, _antisym_dual
+from ept_hw.estimators import EPEstimator, EstimatorConfig, _antisym_dual, compare_gradients
 from ept_hw.model import EquilibriumTransformer, ModelConfig
 from ept_hw.projection import digital_factory
 from ept_hw.relaxation import SolverConfig, relax
@@ -78,19 +79,36 @@ def main() -> None:
     # On a shared machine the load drifts: F is re-timed right before each variant (best of both).
     print(f"{'correction':<10} {'F ms':>6} {'nudge s':>8} {'ports s':>8} {'step s':>8} {'step / F':>9}   "
           "(step = free + nudge + ports; free phase at the F of this row)")
-    for correction in ("none", "frozen", "tracking"):
+    results = {}
+    for label, correction, jvp in (("none", "none", "dual"), ("frozen", "frozen", "dual"),
+                                   ("track-dual", "tracking", "dual"), ("track-sec", "tracking", "secant")):
         with torch.no_grad():
             t_f_row = min(t_f, _time(lambda: model.force(x, x), 20))
-        est = EPEstimator(EstimatorConfig(correction=correction), solver)
+        est = EPEstimator(EstimatorConfig(correction=correction, jvp=jvp), solver)
         best = None
         for _ in range(args.repeats):
             r = est.compute(model, idx, tg, free=free)
             d = r.diagnostics
             if best is None or d["seconds_nudge"] < best["seconds_nudge"]:
                 best = d
+        results[label] = r
         step = free.n_force_evals * t_f_row + best["seconds_nudge"] + best["seconds_ports"]
-        print(f"{correction:<10} {t_f_row * 1e3:6.2f} {best['seconds_nudge']:8.2f} {best['seconds_ports']:8.3f} "
+        print(f"{label:<10} {t_f_row * 1e3:6.2f} {best['seconds_nudge']:8.2f} {best['seconds_ports']:8.3f} "
               f"{step:8.2f} {step / t_f_row:9.0f}")
+    cmp = compare_gradients(results["track-sec"], results["track-dual"])
+    worst = min(cmp.items(), key=lambda kv: kv[1][0])
+    print(f"secant vs dual gradient (float32, same free phase): cos all {cmp['all'][0]:.6f}, "
+          f"worst group {worst[0]} {worst[1][0]:.6f}, norm ratio {cmp['all'][1]:.5f}")
+
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        per_threads = {}
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            per_threads[n] = _time(lambda: model.force(x, x), 20)
+    torch.set_num_threads(threads)
+    print("F by torch threads: " + ", ".join(f"{n}: {t * 1e3:.2f} ms" for n, t in per_threads.items())
+          + f"  (ratio {threads}/1 threads: {per_threads[threads] / per_threads[1]:.2f})")
 
 
 if __name__ == "__main__":
