@@ -40,7 +40,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--repeats", type=int, default=2, help="EP steps timed per variant (best is kept)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (the trainer's default is 1)")
     args = ap.parse_args()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
     cfg = ModelConfig(vocab_size=args.vocab, context=args.context, width=args.width, heads=args.heads)
@@ -100,15 +103,15 @@ def main() -> None:
     print(f"secant vs dual gradient (float32, same free phase): cos all {cmp['all'][0]:.6f}, "
           f"worst group {worst[0]} {worst[1][0]:.6f}, norm ratio {cmp['all'][1]:.5f}")
 
-    threads = torch.get_num_threads()
+    threads = args.threads
     with torch.no_grad():
         per_threads = {}
-        for n in sorted({1, threads}):
+        for n in sorted({1, threads, default_threads}):
             torch.set_num_threads(n)
             per_threads[n] = _time(lambda: model.force(x, x), 20)
     torch.set_num_threads(threads)
     print("F by torch threads: " + ", ".join(f"{n}: {t * 1e3:.2f} ms" for n, t in per_threads.items())
-          + f"  (ratio {threads}/1 threads: {per_threads[threads] / per_threads[1]:.2f})")
+          + f"  (ratio {default_threads}/1 threads: {per_threads[default_threads] / per_threads[1]:.2f})")
 
 
 if __name__ == "__main__":
