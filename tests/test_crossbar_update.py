@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from crossbar import (AnalogTile, TileConfig, TransferParameters, UpdateParamete
 from crossbar.update import deterministic_counts_per_sample
 from devices import SoftBoundsDevice
 
-REFERENCE = Path("/work/shared/reference/update_stats/constant_step_rank1.json")
+from _shared import REFERENCE as SHARED_REFERENCE
+
+REFERENCE = SHARED_REFERENCE / "update_stats" / "constant_step_rank1.json"
 CONSTANT = {"model": "constant_step", "dw_min": 0.001, "dw_min_dtod": 0.0, "dw_min_std": 0.0, "up_down_dtod": 0.0,
             "w_max": 10.0, "w_min": -10.0, "w_max_dtod": 0.0, "w_min_dtod": 0.0}
 
@@ -25,8 +26,6 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _reference() -> dict:
-    if not REFERENCE.exists():
-        pytest.skip("shared reference data not available")
     return json.loads(REFERENCE.read_text())
 
 
