@@ -35,9 +35,7 @@ __all__ = ["resolve_tile_config", "build_analog_factory", "CommonNoise", "set_co
 
 
 def resolve_tile_config(cfg: AnalogConfig):
-    from crossbar import (MappingParameters, TileConfig, perfect_io, preset_io, preset_update, tile_config_from_dict,
-                          tile_preset, tile_preset_names)
-    from crossbar.io import IOParameters
+    from crossbar import perfect_io, tile_config_from_dict, tile_for_device, tile_preset, tile_preset_names
 
     name = cfg.device
     if name in tile_preset_names():
@@ -53,14 +51,8 @@ def resolve_tile_config(cfg: AnalogConfig):
         if "tile" in data:
             tile = tile_config_from_dict(data["tile"])
         elif "device" in data:
-            probe = TileConfig(device=dict(data["device"]))
-            dev = probe.device_config()
-            pair = probe.uses_pair
-            omega = 0.0 if dev.is_ideal else (0.5 * dev.w_max if pair else 0.8 * min(abs(dev.w_min), abs(dev.w_max)))
-            fwd = preset_io()
-            bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
-            tile = TileConfig(device=dict(data["device"]), forward=fwd, backward=bwd,
-                              update=preset_update(cfg.update_mode), mapping=MappingParameters(weight_scaling_omega=omega))
+            # the crossbar's preset rules (periphery, update, mapping omega, pair handling) for any device
+            tile = tile_for_device(dict(data["device"]), "sgd", cfg.update_mode)
         else:
             raise ConfigError("analog.device", name, "a TOML file with a [tile] or a [device] table")
     if cfg.periphery == "perfect":
