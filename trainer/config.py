@@ -69,6 +69,13 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_batches: int = 4
     health_interval: int = 0  # every k steps: estimator health (twin), adjoint SNR (analog); 0 = off
+    # Leading eigenvalues of the relaxation (Re mu, |Im mu| of J, largest |lambda| of I + eps J)
+    # every k steps, on one validation sequence (the worst of the first validation batch);
+    # -1 = at every evaluation (and at step 0), 0 = off. On the analog path they are taken on the
+    # arrays' read-out weights (a digital copy), not through noisy reads.
+    stability_every: int = -1
+    stability_k: int = 2  # eigenvalues per ARPACK run
+    stability_tol: float = 1e-4  # ARPACK tolerance
     checkpoint_interval: int = 50
     bptt_steps: int = 60  # unrolled Euler steps in mode "bptt"
     # Digital-parameter groups left untrained on every path ("embeddings", "layernorm", "ffn_bias",
@@ -91,6 +98,9 @@ class TrainingConfig:
         check_positive_int("training.eval_interval", self.eval_interval)
         check_positive_int("training.eval_batches", self.eval_batches)
         check_positive_int("training.health_interval", self.health_interval, minimum=0)
+        check_positive_int("training.stability_every", self.stability_every, minimum=-1)
+        check_positive_int("training.stability_k", self.stability_k)
+        check_range("training.stability_tol", self.stability_tol, 0.0, None)
         check_positive_int("training.checkpoint_interval", self.checkpoint_interval)
         check_positive_int("training.bptt_steps", self.bptt_steps)
         for group in self.frozen:
@@ -109,6 +119,13 @@ class StabiliserConfig:
       arrays' read-out weights, then applied through the pulses): λ·‖J_nc v‖²/‖v‖² on a Gaussian
       probe v, J_nc v by a central difference of F with step `jacreg_fd_step`; λ from the
       controller (`jacreg`, frozen unless enabled).
+    - eigreg (digital assist on the analog path, like jacreg: computed on the read-out weights):
+      `eigreg`·relu(x − `eigreg_margin`)² on the leading eigenvalue pair of I + εJ at the free-phase
+      state of the worst sample of the batch, x = |λ| (`eigreg_on = "abs_lambda"`) or Re μ
+      (`"re_mu"`: set the margin on Re μ then, e.g. −0.05), by subspace iteration
+      (`ept_hw.stability.model_eigreg`, `eigreg_iters` iterations of a `eigreg_block` basis, warm
+      started from the previous step's). Its dense projection gradients go through `apply_update`
+      in port form (u = identity rows, δ = gradient columns), pulsed on the analog path. Off by default.
     - the validity gate skips the EP nudge when the noise-aware residual exceeds `gate_level`;
       the stabilisers are still applied on a gated step.
     """
@@ -121,9 +138,20 @@ class StabiliserConfig:
     jacreg_fd_step: float = 1e-2
     gate: bool = False
     gate_level: float = 1e-2
+    eigreg: float = 0.0  # weight; 0 = off
+    eigreg_margin: float = 0.995
+    eigreg_on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
+    eigreg_iters: int = 10
+    eigreg_block: int = 6
 
     def __post_init__(self) -> None:
         check_range("stabilisers.resreg", self.resreg, 0.0)
+        check_range("stabilisers.eigreg", self.eigreg, 0.0)
+        check_choice("stabilisers.eigreg_on", self.eigreg_on, ("abs_lambda", "re_mu"))
+        if self.eigreg_on == "abs_lambda":
+            check_range("stabilisers.eigreg_margin", self.eigreg_margin, 0.0, None, lo_open=True)
+        check_positive_int("stabilisers.eigreg_iters", self.eigreg_iters, minimum=0)
+        check_positive_int("stabilisers.eigreg_block", self.eigreg_block, minimum=2)
         check_range("stabilisers.resreg_delta", self.resreg_delta, 0.0, None, lo_open=True)
         check_range("stabilisers.jacreg_fd_step", self.jacreg_fd_step, 0.0, 1.0, lo_open=True)
         check_range("stabilisers.gate_level", self.gate_level, 0.0, None, lo_open=True)

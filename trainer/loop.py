@@ -118,10 +118,19 @@ def physics_notes(cfg: RunConfig) -> list[str]:
         "on-chip: port form δuᵀ through the pulses); "
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
+        + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "
+           "from read-out weights)" if st.eigreg > 0 else "; eigreg off")
         + f"; validity gate {'on at ' + format(st.gate_level, 'g') if st.gate else 'off'}.",
         f"Optimiser: {t.optimizer} (lr {t.lr:g}, schedule {t.schedule.kind}); digital periphery (embeddings, LayerNorm, "
         "biases) by the same optimiser.",
     ]
+    if t.stability_every != 0:
+        notes.append(
+            "Stability monitor: leading Re μ, |Im μ| of J and |λ| of I + εJ (ARPACK, k = "
+            f"{t.stability_k}, tol {t.stability_tol:g}) on the worst sequence of the first validation batch, "
+            + ("at every evaluation" if t.stability_every == -1 else f"every {t.stability_every} steps")
+            + ("; the analog path's on its arrays' read-out weights (a digital copy), not through noisy reads." if cfg.uses_analog else ".")
+        )
     return notes
 
 
@@ -215,6 +224,18 @@ def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     return out
 
 
+def _stability(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any] | None:
+    """`EPPath.stability` on the first validation batch (analog: on the read-out weights); None on
+    a path without a relaxation or when ARPACK fails (a diagnostic never stops the run)."""
+    if not hasattr(path, "stability"):
+        return None
+    try:
+        return path.stability(batch[0])
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("stability eigenvalues unavailable on %s: %s", getattr(path, "name", "?"), exc)
+        return None
+
+
 def run(
     cfg: RunConfig | None,
     run_dir: str | Path,
@@ -290,6 +311,8 @@ def run(
             "physics": physics_notes(cfg),
             "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
         }
+        if t.stability_every != 0:
+            summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
         if init_info is not None:
             summary["init_ckpt"] = init_info
         _save_conductances(run_dir, paths, "start")
@@ -326,17 +349,22 @@ def run(
                 event = None
                 evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
                 vals: dict[str, float] = {}
+                stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
+                    t.stability_every == -1 and evaluate)
+                stabs: dict[str, dict[str, Any] | None] = {}
                 for name, p in paths.items():
                     try:
                         outcomes[name] = p.train_step(idx, targets, lr, health=health)
                         if evaluate:
                             vals[name] = p.evaluate(eval_batches)
+                        if stab_now:
+                            stabs[name] = _stability(p, eval_batches[0])
                     except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
                         event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
                         outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
                         vals.pop(name, None)
                         break
-                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals)
+                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
                 for name, p in paths.items():
                     if event is not None:
                         break
@@ -393,7 +421,8 @@ def _finite_update(o: StepOutcome) -> bool:
     return n is None or math.isfinite(n)
 
 
-def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> dict[str, Any]:
+def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: Mapping[str, StepOutcome],
+         vals: Mapping[str, float], stabs: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
     row = empty_row(step)
     row["lr"] = lr
     row["wall_time"] = wall
@@ -410,6 +439,12 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
         row[f"{name}_jacreg_lambda"] = o.jacreg_lambda
         row[f"{name}_update_norm"] = o.update_norm
         row[f"{name}_adjoint_snr"] = o.adjoint_snr
+        row[f"{name}_eigreg_penalty"] = o.eigreg_penalty
+        row[f"{name}_eigreg_abs_lambda"] = o.eigreg_abs_lambda
+        stab = (stabs or {}).get(name)
+        if stab:
+            for key in ("re_mu", "im_mu", "abs_lambda"):
+                row[f"{name}_{key}"] = stab[key]
         if getattr(p, "analog", False):
             row.update({f"{name}_{k}": v for k, v in analog_counters(p.model).items()})
         if o.health:

@@ -37,6 +37,13 @@ PATH_KEYS = (
     "adc_conversions",  # ADC conversions so far (analog)
     "adjoint_snr",  # ||a|| / spread of a over repeated reads (analog)
     "jacreg_lambda",
+    "eigreg_penalty",  # eigreg penalty at this step's free-phase state (before the update)
+    "eigreg_abs_lambda",  # eigreg's leading |lambda| of I + eps J (subspace iteration, worst sample)
+    # Leading eigenvalues at a validation operating point (ARPACK, `training.stability_every`); on
+    # the analog path on the arrays' read-out weights (a digital copy), not through noisy reads.
+    "re_mu",  # largest Re mu of J (mu < 0: the fixed point attracts)
+    "im_mu",  # |Im mu| of that eigenvalue (a pair crossing Re mu = 0 with Im != 0: Hopf)
+    "abs_lambda",  # largest |lambda| of the Euler map I + eps J
     "update_norm",  # Frobenius norm of the applied projection updates lr*delta u^T, all projections
 )
 

@@ -19,6 +19,9 @@ Stabilisers on every EP step (SCIENCE §4; defaults resreg 0.2, jacreg frozen 0.
   path's own reads, appended to the EP ports and applied by the same pulses;
 - jacreg (digital assist on the analog path): computed on a digital copy programmed from the
   arrays' read-out weights (`proj.weight`), then applied to the arrays through the pulses;
+- eigreg (digital assist on the analog path, like jacreg: on the read-out weights): the penalty
+  on the leading eigenvalue of I + εJ (`ept_hw.stability.model_eigreg`) at the worst sample's
+  free-phase state; its dense weight gradient goes through `apply_update` in port form;
 - gate: when the noise-aware residual is above the level the nudge is skipped; resreg and jacreg
   still apply.
 
@@ -62,6 +65,8 @@ class StepOutcome:
     updates: dict[str, Tensor] = field(default_factory=dict)  # applied ΔW request per projection (lr·Σδuᵀ)
     health: dict[str, float] = field(default_factory=dict)  # health_cos, health_norm_ratio, health_self_coherence
     adjoint_snr: float | None = None
+    eigreg_penalty: float | None = None
+    eigreg_abs_lambda: float | None = None
 
     @property
     def update_norm(self) -> float | None:
@@ -173,6 +178,7 @@ class EPPath:
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema: ParameterEMA | None = None
         self._shadow: EquilibriumTransformer | None = None
+        self.eigreg_basis: Tensor | None = None  # warm start of eigreg's subspace iteration
         if cfg.training.optimizer == "adamw":
             self._build_adamw()
         if cfg.training.ema > 0:
@@ -236,6 +242,59 @@ class EPPath:
         digital = {n: dig_p[n] + dig_m[n] for n in dig_p}
         return ports, digital
 
+    def _eigreg(self, idx: Tensor, z: Tensor, out: StepOutcome) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """Ports (u = identity rows, δ = gradient columns) and digital gradients of eigreg at the
+        worst sample of the batch (largest one-step residual), on the shadow model."""
+        from ept_hw.stability import EigRegConfig, model_eigreg
+
+        st = self.cfg.stabilisers
+        model = self._shadow_model()
+        with torch.no_grad():
+            x_in = model.embed(idx)
+            res = one_step_residual(z, model.force(z, x_in), self.cfg.solver.eps)
+        b = int(torch.argmax(res.reshape(res.shape[0], -1).amax(dim=1))) if res.dim() > 0 else 0
+        cfg = EigRegConfig(weight=st.eigreg, margin=st.eigreg_margin, on=st.eigreg_on, eps=self.cfg.solver.eps,
+                           iters=st.eigreg_iters, block=st.eigreg_block)
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in model.params.items()}
+        result, weight_grads, param_grads = model_eigreg(
+            model, z[b : b + 1], x_in[b : b + 1], cfg, params=params, basis=self.eigreg_basis,
+            generator=self.probe_generator,
+        )
+        self.eigreg_basis = result.basis.detach().clone()
+        out.eigreg_penalty = float(result.penalty.detach())
+        out.eigreg_abs_lambda = result.lead_abs_lambda
+        if out.eigreg_penalty <= 0:
+            return {}, {}
+        ports = {}
+        for name, g in weight_grads.items():
+            if float(g.abs().max()) > 0:
+                ports[name] = (torch.eye(g.shape[1], dtype=g.dtype), g.T.contiguous())
+        digital = {n: g.detach() for n, g in param_grads.items() if float(g.abs().max()) > 0}
+        return ports, digital
+
+    def stability(self, idx: Tensor) -> dict[str, Any]:
+        """Leading Re μ, |Im μ| of J and |λ| of I + εJ at the operating point of the worst sequence
+        of `idx` (by one-step residual), on the shadow model (the analog arrays' read-out weights:
+        through noisy reads an eigenvalue would be the noise's). Small ARPACK settings (k =
+        `training.stability_k`, tol `training.stability_tol`): a monitor, not a reference."""
+        from ept_hw.stability import leading_eigenvalues
+
+        t = self.cfg.training
+        model = self._shadow_model()
+        solver = self.cfg.solver
+        with torch.no_grad():
+            x_in = model.embed(idx)
+            force = lambda z: model.force(z, x_in)  # noqa: E731
+            r = relax(force, x_in, solver)
+            res = one_step_residual(r.z, force(r.z), solver.eps)
+        b = int(torch.argmax(res.reshape(res.shape[0], -1).amax(dim=1)))
+        xb = x_in[b : b + 1]
+        eig = leading_eigenvalues(lambda z: model.force(z, xb), r.z[b : b + 1], solver.eps, k=t.stability_k,
+                                  tol=t.stability_tol, ncv=max(2 * t.stability_k + 6, 10), maxiter=500,
+                                  generator=torch.Generator().manual_seed(self.cfg.seed + 11))
+        return {"re_mu": eig.lead_re_mu, "im_mu": eig.lead_im_mu, "abs_lambda": eig.lead_abs_lambda,
+                "converged": bool(r.converged), "residual": float(res[b].max()), "n_matvecs": eig.n_matvecs}
+
     def _task_gradient(self, idx: Tensor, targets: Tensor, fp: FreePhase) -> GradientResult:
         if not (self.analog and self.cfg.analog.noise_mode == "common"):
             return self.estimator.compute(self.model, idx, targets, free=fp.result)
@@ -283,6 +342,9 @@ class EPPath:
         if st.jacreg_on and lam > 0:
             jp, jd = self._jacreg(idx, z, lam)
             ports.add(jp, jd)
+        if st.eigreg > 0:
+            ep_ports, ep_digital = self._eigreg(idx, z, out)
+            ports.add(ep_ports, ep_digital)
         self._apply(ports, lr, out)
         self.controller.update(residual)
         return out
@@ -379,6 +441,7 @@ class EPPath:
             "probe_generator": self.probe_generator.get_state(),
             "extra_generators": {k: g.get_state() for k, g in self.extra_generators.items()},
             "last_task_norm": self.last_task_norm,
+            "eigreg_basis": self.eigreg_basis,
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
         }
@@ -398,6 +461,7 @@ class EPPath:
             if k in self.extra_generators:
                 self.extra_generators[k].set_state(s)
         self.last_task_norm = state["last_task_norm"]
+        self.eigreg_basis = state.get("eigreg_basis")
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
