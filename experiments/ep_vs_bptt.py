@@ -7,6 +7,12 @@ Runs `train --mode ep --optimizer adamw` (WSD schedule, parameter EMA) and `trai
 with the same preset, optimiser, schedule, stabilisers, data and seed, then prints both final
 validation losses and the difference (target: EP ≤ BPTT + 0.1 nats; the precursor measured EP
 1.676 against BPTT 1.635 after 14k steps at C = 128).
+
+Measured on the shared 2-core box (one torch thread, seed 0, float32, centered β per token 0.02,
+tracking with dual-number J v, T2 20, BPTT through 60 unrolled steps, eval on 8 batches):
+    --steps 250 --width 64 --heads 4 --context 32 --batch-size 16: EP 2.684, BPTT 2.694 (−0.010)
+    --steps 600 --width 64 --heads 4 --context 32 --batch-size 16: EP 2.461, BPTT 2.430 (+0.032);
+    wall 673 s EP, 327 s BPTT. Far short of the 14k-step C = 128 budget of the acceptance bullet.
 """
 
 from __future__ import annotations
