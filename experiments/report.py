@@ -167,6 +167,30 @@ def _plot_health(rows, out: Path) -> Path | None:
     return _save(fig, out / "estimator_health.png")
 
 
+def _plot_stability(rows, paths, out: Path, initial: Mapping[str, Any] | None = None) -> Path | None:
+    """Leading Re μ over steps for each path (analog: on the arrays' read-out weights), with the
+    initial point from the summary; Re μ = 0 is where the fixed point stops attracting."""
+    if not any(column(rows, f"{p}_re_mu")[0] for p in paths):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for p in paths:
+        st = PATH_STYLE[p]
+        s, v = _finite(*column(rows, f"{p}_re_mu"))
+        init = (initial or {}).get(p) or {}
+        if init.get("re_mu") is not None:
+            s, v = [-1] + s, [init["re_mu"]] + v
+        if s:
+            label = st["label"] + (" (read-out weights)" if p == "analog" else "")
+            ax.plot(s, v, "o-", ms=3, color=st["color"], lw=1, label=label)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("step (−1: initial weights)")
+    ax.set_ylabel("leading Re μ of J")
+    ax.set_title("Relaxation stability (Re μ < 0: the fixed point attracts)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "stability.png")
+
+
 def _plot_conductances(run_dir: Path, out: Path) -> Path | None:
     path = run_dir / "conductances.pt"
     if not path.is_file():
@@ -226,6 +250,10 @@ def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]
             "adc_conversions": _last(rows, f"{p}_adc_conversions"),
             "adjoint_snr": _mean_last(rows, f"{p}_adjoint_snr"),
             "jacreg_lambda": _last(rows, f"{p}_jacreg_lambda"),
+            "re_mu": _last(rows, f"{p}_re_mu"),
+            "im_mu": _last(rows, f"{p}_im_mu"),
+            "abs_lambda": _last(rows, f"{p}_abs_lambda"),
+            "eigreg_penalty": _last(rows, f"{p}_eigreg_penalty"),
             "gated_steps": sum(1 for r in rows if r.get(f"{p}_gated")),
         }
     return out
@@ -275,6 +303,7 @@ def write_report(run_dir: str | Path) -> Path:
         _plot_cosines(rows, plots_dir),
         _plot_weight_gap(rows, plots_dir),
         _plot_health(rows, plots_dir),
+        _plot_stability(rows, paths, plots_dir, summary.get("initial_stability")),
         _plot_conductances(run_dir, plots_dir),
     ]
     figures = final_figures(rows)
@@ -306,6 +335,10 @@ def write_report(run_dir: str | Path) -> Path:
         ("adc_conversions", "ADC conversions"),
         ("adjoint_snr", "adjoint SNR (mean of probes)"),
         ("jacreg_lambda", "jacreg λ"),
+        ("eigreg_penalty", "eigreg penalty (digital assist on the analog path)"),
+        ("re_mu", "leading Re μ of J (analog: read-out weights)"),
+        ("im_mu", "|Im μ| of that eigenvalue"),
+        ("abs_lambda", "largest |λ| of I + εJ"),
         ("gated_steps", "steps gated (nudge skipped)"),
     ]
     lines.append("| figure | " + " | ".join(PATH_STYLE[p]["label"] for p in paths) + " |")

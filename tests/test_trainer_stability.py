@@ -108,3 +108,14 @@ def test_eigreg_config_is_checked():
     with pytest.raises(ConfigError):
         load_run_config("tiny", {"training": {"stability_every": -2}})
     assert math.isclose(load_run_config("tiny").stabilisers.eigreg, 0.0)  # off by default
+
+
+def test_report_plots_re_mu_of_both_paths(eigreg_run):
+    from experiments.report import final_figures, write_report
+
+    _, result, rows = eigreg_run
+    report = write_report(result.run_dir).read_text()
+    assert (result.run_dir / "plots" / "stability.png").stat().st_size > 5000
+    assert "leading Re μ of J (analog: read-out weights)" in report and "read-out weights" in report
+    figures = final_figures(rows)
+    assert figures["twin"]["re_mu"] == rows[3]["twin_re_mu"] and figures["analog"]["re_mu"] < 0
