@@ -290,7 +290,7 @@ class EPPath:
         b = int(torch.argmax(res.reshape(res.shape[0], -1).amax(dim=1)))
         xb = x_in[b : b + 1]
         eig = leading_eigenvalues(lambda z: model.force(z, xb), r.z[b : b + 1], solver.eps, k=t.stability_k,
-                                  tol=t.stability_tol, ncv=max(2 * t.stability_k + 6, 10), maxiter=500,
+                                  tol=t.stability_tol, ncv=max(2 * t.stability_k + 14, 16), maxiter=500,
                                   generator=torch.Generator().manual_seed(self.cfg.seed + 11))
         return {"re_mu": eig.lead_re_mu, "im_mu": eig.lead_im_mu, "abs_lambda": eig.lead_abs_lambda,
                 "converged": bool(r.converged), "residual": float(res[b].max()), "n_matvecs": eig.n_matvecs}
