@@ -12,7 +12,8 @@ Measured on the shared 2-core box (one torch thread, seed 0, float32, centered Î
 tracking with dual-number J v, T2 20, BPTT through 60 unrolled steps, eval on 8 batches):
     --steps 250 --width 64 --heads 4 --context 32 --batch-size 16: EP 2.684, BPTT 2.694 (âˆ’0.010)
     --steps 600 --width 64 --heads 4 --context 32 --batch-size 16: EP 2.461, BPTT 2.430 (+0.032);
-    wall 673 s EP, 327 s BPTT. Far short of the 14k-step C = 128 budget of the acceptance bullet.
+    wall 673 s EP, 327 s BPTT (EP timed while benchmarks shared the cores). The same EP run with
+    --jvp secant: 2.462 (within 0.001 of dual), 358 s wall on a quieter machine. Far short of the 14k-step C = 128 budget of the acceptance bullet.
 """
 
 from __future__ import annotations
