@@ -13,7 +13,8 @@ from ept_hw.config import ConfigError
 
 from trainer.config import RunConfig, load_run_config, merge, preset_names
 
-__all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result"]
+__all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result",
+           "check_run_target", "execute_run"]
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -106,6 +107,27 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any]) -> RunConfi
     if args.resume and args.model is None and not overrides:
         return None
     return load_run_config(args.model, merge(base, overrides))
+
+
+def check_run_target(args: argparse.Namespace) -> None:
+    """`--out` is always needed; `--model` too unless the run is resumed."""
+    if args.out is None:
+        raise ValueError("--out runs/NAME is required")
+    if not args.resume and args.model is None:
+        raise ValueError("--model NAME is required for a new run")
+
+
+def execute_run(args: argparse.Namespace, cfg: RunConfig | None) -> int:
+    """Run `cfg` into `args.out`, print the outcome and, with `--report`, write the report."""
+    from trainer.loop import run
+
+    result = run(cfg, args.out, resume=args.resume, init_ckpt=args.init_ckpt, progress=not args.no_progress)
+    print_result(result)
+    if args.report:
+        from experiments.report import write_report
+
+        print(f"report: {write_report(result.run_dir)}")
+    return result.exit_code
 
 
 def print_result(result: Any) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.run_args import add_run_arguments, apply_threads, config_from_args, print_result
-from trainer.loop import run
+from experiments.run_args import add_run_arguments, apply_threads, check_run_target, config_from_args, execute_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,15 +22,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    if args.out is None:
-        raise ValueError("--out runs/NAME is required")
-    if not args.resume and args.model is None:
-        raise ValueError("--model NAME is required for a new run")
+    check_run_target(args)
     cfg = config_from_args(args, {"mode": "compare"})
-    result = run(cfg, args.out, resume=args.resume, init_ckpt=args.init_ckpt, progress=not args.no_progress)
-    print_result(result)
-    if args.report:
-        from experiments.report import write_report
-
-        print(f"report: {write_report(result.run_dir)}")
-    return result.exit_code
+    return execute_run(args, cfg)
