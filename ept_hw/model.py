@@ -146,7 +146,7 @@ class EquilibriumTransformer:
             raise ConfigError("dtype", str(dtype), "torch.float32 or torch.float64")
         self.cfg = cfg
         self.dtype = dtype
-        C, V, T, Hd, D = cfg.width, cfg.vocab_size, cfg.context, cfg.hidden, cfg.head_dim
+        C, V, T, Hd = cfg.width, cfg.vocab_size, cfg.context, cfg.hidden
 
         def draw(*shape: int, std: float) -> Tensor:
             return torch.randn(*shape, generator=generator, dtype=torch.float64).mul_(std).to(dtype)

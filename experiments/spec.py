@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 from ept_hw.config import ConfigError, config_hash, load_toml
 
-from .sweep import AXES, Requirement, derive_requirements, plot_gaps
+from .sweep import Requirement, derive_requirements, plot_gaps
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -810,7 +810,7 @@ def _markdown(spec: Mapping[str, Any], plots: Sequence[Path], out_dir: Path) -> 
     if prov.get("sweep"):
         s = prov["sweep"]
         lines.append(f"\nSweep `{s['path']}`: {s['points']} points, {s['failed_points']} failed.")
-    lines += ["", f"Units: " + "; ".join(f"{k}: {v}" for k, v in spec["units_convention"].items()) + "."]
+    lines += ["", "Units: " + "; ".join(f"{k}: {v}" for k, v in spec["units_convention"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 

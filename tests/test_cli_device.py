@@ -6,20 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from devices import device_from_dict, load_device
 from devices.fit import generate_traces, write_traces
 from experiments.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core machine: intra-op threads only contend (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_device_response_writes_json_and_png(tmp_path, capsys):

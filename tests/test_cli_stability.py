@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from experiments.cli import main
 from experiments.commands.stability import stability_of_run
@@ -20,14 +19,6 @@ SMALL = {
     "solver": {"max_steps": 60},
     "estimator": {"t2": 6, "beta": 3.2},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from experiments.cli import main
 from trainer.data import embedded_works
@@ -13,14 +12,6 @@ from trainer.data import embedded_works
 SMALL = ["--set", "model.context=8", "--set", "model.width=16", "--seq-len", "8", "--batch-size", "4",
          "--set", "training.eval_interval=2", "--set", "training.eval_batches=1", "--set", "solver.max_steps=60",
          "--set", "estimator.t2=6", "--no-progress"]
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second torch thread only spins (and steals a core from the other suites)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -6,20 +6,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from devices import device_from_dict
 from devices.fit import fit_device, fit_nonlinearity, generate_traces, neurosim_label, read_traces, write_traces
 from devices.response import run_pulse_response
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core machine: intra-op threads only contend (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 NO_D2D = {"dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0, "w_min_dtod": 0.0}

@@ -11,22 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from devices import load_device, preset_names
 from devices.aihwkit_compat import AIHWKIT_PRESET_CLASSES, config_from_aihwkit_params
 from devices.response import run_pulse_response
 
 from _shared import REFERENCE as SHARED_REFERENCE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core machine: intra-op threads only contend (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 REFERENCE = SHARED_REFERENCE / "device_response"

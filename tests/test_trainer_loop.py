@@ -28,14 +28,6 @@ SMALL = {
     "estimator": {"t2": 6, "beta": 3.2},
 }
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second torch thread only spins (and steals a core from the other suites)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 @pytest.fixture(scope="module")

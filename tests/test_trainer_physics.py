@@ -10,14 +10,6 @@ import torch
 from ept_hw.relaxation import SolverConfig
 from trainer.physics import noise_aware_free_phase
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second torch thread only spins (and steals a core from the other suites)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def _linear_force(target, sigma, gen):

@@ -24,14 +24,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def eigreg_run(tmp_path_factory):
     """compare on the ideal device with the monitor at every evaluation and eigreg active on both
