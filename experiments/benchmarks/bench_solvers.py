@@ -8,7 +8,10 @@ Two blocks, measured side by side in one run:
   emulating what training does to it (SCIENCE §4): W_O and W_2 scaled by `--attn-gain` (10: the
   resinit factor 0.1 undone) and the qknorm gains by `--qk-gain` (1.5), so the leading eigenvalue
   moves toward the imaginary axis and the relaxation slows down (qk gain 2.5 already gives a limit
-  cycle). No EP training was run: a partly trained checkpoint does not exist yet.
+  cycle).
+- with `--run runs/NAME`: instead of the emulation, the digital twin of a trained run (its last
+  checkpoint, e.g. `runs/demo` after `ept-hw demo`) against the same model freshly initialised,
+  both on the run's own validation text.
 
 The block is `ept_hw.model.EquilibriumTransformer` with digital projections. The residual is the SCIENCE §2 one-step residual with
 eps = 0.1 for every solver.
@@ -52,6 +55,37 @@ def build_block(C, T, heads, vocab, seed, dtype):
     return _model_block(C, T, heads, vocab, torch.Generator().manual_seed(seed), dtype)
 
 
+def emulated_blocks(args, dtype):
+    """(label, force, x_in) for a random block and its emulated 'partly trained' version."""
+    force, embed, make_trained, source = build_block(args.C, args.T, args.heads, args.vocab, args.seed, dtype)
+    idx = torch.randint(0, args.vocab, (args.B, args.T), generator=torch.Generator().manual_seed(args.seed + 1))
+    x_in = embed(idx)
+
+    def blocks():
+        yield "random", (lambda z: force(z, x_in)), x_in
+        make_trained(args.attn_gain, args.qk_gain)  # after the random block has been measured
+        yield (f"partly trained (W_O, W_2 x{args.attn_gain:g}; qknorm gains x{args.qk_gain:g})",
+               (lambda z: force(z, x_in)), x_in)
+
+    return blocks(), f"{source}; C={args.C} T={args.T} B={args.B} heads={args.heads} {args.dtype}"
+
+
+def trained_run_blocks(run_dir: str, batch: int, seed: int):
+    """(label, force, x_in) for a run's twin at initialisation and at its last checkpoint."""
+    from trainer.data import sample_batch
+    from trainer.loop import build_paths, load_run
+
+    cfg, data, trained = load_run(run_dir)
+    fresh = build_paths(cfg)
+    idx, _ = sample_batch(data.val, batch, cfg.training.seq_len, torch.Generator().manual_seed(seed))
+    blocks = []
+    for label, paths in (("random (same config, initialisation)", fresh), (f"trained ({run_dir}, twin)", trained)):
+        model = paths["twin"].model
+        x_in = model.embed(idx)
+        blocks.append((label, (lambda m, x: (lambda z: m.force(z, x)))(model, x_in), x_in))
+    return blocks, f"{run_dir}: C={cfg.model.width} T={cfg.training.seq_len} B={batch} heads={cfg.model.heads}"
+
+
 def measure(force, x_in, cfg: SolverConfig) -> dict:
     relax(force, x_in, SolverConfig(method=cfg.method, max_steps=3, tol=0.0))  # warm-up
     t0 = time.perf_counter()
@@ -76,16 +110,13 @@ def main(argv=None) -> int:
     p.add_argument("--attn-gain", type=float, default=10.0, help="W_O and W_2 scale for 'partly trained'")
     p.add_argument("--qk-gain", type=float, default=1.5, help="qknorm gain scale for 'partly trained'")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--run", help="a trained run directory: measure its twin instead of the emulation")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # small block on a shared CPU: threads only add contention
     logging.getLogger("ept_hw.relaxation").setLevel(logging.ERROR)  # the table reports convergence
 
-    force, embed, make_trained, source = build_block(args.C, args.T, args.heads, args.vocab, args.seed, dtype)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    idx = torch.randint(0, args.vocab, (args.B, args.T), generator=gen)
-    x_in = embed(idx)
     solvers = {
         "euler eps=0.1": SolverConfig(method="euler", eps=0.1, tol=args.tol, max_steps=args.max_steps),
         "dopri5": SolverConfig(method="dopri5", tol=args.tol, max_steps=args.max_steps,
@@ -95,13 +126,13 @@ def main(argv=None) -> int:
         "anderson b=1.5": SolverConfig(method="anderson", tol=args.tol, max_steps=args.max_steps,
                                        anderson_beta=1.5),
     }
-    print(f"block: {source}; C={args.C} T={args.T} B={args.B} heads={args.heads} {args.dtype}; "
-          f"tol={args.tol:g} (SCIENCE §2 residual, eps=0.1)")
-    for label in ("random", "partly trained"):
-        if label == "partly trained":
-            make_trained(args.attn_gain, args.qk_gain)
-            label += f" (W_O, W_2 x{args.attn_gain:g}; qknorm gains x{args.qk_gain:g})"
-        rows = {name: measure(lambda z: force(z, x_in), x_in, cfg) for name, cfg in solvers.items()}
+    if args.run:
+        blocks, source = trained_run_blocks(args.run, args.B, args.seed)
+    else:
+        blocks, source = emulated_blocks(args, dtype)
+    print(f"block: {source}; tol={args.tol:g} (SCIENCE §2 residual, eps=0.1)")
+    for label, force, x_in in blocks:
+        rows = {name: measure(force, x_in, cfg) for name, cfg in solvers.items()}
         base = rows["euler eps=0.1"]["evals"]
         print(f"\n{label}")
         print(f"  {'solver':<16}{'evals':>7}{'ratio':>8}{'conv':>6}{'max res':>11}{'sim t':>9}{'wall s':>8}")
