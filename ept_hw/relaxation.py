@@ -181,6 +181,13 @@ class _Trace:
         self.rows.append(res)
         self.steps.append(step)
 
+    def check(self, step: int, res: Tensor, cfg: "SolverConfig", last: bool) -> bool:
+        """Record `res` on check steps (and the last one); True once past min_steps and within tol."""
+        if step % cfg.check_every == 0 or last:
+            self.add(step, res)
+            return step >= cfg.min_steps and float(res.max()) <= cfg.tol
+        return False
+
     def stack(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         if not self.rows:
             return torch.empty(0, batch, dtype=dtype, device=device), torch.empty(0, dtype=torch.long)
@@ -252,11 +259,9 @@ def _relax_euler(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
         n_evals += 1
         res = one_step_residual(z, f, cfg.eps)
         last = step >= cfg.max_steps
-        if step % cfg.check_every == 0 or last:
-            trace.add(step, res)
-            if step >= cfg.min_steps and float(res.max()) <= cfg.tol:
-                converged = True
-                break
+        if trace.check(step, res, cfg, last):
+            converged = True
+            break
         if last:
             break
         z = z + cfg.eps * f
@@ -462,11 +467,9 @@ def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
         n_evals += 1
         res = one_step_residual(x, f, cfg.eps)
         last = it >= cfg.max_steps
-        if it % cfg.check_every == 0 or last:
-            trace.add(it, res)
-            if it >= cfg.min_steps and float(res.max()) <= cfg.tol:
-                converged = True
-                break
+        if trace.check(it, res, cfg, last):
+            converged = True
+            break
         if last:
             break
         # per-sample safeguards: restart a window that blew up or stalls; a sample that stalls

@@ -109,9 +109,7 @@ def _plot_cosines(rows, out: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name in names:
-        s = [r["step"] for r in rows if r.get("update_cos") and r["update_cos"].get(name) is not None]
-        v = [r["update_cos"][name] for r in rows if r.get("update_cos") and r["update_cos"].get(name) is not None]
-        s, v = _finite(s, v)
+        s, v = _per_projection(rows, "update_cos", name)
         ax.plot(s, _smooth(v, 5), lw=1, label=name)
     ax.set_ylim(-0.1, 1.05)
     ax.set_xlabel("step")
@@ -120,6 +118,12 @@ def _plot_cosines(rows, out: Path) -> Path | None:
     ax.legend(fontsize=8, ncol=4)
     ax.grid(alpha=0.3)
     return _save(fig, out / "update_cosine.png")
+
+
+def _per_projection(rows, key: str, name: str) -> tuple[list, list]:
+    """Finite (steps, values) of projection `name` in the per-projection dict column `key`."""
+    hits = [r for r in rows if r.get(key) and r[key].get(name) is not None]
+    return _finite([r["step"] for r in hits], [r[key][name] for r in hits])
 
 
 def _plot_weight_gap(rows, out: Path) -> Path | None:
@@ -134,9 +138,7 @@ def _plot_weight_gap(rows, out: Path) -> Path | None:
             names = list(r["weight_gap_per_projection"])
             break
     for name in names:
-        ss = [r["step"] for r in rows if r.get("weight_gap_per_projection")]
-        vv = [r["weight_gap_per_projection"][name] for r in rows if r.get("weight_gap_per_projection")]
-        ax.plot(*_finite(ss, vv), lw=1, alpha=0.7, label=name)
+        ax.plot(*_per_projection(rows, "weight_gap_per_projection", name), lw=1, alpha=0.7, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("‖W_analog − W_twin‖ / ‖W_twin‖")
     ax.set_title("Weight gap")
