@@ -11,7 +11,8 @@ from typing import Any
 
 from ept_hw.config import ConfigError
 
-from trainer.config import RunConfig, load_run_config, merge, preset_names
+from experiments.presets import load_run_config, preset_names
+from trainer.config import RunConfig, merge
 
 __all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result",
            "check_run_target", "execute_run"]

@@ -679,7 +679,8 @@ PERIPHERY_AXES = ("dac_bits", "adc_bits", "read_noise")
 
 
 def _run_config(context: Mapping[str, Any], analog: Mapping[str, Any] | None = None) -> Any:
-    from trainer.config import load_run_config, merge
+    from experiments.presets import load_run_config
+    from trainer.config import merge
 
     overrides = merge(dict(context.get("run_overrides") or {}), {"mode": "compare"})
     analog_base = {"device": context["device"], "periphery": context.get("periphery", "default")}

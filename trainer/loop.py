@@ -4,6 +4,11 @@
 step = one batch drawn from the data generator, handed to every path; each path runs its free
 phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
 
+`run` is a sequence of named phases: `_set_up` (configuration, data, paths, checks: nothing
+written), `_resume` or `_start`, then per step `_train_and_evaluate` (with `_divergence`), the
+metrics row, `_checkpoint` (or `_diverged` / `_interrupted`), and `_finish`. Every file of the run
+directory is read and written by `_RunFiles`.
+
 Run directory (DESIGN §3): `config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`,
 `checkpoints/last.pt` (atomic), `summary.json` (final figures, divergence event, physics
 choices), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
@@ -17,8 +22,9 @@ monitor, every generator (data sampler, jacreg probes, the arrays' noise and pul
 and the step; the metrics log is cut back to the checkpoint's step. A resumed run's rows then
 equal an uninterrupted run's in every field but `wall_time`.
 
-Ctrl-C: the first interrupt is deferred to the end of the current step, then a checkpoint is
-saved and the run exits cleanly (exit code 130); a second Ctrl-C aborts at once.
+Ctrl-C: the first interrupt (from the start of `run`, set-up included) is deferred to the end of
+the current step, then a checkpoint is saved and the run exits cleanly (exit code 130); a second
+Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
 from .data import TOKENIZER_FILE, TokenData, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import MetricsLog, empty_row
-from .twin import BPPath, BPTTPath, EPPath, StepOutcome, _cos, analog_counters, weight_gap
+from .metrics import PATH_KEYS, MetricsLog, empty_row
+from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
 __all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
@@ -66,7 +72,7 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------- building
-def build_paths(cfg: RunConfig) -> dict[str, Any]:
+def build_paths(cfg: RunConfig) -> dict[str, TrainingPath]:
     """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`)."""
     dtype = cfg.torch_dtype
     seed = cfg.seed
@@ -78,11 +84,10 @@ def build_paths(cfg: RunConfig) -> dict[str, Any]:
 
         factory, generators = build_analog_factory(cfg.analog, seed)
         model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
-        paths["analog"] = EPPath("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
+        paths["analog"] = build_ep_path("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
     if cfg.mode != "ep" or cfg.path == "twin":
         model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype)
-        cls = BPTTPath if cfg.mode == "bptt" else EPPath
-        paths["twin"] = cls("twin", model, cfg, analog=False, probe_seed=seed + 7)
+        paths["twin"] = build_ep_path("twin", model, cfg, analog=False, probe_seed=seed + 7)
     return paths
 
 
@@ -158,20 +163,6 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
-        raise ValueError(f"{run_dir} already holds a run: resume it with --resume, or choose another --out")
-
-
-def _saved_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no run to resume (no config.toml)")
-    return from_dict(RunConfig, load_toml(path))
-
-
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     t = cfg.training
@@ -208,19 +199,19 @@ def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     """Free-phase residual and verdict of a path's model on one validation batch."""
     idx, _ = batch
     _, fp = path.free_phase(idx)
-    out = {"residual": fp.residual, "floor": fp.floor, "steps": fp.steps, "converged": fp.result.converged}
+    out = {"residual": fp.residual_max, "floor": fp.floor_max, "steps": fp.n_steps, "converged": fp.converged}
     try:
         from ept_hw.stability import detect_limit_cycle
 
         # On the read-out weights (the analog arrays' effective weights): a verdict through noisy
         # reads would only ever see the noise floor.
-        model = path._shadow_model()
+        model = path.readout_model()
         x_in = model.embed(idx)
         rep = detect_limit_cycle(lambda z: model.force(z, x_in), x_in, eps=path.cfg.solver.eps, n_steps=1000)
         out["verdict"] = getattr(rep, "verdict", str(rep))
     except Exception as exc:  # the verdict is a diagnostic: never let it stop the run
         logger.warning("stability verdict unavailable: %s", exc)
-        out["verdict"] = "converged" if fp.result.converged else "not converged"
+        out["verdict"] = "converged" if fp.converged else "not converged"
     return out
 
 
@@ -236,6 +227,110 @@ def _stability(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str,
         return None
 
 
+# ---------------------------------------------------------------------------------- files (the `_io` section)
+class _RunFiles:
+    """Every file the loop reads or writes in the run directory, in one place (DESIGN §3).
+
+    H3's `trainer.rundir.RunDirectory` (issue 12) is to take this over: one atomic write, typed
+    readers and writers. Until then the methods keep the layout described in the module docstring.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self.checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
+
+    def check_new(self) -> None:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"{self.dir} exists and is not a directory")
+        if self.dir.is_dir() and any((self.dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
+            raise ValueError(f"{self.dir} already holds a run: resume it with --resume, or choose another --out")
+
+    def saved_config(self) -> RunConfig:
+        path = self.dir / "config.toml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.dir} holds no run to resume (no config.toml)")
+        return from_dict(RunConfig, load_toml(path))
+
+    def check_resumable(self) -> None:
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(f"{self.dir} has no checkpoint to resume from ({self.checkpoint})")
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.dir / TOKENIZER_FILE
+
+    def start(self, cfg: RunConfig, data: TokenData) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_toml(self.dir / "config.toml", cfg)
+        data.tokenizer.save(self.tokenizer)
+
+    def read_summary(self) -> dict[str, Any]:
+        path = self.dir / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        tmp = self.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        tmp.replace(self.dir / "summary.json")
+
+    def append_event(self, event: Mapping[str, Any]) -> None:
+        with (self.dir / "events.jsonl").open("a") as fh:
+            fh.write(json.dumps(dict(event)) + "\n")
+
+    def save_conductances(self, paths: Mapping[str, Any], when: str) -> None:
+        if "analog" not in paths:
+            return
+        target = self.dir / "conductances.pt"
+        data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
+        data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
+        tmp = self.dir / "conductances.pt.tmp"
+        torch.save(data, tmp)
+        tmp.replace(target)
+
+    def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
+        save_checkpoint(self.checkpoint, dict(payload))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint)
+
+    def metrics_log(self, resume_step: int | None) -> MetricsLog:
+        return MetricsLog(self.dir / "metrics.jsonl", resume_step=resume_step)
+
+    def final_vals(self) -> dict[str, float | None]:
+        from .metrics import PATHS, read_metrics
+
+        rows = read_metrics(self.dir / "metrics.jsonl")
+        out: dict[str, float | None] = {}
+        for p in PATHS:
+            vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
+            if vals:
+                out[p] = vals[-1]
+        return out
+
+
+# ---------------------------------------------------------------------------------- run, by phases
+@dataclass
+class _Run:
+    """The state a run's phases share."""
+
+    cfg: RunConfig
+    files: _RunFiles
+    data: TokenData
+    paths: dict[str, TrainingPath]
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    data_gen: torch.Generator
+    summary: dict[str, Any]
+    result: RunResult
+    step: int = 0
+    wall_offset: float = 0.0
+    last_ckpt_step: int = 0
+    t0: float = 0.0
+    stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 def run(
     cfg: RunConfig | None,
     run_dir: str | Path,
@@ -246,24 +341,69 @@ def run(
     stop_after: int | None = None,
 ) -> RunResult:
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
-    (with a checkpoint) after that many steps in this call, as an interruption would."""
-    run_dir = Path(run_dir)
+    (with a checkpoint) after that many steps in this call, as an interruption would.
+
+    Phases: set-up (checks; nothing written), then resume or a fresh start, then steps (train,
+    evaluate, monitor, log, checkpoint) until the end, a divergence or an interruption, then finish."""
+    with _Interrupt() as interrupt:  # from the start: a Ctrl-C during set-up stops after the first step
+        r = _set_up(cfg, _RunFiles(Path(run_dir)), resume, init_ckpt)
+        if resume:
+            _resume(r)
+        else:
+            _start(r)
+        _steps(r, interrupt, progress, stop_after, resume)
+    return _finish(r)
+
+
+def _steps(r: _Run, interrupt: _Interrupt, progress: bool, stop_after: int | None, resume: bool) -> None:
+    """Steps until the end, a divergence, an interruption or `stop_after` steps in this call."""
+    t = r.cfg.training
+    log = r.files.metrics_log(r.step - 1 if resume else None)
+    schedule = LRSchedule(t.schedule, t.steps)
+    r.t0 = time.perf_counter() - r.wall_offset
+    r.last_ckpt_step = r.step
+    bar = _progress_bar(r) if progress else None
+    steps_this_call = 0
+    try:
+        while r.step < t.steps:
+            outcomes, vals, event = _train_and_evaluate(r, schedule)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
+                                | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
+            r.step += 1
+            if event is not None:
+                _diverged(r, event)
+                break
+            steps_this_call += 1
+            stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            _checkpoint(r, force=stop_now)
+            if stop_now and r.step < t.steps:
+                _interrupted(r, interrupt.requested)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+
+def _set_up(cfg: RunConfig | None, files: _RunFiles, resume: bool, init_ckpt: str | Path | None) -> _Run:
+    """Configuration, data, paths and their checks; nothing is written yet."""
     if resume:
-        saved = _saved_config(run_dir)
-        ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({ckpt_path})")
-        data = prepare_data(saved.data, run_dir / TOKENIZER_FILE)
+        saved = files.saved_config()
+        files.check_resumable()
+        data = prepare_data(saved.data, files.tokenizer)
         if cfg is not None:
             current = resolve_vocab(cfg, data.vocab_size)
             diffs = config_differences(to_dict(saved), to_dict(current))
             if diffs:
-                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {run_dir} (these keys differ)")
+                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {files.dir} (these keys differ)")
         cfg = saved
     else:
         if cfg is None:
             raise ValueError("a configuration is needed for a new run")
-        _check_new_run_dir(run_dir)
+        files.check_new()
         data = prepare_data(cfg.data)
         cfg = resolve_vocab(cfg, data.vocab_size)
     t = cfg.training
@@ -274,146 +414,143 @@ def run(
         )
     eval_batches = _eval_batches(data, cfg)
     paths = build_paths(cfg)
-    init_info = None
+    summary: dict[str, Any] = {}
     if init_ckpt is not None and not resume:
         init_info = _init_from_checkpoint(paths, Path(init_ckpt), cfg)
         init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
-
-    # ---- everything checked: from here on we write
-    run_dir.mkdir(parents=True, exist_ok=True)
+        summary["init_ckpt"] = init_info
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start_step = 0
-    wall_offset = 0.0
-    summary: dict[str, Any] = {}
-    if resume:
-        ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
-        for name, p in paths.items():
-            p.load_state_dict(ck["paths"][name])
-        data_gen.set_state(ck["data_rng"])
-        start_step = int(ck["step"])
-        wall_offset = float(ck["wall_time"])
-        if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
-        summary.pop("divergence", None)
-        summary.pop("interrupted", None)
-    else:
-        save_toml(run_dir / "config.toml", cfg)
-        data.tokenizer.save(run_dir / TOKENIZER_FILE)
-        summary = {
-            "mode": cfg.mode,
-            "path": cfg.path,
-            "corpus": data.corpus_name,
-            "validation_works": list(data.val_groups),
-            "train_tokens": int(data.train.numel()),
-            "val_tokens": int(data.val.numel()),
-            "vocab_size": data.vocab_size,
-            "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
-            "physics": physics_notes(cfg),
-            "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
-        }
-        if t.stability_every != 0:
-            summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
-        if init_info is not None:
-            summary["init_ckpt"] = init_info
-        _save_conductances(run_dir, paths, "start")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step - 1 if resume else None)
-    schedule = LRSchedule(t.schedule, t.steps)
-    result = RunResult(run_dir, start_step, summary, paths=paths)
-    t0 = time.perf_counter() - wall_offset
-    last_ckpt_step = start_step
+    return _Run(cfg, files, data, paths, eval_batches, data_gen, summary, RunResult(files.dir, 0, summary, paths=paths))
 
-    def checkpoint(next_step: int) -> None:
-        payload = {
-            "step": next_step,
-            "config": to_dict(cfg),
-            "paths": {n: p.state_dict() for n, p in paths.items()},
-            "data_rng": data_gen.get_state(),
-            "wall_time": time.perf_counter() - t0,
-        }
-        save_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME, payload)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _resume(r: _Run) -> None:
+    """Every path, the data sampler and the clock from the last checkpoint; the summary without
+    the previous call's divergence or interruption."""
+    r.files.dir.mkdir(parents=True, exist_ok=True)
+    ck = r.files.load_checkpoint()
+    for name, p in r.paths.items():
+        p.load_state_dict(ck["paths"][name])
+    r.data_gen.set_state(ck["data_rng"])
+    r.step = int(ck["step"])
+    r.wall_offset = float(ck["wall_time"])
+    r.summary.update(r.files.read_summary())
+    r.summary.pop("divergence", None)
+    r.summary.pop("interrupted", None)
+    r.result.steps_completed = r.step
 
-        bar = tqdm(total=t.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", unit="step", dynamic_ncols=True)
-    step = start_step
-    steps_this_call = 0
-    try:
-        with _Interrupt() as interrupt:
-            while step < t.steps:
-                idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
-                lr = schedule.lr(t.lr, step)
-                health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
-                outcomes: dict[str, StepOutcome] = {}
-                event = None
-                evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
-                vals: dict[str, float] = {}
-                stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
-                    t.stability_every == -1 and evaluate)
-                stabs: dict[str, dict[str, Any] | None] = {}
-                for name, p in paths.items():
-                    try:
-                        outcomes[name] = p.train_step(idx, targets, lr, health=health)
-                        if evaluate:
-                            vals[name] = p.evaluate(eval_batches)
-                        if stab_now:
-                            stabs[name] = _stability(p, eval_batches[0])
-                    except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
-                        outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
-                        vals.pop(name, None)
-                        break
-                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
-                for name, p in paths.items():
-                    if event is not None:
-                        break
-                    o = outcomes[name]
-                    event = p.monitor.check(step, o.loss, o.residual)
-                    if event is None and not _finite_update(o):
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
-                    if event is None and name in vals and not math.isfinite(vals[name]):
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
-                    if event is not None:
-                        break
-                log.append(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
-                                    | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
-                if event is not None:
-                    result.divergence = event
-                    summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
-                    _append_event(run_dir, {"event": "divergence", **event.to_dict()})
-                    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
-                    result.exit_code = EXIT_DIVERGED
-                    step += 1
-                    break
-                step += 1
-                steps_this_call += 1
-                stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
-                if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
-                    checkpoint(step)
-                    last_ckpt_step = step
-                if stop_now and step < t.steps:
-                    summary["interrupted"] = {"step": step}
-                    if interrupt.requested:
-                        _append_event(run_dir, {"event": "interrupted", "step": step})
-                        result.exit_code = EXIT_INTERRUPTED
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-    result.steps_completed = step
-    if result.divergence is None:
-        _save_conductances(run_dir, paths, "end")
-    summary["steps_completed"] = step
-    summary["wall_time"] = time.perf_counter() - t0
-    summary["final_val_loss"] = _final_vals(run_dir)
-    _write_summary(run_dir, summary)
-    result.summary = summary
-    return result
+
+def _start(r: _Run) -> None:
+    """A fresh run: configuration, tokenizer, the summary's fixed facts and initial figures."""
+    cfg, data, paths = r.cfg, r.data, r.paths
+    r.files.start(cfg, data)
+    init_info = r.summary.pop("init_ckpt", None)
+    r.summary.update({
+        "mode": cfg.mode,
+        "path": cfg.path,
+        "corpus": data.corpus_name,
+        "validation_works": list(data.val_groups),
+        "train_tokens": int(data.train.numel()),
+        "val_tokens": int(data.val.numel()),
+        "vocab_size": data.vocab_size,
+        "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+        "physics": physics_notes(cfg),
+        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
+    })
+    if cfg.training.stability_every != 0:
+        r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
+    if init_info is not None:
+        r.summary["init_ckpt"] = init_info
+    r.files.save_conductances(paths, "start")
+
+
+def _progress_bar(r: _Run) -> Any:
+    from tqdm import tqdm
+
+    t = r.cfg.training
+    return tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.files.dir.name}", unit="step", dynamic_ncols=True)
+
+
+def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOutcome], dict[str, float], DivergenceEvent | None]:
+    """One step on every path (same batch), the evaluations and monitors due at it, and the first
+    divergence it shows (a non-finite relaxation, a monitor rule, a non-finite update or validation loss)."""
+    t, step = r.cfg.training, r.step
+    idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
+    lr = schedule.lr(t.lr, step)
+    health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+    evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+    stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
+    outcomes: dict[str, StepOutcome] = {}
+    vals: dict[str, float] = {}
+    r.stabs = {}
+    for name, p in r.paths.items():
+        try:
+            outcomes[name] = p.train_step(idx, targets, lr, health=health)
+            if evaluate:
+                vals[name] = p.evaluate(r.eval_batches)
+            if stab_now:
+                r.stabs[name] = _stability(p, r.eval_batches[0])
+        except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+            outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
+            vals.pop(name, None)
+            return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+    return outcomes, vals, _divergence(r, outcomes, vals)
+
+
+def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> DivergenceEvent | None:
+    step = r.step
+    for name, p in r.paths.items():
+        o = outcomes[name]
+        event = p.monitor.check(step, o.loss, o.residual)
+        if event is None and not _finite_update(o):
+            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
+        if event is None and name in vals and not math.isfinite(vals[name]):
+            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
+        if event is not None:
+            return event
+    return None
+
+
+def _diverged(r: _Run, event: DivergenceEvent) -> None:
+    r.result.divergence = event
+    r.summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": r.last_ckpt_step}
+    r.files.append_event({"event": "divergence", **event.to_dict()})
+    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, r.last_ckpt_step)
+    r.result.exit_code = EXIT_DIVERGED
+
+
+def _checkpoint(r: _Run, *, force: bool) -> None:
+    """Every `checkpoint_interval` steps, at the last step, and when the run stops early."""
+    t = r.cfg.training
+    if not (r.step % t.checkpoint_interval == 0 or r.step == t.steps or force):
+        return
+    r.files.save_checkpoint({
+        "step": r.step,
+        "config": to_dict(r.cfg),
+        "paths": {n: p.state_dict() for n, p in r.paths.items()},
+        "data_rng": r.data_gen.get_state(),
+        "wall_time": r.wall(),
+    })
+    r.last_ckpt_step = r.step
+
+
+def _interrupted(r: _Run, by_user: bool) -> None:
+    r.summary["interrupted"] = {"step": r.step}
+    if by_user:
+        r.files.append_event({"event": "interrupted", "step": r.step})
+        r.result.exit_code = EXIT_INTERRUPTED
+
+
+def _finish(r: _Run) -> RunResult:
+    """Final conductances (unless diverged), the summary's final figures, the result."""
+    r.result.steps_completed = r.step
+    if r.result.divergence is None:
+        r.files.save_conductances(r.paths, "end")
+    r.summary["steps_completed"] = r.step
+    r.summary["wall_time"] = r.wall()
+    r.summary["final_val_loss"] = r.files.final_vals()
+    r.files.write_summary(r.summary)
+    r.result.summary = r.summary
+    return r.result
 
 
 def _finite_update(o: StepOutcome) -> bool:
@@ -428,19 +565,10 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     row["wall_time"] = wall
     for name, o in outcomes.items():
         p = paths[name]
-        row[f"{name}_loss"] = o.loss
+        for key in PATH_KEYS:  # every declared per-path metric the step outcome carries
+            if hasattr(o, key):
+                row[f"{name}_{key}"] = getattr(o, key)
         row[f"{name}_val_loss"] = vals.get(name)
-        row[f"{name}_residual"] = o.residual
-        row[f"{name}_residual_raw"] = o.residual_raw
-        row[f"{name}_residual_floor"] = o.residual_floor
-        row[f"{name}_free_steps"] = o.free_steps
-        row[f"{name}_nudge_steps"] = o.nudge_steps
-        row[f"{name}_gated"] = o.gated
-        row[f"{name}_jacreg_lambda"] = o.jacreg_lambda
-        row[f"{name}_update_norm"] = o.update_norm
-        row[f"{name}_adjoint_snr"] = o.adjoint_snr
-        row[f"{name}_eigreg_penalty"] = o.eigreg_penalty
-        row[f"{name}_eigreg_abs_lambda"] = o.eigreg_abs_lambda
         stab = (stabs or {}).get(name)
         if stab:
             for key in ("re_mu", "im_mu", "abs_lambda"):
@@ -458,47 +586,13 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     return row
 
 
-def _append_event(run_dir: Path, event: Mapping[str, Any]) -> None:
-    with (run_dir / "events.jsonl").open("a") as fh:
-        fh.write(json.dumps(dict(event)) + "\n")
-
-
-def _write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(run_dir / "summary.json")
-
-
-def _final_vals(run_dir: Path) -> dict[str, float | None]:
-    from .metrics import PATHS, read_metrics
-
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    out: dict[str, float | None] = {}
-    for p in PATHS:
-        vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
-        if vals:
-            out[p] = vals[-1]
-    return out
-
-
-def _save_conductances(run_dir: Path, paths: Mapping[str, Any], when: str) -> None:
-    if "analog" not in paths:
-        return
-    target = run_dir / "conductances.pt"
-    data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
-    data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
-    tmp = run_dir / "conductances.pt.tmp"
-    torch.save(data, tmp)
-    tmp.replace(target)
-
-
 def load_run(run_dir: str | Path) -> tuple[RunConfig, TokenData, dict[str, Any]]:
     """Config, data and paths of a run restored from its last checkpoint (for `sample`)."""
-    run_dir = Path(run_dir)
-    cfg = _saved_config(run_dir)
-    data = prepare_data(cfg.data, run_dir / TOKENIZER_FILE)
+    files = _RunFiles(Path(run_dir))
+    cfg = files.saved_config()
+    data = prepare_data(cfg.data, files.tokenizer)
     paths = build_paths(cfg)
-    ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+    ck = files.load_checkpoint()
     for name, p in paths.items():
         p.load_state_dict(ck["paths"][name])
     return cfg, data, paths
