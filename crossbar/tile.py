@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from devices import DeviceArray, DeviceConfig, ExpStepDevice
+from devices import DeviceArray, DeviceConfig
 from devices.response import symmetry_points
 
 from .config import TileConfig
@@ -39,59 +39,10 @@ from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sampl
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
 REFRESH_THRESHOLD = 0.75
-MAX_SUBSTEPS = 64
 
 
 def _derive_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-
-
-def _per_pulse_noise_std(cfg: DeviceConfig, hidden: dict[str, Tensor], w: Tensor, step: Tensor, up: bool) -> Tensor:
-    """Std of one pulse's cycle-to-cycle noise at w, in the device model's own form."""
-    sigma = cfg.dw_min_std
-    if isinstance(cfg, ExpStepDevice) and (cfg.dw_min_std_add != 0 or cfg.dw_min_std_slope != 0):
-        return sigma * (step + cfg.dw_min_std_add + cfg.dw_min_std_slope * w.abs())
-    if getattr(cfg, "mult_noise", True):
-        return sigma * step
-    return sigma * hidden["dwmin_up" if up else "dwmin_down"]
-
-
-def _integrated_response(arr: DeviceArray, n_up: Tensor, n_down: Tensor, generator: torch.Generator,
-                         substeps: int) -> None:
-    """Integrated n-pulse response (see `crossbar.update`, fast mode): Euler steps of the mean
-    drift with Gaussian cycle-to-cycle noise of the summed per-pulse variance, clipped to each
-    device's bounds after every step.
-
-    The up and down pulses are spread evenly over the steps: the integrated path follows a
-    random interleaving of the batch's pulses (as the exact per-sample mode does), not
-    `DeviceArray.apply_pulses`'s pairs-first order. At least `substeps` steps, more when a device
-    would otherwise move more than 5 % of the nominal range (w_max − w_min) in one step, but at
-    most `MAX_SUBSTEPS` and at most one per pulse."""
-    cfg, h = arr.config, arr.hidden
-    n_up = n_up.to(arr.dtype)
-    n_down = n_down.to(arr.dtype)
-    w = arr.persistent_weights
-    ref = h.get("reference")
-    step_up, step_down = arr.mean_step(w)
-    span = cfg.w_max - cfg.w_min
-    travel = float((n_up * step_up + n_down * step_down).max()) / span
-    n_max = int((n_up + n_down).max())
-    substeps = max(1, min(n_max, MAX_SUBSTEPS, max(substeps, math.ceil(travel / 0.05))))
-    for i in range(substeps):
-        if i > 0:
-            step_up, step_down = arr.mean_step(w)
-        w = w + (n_up * step_up - n_down * step_down) / substeps
-        if cfg.dw_min_std > 0:
-            sd_up = _per_pulse_noise_std(cfg, h, w, step_up, True)
-            sd_down = _per_pulse_noise_std(cfg, h, w, step_down, False)
-            var = (n_up * sd_up * sd_up + n_down * sd_down * sd_down) / substeps
-            xi = torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-            w = w + var.sqrt() * xi
-        if ref is not None:
-            w = torch.minimum(torch.maximum(w + ref, h["min_bound"]), h["max_bound"]) - ref
-        else:
-            w = torch.minimum(torch.maximum(w, h["min_bound"]), h["max_bound"])
-    arr.set_weights(w, generator)
 
 
 class DeviceSlot:
@@ -150,8 +101,8 @@ class DeviceSlot:
             self.arrays[0].apply_pulses(n_up, n_down, generator)
 
     def apply_counts(self, n_up: Tensor, n_down: Tensor, generator: torch.Generator, up: UpdateParameters) -> None:
-        """Pulse by pulse when counts are small, else the integrated n-pulse response
-        (`crossbar.update` module docstring, fast mode)."""
+        """Pulse by pulse when counts are small, else the devices' integrated n-pulse response
+        (`DeviceArray.apply_pulses_integrated`; `crossbar.update` module docstring, fast mode)."""
         n_max = int((n_up + n_down).max()) if n_up.numel() else 0
         if n_max == 0:
             return
@@ -160,11 +111,11 @@ class DeviceSlot:
             return
         if self.pair:
             zero = torch.zeros_like(n_up)
-            _integrated_response(self.arrays[0], n_up, zero, generator, up.fast_substeps)
-            _integrated_response(self.arrays[1], n_down, zero, generator, up.fast_substeps)
+            self.arrays[0].apply_pulses_integrated(n_up, zero, generator, up.fast_substeps)
+            self.arrays[1].apply_pulses_integrated(n_down, zero, generator, up.fast_substeps)
             self._maybe_refresh(generator)
         else:
-            _integrated_response(self.arrays[0], n_up, n_down, generator, up.fast_substeps)
+            self.arrays[0].apply_pulses_integrated(n_up, n_down, generator, up.fast_substeps)
 
     def apply_expected(self, mu_up: Tensor, mu_down: Tensor, generator: torch.Generator) -> None:
         """Expected-value update with the noise-free mean step at the current weights."""
@@ -181,7 +132,7 @@ class DeviceSlot:
 
     def _maybe_refresh(self, generator: torch.Generator) -> None:
         plus, minus = self.arrays
-        limit = REFRESH_THRESHOLD * plus.hidden["max_bound"]
+        limit = REFRESH_THRESHOLD * plus.max_bound
         full = (plus.persistent_weights > limit) | (minus.persistent_weights > limit)
         if bool(full.any()):
             w = plus.persistent_weights - minus.persistent_weights
@@ -198,9 +149,8 @@ class DeviceSlot:
         tol = 0.5 * self.granularity
         total, at = 0, 0
         for arr in self.arrays:
-            w, h = arr.persistent_weights, arr.hidden
-            at += int(((w >= h["max_bound"] - tol) | (w <= h["min_bound"] + tol)).sum())
-            total += w.numel()
+            at += int(arr.near_bounds(tol).sum())
+            total += arr.persistent_weights.numel()
         return at / total
 
     def state_dict(self) -> dict[str, Any]:
