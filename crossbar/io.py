@@ -22,6 +22,7 @@ Where we differ from aihwkit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ept_hw.config import ConfigError, check_choice, check_range
 
-__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "res_from_bits", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
+__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
            "W_NOISE_TYPES"]
 
 BOUND_MANAGEMENT = ("none", "iterative")
@@ -43,6 +44,15 @@ def res_from_bits(bits: int) -> float:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
         raise ConfigError("bits", bits, "an integer >= 2")
     return 1.0 / (2**bits - 2)
+
+
+def bits_from_res(res: float) -> float | None:
+    """Inverse of `res_from_bits`: log2(steps + 2) bits, with steps = res when res > 1 (a number of
+    steps) else 1/res; None for res <= 0 (no quantisation)."""
+    if res <= 0.0:
+        return None
+    steps = res if res > 1.0 else 1.0 / res
+    return math.log2(steps + 2.0)
 
 
 def effective_res(res: float) -> float:

@@ -252,3 +252,14 @@ def test_tile_for_device_applies_the_preset_rules():
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")
     assert pcm.uses_pair and pcm.mapping.weight_scaling_omega == pytest.approx(1.0)
+
+
+def test_bits_and_resolution_convert_both_ways():
+    """aihwkit's convention: b bits <-> 2^b − 2 steps, as a resolution 1/steps or as steps > 1."""
+    from crossbar.io import bits_from_res, res_from_bits
+
+    for bits in range(2, 13):
+        assert bits_from_res(res_from_bits(bits)) == pytest.approx(bits, abs=1e-12)
+    assert res_from_bits(7) == pytest.approx(1 / 126)
+    assert bits_from_res(126.0) == pytest.approx(7.0)      # a res > 1 is a number of steps
+    assert bits_from_res(0.0) is None
