@@ -216,3 +216,12 @@ def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
         span = dev.w_max - dev.w_min
         assert abs(float(ref.weights.mean() - fast.weights.mean())) < 0.01 * span
         assert 0.8 < float(fast.weights.std() / ref.weights.std()) < 1.25
+
+
+def test_every_configurable_algorithm_has_one_class():
+    from crossbar.algorithms import ALGORITHM_CLASSES
+    from crossbar.config import ALGORITHMS
+
+    assert set(ALGORITHM_CLASSES) == set(ALGORITHMS)
+    for name, cls in ALGORITHM_CLASSES.items():
+        assert cls.name == name
