@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ept_hw.config import ConfigError, check_choice, check_range
+from ept_hw.config import ConfigError, check_choice, check_finite_range
 
 __all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
            "W_NOISE_TYPES"]
@@ -86,13 +86,13 @@ class IOParameters:
     bm_test_negative_bound: bool = True
 
     def __post_init__(self) -> None:
-        check_range("inp_bound", self.inp_bound, 0.0, lo_open=True)
-        check_range("out_bound", self.out_bound, 0.0, lo_open=True)
+        check_finite_range("inp_bound", self.inp_bound, 0.0, lo_open=True)
+        check_finite_range("out_bound", self.out_bound, 0.0, lo_open=True)
         for key in ("inp_noise", "out_noise", "w_noise", "nm_thres", "inp_res", "out_res"):
-            check_range(key, getattr(self, key), 0.0)
-        check_range("out_scale", self.out_scale, 0.0, lo_open=True)
-        check_range("max_bm_factor", self.max_bm_factor, 1.0)
-        check_range("max_bm_res", self.max_bm_res, 0.0, lo_open=True)
+            check_finite_range(key, getattr(self, key), 0.0)
+        check_finite_range("out_scale", self.out_scale, 0.0, lo_open=True)
+        check_finite_range("max_bm_factor", self.max_bm_factor, 1.0)
+        check_finite_range("max_bm_res", self.max_bm_res, 0.0, lo_open=True)
         check_choice("bound_management", self.bound_management, BOUND_MANAGEMENT)
         check_choice("noise_management", self.noise_management, NOISE_MANAGEMENT)
         check_choice("w_noise_type", self.w_noise_type, W_NOISE_TYPES)
