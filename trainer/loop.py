@@ -6,13 +6,13 @@ phase, estimate and update (`trainer.twin`); one metrics row holds every path's 
 
 `run` is a sequence of named phases: `_set_up` (configuration, data, paths, checks: nothing
 written), `_resume` or `_start`, then per step `_train_and_evaluate` (with `_divergence`), the
-metrics row, `_checkpoint` (or `_diverged` / `_interrupted`), and `_finish`. Every file of the run
-directory is read and written by `_RunFiles`.
+metrics row, `_checkpoint` (or `_diverged` / `_interrupted`), and `_finish`.
 
-Run directory (DESIGN §3): `config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`,
-`checkpoints/last.pt` (atomic), `summary.json` (final figures, divergence event, physics
-choices), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
-at start and end, for the report's histograms).
+Run directory (DESIGN §3), read and written only through `trainer.rundir.RunDirectory`:
+`config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest,
+atomic), `summary.json` (final figures, divergence event, physics choices, the analog arrays'
+pulse counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog
+weights at start and end, for the report's histograms).
 
 Nothing is written before the configuration, the data and the device have been checked, and an
 existing run is never overwritten (resume it, or choose another directory).
@@ -29,7 +29,6 @@ Ctrl-C aborts at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -41,19 +40,21 @@ from typing import Any, Mapping
 
 import torch
 
-from ept_hw.config import ConfigError, from_dict, load_toml, save_toml, to_dict
+from ept_hw.config import ConfigError, to_dict
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
 
-from .checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint
+from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TOKENIZER_FILE, TokenData, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import PATH_KEYS, MetricsLog, empty_row
+from .metrics import PATH_KEYS, empty_row
+from .rundir import RunDirectory
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
-__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "pulse_counters", "EXIT_DIVERGED",
+           "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,94 +228,13 @@ def _stability(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str,
         return None
 
 
-# ---------------------------------------------------------------------------------- files (the `_io` section)
-class _RunFiles:
-    """Every file the loop reads or writes in the run directory, in one place (DESIGN §3).
-
-    H3's `trainer.rundir.RunDirectory` (issue 12) is to take this over: one atomic write, typed
-    readers and writers. Until then the methods keep the layout described in the module docstring.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.dir = run_dir
-        self.checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-
-    def check_new(self) -> None:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ValueError(f"{self.dir} exists and is not a directory")
-        if self.dir.is_dir() and any((self.dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
-            raise ValueError(f"{self.dir} already holds a run: resume it with --resume, or choose another --out")
-
-    def saved_config(self) -> RunConfig:
-        path = self.dir / "config.toml"
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.dir} holds no run to resume (no config.toml)")
-        return from_dict(RunConfig, load_toml(path))
-
-    def check_resumable(self) -> None:
-        if not self.checkpoint.is_file():
-            raise FileNotFoundError(f"{self.dir} has no checkpoint to resume from ({self.checkpoint})")
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.dir / TOKENIZER_FILE
-
-    def start(self, cfg: RunConfig, data: TokenData) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_toml(self.dir / "config.toml", cfg)
-        data.tokenizer.save(self.tokenizer)
-
-    def read_summary(self) -> dict[str, Any]:
-        path = self.dir / "summary.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        tmp.replace(self.dir / "summary.json")
-
-    def append_event(self, event: Mapping[str, Any]) -> None:
-        with (self.dir / "events.jsonl").open("a") as fh:
-            fh.write(json.dumps(dict(event)) + "\n")
-
-    def save_conductances(self, paths: Mapping[str, Any], when: str) -> None:
-        if "analog" not in paths:
-            return
-        target = self.dir / "conductances.pt"
-        data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
-        data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
-        tmp = self.dir / "conductances.pt.tmp"
-        torch.save(data, tmp)
-        tmp.replace(target)
-
-    def save_checkpoint(self, payload: Mapping[str, Any]) -> None:
-        save_checkpoint(self.checkpoint, dict(payload))
-
-    def load_checkpoint(self) -> dict[str, Any]:
-        return load_checkpoint(self.checkpoint)
-
-    def metrics_log(self, resume_step: int | None) -> MetricsLog:
-        return MetricsLog(self.dir / "metrics.jsonl", resume_step=resume_step)
-
-    def final_vals(self) -> dict[str, float | None]:
-        from .metrics import PATHS, read_metrics
-
-        rows = read_metrics(self.dir / "metrics.jsonl")
-        out: dict[str, float | None] = {}
-        for p in PATHS:
-            vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
-            if vals:
-                out[p] = vals[-1]
-        return out
-
-
 # ---------------------------------------------------------------------------------- run, by phases
 @dataclass
 class _Run:
     """The state a run's phases share."""
 
     cfg: RunConfig
-    files: _RunFiles
+    rd: RunDirectory
     data: TokenData
     paths: dict[str, TrainingPath]
     eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -346,7 +266,7 @@ def run(
     Phases: set-up (checks; nothing written), then resume or a fresh start, then steps (train,
     evaluate, monitor, log, checkpoint) until the end, a divergence or an interruption, then finish."""
     with _Interrupt() as interrupt:  # from the start: a Ctrl-C during set-up stops after the first step
-        r = _set_up(cfg, _RunFiles(Path(run_dir)), resume, init_ckpt)
+        r = _set_up(cfg, RunDirectory(run_dir), resume, init_ckpt)
         if resume:
             _resume(r)
         else:
@@ -358,7 +278,7 @@ def run(
 def _steps(r: _Run, interrupt: _Interrupt, progress: bool, stop_after: int | None, resume: bool) -> None:
     """Steps until the end, a divergence, an interruption or `stop_after` steps in this call."""
     t = r.cfg.training
-    log = r.files.metrics_log(r.step - 1 if resume else None)
+    log = r.rd.metrics_log(resume_step=r.step - 1 if resume else None)
     schedule = LRSchedule(t.schedule, t.steps)
     r.t0 = time.perf_counter() - r.wall_offset
     r.last_ckpt_step = r.step
@@ -388,22 +308,28 @@ def _steps(r: _Run, interrupt: _Interrupt, progress: bool, stop_after: int | Non
         log.close()
 
 
-def _set_up(cfg: RunConfig | None, files: _RunFiles, resume: bool, init_ckpt: str | Path | None) -> _Run:
+def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: str | Path | None) -> _Run:
     """Configuration, data, paths and their checks; nothing is written yet."""
     if resume:
-        saved = files.saved_config()
-        files.check_resumable()
-        data = prepare_data(saved.data, files.tokenizer)
+        if not rd.config_path.is_file():
+            raise FileNotFoundError(f"{rd.path} holds no run to resume (no {rd.CONFIG})")
+        saved = rd.config()
+        if not rd.has_checkpoint():
+            raise FileNotFoundError(f"{rd.path} has no checkpoint to resume from ({rd.latest_checkpoint_path})")
+        data = prepare_data(saved.data, rd.tokenizer_path)
         if cfg is not None:
             current = resolve_vocab(cfg, data.vocab_size)
             diffs = config_differences(to_dict(saved), to_dict(current))
             if diffs:
-                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {files.dir} (these keys differ)")
+                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {rd.path} (these keys differ)")
         cfg = saved
     else:
         if cfg is None:
             raise ValueError("a configuration is needed for a new run")
-        files.check_new()
+        if rd.path.exists() and not rd.path.is_dir():
+            raise ValueError(f"{rd.path} exists and is not a directory")
+        if rd.is_run():
+            raise ValueError(f"{rd.path} already holds a run: resume it with --resume, or choose another --out")
         data = prepare_data(cfg.data)
         cfg = resolve_vocab(cfg, data.vocab_size)
     t = cfg.training
@@ -420,20 +346,20 @@ def _set_up(cfg: RunConfig | None, files: _RunFiles, resume: bool, init_ckpt: st
         init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
         summary["init_ckpt"] = init_info
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return _Run(cfg, files, data, paths, eval_batches, data_gen, summary, RunResult(files.dir, 0, summary, paths=paths))
+    return _Run(cfg, rd, data, paths, eval_batches, data_gen, summary, RunResult(rd.path, 0, summary, paths=paths))
 
 
 def _resume(r: _Run) -> None:
     """Every path, the data sampler and the clock from the last checkpoint; the summary without
     the previous call's divergence or interruption."""
-    r.files.dir.mkdir(parents=True, exist_ok=True)
-    ck = r.files.load_checkpoint()
+    r.rd.path.mkdir(parents=True, exist_ok=True)
+    ck, _ = r.rd.load_checkpoint()
     for name, p in r.paths.items():
         p.load_state_dict(ck["paths"][name])
     r.data_gen.set_state(ck["data_rng"])
     r.step = int(ck["step"])
     r.wall_offset = float(ck["wall_time"])
-    r.summary.update(r.files.read_summary())
+    r.summary.update(r.rd.read_summary())
     r.summary.pop("divergence", None)
     r.summary.pop("interrupted", None)
     r.result.steps_completed = r.step
@@ -442,7 +368,8 @@ def _resume(r: _Run) -> None:
 def _start(r: _Run) -> None:
     """A fresh run: configuration, tokenizer, the summary's fixed facts and initial figures."""
     cfg, data, paths = r.cfg, r.data, r.paths
-    r.files.start(cfg, data)
+    r.rd.write_config(cfg)
+    r.rd.write_tokenizer(data.tokenizer)
     init_info = r.summary.pop("init_ckpt", None)
     r.summary.update({
         "mode": cfg.mode,
@@ -460,14 +387,14 @@ def _start(r: _Run) -> None:
         r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
     if init_info is not None:
         r.summary["init_ckpt"] = init_info
-    r.files.save_conductances(paths, "start")
+    _save_conductances(r.rd, paths, "start")
 
 
 def _progress_bar(r: _Run) -> Any:
     from tqdm import tqdm
 
     t = r.cfg.training
-    return tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.files.dir.name}", unit="step", dynamic_ncols=True)
+    return tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.rd.path.name}", unit="step", dynamic_ncols=True)
 
 
 def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOutcome], dict[str, float], DivergenceEvent | None]:
@@ -513,7 +440,7 @@ def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str,
 def _diverged(r: _Run, event: DivergenceEvent) -> None:
     r.result.divergence = event
     r.summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": r.last_ckpt_step}
-    r.files.append_event({"event": "divergence", **event.to_dict()})
+    r.rd.append_event({"event": "divergence", **event.to_dict()})
     logger.error("divergence: %s (last good checkpoint: step %d)", event.message, r.last_ckpt_step)
     r.result.exit_code = EXIT_DIVERGED
 
@@ -523,7 +450,7 @@ def _checkpoint(r: _Run, *, force: bool) -> None:
     t = r.cfg.training
     if not (r.step % t.checkpoint_interval == 0 or r.step == t.steps or force):
         return
-    r.files.save_checkpoint({
+    r.rd.save_checkpoint({
         "step": r.step,
         "config": to_dict(r.cfg),
         "paths": {n: p.state_dict() for n, p in r.paths.items()},
@@ -536,19 +463,22 @@ def _checkpoint(r: _Run, *, force: bool) -> None:
 def _interrupted(r: _Run, by_user: bool) -> None:
     r.summary["interrupted"] = {"step": r.step}
     if by_user:
-        r.files.append_event({"event": "interrupted", "step": r.step})
+        r.rd.append_event({"event": "interrupted", "step": r.step})
         r.result.exit_code = EXIT_INTERRUPTED
 
 
 def _finish(r: _Run) -> RunResult:
-    """Final conductances (unless diverged), the summary's final figures, the result."""
+    """Final conductances (unless diverged), the summary's final figures and the analog arrays'
+    pulse counters, the result."""
     r.result.steps_completed = r.step
     if r.result.divergence is None:
-        r.files.save_conductances(r.paths, "end")
+        _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
     r.summary["wall_time"] = r.wall()
-    r.summary["final_val_loss"] = r.files.final_vals()
-    r.files.write_summary(r.summary)
+    r.summary["final_val_loss"] = r.rd.final_val_losses()
+    if "analog" in r.paths:
+        r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
+    r.rd.write_summary(r.summary)
     r.result.summary = r.summary
     return r.result
 
@@ -586,13 +516,37 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     return row
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, TokenData, dict[str, Any]]:
-    """Config, data and paths of a run restored from its last checkpoint (for `sample`)."""
-    files = _RunFiles(Path(run_dir))
-    cfg = files.saved_config()
-    data = prepare_data(cfg.data, files.tokenizer)
+def pulse_counters(model: Any, step: int) -> dict[str, Any]:
+    """Endurance figures of an analog model's arrays, for the summary: the largest pulse count of
+    any unit cell, all pulses, the number of unit cells (one per weight) and the step they refer to."""
+    pmax = total = 0.0
+    cells = 0
+    for proj in model.projections.values():
+        counters = getattr(proj, "counters", None)
+        if counters is None:
+            continue
+        c = counters()
+        n = int(proj.in_features * proj.out_features)
+        pmax = max(pmax, float(c.get("pulses_max", 0.0)))
+        total += float(c.get("pulses_mean", 0.0)) * n
+        cells += n
+    return {"max_pulses_per_device": pmax, "total_pulses": total, "n_weights": cells, "checkpoint_step": step}
+
+
+def _save_conductances(rd: RunDirectory, paths: Mapping[str, Any], when: str) -> None:
+    if "analog" not in paths:
+        return
+    rd.save_conductances(when, {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()})
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[RunConfig, TokenData, dict[str, Any]]:
+    """Config, data and paths of a run restored from its latest readable checkpoint (or the
+    checkpoint file `checkpoint`), for `sample`, `stability` and the benchmarks."""
+    rd = RunDirectory(run_dir).require_run()
+    cfg = rd.config()
+    data = prepare_data(cfg.data, rd.tokenizer_path)
     paths = build_paths(cfg)
-    ck = files.load_checkpoint()
+    ck = load_checkpoint(checkpoint) if checkpoint is not None else rd.load_checkpoint()[0]
     for name, p in paths.items():
         p.load_state_dict(ck["paths"][name])
     return cfg, data, paths
