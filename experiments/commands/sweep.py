@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ept_hw.config import ConfigError
-    from experiments.sweep import axis_table, parse_axis, run_device_sweep
+    from experiments.sweep import SweepOptions, axis_table, parse_axis, run_device_sweep
 
     if args.list_axes:
         print(axis_table())
@@ -81,11 +81,12 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        result = run_device_sweep(
-            args.out, model=args.model, device=args.device, axes=axes, tolerance=args.tolerance, grid=args.grid,
+        options = SweepOptions(
+            model=args.model, device=args.device, axes=axes, tolerance=args.tolerance, grid=args.grid,
             workers=args.workers, periphery=args.periphery, run_overrides=overrides, retry_failed=args.retry_failed,
-            re_mu=not args.no_re_mu, threads=args.threads, on_record=on_record,
+            re_mu=not args.no_re_mu, threads=args.threads,
         )
+        result = run_device_sweep(args.out, options, on_record=on_record)
     except KeyboardInterrupt:
         points = Path(args.out) / "points"
         done = len(list(points.glob("*.json"))) if points.is_dir() else 0
