@@ -173,7 +173,7 @@ def _saved_config(run_dir: Path) -> RunConfig:
 
 
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.order_seed + 3)
     t = cfg.training
     return [sample_batch(data.val, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
 
@@ -281,7 +281,7 @@ def run(
 
     # ---- everything checked: from here on we write
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data_gen = torch.Generator().manual_seed(cfg.order_seed + 1)
     start_step = 0
     wall_offset = 0.0
     summary: dict[str, Any] = {}
