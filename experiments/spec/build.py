@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from ept_hw.config import ConfigError, config_hash, load_toml
 from experiments.runfacts import IncompleteRunError, RunFacts, check_run_dir, read_json
-from experiments.sweep.requirements import Requirement, derive_requirements
+from experiments.sweep.requirements import TWIN_MARGIN, Requirement, derive_requirements
 
 from .schema import SCHEMA_VERSION, validate_spec
 
@@ -287,8 +287,11 @@ def training_section(run: RunFacts) -> dict[str, Any]:
 def requirements_section(reqs: Sequence[Requirement] | None, tolerance: float | None,
                          base_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     criterion = ("weakest tested value v (fewer bits or states, more noise or variation, larger asymmetry, "
-                 "simpler algorithm) such that v and every more demanding tested value keep the analog - digital "
-                 "final validation-loss gap <= tolerance, every other axis at the base")
+                 "simpler algorithm) such that the one-sided upper 95 % bound (Student t over seeds) of the paired "
+                 "analog - digital final validation-loss gap of v, and of every more demanding tested value, is "
+                 "<= tolerance, every other axis at the base; degenerate or diverged points never pass; "
+                 f"undetermined when the twin does not end at least {TWIN_MARGIN:g} nats below the unigram entropy "
+                 "or when the most demanding value's interval contains the tolerance")
     if reqs is None:
         return {"tolerance": None, "criterion": criterion, "rows": [],
                 "note": "exported from a single run: no sweep, no requirements (run `ept-hw sweep` and export its directory)"}
@@ -346,13 +349,13 @@ def check_sweep_dir(sweep_dir: str | Path) -> SweepFacts:
     if not base_rows:
         raise IncompleteRunError(sweep_dir, ["sweep.json has no base point (every axis at the base); "
                                              "run the sweep one axis at a time, which includes it"])
-    if base_rows[0].get("status") != "ok" or not base_rows[0].get("run_dir"):
+    if base_rows[0].get("status") not in ("ok", "degenerate") or not base_rows[0].get("run_dir"):
         raise IncompleteRunError(sweep_dir, [f"the base point failed: {base_rows[0].get('error')}"])
     base = check_run_dir(_resolve(sweep_dir, base_rows[0]["run_dir"]))
     points = []
     for row in table["rows"]:
         run = None
-        if row.get("status") == "ok" and row.get("run_dir") and row is not base_rows[0]:
+        if row.get("status") in ("ok", "degenerate", "diverged") and row.get("run_dir") and row is not base_rows[0]:
             # provenance needs only the configuration: a point whose analog path diverged before its
             # first evaluation is still evidence (it fails the tolerance)
             point_dir = _resolve(sweep_dir, row["run_dir"])
@@ -369,14 +372,32 @@ def _resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+SWEEP_MARKERS = ("sweep.json", "sweep_manifest.json", "points")
+
+
 def is_sweep_dir(path: str | Path) -> bool:
+    """A directory that `ept-hw sweep` wrote into (any of its markers, and no run of its own)."""
     path = Path(path)
-    markers = ("sweep.json", "sweep_manifest.json", "points", "runs")
-    return any((path / m).exists() for m in markers) and not (path / "config.toml").is_file()
+    return any((path / m).exists() for m in SWEEP_MARKERS + ("runs",)) and not (path / "config.toml").is_file()
+
+
+def _check_not_mixed(path: Path) -> None:
+    """A run directory that a sweep also wrote into is refused: its requirements would be dropped silently."""
+    if (path / "config.toml").is_file():
+        found = [m for m in SWEEP_MARKERS if (path / m).exists()]
+        if found:
+            raise IncompleteRunError(path, [
+                "it holds both a run (config.toml) and a sweep (" + ", ".join(found) + "); the spec would "
+                "silently drop the sweep's requirements: export the run and the sweep from separate directories"])
 
 
 
 def _read_source(source: Path) -> tuple[SweepFacts | None, RunFacts]:
+    if not source.exists():
+        raise IncompleteRunError(source, ["the directory does not exist"])
+    if not source.is_dir():
+        raise IncompleteRunError(source, ["it is a file, not a run or sweep directory"])
+    _check_not_mixed(source)
     sweep = check_sweep_dir(source) if is_sweep_dir(source) else None
     return sweep, (sweep.base if sweep is not None else check_run_dir(source))
 
@@ -417,7 +438,7 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
         failed = 0
         for row, prun in sweep.points:
             if prun is None:
-                failed += row.get("status") != "ok"
+                failed += row.get("status") in ("failed", "invalid")
                 continue
             role = "sweep_base" if prun is run else "sweep_point"
             overrides = {a: row.get(a) for a in axis_names if row.get(a) is not None and row.get(a) != base_values.get(a)}
@@ -428,7 +449,9 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
         if base_device:  # the points run on generated tile files: the description came from the sweep's base device
             spec["device"]["source"] = device_source(str(base_device), sweep.path)
         sweep_info = {"path": str(sweep.path), "context_hash": config_hash(manifest.get("context", {})),
-                      "points": len(sweep.points), "failed_points": failed}
+                      "points": len(sweep.points), "failed_points": failed,
+                      "degenerate_points": sum(r.get("status") in ("degenerate", "diverged") for r, _ in sweep.points),
+                      "seeds": int(table.get("seeds") or max((r.get("n_seeds") or 1 for r in table["rows"]), default=1))}
     spec["provenance"] = {"software": _software(), "runs": runs, "sweep": sweep_info}
     validate_spec(spec)
     return spec

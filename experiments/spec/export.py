@@ -33,10 +33,14 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
     Nothing is written unless the source reads completely and the spec validates.
     """
     source = Path(source)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory for device_spec.json, device_spec.md and plots/")
+    if any(part.is_file() for part in out.parents):
+        raise ValueError(f"--out {out}: {next(p for p in out.parents if p.is_file())} is a file, not a directory")
     facts = _read_source(source)
     sweep, run = facts
     device_cfg = resolve_tile(run.config).device_config()
-    out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = []

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 __all__ = ["SCHEMA_VERSION", "SCHEMA_FILE", "SpecValidationError", "load_schema", "validate_spec"]
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 SCHEMA_FILE = "spec_schema.json"
 
 

@@ -37,7 +37,7 @@ from ept_hw.config import ConfigError
 
 from .axes import point_id
 
-__all__ = ["PointFn", "RESULT_KEYS", "POINTS_DIR", "MANIFEST", "Task", "run_sweep", "load_records",
+__all__ = ["PointFn", "RESULT_KEYS", "POINTS_DIR", "MANIFEST", "Task", "run_sweep", "load_records", "check_backend",
            "atomic_write_json", "BACKENDS", "SweepBackendError"]
 
 logger = logging.getLogger(__name__)

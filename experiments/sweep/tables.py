@@ -10,28 +10,53 @@ from typing import Any, Mapping, Sequence
 
 from .axes import AXES
 from .engine import atomic_write_json
+from .stats import gap_stats, point_status
 
-__all__ = ["ROW_COLUMNS", "sweep_rows", "write_tables", "axis_slice", "plot_gaps", "finite_number"]
+__all__ = ["MEAN_COLUMNS", "ROW_COLUMNS", "sweep_rows", "write_tables", "axis_slice", "plot_gaps", "finite_number"]
+
+#: Per-seed figures averaged into a point's row (mean over the seeds that have them).
+MEAN_COLUMNS = ("analog_val_loss", "twin_val_loss", "analog_residual", "twin_residual", "re_mu",
+                "pulses_per_device", "update_cos_mean", "unigram_entropy")
 
 ROW_COLUMNS = (
-    "point_id", "status", "analog_val_loss", "twin_val_loss", "gap", "analog_residual", "twin_residual",
-    "re_mu", "pulses_per_device", "analog_diverged", "wall_time", "error", "run_dir",
+    "point_id", "status", "n_seeds", "gap", "gap_se", "gap_lo", "gap_hi", "gap_upper", "gap_lower", "gaps",
+    *MEAN_COLUMNS, "steps", "analog_diverged", "degenerate", "wall_time", "error", "run_dir",
 )
 
 
 def sweep_rows(records: Sequence[Mapping[str, Any]], axis_names: Sequence[str],
                base_values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One flat row per point: every axis's value (the base value, or null, where not overridden)."""
+    """One flat row per point (its seeds' records together): every axis's value (the base value, or
+    null, where not overridden), the status (`stats.point_status`), the paired gap's mean, standard
+    error and 95 % bounds over seeds (`stats.gap_stats`), and the mean of the other figures."""
     base_values = dict(base_values or {})
-    rows = []
+    groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
-        over = r.get("overrides", {})
-        row: dict[str, Any] = {"point_id": r.get("point_id"), "status": r.get("status")}
+        groups.setdefault(str(r.get("point_id")), []).append(r)
+    rows = []
+    for pid, recs in groups.items():
+        recs = sorted(recs, key=lambda r: r.get("seed_index") or 0)
+        over = recs[0].get("overrides", {})
+        status, reasons = point_status(recs)
+        row: dict[str, Any] = {"point_id": pid, "status": status}
         for name in axis_names:
             row[name] = over.get(name, base_values.get(name))
         row["overrides"] = ";".join(f"{k}={v}" for k, v in sorted(over.items())) or "base"
-        for k in ROW_COLUMNS[2:]:
-            row[k] = r.get(k)
+        ok = [r for r in recs if r.get("status") == "ok"]
+        gaps = [r.get("gap") if finite_number(r.get("gap")) else None for r in ok]
+        row.update(gap_stats([g for g in gaps if g is not None]).to_dict())
+        row["gaps"] = gaps
+        for k in MEAN_COLUMNS:
+            vals = [float(r[k]) for r in ok if finite_number(r.get(k))]
+            row[k] = sum(vals) / len(vals) if vals else None
+        row["steps"] = min((int(r["steps"]) for r in ok if r.get("steps") is not None), default=None)
+        row["analog_diverged"] = any(bool(r.get("analog_diverged")) for r in recs)
+        row["degenerate"] = "; ".join(reasons) if status in ("degenerate", "diverged") else None
+        walls = [float(r["wall_time"]) for r in recs if finite_number(r.get("wall_time"))]
+        row["wall_time"] = sum(walls) if walls else None
+        row["error"] = next((r.get("error") for r in recs if r.get("error")), None)
+        row["run_dir"] = next((r.get("run_dir") for r in recs if r.get("run_dir")), None)
+        row["seeds"] = [r.get("seed_index") for r in recs]
         rows.append(row)
     return rows
 
@@ -51,11 +76,19 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, extra: 
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+            writer.writerow({k: _csv_cell(r.get(k)) for k in columns})
     os.replace(tmp, csv_path)
     json_path = out / "sweep.json"
     atomic_write_json(json_path, {**dict(extra or {}), "rows": list(rows)})
     return csv_path, json_path
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ";".join("" if v is None else str(v) for v in value)
+    return value
 
 
 def axis_slice(rows: Sequence[Mapping[str, Any]], axis: str, axis_names: Sequence[str],
@@ -86,7 +119,9 @@ def finite_number(x: Any) -> bool:
 
 def plot_gaps(rows: Sequence[Mapping[str, Any]], axis_names: Sequence[str], tolerance: float, out_dir: str | Path,
               base_values: Mapping[str, Any] | None = None) -> list[Path]:
-    """``plots/gap_vs_<axis>.png`` for every axis: the gap of the one-axis slice, with the tolerance."""
+    """``plots/gap_vs_<axis>.png`` for every axis: the mean paired gap of the one-axis slice with its
+    95 % interval (error bars, where there are two seeds or more), the tolerance, and the points
+    that cannot pass marked: degenerate (open square at its gap), diverged (x above every gap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,19 +132,29 @@ def plot_gaps(rows: Sequence[Mapping[str, Any]], axis_names: Sequence[str], tole
     paths = []
     for name in axis_names:
         spec = AXES[name]
-        sl = [r for r in axis_slice(rows, name, axis_names, base_values) if r.get("status") == "ok"]
+        sl = [r for r in axis_slice(rows, name, axis_names, base_values)
+              if r.get("status") in ("ok", "degenerate", "diverged")]
         if not sl:
             continue
-        if spec.kind == "choice":
-            xs_all = [spec.choices.index(r[name]) for r in sl]
-        else:
-            xs_all = [float(r[name]) for r in sl]
+        xs_all = [spec.choices.index(r[name]) if spec.kind == "choice" else float(r[name]) for r in sl]
         order = sorted(range(len(sl)), key=lambda i: xs_all[i])
         xs = [xs_all[i] for i in order]
-        gaps = [sl[i]["gap"] if finite_number(sl[i].get("gap")) else math.nan for i in order]
+        pts = [sl[i] for i in order]
+        gaps = [r["gap"] if finite_number(r.get("gap")) else math.nan for r in pts]
         fig, ax = plt.subplots(figsize=(5.0, 3.4))
         finite = [g for g in gaps if math.isfinite(g)]
-        ax.plot(xs, gaps, "o-", color="tab:red", label="analog − twin val loss")
+        ax.plot(xs, gaps, "-", color="tab:red", alpha=0.5)
+        ok = [i for i, r in enumerate(pts) if r.get("status") == "ok" and math.isfinite(gaps[i])]
+        if ok:
+            lo = [gaps[i] - pts[i]["gap_lo"] if finite_number(pts[i].get("gap_lo")) else 0.0 for i in ok]
+            hi = [pts[i]["gap_hi"] - gaps[i] if finite_number(pts[i].get("gap_hi")) else 0.0 for i in ok]
+            n = max(int(pts[i].get("n_seeds") or 1) for i in ok)
+            ax.errorbar([xs[i] for i in ok], [gaps[i] for i in ok], yerr=[lo, hi], fmt="o", color="tab:red",
+                        capsize=3, label=f"analog − twin val loss (mean, 95 % interval, {n} seeds)")
+        dg = [i for i, r in enumerate(pts) if r.get("status") == "degenerate" and math.isfinite(gaps[i])]
+        if dg:
+            ax.plot([xs[i] for i in dg], [gaps[i] for i in dg], "s", mfc="none", mec="black", ms=9, mew=1.5,
+                    label="degenerate (never passes)")
         diverged = [x for x, g in zip(xs, gaps) if not math.isfinite(g)]
         if diverged:  # no loss to plot: mark them above every finite gap
             top = max(finite + [tolerance, 0.0]) * 1.15 + 1e-3
@@ -134,4 +179,3 @@ def plot_gaps(rows: Sequence[Mapping[str, Any]], axis_names: Sequence[str], tole
         plt.close(fig)
         paths.append(path)
     return paths
-
