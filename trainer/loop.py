@@ -169,7 +169,7 @@ def _check_new_run_dir(rd: RunDirectory) -> None:
 
 
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.order_seed + 3)
     t = cfg.training
     return [sample_batch(data.val, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
 
@@ -279,7 +279,7 @@ def run(
 
     # ---- everything checked: from here on we write
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data_gen = torch.Generator().manual_seed(cfg.order_seed + 1)
     start_step = 0
     wall_offset = 0.0
     summary: dict[str, Any] = {}
