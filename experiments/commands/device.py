@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pulses per direction (default: round((w_max - w_min) / granularity), as aihwkit)")
     r.add_argument("--n-loops", type=int, default=2, help="up/down cycles (default 2)")
     r.add_argument("--w-init", type=float, default=None, help="start weight (default w_min)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the device samples and pulse noise")
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(func=_response)
 
