@@ -850,6 +850,16 @@ def _write_pdf(spec: Mapping[str, Any], markdown: str, plots: Sequence[Path], pa
     return path
 
 
+def _retention_markdown(run_dir: Path) -> str:
+    """The retention line ("loss within X nats of t = 0 after T") when `ept-hw evaluate` has
+    written an evaluation into the run; empty otherwise. Markdown only: the JSON schema has no
+    retention field yet."""
+    from trainer.evaluate import read_evaluation, retention_line
+
+    line = retention_line(read_evaluation(run_dir))
+    return f"\n## Retention\n\n{line}\n" if line else ""
+
+
 def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, tolerance: float | None = None,
                 pulse_response: bool = True) -> ExportResult:
     """Write `device_spec.json`, `device_spec.md`, `plots/*.png` (and `device_spec.pdf`) into `out_dir`.
@@ -879,7 +889,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
     tmp = spec_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(spec, indent=2, allow_nan=False))
     os.replace(tmp, spec_path)
-    markdown = _markdown(spec, plots, out)
+    markdown = _markdown(spec, plots, out) + _retention_markdown(run.path)
     md_path = out / "device_spec.md"
     md_path.write_text(markdown)
     pdf_path = _write_pdf(spec, markdown, plots, out / "device_spec.pdf") if pdf else None

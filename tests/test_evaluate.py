@@ -42,7 +42,10 @@ def pcm_run(tmp_path_factory):
     return out
 
 
-def test_evaluate_writes_loss_vs_time_and_nothing_else(pcm_run):
+def test_evaluate_writes_loss_vs_time_and_nothing_else(pcm_run, tmp_path):
+    from experiments.spec import export_spec
+
+    assert "## Retention" not in export_spec(pcm_run, tmp_path / "spec0", pulse_response=False).markdown_path.read_text()
     before = _hashes(pcm_run)
     doc = evaluate_retention(pcm_run, [1, 3600, 31536000], seeds=2)
     assert _hashes(pcm_run) == before  # the run's own files are untouched
@@ -62,6 +65,8 @@ def test_evaluate_writes_loss_vs_time_and_nothing_else(pcm_run):
     assert saved["evaluations"]["no_compensation"] == json.loads(json.dumps(entry))
     line = retention_line(saved)
     assert "after 1 year with global drift compensation" in line and "without drift compensation" in line
+    md = export_spec(pcm_run, tmp_path / "spec1", pulse_response=False).markdown_path.read_text()
+    assert "## Retention" in md and line in md
 
 
 def test_cli_evaluate_and_bad_input(pcm_run, tmp_path, capsys):
