@@ -39,7 +39,7 @@ def _folded_normal_mean(mu: float, sigma: float) -> float:
     return sigma * math.sqrt(2 / math.pi) * math.exp(-mu * mu / (2 * sigma * sigma)) + mu * (1 - 2 * stats.norm.cdf(-mu / sigma))
 
 
-@pytest.mark.parametrize("g_rel", [0.01, 0.2, 1.0])
+@pytest.mark.parametrize("g_rel", [1e-4, 0.01, 0.2, 1.0])
 def test_drift_exponent_mean_and_the_drift_law(g_rel):
     model = PCMInferenceModel(PCMInferenceParameters(read_noise_scale=0.0))
     g = torch.full((N,), 25.0 * g_rel)
