@@ -23,9 +23,7 @@ the other setting adds its entry, the same setting replaces its own) and
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,8 +32,8 @@ import torch
 
 from ept_hw.config import ConfigError
 
-from .checkpoint import CHECKPOINT_NAME
-from .loop import _eval_batches, _saved_config, load_run
+from .loop import _eval_batches, load_run
+from .rundir import RunDirectory, atomic_write
 
 __all__ = ["evaluate_retention", "EVALUATION_DIR", "EVALUATION_FILE", "DEFAULT_TIMES", "read_evaluation",
            "retention_line"]
@@ -61,11 +59,12 @@ def _check_times(times: Sequence[float]) -> list[float]:
     return sorted(set(out) | {0.0})
 
 
-def _check_run(run_dir: Path, any_device: bool) -> tuple[Any, str]:
+def _check_run(rd: RunDirectory, any_device: bool) -> tuple[Any, str]:
     """The saved config, after checking the run has analog weights and an accepted device."""
-    if not (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint ({run_dir / 'checkpoints' / CHECKPOINT_NAME})")
-    cfg = _saved_config(run_dir)
+    rd.require_run()
+    if not rd.has_checkpoint():
+        raise FileNotFoundError(f"{rd.path} has no checkpoint to evaluate (in {rd.checkpoint_dir})")
+    cfg = rd.config()
     if not cfg.uses_analog:
         raise ConfigError("mode", cfg.mode if cfg.mode != "ep" else f"ep (path = {cfg.path})",
                           "a run with analog weights: mode 'compare', or 'ep' with path 'analog'")
@@ -84,17 +83,13 @@ def _check_run(run_dir: Path, any_device: bool) -> tuple[Any, str]:
     )
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def read_evaluation(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's evaluation file, or None when the run has none."""
-    path = Path(run_dir) / EVALUATION_DIR / EVALUATION_FILE
+    path = RunDirectory(run_dir).path / EVALUATION_DIR / EVALUATION_FILE
     if not path.is_file():
         return None
+    import json
+
     return json.loads(path.read_text())
 
 
@@ -109,12 +104,12 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
     written under its compensation key in `RUN/evaluation/evaluation.json`."""
     from crossbar.inference import PCMInferenceModel, PCMInferenceParameters, ProgrammedWeights
 
-    run_dir = Path(run_dir)
+    rd = RunDirectory(run_dir)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError("seeds", seeds, "a number of noise seeds >= 1")
     t_list = _check_times(times)
-    _, device_kind = _check_run(run_dir, any_device)
-    cfg, data, paths = load_run(run_dir)
+    _, device_kind = _check_run(rd, any_device)
+    cfg, data, paths = load_run(rd.path)
     analog = paths["analog"]
     projections = analog.model.projections
     trained = {name: proj.weight.detach().clone() for name, proj in projections.items()}
@@ -149,11 +144,9 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
         "seed": seed,
         "drift_compensation": "global" if drift_compensation else "none",
     }
-    out_dir = run_dir / EVALUATION_DIR
-    out_dir.mkdir(exist_ok=True)
-    existing = read_evaluation(run_dir) or {}
+    existing = read_evaluation(rd.path) or {}
     doc = {
-        "run": str(run_dir),
+        "run": str(rd.path),
         "path": "analog",
         "device": cfg.analog.device,
         "noise_model": "PCMLikeNoiseModel (aihwkit 1.2 semantics)",
@@ -164,8 +157,8 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
         "eval_tokens": int(sum(idx.numel() for idx, _ in batches)),
         "evaluations": {**existing.get("evaluations", {}), _key(drift_compensation): entry},
     }
-    _write_json(out_dir / EVALUATION_FILE, doc)
-    _plot(doc, out_dir / PLOT_FILE)
+    rd.write_json(f"{EVALUATION_DIR}/{EVALUATION_FILE}", doc, indent=2, allow_nan=False)
+    _plot(doc, rd.subdir(EVALUATION_DIR) / PLOT_FILE)
     return doc
 
 
@@ -188,10 +181,8 @@ def _plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Retention, analog path, {doc['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def retention_line(evaluation: dict[str, Any] | None) -> str | None:
