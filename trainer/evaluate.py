@@ -117,13 +117,13 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
     model = PCMInferenceModel(params or PCMInferenceParameters())
     trained_loss = analog.evaluate(batches)
 
-    iterator = range(seeds)
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, desc="chips", unit="seed")
+        bar = tqdm(total=seeds * len(t_list), desc="evaluate", unit="eval")
     losses: list[list[float]] = []
-    for k in iterator:
+    for k in range(seeds):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         chip = {name: ProgrammedWeights(w, model, gen) for name, w in trained.items()}
         row = []
@@ -131,7 +131,11 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
             for name, proj in projections.items():
                 proj.program(chip[name].at(t, gen, drift_compensation))
             row.append(analog.evaluate(batches))
+            if bar is not None:
+                bar.update(1)
         losses.append(row)
+    if bar is not None:
+        bar.close()
     loss_t = torch.tensor(losses, dtype=torch.float64)  # (seeds, times)
     mean = loss_t.mean(0)
     std = loss_t.std(0, unbiased=True) if seeds > 1 else torch.zeros_like(mean)
