@@ -11,7 +11,7 @@ from typing import Any
 from experiments.sweep.tables import plot_gaps
 
 from .build import _read_source, build_spec, resolve_tile
-from .render import _markdown, _plot_losses, _pulse_response, _write_pdf
+from .render import _markdown, _plot_losses, _pulse_response, _retention_markdown, _write_pdf
 
 __all__ = ["ExportResult", "export_spec"]
 
@@ -59,7 +59,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
     tmp = spec_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(spec, indent=2, allow_nan=False))
     os.replace(tmp, spec_path)
-    markdown = _markdown(spec, plots, out)
+    markdown = _markdown(spec, plots, out) + _retention_markdown(run.path)
     md_path = out / "device_spec.md"
     md_path.write_text(markdown)
     pdf_path = _write_pdf(spec, markdown, plots, out / "device_spec.pdf") if pdf else None
