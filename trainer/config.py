@@ -195,6 +195,10 @@ class RunConfig:
     mode: str = "compare"
     path: str = "twin"  # mode "ep": which path ("twin" = digital, "analog")
     seed: int = 0
+    # The data order (training batches, evaluation batches) is drawn from `data_seed` when set,
+    # else from `seed`; a multi-seed sweep changes `seed` (initial weights, device samples, noise
+    # streams) on the same data order. None (the default) is dropped from config.toml.
+    data_seed: int | None = None
     dtype: str = "float32"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -209,6 +213,8 @@ class RunConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("path", self.path, ("twin", "analog"))
         check_positive_int("seed", self.seed, minimum=0)
+        if self.data_seed is not None:
+            check_positive_int("data_seed", self.data_seed, minimum=0)
         check_choice("dtype", self.dtype, ("float32", "float64"))
         if self.training.seq_len > self.model.context:
             raise ConfigError(
@@ -234,6 +240,11 @@ class RunConfig:
                 )
         if self.mode in ("bptt", "bp") and self.path != "twin":
             raise ConfigError("path", self.path, f"'twin' in mode {self.mode!r} (digital only)")
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: `data_seed` when set, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def uses_analog(self) -> bool:

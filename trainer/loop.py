@@ -4,27 +4,26 @@
 step = one batch drawn from the data generator, handed to every path; each path runs its free
 phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
 
-`run` is a sequence of named phases: `_set_up` (configuration, data, paths, checks: nothing
-written), `_resume` or `_start`, then per step `_train_and_evaluate` (with `_divergence`), the
-metrics row, `_checkpoint` (or `_diverged` / `_interrupted`), and `_finish`.
+Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
+(resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
+`summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
+counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+at start and end, for the report's histograms).
 
-Run directory (DESIGN §3), read and written only through `trainer.rundir.RunDirectory`:
-`config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest,
-atomic), `summary.json` (final figures, divergence event, physics choices, the analog arrays'
-pulse counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog
-weights at start and end, for the report's histograms).
-
-Nothing is written before the configuration, the data and the device have been checked, and an
-existing run is never overwritten (resume it, or choose another directory).
+Nothing is written before the configuration, the data and the device have been checked; a new
+run is then built in a locked staging folder and renamed once its first checkpoint (step 0)
+exists, so a failed start leaves nothing. An existing run is never overwritten (resume it, or
+choose another directory), and an analog run keeps its own resolved tile (`tile.toml`) and its
+provenance: a resume never reads the device file or preset again.
 
 Exact resume: the checkpoint holds every path's weights and device states, optimiser, controller,
 monitor, every generator (data sampler, jacreg probes, the arrays' noise and pulse generators)
 and the step; the metrics log is cut back to the checkpoint's step. A resumed run's rows then
 equal an uninterrupted run's in every field but `wall_time`.
 
-Ctrl-C: the first interrupt (from the start of `run`, set-up included) is deferred to the end of
+Ctrl-C: the first interrupt (at any moment of `run`, set-up included) is deferred to the end of
 the current step, then a checkpoint is saved and the run exits cleanly (exit code 130); a second
-Ctrl-C aborts at once.
+Ctrl-C aborts at once (KeyboardInterrupt; a run still in its staging folder is removed).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,7 +50,7 @@ from .controllers import LRSchedule
 from .data import TokenData, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
 from .metrics import PATH_KEYS, empty_row
-from .rundir import RunDirectory
+from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
 __all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "pulse_counters", "EXIT_DIVERGED",
@@ -73,8 +73,9 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------- building
-def build_paths(cfg: RunConfig) -> dict[str, TrainingPath]:
-    """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`)."""
+def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
+    """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`).
+    `tile`: the analog path's resolved `TileConfig` (default: resolved from `cfg.analog`)."""
     dtype = cfg.torch_dtype
     seed = cfg.seed
     if cfg.mode == "bp":
@@ -83,7 +84,7 @@ def build_paths(cfg: RunConfig) -> dict[str, TrainingPath]:
     if cfg.uses_analog:
         from .analog import build_analog_factory
 
-        factory, generators = build_analog_factory(cfg.analog, seed)
+        factory, generators = build_analog_factory(cfg.analog, seed, tile=tile)
         model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
         paths["analog"] = build_ep_path("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
     if cfg.mode != "ep" or cfg.path == "twin":
@@ -165,7 +166,7 @@ class _Interrupt:
 
 
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.order_seed + 3)
     t = cfg.training
     return [sample_batch(data.val, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
 
@@ -228,29 +229,6 @@ def _stability(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str,
         return None
 
 
-# ---------------------------------------------------------------------------------- run, by phases
-@dataclass
-class _Run:
-    """The state a run's phases share."""
-
-    cfg: RunConfig
-    rd: RunDirectory
-    data: TokenData
-    paths: dict[str, TrainingPath]
-    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    data_gen: torch.Generator
-    summary: dict[str, Any]
-    result: RunResult
-    step: int = 0
-    wall_offset: float = 0.0
-    last_ckpt_step: int = 0
-    t0: float = 0.0
-    stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.t0
-
-
 def run(
     cfg: RunConfig | None,
     run_dir: str | Path,
@@ -263,73 +241,74 @@ def run(
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
     (with a checkpoint) after that many steps in this call, as an interruption would.
 
-    Phases: set-up (checks; nothing written), then resume or a fresh start, then steps (train,
-    evaluate, monitor, log, checkpoint) until the end, a divergence or an interruption, then finish."""
-    with _Interrupt() as interrupt:  # from the start: a Ctrl-C during set-up stops after the first step
-        r = _set_up(cfg, RunDirectory(run_dir), resume, init_ckpt)
+    A new run is built in a locked staging folder beside `run_dir` and renamed to it once its
+    configuration, data and arrays are built and its first checkpoint (step 0) is written; any
+    failure before that (a bad config found when the arrays are built, a second Ctrl-C) removes
+    the staging folder, so a failed start leaves nothing. A resumed run holds the run's lock file
+    for the whole call: a second process on the same run is refused, naming the holder's pid.
+    The first Ctrl-C, at any moment of the call, ends the run after the current (or first) step
+    with a checkpoint."""
+    guard = _Guard()
+    with _Interrupt() as interrupt:
+        try:
+            return _run(cfg, RunDirectory(run_dir), interrupt, guard, resume=resume, init_ckpt=init_ckpt,
+                        progress=progress, stop_after=stop_after)
+        except BaseException:
+            guard.abandon()
+            raise
+        finally:
+            guard.release()
+
+
+class _Guard:
+    """The staging folder of a new run, or the lock of a resumed one."""
+
+    def __init__(self) -> None:
+        self.staging: Staging | None = None
+        self.lock: RunLock | None = None
+
+    def open(self, rd: RunDirectory, resume: bool) -> None:
         if resume:
-            _resume(r)
+            self.lock = RunLock(rd.path).acquire()
         else:
-            _start(r)
-        _steps(r, interrupt, progress, stop_after, resume)
-    return _finish(r)
+            self.staging = Staging(rd.path).__enter__()
+            rd.path = self.staging.folder
+
+    def commit(self, rd: RunDirectory) -> None:
+        if self.staging is not None:
+            rd.path = self.staging.commit()
+
+    def abandon(self) -> None:
+        if self.staging is not None and self.staging.folder != self.staging.target:
+            self.staging.discard()
+
+    def release(self) -> None:
+        if self.staging is not None:
+            self.staging.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def _steps(r: _Run, interrupt: _Interrupt, progress: bool, stop_after: int | None, resume: bool) -> None:
-    """Steps until the end, a divergence, an interruption or `stop_after` steps in this call."""
-    t = r.cfg.training
-    log = r.rd.metrics_log(resume_step=r.step - 1 if resume else None)
-    schedule = LRSchedule(t.schedule, t.steps)
-    r.t0 = time.perf_counter() - r.wall_offset
-    r.last_ckpt_step = r.step
-    bar = _progress_bar(r) if progress else None
-    steps_this_call = 0
-    try:
-        while r.step < t.steps:
-            outcomes, vals, event = _train_and_evaluate(r, schedule)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
-                                | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
-            r.step += 1
-            if event is not None:
-                _diverged(r, event)
-                break
-            steps_this_call += 1
-            stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
-            _checkpoint(r, force=stop_now)
-            if stop_now and r.step < t.steps:
-                _interrupted(r, interrupt.requested)
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-
-
-def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: str | Path | None) -> _Run:
-    """Configuration, data, paths and their checks; nothing is written yet."""
+def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
+         init_ckpt: str | Path | None, progress: bool, stop_after: int | None) -> RunResult:
+    run_dir = rd.path
     if resume:
         if not rd.config_path.is_file():
-            raise FileNotFoundError(f"{rd.path} holds no run to resume (no {rd.CONFIG})")
+            raise FileNotFoundError(f"{run_dir} holds no run to resume (no {rd.CONFIG})")
         saved = rd.config()
         if not rd.has_checkpoint():
-            raise FileNotFoundError(f"{rd.path} has no checkpoint to resume from ({rd.latest_checkpoint_path})")
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({rd.latest_checkpoint_path})")
         data = prepare_data(saved.data, rd.tokenizer_path)
         if cfg is not None:
             current = resolve_vocab(cfg, data.vocab_size)
             diffs = config_differences(to_dict(saved), to_dict(current))
             if diffs:
-                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {rd.path} (these keys differ)")
+                raise ConfigError("resume", ", ".join(diffs), f"the saved configuration of {run_dir} (these keys differ)")
         cfg = saved
     else:
         if cfg is None:
             raise ValueError("a configuration is needed for a new run")
-        if rd.path.exists() and not rd.path.is_dir():
-            raise ValueError(f"{rd.path} exists and is not a directory")
-        if rd.is_run():
-            raise ValueError(f"{rd.path} already holds a run: resume it with --resume, or choose another --out")
+        check_out_dir(run_dir)
         data = prepare_data(cfg.data)
         cfg = resolve_vocab(cfg, data.vocab_size)
     t = cfg.training
@@ -339,148 +318,169 @@ def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: st
             "validation tokens"
         )
     eval_batches = _eval_batches(data, cfg)
-    paths = build_paths(cfg)
-    summary: dict[str, Any] = {}
+    tile = None
+    if cfg.uses_analog:
+        # the run's own copy on resume (never the file or preset it came from); else resolved now
+        from .analog import resolve_tile_config, self_contained_tile
+
+        tile = rd.tile_config() if resume else self_contained_tile(resolve_tile_config(cfg.analog))
+        if tile is None:  # a run written before runs kept their own copy: as it was built then
+            tile = resolve_tile_config(cfg.analog)
+    paths = build_paths(cfg, tile=tile)
+    init_info = None
     if init_ckpt is not None and not resume:
         init_info = _init_from_checkpoint(paths, Path(init_ckpt), cfg)
         init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
-        summary["init_ckpt"] = init_info
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    return _Run(cfg, rd, data, paths, eval_batches, data_gen, summary, RunResult(rd.path, 0, summary, paths=paths))
 
+    # ---- everything checked: from here on we write (a new run into its staging folder)
+    guard.open(rd, resume)
+    data_gen = torch.Generator().manual_seed(cfg.order_seed + 1)
+    start_step = 0
+    wall_offset = 0.0
+    summary: dict[str, Any] = {}
+    if resume:
+        ck, _ = rd.load_checkpoint()
+        for name, p in paths.items():
+            p.load_state_dict(ck["paths"][name])
+        data_gen.set_state(ck["data_rng"])
+        start_step = int(ck["step"])
+        wall_offset = float(ck["wall_time"])
+        summary = rd.read_summary()
+        summary.pop("divergence", None)
+        summary.pop("interrupted", None)
+        rd.append_event({"event": "resumed", "step": start_step, "command_line": list(sys.argv),
+                         "package_version": package_version()})
+    else:
+        rd.write_config(cfg)
+        rd.write_tokenizer(data.tokenizer)
+        if tile is not None:
+            rd.write_tile_config(tile)
+        rd.write_provenance(provenance(cfg, tile=tile))
+        summary = {
+            "mode": cfg.mode,
+            "path": cfg.path,
+            "corpus": data.corpus_name,
+            "validation_works": list(data.val_groups),
+            "train_tokens": int(data.train.numel()),
+            "val_tokens": int(data.val.numel()),
+            "vocab_size": data.vocab_size,
+            "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+            "physics": physics_notes(cfg),
+            "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
+        }
+        if t.stability_every != 0:
+            summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
+        if init_info is not None:
+            summary["init_ckpt"] = init_info
+        _save_conductances(rd, paths, "start")
+    log = rd.metrics_log(resume_step=start_step - 1 if resume else None)
+    schedule = LRSchedule(t.schedule, t.steps)
+    result = RunResult(run_dir, start_step, summary, paths=paths)
+    t0 = time.perf_counter() - wall_offset
+    last_ckpt_step = start_step
 
-def _resume(r: _Run) -> None:
-    """Every path, the data sampler and the clock from the last checkpoint; the summary without
-    the previous call's divergence or interruption."""
-    r.rd.path.mkdir(parents=True, exist_ok=True)
-    ck, _ = r.rd.load_checkpoint()
-    for name, p in r.paths.items():
-        p.load_state_dict(ck["paths"][name])
-    r.data_gen.set_state(ck["data_rng"])
-    r.step = int(ck["step"])
-    r.wall_offset = float(ck["wall_time"])
-    r.summary.update(r.rd.read_summary())
-    r.summary.pop("divergence", None)
-    r.summary.pop("interrupted", None)
-    r.result.steps_completed = r.step
+    def checkpoint(next_step: int) -> None:
+        payload = {
+            "step": next_step,
+            "config": to_dict(cfg),
+            "paths": {n: p.state_dict() for n, p in paths.items()},
+            "data_rng": data_gen.get_state(),
+            "wall_time": time.perf_counter() - t0,
+        }
+        rd.save_checkpoint(payload)
 
-
-def _start(r: _Run) -> None:
-    """A fresh run: configuration, tokenizer, the summary's fixed facts and initial figures."""
-    cfg, data, paths = r.cfg, r.data, r.paths
-    r.rd.write_config(cfg)
-    r.rd.write_tokenizer(data.tokenizer)
-    init_info = r.summary.pop("init_ckpt", None)
-    r.summary.update({
-        "mode": cfg.mode,
-        "path": cfg.path,
-        "corpus": data.corpus_name,
-        "validation_works": list(data.val_groups),
-        "train_tokens": int(data.train.numel()),
-        "val_tokens": int(data.val.numel()),
-        "vocab_size": data.vocab_size,
-        "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
-        "physics": physics_notes(cfg),
-        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
-    })
-    if cfg.training.stability_every != 0:
-        r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
-    if init_info is not None:
-        r.summary["init_ckpt"] = init_info
-    _save_conductances(r.rd, paths, "start")
-
-
-def _progress_bar(r: _Run) -> Any:
-    from tqdm import tqdm
-
-    t = r.cfg.training
-    return tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.rd.path.name}", unit="step", dynamic_ncols=True)
-
-
-def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOutcome], dict[str, float], DivergenceEvent | None]:
-    """One step on every path (same batch), the evaluations and monitors due at it, and the first
-    divergence it shows (a non-finite relaxation, a monitor rule, a non-finite update or validation loss)."""
-    t, step = r.cfg.training, r.step
-    idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
-    lr = schedule.lr(t.lr, step)
-    health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
-    evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
-    stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
-    outcomes: dict[str, StepOutcome] = {}
-    vals: dict[str, float] = {}
-    r.stabs = {}
-    for name, p in r.paths.items():
+    if not resume:  # the first checkpoint (step 0) makes the run valid: it gets its name
         try:
-            outcomes[name] = p.train_step(idx, targets, lr, health=health)
-            if evaluate:
-                vals[name] = p.evaluate(r.eval_batches)
-            if stab_now:
-                r.stabs[name] = _stability(p, r.eval_batches[0])
-        except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
-            outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
-            vals.pop(name, None)
-            return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
-    return outcomes, vals, _divergence(r, outcomes, vals)
+            checkpoint(start_step)
+            guard.commit(rd)
+        except BaseException:
+            log.close()
+            raise
+    result.run_dir = run_dir = rd.path
+    log.path = rd.metrics_path
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-
-def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> DivergenceEvent | None:
-    step = r.step
-    for name, p in r.paths.items():
-        o = outcomes[name]
-        event = p.monitor.check(step, o.loss, o.residual)
-        if event is None and not _finite_update(o):
-            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
-        if event is None and name in vals and not math.isfinite(vals[name]):
-            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
-        if event is not None:
-            return event
-    return None
-
-
-def _diverged(r: _Run, event: DivergenceEvent) -> None:
-    r.result.divergence = event
-    r.summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": r.last_ckpt_step}
-    r.rd.append_event({"event": "divergence", **event.to_dict()})
-    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, r.last_ckpt_step)
-    r.result.exit_code = EXIT_DIVERGED
-
-
-def _checkpoint(r: _Run, *, force: bool) -> None:
-    """Every `checkpoint_interval` steps, at the last step, and when the run stops early."""
-    t = r.cfg.training
-    if not (r.step % t.checkpoint_interval == 0 or r.step == t.steps or force):
-        return
-    r.rd.save_checkpoint({
-        "step": r.step,
-        "config": to_dict(r.cfg),
-        "paths": {n: p.state_dict() for n, p in r.paths.items()},
-        "data_rng": r.data_gen.get_state(),
-        "wall_time": r.wall(),
-    })
-    r.last_ckpt_step = r.step
-
-
-def _interrupted(r: _Run, by_user: bool) -> None:
-    r.summary["interrupted"] = {"step": r.step}
-    if by_user:
-        r.rd.append_event({"event": "interrupted", "step": r.step})
-        r.result.exit_code = EXIT_INTERRUPTED
-
-
-def _finish(r: _Run) -> RunResult:
-    """Final conductances (unless diverged), the summary's final figures and the analog arrays'
-    pulse counters, the result."""
-    r.result.steps_completed = r.step
-    if r.result.divergence is None:
-        _save_conductances(r.rd, r.paths, "end")
-    r.summary["steps_completed"] = r.step
-    r.summary["wall_time"] = r.wall()
-    r.summary["final_val_loss"] = r.rd.final_val_losses()
-    if "analog" in r.paths:
-        r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
-    r.rd.write_summary(r.summary)
-    r.result.summary = r.summary
-    return r.result
+        bar = tqdm(total=t.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", unit="step", dynamic_ncols=True)
+    step = start_step
+    steps_this_call = 0
+    try:
+        while step < t.steps:
+            idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
+            lr = schedule.lr(t.lr, step)
+            health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+            outcomes: dict[str, StepOutcome] = {}
+            event = None
+            evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+            vals: dict[str, float] = {}
+            stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
+                t.stability_every == -1 and evaluate)
+            stabs: dict[str, dict[str, Any] | None] = {}
+            for name, p in paths.items():
+                try:
+                    outcomes[name] = p.train_step(idx, targets, lr, health=health)
+                    if evaluate:
+                        vals[name] = p.evaluate(eval_batches)
+                    if stab_now:
+                        stabs[name] = _stability(p, eval_batches[0])
+                except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+                    outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
+                    vals.pop(name, None)
+                    break
+            row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
+            for name, p in paths.items():
+                if event is not None:
+                    break
+                o = outcomes[name]
+                event = p.monitor.check(step, o.loss, o.residual)
+                if event is None and not _finite_update(o):
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
+                if event is None and name in vals and not math.isfinite(vals[name]):
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
+                if event is not None:
+                    break
+            log.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
+                                | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+            if event is not None:
+                result.divergence = event
+                summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
+                rd.append_event({"event": "divergence", **event.to_dict()})
+                logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
+                result.exit_code = EXIT_DIVERGED
+                step += 1
+                break
+            step += 1
+            steps_this_call += 1
+            stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
+                checkpoint(step)
+                last_ckpt_step = step
+            if stop_now and step < t.steps:
+                summary["interrupted"] = {"step": step}
+                if interrupt.requested:
+                    rd.append_event({"event": "interrupted", "step": step})
+                    result.exit_code = EXIT_INTERRUPTED
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    result.steps_completed = step
+    if result.divergence is None:
+        _save_conductances(rd, paths, "end")
+    summary["steps_completed"] = step
+    summary["wall_time"] = time.perf_counter() - t0
+    summary["final_val_loss"] = rd.final_val_losses()
+    if "analog" in paths:
+        summary["analog_counters"] = pulse_counters(paths["analog"].model, step)
+    rd.write_summary(summary)
+    result.summary = summary
+    return result
 
 
 def _finite_update(o: StepOutcome) -> bool:
@@ -545,7 +545,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
     rd = RunDirectory(run_dir).require_run()
     cfg = rd.config()
     data = prepare_data(cfg.data, rd.tokenizer_path)
-    paths = build_paths(cfg)
+    paths = build_paths(cfg, tile=rd.tile_config() if cfg.uses_analog else None)
     ck = load_checkpoint(checkpoint) if checkpoint is not None else rd.load_checkpoint()[0]
     for name, p in paths.items():
         p.load_state_dict(ck["paths"][name])
