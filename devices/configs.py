@@ -106,10 +106,12 @@ class IdealDevice(DeviceConfig):
     construction_seed: int = 0
     diffusion: float = 0.0
     lifetime: float = 0.0
+    reset_std: float = 0.01   # aihwkit's field, kept for round trips: an ideal device is never reset
 
     def __post_init__(self) -> None:
         _check_zero("diffusion", self.diffusion, "the ideal device is exact: no diffusion")
         _check_zero("lifetime", self.lifetime, "the ideal device is exact: no decay")
+        check_finite_range("reset_std", self.reset_std, 0.0)
 
     @property
     def granularity(self) -> float:
