@@ -12,8 +12,9 @@ Where we deliberately differ from aihwkit
   `perfect_bias` only False (there is no bias column here). `count_pulses` and
   `construction_seed` are kept for round trips and have no effect (our seed is the generator).
 - `lifetime` (decay) and `diffusion` are sampled per device (`decay_scales`, `diffusion_rates`)
-  and applied only by `DeviceArray.decay()` / `DeviceArray.diffuse()`, as aihwkit applies them
-  only in `post_update_step`; the pulse-response protocol applies neither.
+  and applied by `DeviceArray.decay()` / `DeviceArray.diffuse()`, which the crossbar's tile calls
+  once after every update (aihwkit's `post_update_step` after each mini-batch update); the
+  pulse-response protocol applies neither (as aihwkit's pulse response).
 - ExpStep granularity: aihwkit's `calcWeightGranularity` computes `(dw_down + dw_down)/2` at w = 0,
   a typo for `(dw_up + dw_down)/2`. We keep aihwkit's value (the down step at w = 0) so that
   pulse counts, `n_steps` and learning-rate scaling agree with aihwkit; the typo is thus
