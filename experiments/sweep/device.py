@@ -18,7 +18,7 @@ from ept_hw.config import ConfigError, check_range
 from experiments.runfacts import checkpoint_pulse_counts
 
 from .axes import AXES, PERIPHERY_AXES, analog_overrides, apply_overrides, base_values, point_id, sweep_points
-from .engine import RESULT_KEYS, PointFn, Task, check_backend, run_sweep
+from .engine import RESULT_KEYS, PointFn, Task, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
 
@@ -305,7 +305,6 @@ def run_device_sweep(
     if tile.forward.is_perfect and set(o.axes) & set(PERIPHERY_AXES):
         raise ConfigError("axis", ", ".join(sorted(set(o.axes) & set(PERIPHERY_AXES))),
                           "an axis of the device (the base periphery is perfect: use --periphery default)")
-    check_backend(o.backend, o.ray_address)
     bases = base_values(tile)
     points = sweep_points(o.axes, grid=o.grid)
     if o.grid:
