@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from crossbar.io import bits_from_res, res_from_bits
 from ept_hw.config import ConfigError
 
 __all__ = [
@@ -26,17 +27,9 @@ __all__ = [
 ]
 
 
-def bits_to_res(bits: int) -> float:
-    """aihwkit's convention: a b-bit converter has 2^b - 2 steps, resolution 1/(2^b - 2) (7 bits: 1/126)."""
-    return 1.0 / (2.0 ** bits - 2.0)
-
-
-def res_to_bits(res: float) -> float | None:
-    """Inverse of `bits_to_res` (None: no quantisation)."""
-    if res <= 0.0:
-        return None
-    steps = res if res > 1.0 else 1.0 / res
-    return math.log2(steps + 2.0)
+# one home for bits <-> resolution: crossbar.io (aihwkit's convention, 2^bits - 2 steps)
+bits_to_res = res_from_bits
+res_to_bits = bits_from_res
 
 
 @dataclass
