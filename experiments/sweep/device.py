@@ -155,7 +155,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
 
     from crossbar.config import save_tile_config
     from trainer.loop import EXIT_INTERRUPTED, run
-    from trainer.metrics import read_metrics
+    from trainer.rundir import RunDirectory
 
     torch.set_num_threads(int(context.get("_threads", 1)))
     out = Path(context["_out_dir"])
@@ -173,7 +173,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     result = run(cfg, run_dir, progress=False, init_ckpt=init_ckpt)
     if result.exit_code == EXIT_INTERRUPTED or result.summary.get("interrupted"):
         raise KeyboardInterrupt
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDirectory(run_dir).read_metrics()
 
     def last(key: str) -> Any:
         return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ept_hw.config import ConfigError
+from trainer.rundir import atomic_write_json as _atomic_write_json
 
 from .axes import point_id
 
@@ -83,13 +84,9 @@ class Task:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically (temp file in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, allow_nan=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """A sweep record, manifest or table as JSON, through the project's one atomic write
+    (`trainer.rundir.atomic_write_json`: temp file, fsync, rename, folder fsync)."""
+    _atomic_write_json(path, data, indent=1, sort_keys=True, allow_nan=True, default=str)
 
 
 def _failed_record(task: Task, error: str, tb: str | None = None) -> dict[str, Any]:
