@@ -6,7 +6,8 @@ residual with its noise floor, update cosine per projection, weight gap, estimat
 conductance (weight) histograms at start and end. `report.md` states the configuration, the
 physics choices of the analog relaxation, the final figures side by side, the validation
 text's unigram entropy and the device and periphery parameters the analog path trained with (a
-table from the run's own `tile.toml`). Every table cell is escaped (`experiments.markdown`).
+table from the run's own `tile.toml`), and the gap-attribution table and waterfall of
+`ept-hw attribute` when the run has one (`attribution/`). Every table cell is escaped (`experiments.markdown`).
 """
 
 from __future__ import annotations
@@ -369,6 +370,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines.extend(f"- {e}" for e in explanation)
         lines.append("")
 
+    lines.extend(_attribution_section(rd))
+
     physics = summary.get("physics")
     if physics:
         lines.append("## Physics choices of the analog path\n")
@@ -395,6 +398,27 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("```\n")
 
     return rd.write_report("\n".join(lines) + "\n")
+
+
+def _attribution_section(rd: RunDirectory) -> list[str]:
+    """The gap-attribution table and waterfall of `ept-hw attribute`, when the run has one."""
+    import json
+
+    from .attribution import PLOT, SUBDIR, TABLE_JSON, markdown
+
+    path = rd.path / SUBDIR / TABLE_JSON
+    if not path.is_file():
+        return []
+    try:
+        table = json.loads(path.read_text())
+        text = markdown(table)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return ["## Gap attribution\n", f"`{SUBDIR}/{TABLE_JSON}` is unreadable ({type(exc).__name__}: {exc}).\n"]
+    out = ["## Gap attribution\n", f"From `ept-hw attribute` (`{SUBDIR}/`): the analog path re-run with one "
+           "non-ideality removed at a time.\n", text]
+    if (rd.path / SUBDIR / PLOT).is_file():
+        out.append(f"![gap attribution]({SUBDIR}/{PLOT})\n")
+    return out
 
 
 def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -194,6 +194,11 @@ def test_resume_never_redoes_finished_runs(tiny_run, tmp_path, monkeypatch):
     assert len((run / "calls.txt").read_text().splitlines()) == 10
     attr.attribute_run(run, seeds=3, factors=["c2c", "d2d"])
     assert len((run / "calls.txt").read_text().splitlines()) == 15
+    # the run report includes the table and the waterfall
+    from experiments.report import write_report
+
+    report = write_report(run).read_text()
+    assert "## Gap attribution" in report and "attribution/attribution.png" in report and "`c2c`" in report
 
 
 def _snapshot(run: Path) -> dict[str, float]:
