@@ -529,7 +529,7 @@ def plot_waterfall(table: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.set_ylabel("analog − twin validation loss [nats]")
-    ax.set_title(f"Gap attribution ({table['seeds']} seeds; green: explained by removing the factor)")
+    ax.set_title(f"Gap attribution ({table['seeds']} seeds; green: removing the factor narrows the gap, red: widens it)")
     fig.tight_layout()
     from trainer.rundir import atomic_write
 
