@@ -1,8 +1,7 @@
-"""Reading a finished `compare` run directory for the device spec and the sweep (config, metrics,
-summary, pulse counters).
-
-The one reader of run directories in `experiments` until the trainer's `RunDirectory` owns the
-layout; `spec` and `sweep` both import it (neither imports the other's reader).
+"""What the device spec and the sweep read from a finished `compare` run (config, metrics, summary,
+pulse counters), through the trainer's `RunDirectory` (which owns the layout), with every missing
+piece named at once (`IncompleteRunError`). `spec` and `sweep` both import it (neither imports the
+other's reader).
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ept_hw.config import ConfigError, config_hash, load_toml
+from ept_hw.config import ConfigError, config_hash
+from trainer.rundir import RunDirectory
 
 __all__ = ["IncompleteRunError", "RunFacts", "check_run_dir", "read_run", "checkpoint_pulse_counts", "read_json"]
 
@@ -79,31 +79,27 @@ def check_run_dir(run_dir: str | Path) -> RunFacts:
     if not any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "summary.json", "checkpoints")):
         missing.append("neither a run directory (config.toml, metrics.jsonl, summary.json) nor a sweep directory "
                        "(sweep.json, sweep_manifest.json, points/, runs/)")
+    rd = RunDirectory(run_dir)
     config: dict[str, Any] | None = None
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
+    if not rd.config_path.is_file():
         missing.append("missing config.toml (the resolved run configuration)")
     else:
         try:
-            config = load_toml(cfg_path)
+            config = rd.read_config_dict()
         except ConfigError as exc:
             missing.append(f"unreadable config.toml ({exc.allowed})")
     rows: list[dict[str, Any]] = []
-    m_path = run_dir / "metrics.jsonl"
-    if not m_path.is_file():
+    if not rd.metrics_path.is_file():
         missing.append("missing metrics.jsonl (the per-step metrics log)")
     else:
-        for i, line in enumerate(m_path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                missing.append(f"metrics.jsonl line {i} is not JSON (corrupted log)")
-                break
-        if not rows:
-            missing.append("metrics.jsonl has no rows (the run logged no step)")
-    summary = read_json(run_dir / "summary.json", missing, "final figures written at the end of a run")
+        try:
+            rows = rd.read_metrics()  # a torn last line is dropped with a warning naming the file
+        except ValueError as exc:
+            missing.append(f"corrupted metrics.jsonl: {exc}")
+        else:
+            if not rows:
+                missing.append("metrics.jsonl has no rows (the run logged no step)")
+    summary = read_json(rd.summary_path, missing, "final figures written at the end of a run")
     if config is not None:
         mode = config.get("mode", "compare")
         if mode != "compare" and not (mode == "ep" and config.get("path") == "analog"):
@@ -129,7 +125,7 @@ def checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
     weight, or the pair G+/G- of a differential cell); every such tensor in the analog path's state
     counts. Returns {} when the run has no checkpoint or the checkpoint no counters.
     """
-    path = run_dir / "checkpoints" / "last.pt"
+    path = RunDirectory(run_dir).latest_checkpoint_path
     if not path.is_file():
         return {}
     try:

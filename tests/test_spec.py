@@ -127,10 +127,14 @@ def test_missing_pieces_are_named(tmp_path):
     rows = [json.loads(l) for l in (run2 / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r["analog_val_loss"] = None
+    # a torn last line is dropped (the trainer's reader warns, naming the file); the missing loss is named
     (run2 / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
-    with pytest.raises(IncompleteRunError, match="not JSON") as info:
+    with pytest.raises(IncompleteRunError, match="analog_val_loss"):
         check_run_dir(run2)
-    assert "analog_val_loss" in str(info.value)
+    # a corrupted line before the last is named with its line
+    (run2 / "metrics.jsonl").write_text("{truncated\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(IncompleteRunError, match="corrupted metrics.jsonl.*line 1"):
+        check_run_dir(run2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_spec(tmp_path / "nowhere", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written for a bad source
@@ -257,3 +261,64 @@ def test_cli_export_validate_and_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "metrics.jsonl" in err and "incomplete" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_markdown_tables_survive_a_markdown_parser(tmp_path):
+    """A `|` in a cell (here in the run's name) stays inside its cell when rendered."""
+    markdown_it = pytest.importorskip("markdown_it")  # the dev extra
+
+    run = _write_run(tmp_path / "runs" / "demo|a")
+    result = export_spec(run, tmp_path / "out", pulse_response=False)
+    md = markdown_it.MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(result.markdown_path.read_text())
+    tables, cells, current = 0, [], None
+    for tok in tokens:
+        if tok.type == "table_open":
+            tables += 1
+        elif tok.type in ("thead_open", "tbody_open"):
+            pass
+        elif tok.type == "tr_open":
+            current = []
+        elif tok.type == "inline" and current is not None:
+            current.append(tok.content)
+        elif tok.type == "tr_close":
+            cells.append(current)
+            current = None
+        elif tok.type == "table_close":
+            widths = {len(r) for r in cells}
+            assert len(widths) == 1, cells  # every row as wide as the header
+            cells = []
+    assert tables >= 5
+    runs = [t for t in tokens if t.type == "inline" and "demo|a" in t.content]
+    assert runs, "the run name with its | is in one cell"
+
+
+def test_pdf_is_a_document_with_tables_not_monospace_text(tmp_path):
+    run = _write_run(tmp_path / "r")
+    result = export_spec(run, tmp_path / "out", pdf=True, pulse_response=False)
+    data = result.pdf_path.read_bytes()
+    import re
+
+    assert data[:4] == b"%PDF" and len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 2
+    assert b"Mono" not in data  # the old --pdf was the markdown source in a monospace font
+
+
+def test_spec_cli_path_errors_and_json(tmp_path, capsys):
+    from experiments.cli import main
+
+    run = _write_run(tmp_path / "runs" / "demo")
+    (tmp_path / "afile").write_text("x")
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "afile"), "--no-pulse-response"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "afile" / "sub"), "--no-pulse-response"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["spec", "validate", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o"), "--no-pulse-response", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["spec"].endswith("device_spec.json") and summary["requirements"] == []
+    # a compare run that a sweep was written into: refused, not exported without its requirements
+    (run / "sweep.json").write_text("{}")
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o2"), "--no-pulse-response"]) == 2
+    err = capsys.readouterr().err
+    assert "both a run" in err and "sweep.json" in err and not (tmp_path / "o2").exists()

@@ -427,3 +427,174 @@ def test_real_sweep_exports_a_valid_spec(adc_sweep):
     assert spec["derived"]["settling_time"]["value"] > 0
     assert sorted(r["role"] for r in spec["provenance"]["runs"]) == ["sweep_base", "sweep_point", "sweep_point"]
     assert {p.name for p in result.plots} == {"loss_curves.png", "gap_vs_adc_bits.png", "gap_vs_algorithm.png"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, refused points, backends and bad input (no real run: everything here fails or is synthetic).
+
+def seeded_point(overrides, context):
+    calls = Path(context["calls_dir"])
+    (calls / f"{point_id(overrides)}-{uuid.uuid4().hex}").write_text(str(os.getpid()))
+    k = context["point_seed"]
+    bits = overrides.get("adc_bits", 9)
+    return {"analog_val_loss": 2.0 + 4.0 * 2.0 ** -bits + 0.01 * k, "twin_val_loss": 2.0 + 0.001 * k,
+            "pid": os.getpid()}
+
+
+def test_seeds_are_separate_tasks_with_their_own_records(tmp_path):
+    calls = _calls(tmp_path)
+    points = sweep_points({"adc_bits": (2, 8)})
+    pid2 = point_id({"adc_bits": 2})
+    refused = {f"{pid2}-s{k}": {"point_id": pid2, "seed_index": k, "task_id": f"{pid2}-s{k}",
+                                "overrides": {"adc_bits": 2}, "status": "invalid", "error": "refused"} for k in range(4)}
+    out = tmp_path / "s"
+    records = run_sweep(seeded_point, points, out, context={"calls_dir": str(calls)}, seeds=[0, 1, 2],
+                        precomputed=refused)
+    assert len(records) == 9 and _n_calls(calls) == 6  # the refused point never ran
+    names = sorted(p.name for p in (out / "points").glob("*.json"))
+    assert names == sorted(f"{point_id(p)}-s{k}.json" for p in points for k in range(3))
+    rows = {r["overrides"]: r for r in sweep_rows(records, ["adc_bits"], {"adc_bits": 9})}
+    assert rows["adc_bits=2"]["status"] == "invalid" and rows["adc_bits=2"]["gap"] is None
+    assert rows["adc_bits=8"]["gaps"] == pytest.approx([4 / 256 + 0.009 * k for k in range(3)])
+    # resume with more seeds runs only the new seed of the points that run
+    run_sweep(seeded_point, points, out, context={"calls_dir": str(calls)}, seeds=[0, 1, 2, 3], precomputed=refused)
+    assert _n_calls(calls) == 6 + 2
+
+
+def _sweep_cli(root, *extra):
+    return ["sweep", "--model", "tiny", "--device", "reram_sb", "--axis", "adc_bits=4,8", "--steps", "2",
+            "--out", str(root / "sw"), "--no-progress", *extra]
+
+
+def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from experiments.cli import main
+
+    assert main(_sweep_cli(tmp_path, "--seeds", "0")) == 2
+    assert "--seeds" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+    assert main(_sweep_cli(tmp_path, "--ray-address", "127.0.0.1:1")) == 2
+    assert "--backend ray" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+    assert main(_sweep_cli(tmp_path, "--backend", "ray", "--ray-address", "127.0.0.1:1")) == 2
+    err = capsys.readouterr().err
+    assert ("no Ray cluster answers at 127.0.0.1:1" in err or "needs Ray" in err) and not (tmp_path / "sw").exists()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(_sweep_cli(tmp_path, "--backend", "ray")) == 2
+    assert "pip install" in capsys.readouterr().err and not (tmp_path / "sw").exists()
+    assert main(_sweep_cli(tmp_path, "--config", str(tmp_path / "nowhere.toml"))) == 2
+    assert "nowhere.toml" in capsys.readouterr().err
+
+
+def test_resuming_with_other_settings_on_another_backend_is_refused(tmp_path, capsys):
+    from experiments.cli import main
+    from experiments.sweep.engine import MANIFEST, atomic_write_json
+
+    from experiments.sweep import SweepOptions
+
+    opts = SweepOptions(model="tiny", device="reram_sb", axes={"adc_bits": (4, 8)},
+                        run_overrides={"training": {"steps": 2}})
+    out = tmp_path / "sw"
+    out.mkdir()
+    atomic_write_json(out / MANIFEST, {"context": {k: v for k, v in opts.context(out.resolve()).items()
+                                                   if not k.startswith("_")}})
+    (out / "points").mkdir()
+    (out / "points" / "keep.json").write_text("{}")
+    # the same sweep with 3 steps, on Ray: refused before Ray starts, nothing lost
+    assert main(_sweep_cli(tmp_path, "--steps", "3", "--backend", "ray")) == 2
+    err = capsys.readouterr().err
+    assert "differing keys: run_overrides" in err
+    assert (out / "points" / "keep.json").read_text() == "{}"
+
+
+def test_sweep_config_file_is_the_base(tmp_path):
+    from ept_hw.config import save_toml
+    from experiments.commands.sweep import _base_from_config
+
+    cfg = tmp_path / "config.toml"
+    save_toml(cfg, {"mode": "compare", "seed": 4, "training": {"steps": 7}, "analog": {"device": "ecram"}})
+    base = _base_from_config(str(cfg))
+    assert base["training"]["steps"] == 7 and base["analog"]["device"] == "ecram"
+    (tmp_path / "bad.toml").write_text("not = [toml")
+    with pytest.raises(ValueError, match="bad.toml"):
+        _base_from_config(str(tmp_path / "bad.toml"))
+
+
+def _ray_available():
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ray_available(), reason="Ray is not installed (pip install 'ept-hw[ray]')")
+def test_ray_backend_records_equal_the_local_backend(tmp_path):
+    """2 points x 2 seeds of real tiny `compare` runs on a local Ray instance and on the local pool."""
+    import ray
+
+    from experiments.sweep import SweepOptions, run_device_sweep
+
+    (tmp_path / "small.txt").write_text(SMALL_TEXT)
+    common = dict(model="tiny", device="reram_sb", axes={"adc_bits": (8,)}, seeds=2, re_mu=False,
+                  run_overrides={"data": {"source": str(tmp_path / "small.txt")},
+                                 "training": {"steps": 3, "batch_size": 4, "eval_interval": 3, "eval_batches": 1}})
+    try:
+        ray_result = run_device_sweep(tmp_path / "ray", SweepOptions(**common, backend="ray"))
+    finally:
+        ray.shutdown()
+    local_result = run_device_sweep(tmp_path / "local", SweepOptions(**common, workers=2))
+    keys = ("analog_val_loss", "twin_val_loss", "gap", "seed", "steps", "status", "output_zero_fraction",
+            "pulses_per_device")
+    ray_recs, local_recs = load_records(tmp_path / "ray"), load_records(tmp_path / "local")
+    assert sorted(ray_recs) == sorted(local_recs) and len(ray_recs) == 4
+    for tid in ray_recs:
+        assert {k: ray_recs[tid].get(k) for k in keys} == {k: local_recs[tid].get(k) for k in keys}, tid
+    assert [r["gap"] for r in ray_result.rows] == [r["gap"] for r in local_result.rows]
+    # a sweep run on Ray resumes locally without recomputing anything
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "points").iterdir()}
+    run_device_sweep(tmp_path / "ray", SweepOptions(**common))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ray" / "points").iterdir()} == before
+
+
+def test_seed_k_changes_weights_and_noise_on_the_same_data_order(tmp_path, monkeypatch):
+    """Seed index k: seed + SEED_STRIDE k, data order (training and evaluation batches) of the base seed."""
+    import dataclasses
+
+    import torch
+
+    import trainer.loop as loop
+    from experiments.sweep import SEED_STRIDE
+    from experiments.sweep.device import point_config
+
+    (tmp_path / "small.txt").write_text(SMALL_TEXT)
+    ctx = {"model": "tiny", "device": "ideal", "periphery": "default",
+           "run_overrides": {"seed": 5, "data": {"source": str(tmp_path / "small.txt")},
+                             "training": {"steps": 1, "batch_size": 2, "eval_batches": 1, "stability_every": 0}}}
+    tile = tmp_path / "t.toml"
+    from crossbar.config import save_tile_config
+    from crossbar.presets import tile_preset
+
+    save_tile_config(tile, tile_preset("ideal"))
+    c0 = point_config({}, ctx, tile)
+    c2 = point_config({}, {**ctx, "point_seed": 2}, tile)
+    assert (c0.seed, c0.data_seed) == (5, None)  # seed index 0 is the base configuration, unchanged
+    assert (c2.seed, c2.data_seed, c2.order_seed) == (5 + 2 * SEED_STRIDE, 5, 5)
+    seen = []
+    real = loop.sample_batch
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen[-1].append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(loop, "sample_batch", spy)
+    weights = []
+    for i, cfg in enumerate((c0, c2, dataclasses.replace(c2, data_seed=None))):
+        seen.append([])
+        result = loop.run(cfg, tmp_path / f"r{i}")
+        weights.append(result.paths["twin"].model.projections["W_h"].weight.clone())
+    assert len(seen[0]) == len(seen[1]) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))  # same batches
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[2]))  # without data_seed: another order
+    assert not torch.equal(weights[0], weights[1])  # other initial weights

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments.sweep.tables import plot_gaps
+from trainer.rundir import atomic_write
 
 from .build import _read_source, build_spec, resolve_tile
 from .render import _markdown, _plot_losses, _pulse_response, _retention_markdown, _write_pdf
@@ -56,11 +56,9 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
         tol = spec["requirements"]["tolerance"]["value"]
         plots += plot_gaps(table["rows"], list(table["axes"]), tol, out, table.get("base_values") or {})
     spec_path = out / "device_spec.json"
-    tmp = spec_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(spec, indent=2, allow_nan=False))
-    os.replace(tmp, spec_path)
+    atomic_write(spec_path, json.dumps(spec, indent=2, allow_nan=False))
     markdown = _markdown(spec, plots, out) + _retention_markdown(run.path)
     md_path = out / "device_spec.md"
-    md_path.write_text(markdown)
+    atomic_write(md_path, markdown)
     pdf_path = _write_pdf(spec, markdown, plots, out / "device_spec.pdf") if pdf else None
     return ExportResult(spec_path, md_path, pdf_path, plots, spec)

@@ -18,7 +18,7 @@ from ept_hw.config import ConfigError, check_range
 from experiments.runfacts import checkpoint_pulse_counts
 
 from .axes import AXES, PERIPHERY_AXES, analog_overrides, apply_overrides, base_values, point_id, sweep_points
-from .engine import RESULT_KEYS, PointFn, Task, check_backend, run_sweep
+from .engine import RESULT_KEYS, PointFn, Task, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
 
@@ -156,7 +156,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
 
     from crossbar.config import save_tile_config
     from trainer.loop import EXIT_INTERRUPTED, run
-    from trainer.metrics import read_metrics
+    from trainer.rundir import RunDirectory
 
     torch.set_num_threads(int(context.get("_threads", 1)))
     out = Path(context["_out_dir"])
@@ -174,7 +174,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     result = run(cfg, run_dir, progress=False, init_ckpt=init_ckpt)
     if result.exit_code == EXIT_INTERRUPTED or result.summary.get("interrupted"):
         raise KeyboardInterrupt
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = RunDirectory(run_dir).read_metrics()
 
     def last(key: str) -> Any:
         return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
@@ -306,7 +306,6 @@ def run_device_sweep(
     if tile.forward.is_perfect and set(o.axes) & set(PERIPHERY_AXES):
         raise ConfigError("axis", ", ".join(sorted(set(o.axes) & set(PERIPHERY_AXES))),
                           "an axis of the device (the base periphery is perfect: use --periphery default)")
-    check_backend(o.backend, o.ray_address)
     bases = base_values(tile)
     points = sweep_points(o.axes, grid=o.grid)
     if o.grid:

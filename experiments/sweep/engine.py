@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ept_hw.config import ConfigError
+from trainer.rundir import atomic_write_json as _atomic_write_json
 
 from .axes import point_id
 
@@ -83,13 +84,9 @@ class Task:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON to `path` atomically (temp file in the same folder, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True, allow_nan=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """A sweep record, manifest or table as JSON, through the project's one atomic write
+    (`trainer.rundir.atomic_write_json`: temp file, fsync, rename, folder fsync)."""
+    _atomic_write_json(path, data, indent=1, sort_keys=True, allow_nan=True, default=str)
 
 
 def _failed_record(task: Task, error: str, tb: str | None = None) -> dict[str, Any]:
@@ -148,21 +145,43 @@ def load_records(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _check_manifest(out_dir: Path, context: Mapping[str, Any]) -> None:
-    """A sweep directory belongs to one base (context); resuming with another base is refused."""
-    path = out_dir / MANIFEST
+def _pinned(context: Mapping[str, Any]) -> dict[str, Any]:
     # keys starting with "_" are run mechanics (where, how many threads), not the physics of a point
-    fresh = json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}, sort_keys=True, default=str))
-    if path.is_file():
-        old = json.loads(path.read_text()).get("context", {})
-        differing = sorted(k for k in set(old) | set(fresh) if old.get(k) != fresh.get(k))
-        if differing:
-            raise ValueError(
-                f"sweep directory {out_dir} holds points of a different base; differing keys: "
-                + ", ".join(differing) + " (use another --out, or the same settings to resume)"
-            )
-    else:
-        atomic_write_json(path, {"context": fresh})
+    return json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}, sort_keys=True, default=str))
+
+
+def _check_manifest(out_dir: Path, context: Mapping[str, Any]) -> bool:
+    """A sweep directory belongs to one base (context); resuming with another base is refused
+    (`ValueError` naming the differing keys). Returns whether a manifest is still to be written."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return True
+    old = json.loads(path.read_text()).get("context", {})
+    fresh = _pinned(context)
+    differing = sorted(k for k in set(old) | set(fresh) if old.get(k) != fresh.get(k))
+    if differing:
+        raise ValueError(
+            f"sweep directory {out_dir} holds points of a different base; differing keys: "
+            + ", ".join(differing) + " (use another --out, or the same settings to resume)"
+        )
+    return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to the Ray address's host and port within `timeout` seconds, else
+    `SweepBackendError` (ray.init would otherwise wait a long time on a dead address)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepBackendError(f"--ray-address {address!r}: expected HOST:PORT or ray://HOST:PORT (or 'auto')")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise SweepBackendError(f"no Ray cluster answers at {address} ({exc}); start one with `ray start --head` "
+                                "or use --backend local") from None
 
 
 def _ray_module(address: str | None) -> Any:
@@ -172,6 +191,8 @@ def _ray_module(address: str | None) -> Any:
     except ImportError:
         raise SweepBackendError("--backend ray needs Ray: pip install 'ept-hw[ray]' (or pip install ray)") from None
     if not ray.is_initialized():
+        if address and address != "auto":
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -218,11 +239,15 @@ def run_sweep(
     """
     if workers < 1:
         raise ConfigError("workers", workers, "an integer >= 1")
-    check_backend(backend, ray_address)
     out = Path(out_dir)
-    (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"sweep directory {out} is a file")
     ctx = dict(context or {})
-    _check_manifest(out, ctx)
+    write_manifest = _check_manifest(out, ctx)  # before the backend starts: a mismatch costs nothing
+    check_backend(backend, ray_address)
+    (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
+    if write_manifest:
+        atomic_write_json(out / MANIFEST, {"context": _pinned(ctx)})
     seed_list: list[int | None] = list(seeds) if seeds is not None else [None]
     ordered: list[Task] = []
     seen: set[str] = set()

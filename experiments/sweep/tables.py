@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from trainer.rundir import atomic_write
 
 from .axes import AXES
 from .engine import atomic_write_json
@@ -71,13 +73,12 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, extra: 
             if k not in columns:
                 columns.append(k)
     csv_path = out / "sweep.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _csv_cell(r.get(k)) for k in columns})
-    os.replace(tmp, csv_path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _csv_cell(r.get(k)) for k in columns})
+    atomic_write(csv_path, text.getvalue())
     json_path = out / "sweep.json"
     atomic_write_json(json_path, {**dict(extra or {}), "rows": list(rows)})
     return csv_path, json_path
