@@ -4,8 +4,9 @@
 Plots (matplotlib, Agg backend, written under `plots/`): train/val loss of both paths, free-phase
 residual with its noise floor, update cosine per projection, weight gap, estimator health, device
 conductance (weight) histograms at start and end. `report.md` states the configuration, the
-physics choices of the analog relaxation, the final figures side by side and the validation
-text's unigram entropy.
+physics choices of the analog relaxation, the final figures side by side, the validation
+text's unigram entropy and the device and periphery parameters the analog path trained with (a
+table from the run's own `tile.toml`). Every table cell is escaped (`experiments.markdown`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch  # noqa: E402
 
 from trainer.metrics import PATHS, column  # noqa: E402
 from trainer.rundir import RunDirectory  # noqa: E402
+
+from .markdown import table as md_table  # noqa: E402
 
 __all__ = ["write_report", "final_figures"]
 
@@ -275,6 +278,52 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def device_table(rd: RunDirectory, config: Mapping[str, Any]) -> list[list[Any]]:
+    """(parameter, value) rows of the analog path's device and periphery: the run's own tile
+    (`tile.toml`), else (older runs) resolved from the configuration; [] for a digital run."""
+    tile = rd.tile_config()
+    if tile is None:
+        mode, path = config.get("mode"), config.get("path")
+        if not config or not (mode == "compare" or (mode == "ep" and path == "analog")):
+            return []
+        from ept_hw.config import from_dict
+        from trainer.analog import resolve_tile_config
+        from trainer.config import AnalogConfig
+
+        try:
+            tile = resolve_tile_config(from_dict(AnalogConfig, config.get("analog", {})))
+        except Exception:  # noqa: BLE001 - a report never fails on the device section
+            return []
+    rows: list[list[Any]] = []
+    source = (rd.read_provenance().get("device_source") or {}).get("as_given")
+    if source is None:
+        source = (config.get("analog") or {}).get("device")
+    if source is not None:
+        rows.append(["source (as given to --device)", source])
+    rows.append(["device model", tile.device_config().model])
+    rows.append(["differential pair", tile.uses_pair])
+
+    def flat(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                flat(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            rows.append([prefix, _fmt_param(value)])
+
+    data = tile.to_dict()
+    data["device"] = tile.device_config().to_dict()
+    flat("", data)
+    return rows
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_param(x) for x in v)
+    return str(v)
+
+
 def _toml_block(config: Mapping[str, Any]) -> str:
     import tomli_w
 
@@ -340,13 +389,11 @@ def write_report(run_dir: str | Path) -> Path:
         ("abs_lambda", "largest |λ| of I + εJ"),
         ("gated_steps", "steps gated (nudge skipped)"),
     ]
-    lines.append("| figure | " + " | ".join(PATH_STYLE[p]["label"] for p in paths) + " |")
-    lines.append("|---|" + "---|" * len(paths))
-    for key, label in keys:
-        lines.append(f"| {label} | " + " | ".join(_fmt(figures[p][key]) for p in paths) + " |")
+    fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in keys]
     if entropy is not None:
-        lines.append("| entropy − validation loss | " + " | ".join(
-            _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths) + " |")
+        fig_rows.append(["entropy − validation loss", *(
+            _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths)])
+    lines.append(md_table(["figure", *(PATH_STYLE[p]["label"] for p in paths)], fig_rows))
     if "analog" in paths and "twin" in paths:
         va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]
         if va is not None and vt is not None:
@@ -373,6 +420,14 @@ def write_report(run_dir: str | Path) -> Path:
     if physics:
         lines.append("## Physics choices of the analog path\n")
         lines.extend(f"- {p}" for p in physics)
+        lines.append("")
+
+    device_rows = device_table(rd, config)
+    if device_rows:
+        lines.append("## Device and periphery\n")
+        lines.append("The resolved tile configuration the analog path trained with (the run's own copy, "
+                     f"`{rd.TILE}`; aihwkit names and meanings).\n")
+        lines.append(md_table(["parameter", "value"], device_rows))
         lines.append("")
 
     lines.append("## Plots\n")

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-C", "--width", type=int, default=_DEFAULTS.width, help="model width")
     p.add_argument("-H", "--heads", type=int, default=_DEFAULTS.heads, help="attention heads")
     p.add_argument("-B", "--batch", type=int, default=_DEFAULTS.batch, help="batch size")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the random block and data")
     p.add_argument("--resinit", type=float, default=_DEFAULTS.resinit, help="scale of W_O, W_2 at init")
     p.add_argument("--dtype", choices=("float64", "float32"), default=_DEFAULTS.dtype)
     p.add_argument("--estimator", choices=("one_sided", "centered", "holomorphic"), default=_DEFAULTS.nudge,

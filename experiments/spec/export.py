@@ -11,7 +11,7 @@ from experiments.sweep.tables import plot_gaps
 from trainer.rundir import atomic_write
 
 from .build import _read_source, build_spec, resolve_tile
-from .render import _markdown, _plot_losses, _pulse_response, _write_pdf
+from .render import _markdown, _plot_losses, _pulse_response, _retention_markdown, _write_pdf
 
 __all__ = ["ExportResult", "export_spec"]
 
@@ -57,7 +57,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
         plots += plot_gaps(table["rows"], list(table["axes"]), tol, out, table.get("base_values") or {})
     spec_path = out / "device_spec.json"
     atomic_write(spec_path, json.dumps(spec, indent=2, allow_nan=False))
-    markdown = _markdown(spec, plots, out)
+    markdown = _markdown(spec, plots, out) + _retention_markdown(run.path)
     md_path = out / "device_spec.md"
     atomic_write(md_path, markdown)
     pdf_path = _write_pdf(spec, markdown, plots, out / "device_spec.pdf") if pdf else None

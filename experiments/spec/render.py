@@ -268,3 +268,13 @@ def _write_pdf(spec: Mapping[str, Any], markdown: str, plots: Sequence[Path], pa
         info["Title"] = f"ept-hw device specification: {spec['device']['model']}"
         info["Creator"] = "ept-hw"
     return path
+
+
+def _retention_markdown(run_dir: Path) -> str:
+    """The retention line ("loss within X nats of t = 0 after T") when `ept-hw evaluate` has
+    written an evaluation into the run; empty otherwise. Markdown only: the JSON schema has no
+    retention field yet."""
+    from trainer.evaluate import read_evaluation, retention_line
+
+    line = retention_line(read_evaluation(run_dir))
+    return f"\n## Retention\n\n{line}\n" if line else ""
