@@ -483,6 +483,8 @@ def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatc
     assert "pip install" in capsys.readouterr().err and not (tmp_path / "sw").exists()
     assert main(_sweep_cli(tmp_path, "--config", str(tmp_path / "nowhere.toml"))) == 2
     assert "nowhere.toml" in capsys.readouterr().err
+    assert main(_sweep_cli(tmp_path, "--init-ckpt", str(tmp_path))) == 2  # a directory, not a checkpoint
+    assert "no such checkpoint file" in capsys.readouterr().err and not (tmp_path / "sw").exists()
 
 
 def test_resuming_with_other_settings_on_another_backend_is_refused(tmp_path, capsys):

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a short analog/twin `compare` per point and seed, one axis at a time around the base device "
         "(or a full grid with --grid). Seed k changes the initial weights (not with --init-ckpt), the device-to-device "
         "samples and the noise streams on the same data order; the gap is paired per seed. A requirement is the weakest "
-        "tested value whose gap's one-sided upper 95%% bound, and that of every more demanding value, is within "
+        "tested value whose gap's one-sided upper 95 % bound, and that of every more demanding value, is within "
         "--tolerance. Finished points are kept under --out/points: rerunning the same command resumes (also on "
         "another backend). Writes sweep.csv, sweep.json and plots/gap_vs_AXIS.png. Axes: " + ", ".join(AXES) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
