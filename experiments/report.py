@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.metrics import PATHS, column  # noqa: E402
+from trainer.metrics import active_paths, aggregate, column, figure_rows, final_figures  # noqa: E402
 from trainer.rundir import RunDirectory  # noqa: E402
 
 from .markdown import table as md_table  # noqa: E402
@@ -29,10 +29,6 @@ from .markdown import table as md_table  # noqa: E402
 __all__ = ["write_report", "final_figures"]
 
 PATH_STYLE = {"analog": {"color": "tab:red", "label": "analog"}, "twin": {"color": "tab:blue", "label": "digital twin"}}
-
-
-def _active_paths(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [p for p in PATHS if any(r.get(f"{p}_loss") is not None for r in rows)]
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -225,41 +221,15 @@ def _plot_conductances(rd: RunDirectory, out: Path) -> Path | None:
 
 
 def _last(rows, key: str) -> float | None:
-    for r in reversed(rows):
-        v = r.get(key)
-        if v is not None:
-            return v
-    return None
+    return aggregate(rows, key, "last")
 
 
 def _mean_last(rows, key: str, n: int = 20) -> float | None:
+    if n == 20:
+        return aggregate(rows, key, "mean20")
     vals = [r[key] for r in rows if r.get(key) is not None][-n:]
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
-
-
-def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per path: final val loss, mean train loss of the last 20 logged steps, last residual, ..."""
-    out: dict[str, dict[str, Any]] = {}
-    for p in _active_paths(rows):
-        out[p] = {
-            "val_loss": _last(rows, f"{p}_val_loss"),
-            "train_loss_last20": _mean_last(rows, f"{p}_loss"),
-            "residual_last20": _mean_last(rows, f"{p}_residual"),
-            "residual_floor_last20": _mean_last(rows, f"{p}_residual_floor"),
-            "free_steps_last20": _mean_last(rows, f"{p}_free_steps"),
-            "saturation": _last(rows, f"{p}_saturation"),
-            "pulses": _last(rows, f"{p}_pulses"),
-            "adc_conversions": _last(rows, f"{p}_adc_conversions"),
-            "adjoint_snr": _mean_last(rows, f"{p}_adjoint_snr"),
-            "jacreg_lambda": _last(rows, f"{p}_jacreg_lambda"),
-            "re_mu": _last(rows, f"{p}_re_mu"),
-            "im_mu": _last(rows, f"{p}_im_mu"),
-            "abs_lambda": _last(rows, f"{p}_abs_lambda"),
-            "eigreg_penalty": _last(rows, f"{p}_eigreg_penalty"),
-            "gated_steps": sum(1 for r in rows if r.get(f"{p}_gated")),
-        }
-    return out
 
 
 def _fmt(v: Any) -> str:
@@ -342,7 +312,7 @@ def write_report(run_dir: str | Path) -> Path:
     config = rd.read_config_dict() if rd.config_path.is_file() else {}
     summary = rd.read_summary()
     entropy = summary.get("unigram_entropy")
-    paths = _active_paths(rows)
+    paths = active_paths(rows)
     plots_dir = rd.plots_dir
     plots_dir.mkdir(exist_ok=True)
     plots = [
@@ -372,24 +342,7 @@ def write_report(run_dir: str | Path) -> Path:
     if entropy is not None:
         lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
                      f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
-    keys = [
-        ("val_loss", "validation loss (nats/token)"),
-        ("train_loss_last20", "train loss, mean of last 20 logged steps"),
-        ("residual_last20", "free-phase residual (noise-aware), last 20"),
-        ("residual_floor_last20", "residual noise floor, last 20"),
-        ("free_steps_last20", "free-phase steps, last 20"),
-        ("saturation", "device saturation fraction"),
-        ("pulses", "pulses applied"),
-        ("adc_conversions", "ADC conversions"),
-        ("adjoint_snr", "adjoint SNR (mean of probes)"),
-        ("jacreg_lambda", "jacreg λ"),
-        ("eigreg_penalty", "eigreg penalty (digital assist on the analog path)"),
-        ("re_mu", "leading Re μ of J (analog: read-out weights)"),
-        ("im_mu", "|Im μ| of that eigenvalue"),
-        ("abs_lambda", "largest |λ| of I + εJ"),
-        ("gated_steps", "steps gated (nudge skipped)"),
-    ]
-    fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in keys]
+    fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in figure_rows()]
     if entropy is not None:
         fig_rows.append(["entropy − validation loss", *(
             _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths)])

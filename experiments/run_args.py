@@ -12,7 +12,8 @@ from typing import Any
 
 from ept_hw.config import ConfigError
 
-from trainer.config import RunConfig, load_run_config, merge, preset_names
+from experiments.presets import load_run_config, preset_names
+from trainer.config import RunConfig, merge
 
 __all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result",
            "check_run_target", "execute_run", "load_config_file", "free_run_dir", "result_json", "overrides_from_args"]
@@ -229,8 +230,21 @@ def print_result(result: Any) -> None:
         step = d["last_good_checkpoint_step"]
         where = (f"the run's checkpoint at step {step} is the last good one" if step > 0 else
                  "it diverged before its first training step was saved (the checkpoint holds the initial weights)")
-        print(f"DIVERGED ({d['rule']}): {d['message']}; {where}. Lower --lr (or check the preset's lr for "
-              "this optimizer) and start a new run.")
+        print(f"DIVERGED ({d['rule']}): {d['message']}; {where}. {_divergence_hint(result)}")
     if s.get("interrupted"):
         print(f"interrupted at step {s['interrupted']['step']}: checkpoint saved, continue with --resume")
     print(f"wall time: {s.get('wall_time', float('nan')):.1f} s")
+
+
+def _divergence_hint(result: Any) -> str:
+    """What to change after a divergence: AdamW with an SGD-sized learning rate is the usual cause."""
+    try:
+        from trainer.rundir import RunDirectory
+
+        t = RunDirectory(result.run_dir).config().training
+    except Exception:  # noqa: BLE001 - a hint never fails the command
+        return "Lower --lr and start a new run."
+    if t.optimizer == "adamw" and t.lr >= 0.01:
+        return (f"--optimizer adamw ran with lr {t.lr:g}, an SGD-sized step (the model presets' lr is for SGD): "
+                "start a new run with --lr 1e-3 or so.")
+    return f"Lower --lr (it was {t.lr:g}) and start a new run."

@@ -17,7 +17,7 @@ import tomllib
 import pytest
 
 from experiments.cli import build_parser, main
-from trainer.config import load_run_config
+from experiments.presets import load_run_config
 from trainer.data import embedded_works
 from trainer.loop import EXIT_INTERRUPTED, run
 from trainer.rundir import RunDirectory, RunLock
@@ -180,13 +180,16 @@ def test_corrupt_latest_checkpoint_and_torn_metrics_are_named_and_survived(dev_r
     run_copy = tmp_path / "copy"
     shutil.copytree(dev_run, run_copy)
     rd = RunDirectory(run_copy)
+    from trainer.checkpoint import load_checkpoint
+
+    prev_step = load_checkpoint(rd.previous_checkpoint_path)["step"]
     data = rd.latest_checkpoint_path.read_bytes()
     rd.latest_checkpoint_path.write_bytes(data[: len(data) // 3])
     with rd.metrics_path.open("a") as fh:
         fh.write('{"step": 4, "lr": 0.3, "wall_ti')
     with caplog.at_level(logging.WARNING):
         assert main(["sample", str(run_copy), "--prompt", "Th", "--length", "3", "--no-progress"]) == 0
-        assert "step 2 (previous.pt)" in capsys.readouterr().err
+        assert f"step {prev_step} (previous.pt)" in capsys.readouterr().err
         assert main(["report", str(run_copy)]) == 0
     assert "last.pt" in caplog.text and "corrupt" in caplog.text
     assert "metrics.jsonl" in caplog.text and "torn" in caplog.text
@@ -318,3 +321,4 @@ def test_divergence_at_the_first_step_points_to_a_checkpoint_that_exists(tmp_pat
     assert ck["step"] == step  # the checkpoint the message refers to is on disk
     if step == 0:
         assert "initial weights" in printed
+    assert "--optimizer adamw ran with lr 1000" in printed and "--lr 1e-3" in printed

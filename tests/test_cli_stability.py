@@ -8,7 +8,8 @@ import pytest
 
 from experiments.cli import main
 from experiments.commands.stability import stability_of_run
-from trainer.config import load_run_config, merge
+from experiments.presets import load_run_config
+from trainer.config import merge
 from trainer.data import embedded_works
 from trainer.loop import run
 

@@ -11,7 +11,8 @@ import pytest
 
 from ept_hw.config import ConfigError
 from experiments.cli import main
-from trainer.config import load_run_config, merge
+from experiments.presets import load_run_config
+from trainer.config import merge
 from trainer.data import embedded_works
 from trainer.evaluate import evaluate_retention, read_evaluation, retention_line
 from trainer.loop import run

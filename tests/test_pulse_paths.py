@@ -25,7 +25,7 @@ import torch
 
 from crossbar import (AnalogTile, MappingParameters, MixedPrecisionParameters, TileConfig, TransferParameters,
                       UpdateParameters, perfect_io, save_tile_config, tile_for_device, tile_preset)
-from trainer.config import load_run_config
+from experiments.presets import load_run_config
 from trainer.data import embedded_works
 from trainer.loop import build_paths, run
 from trainer.metrics import read_metrics

@@ -119,6 +119,7 @@ class RunDirectory:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._unreadable: set[Path] = set()  # checkpoint files found corrupt by `load_checkpoint`
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
@@ -329,8 +330,9 @@ class RunDirectory:
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         latest = self.latest_checkpoint_path
-        if latest.is_file():
+        if latest.is_file() and latest not in self._unreadable:  # a corrupt latest never displaces a good previous
             os.replace(latest, self.previous_checkpoint_path)
+        self._unreadable.discard(latest)
         return save_checkpoint(latest, payload)
 
     def load_checkpoint(self, *, fallback: bool = True) -> tuple[dict[str, Any], Path]:
@@ -348,6 +350,7 @@ class RunDirectory:
                 payload = load_checkpoint(f)
             except CorruptCheckpointError as exc:
                 errors.append(str(exc))
+                self._unreadable.add(f)
                 if not fallback:
                     raise ValueError(f"{exc}; the previous checkpoint "
                                      + (f"{files[1]} may be used instead" if len(files) > 1 else "does not exist")) from exc

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def _run_config(context: Mapping[str, Any], analog: Mapping[str, Any] | None = None) -> Any:
-    from trainer.config import load_run_config, merge
+    from experiments.presets import load_run_config
+    from trainer.config import merge
 
     overrides = merge(dict(context.get("run_overrides") or {}), {"mode": "compare"})
     analog_base = {"device": context["device"], "periphery": context.get("periphery", "default")}
