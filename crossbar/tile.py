@@ -32,7 +32,7 @@ from devices import DeviceArray, DeviceConfig, ExpStepDevice
 from devices.response import symmetry_points
 
 from .config import TileConfig
-from .io import IOParameters, ReadStats, analog_read
+from .io import IOParameters, PeripheryReader, ReadStats
 from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sample, expected_counts, fast_counts,
                      plan_pulses, sample_counts_per_sample, _chunks)
 
@@ -246,6 +246,10 @@ class AnalogTile:
         self.noise_mode = config.noise_mode
         self.noise_seed = _derive_seed(generator)
         self.read_stats = ReadStats()
+        self._readers: dict[int, PeripheryReader] = {}  # by id of the config's IOParameters
+        self._scale_key: tuple[int, int] | None = None
+        self._scale_value: float | None = None
+        self._scale_ref: Tensor | None = None
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
         self.n_transfers = 0
@@ -296,16 +300,24 @@ class AnalogTile:
     def _read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
-        y = analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
+        # one PeripheryReader per periphery, built on first use (constants and scaled weights cached)
+        read = self._readers.get(id(io))
+        if read is None:
+            read = self._readers[id(io)] = PeripheryReader(io)
+        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         for _ in range(self.config.n_reads - 1):
-            y = y + analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
+            y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         if self.config.n_reads > 1:
             y = y / self.config.n_reads
         return y
 
     def _uniform_scale(self) -> float | None:
-        lo, hi = torch.aminmax(self.scale)
-        return float(hi) if float(lo) == float(hi) else None
+        key = (id(self.scale), self.scale._version)
+        if self._scale_key != key:  # `scale` is replaced (program, load), never edited in place
+            lo, hi = torch.aminmax(self.scale)
+            self._scale_key, self._scale_value = key, (float(hi) if float(lo) == float(hi) else None)
+            self._scale_ref = self.scale
+        return self._scale_value
 
     def forward(self, u: Tensor) -> Tensor:
         """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
