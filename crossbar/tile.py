@@ -33,8 +33,9 @@ from devices.response import symmetry_points
 
 from .config import TileConfig
 from .io import IOParameters, PeripheryReader, ReadStats
-from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sample, expected_counts, fast_counts,
-                     plan_pulses, sample_counts_per_sample, _chunks)
+from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
+                     deterministic_counts_per_sample, expected_counts, fast_counts, plan_pulses, sample_coincidences,
+                     _chunks)
 
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
@@ -369,13 +370,19 @@ class AnalogTile:
             slot.apply_delta(-lr * (d.T @ x), gen)
             return
         plan = plan_pulses(x, d, lr, slot.granularity, up)
-        if up.pulse_type == "deterministic_implicit":
-            self._apply_per_sample(slot, plan, lambda sl: deterministic_counts_per_sample(plan, up, sl),
-                                   aggregate=up.mode != "exact")
+        if up.mode == "exact":  # sample by sample, only the devices each sample pulses (crossbar.update)
+            if up.pulse_type == "deterministic_implicit":
+                counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
+            else:
+                counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
+            pulses, refreshes = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, REFRESH_THRESHOLD)
+            slot.refreshes += refreshes
+            self.pulse_count += pulses.to(self.pulse_count.dtype)
             return
-        if up.mode == "exact":
-            self._apply_per_sample(slot, plan, lambda sl: sample_counts_per_sample(plan, gen, sl), aggregate=False)
-        elif up.mode == "fast":
+        if up.pulse_type == "deterministic_implicit":
+            self._apply_per_sample(slot, plan, lambda sl: deterministic_counts_per_sample(plan, up, sl), aggregate=True)
+            return
+        if up.mode == "fast":
             n_up, n_down = fast_counts(plan, gen)
             slot.apply_counts(n_up, n_down, gen, up)
             self.pulse_count += (n_up + n_down).to(self.pulse_count.dtype)
