@@ -57,7 +57,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None) -> Path:
+def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None,
+                 bigram: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for p in paths:
         st = PATH_STYLE[p]
@@ -72,6 +73,8 @@ def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping
     if entropy is not None:
         ax.axhline(entropy, color="k", ls="--", lw=1, label=f"unigram entropy {entropy:.3f}")
         ax.axhline(entropy - 0.3, color="gray", ls=":", lw=1, label="entropy − 0.3 nats")
+    if bigram is not None:
+        ax.axhline(bigram, color="tab:purple", ls="-.", lw=1, label=f"bigram table {bigram:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Loss")
@@ -296,11 +299,12 @@ def write_report(run_dir: str | Path) -> Path:
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
     entropy = summary.get("unigram_entropy")
+    bigram = summary.get("bigram_loss")
     paths = _active_paths(rows)
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = [
-        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss")),
+        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss"), bigram),
         _plot_residual(rows, paths, plots_dir),
         _plot_cosines(rows, plots_dir),
         _plot_weight_gap(rows, plots_dir),
@@ -326,6 +330,10 @@ def write_report(run_dir: str | Path) -> Path:
     if entropy is not None:
         lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
                      f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
+    if bigram is not None:
+        lines.append(f"Bigram table (add-0.05 counts of the training split, scored on the validation tokens): "
+                     f"**{bigram:.4f} nats/token** (a model above it has learned less than which token follows "
+                     "which).\n")
     keys = [
         ("val_loss", "validation loss (nats/token)"),
         ("train_loss_last20", "train loss, mean of last 20 logged steps"),
@@ -350,6 +358,9 @@ def write_report(run_dir: str | Path) -> Path:
     if entropy is not None:
         lines.append("| entropy − validation loss | " + " | ".join(
             _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths) + " |")
+    if bigram is not None:
+        lines.append("| bigram − validation loss | " + " | ".join(
+            _fmt(None if figures[p]["val_loss"] is None else bigram - figures[p]["val_loss"]) for p in paths) + " |")
     if "analog" in paths and "twin" in paths:
         va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]
         if va is not None and vt is not None:

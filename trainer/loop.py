@@ -42,7 +42,7 @@ from ept_hw.projection import digital_factory
 from .checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TOKENIZER_FILE, TokenData, prepare_data, sample_batch, unigram_entropy
+from .data import TOKENIZER_FILE, TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
 from .metrics import MetricsLog, empty_row
 from .twin import BPPath, BPTTPath, EPPath, StepOutcome, _cos, analog_counters, weight_gap
@@ -308,6 +308,7 @@ def run(
             "val_tokens": int(data.val.numel()),
             "vocab_size": data.vocab_size,
             "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+            "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
             "physics": physics_notes(cfg),
             "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
         }
