@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from devices import DeviceConfig, device_from_dict, load_device
-from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range, from_dict, load_toml, save_toml, to_dict
+from ept_hw.config import ConfigError, check_choice, check_positive_int, check_finite_range, from_dict, load_toml, save_toml, to_dict
 
 from .io import IOParameters
 from .update import UpdateParameters
@@ -51,7 +51,7 @@ class MappingParameters:
     weight_scaling_columnwise: bool = False
 
     def __post_init__(self) -> None:
-        check_range("weight_scaling_omega", self.weight_scaling_omega, 0.0)
+        check_finite_range("weight_scaling_omega", self.weight_scaling_omega, 0.0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class MixedPrecisionParameters:
 
     def __post_init__(self) -> None:
         check_positive_int("transfer_every", self.transfer_every)
-        check_range("granularity", self.granularity, 0.0)
+        check_finite_range("granularity", self.granularity, 0.0)
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,11 @@ class TransferParameters:
 
     def __post_init__(self) -> None:
         check_choice("fast_reference", self.fast_reference, ("zero", "symmetry_point"))
-        check_range("fast_lr", self.fast_lr, 0.0, lo_open=True)
-        check_range("transfer_lr", self.transfer_lr, 0.0, lo_open=True)
+        check_finite_range("fast_lr", self.fast_lr, 0.0, lo_open=True)
+        check_finite_range("transfer_lr", self.transfer_lr, 0.0, lo_open=True)
         check_positive_int("transfer_every", self.transfer_every)
         check_positive_int("n_reads_per_transfer", self.n_reads_per_transfer)
-        check_range("buffer_granularity", self.buffer_granularity, 0.0, lo_open=True)
+        check_finite_range("buffer_granularity", self.buffer_granularity, 0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class TileConfig:
         check_choice("differential", self.differential, DIFFERENTIAL)
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         check_positive_int("n_reads", self.n_reads)
-        check_range("programming_noise", self.programming_noise, 0.0)
+        check_finite_range("programming_noise", self.programming_noise, 0.0)
         for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer"):
             expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
             if not isinstance(getattr(self, key), type(expected())):

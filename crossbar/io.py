@@ -22,15 +22,17 @@ Where we differ from aihwkit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ept_hw.config import ConfigError, check_choice, check_range
+from ept_hw.config import ConfigError, check_choice, check_finite_range
 
-__all__ = ["IOParameters", "PeripheryReader", "ReadStats", "analog_read", "effective_res", "res_from_bits", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
+__all__ = ["IOParameters", "PeripheryReader", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res",
+           "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
            "W_NOISE_TYPES"]
 
 BOUND_MANAGEMENT = ("none", "iterative")
@@ -43,6 +45,15 @@ def res_from_bits(bits: int) -> float:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
         raise ConfigError("bits", bits, "an integer >= 2")
     return 1.0 / (2**bits - 2)
+
+
+def bits_from_res(res: float) -> float | None:
+    """Inverse of `res_from_bits`: log2(steps + 2) bits, with steps = res when res > 1 (a number of
+    steps) else 1/res; None for res <= 0 (no quantisation)."""
+    if res <= 0.0:
+        return None
+    steps = res if res > 1.0 else 1.0 / res
+    return math.log2(steps + 2.0)
 
 
 def effective_res(res: float) -> float:
@@ -76,13 +87,13 @@ class IOParameters:
     bm_test_negative_bound: bool = True
 
     def __post_init__(self) -> None:
-        check_range("inp_bound", self.inp_bound, 0.0, lo_open=True)
-        check_range("out_bound", self.out_bound, 0.0, lo_open=True)
+        check_finite_range("inp_bound", self.inp_bound, 0.0, lo_open=True)
+        check_finite_range("out_bound", self.out_bound, 0.0, lo_open=True)
         for key in ("inp_noise", "out_noise", "w_noise", "nm_thres", "inp_res", "out_res"):
-            check_range(key, getattr(self, key), 0.0)
-        check_range("out_scale", self.out_scale, 0.0, lo_open=True)
-        check_range("max_bm_factor", self.max_bm_factor, 1.0)
-        check_range("max_bm_res", self.max_bm_res, 0.0, lo_open=True)
+            check_finite_range(key, getattr(self, key), 0.0)
+        check_finite_range("out_scale", self.out_scale, 0.0, lo_open=True)
+        check_finite_range("max_bm_factor", self.max_bm_factor, 1.0)
+        check_finite_range("max_bm_res", self.max_bm_res, 0.0, lo_open=True)
         check_choice("bound_management", self.bound_management, BOUND_MANAGEMENT)
         check_choice("noise_management", self.noise_management, NOISE_MANAGEMENT)
         check_choice("w_noise_type", self.w_noise_type, W_NOISE_TYPES)

@@ -16,8 +16,8 @@ updated as aihwkit's one-sided unit cell: up pulses potentiate G⁺, down pulses
 when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is
 reprogrammed to (max(W,0), max(−W,0)) (aihwkit `refresh_every=1`, our threshold rule).
 
-Algorithms: "sgd" (pulsed update on the array), "mixed_precision" and "ttv2" (see
-`crossbar.config`).
+Update algorithms ("sgd", "mixed_precision", "ttv2"): one class each in `crossbar.algorithms`;
+the tile holds one (`self.algorithm`) and offers it the services listed there.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from devices import DeviceArray, DeviceConfig, ExpStepDevice
-from devices.response import symmetry_points
+from devices import DeviceArray, DeviceConfig
 
+from .algorithms import UpdateAlgorithm, make_algorithm
 from .config import TileConfig
 from .io import IOParameters, PeripheryReader, ReadStats
 from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
@@ -40,59 +40,10 @@ from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministi
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
 REFRESH_THRESHOLD = 0.75
-MAX_SUBSTEPS = 64
 
 
 def _derive_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-
-
-def _per_pulse_noise_std(cfg: DeviceConfig, hidden: dict[str, Tensor], w: Tensor, step: Tensor, up: bool) -> Tensor:
-    """Std of one pulse's cycle-to-cycle noise at w, in the device model's own form."""
-    sigma = cfg.dw_min_std
-    if isinstance(cfg, ExpStepDevice) and (cfg.dw_min_std_add != 0 or cfg.dw_min_std_slope != 0):
-        return sigma * (step + cfg.dw_min_std_add + cfg.dw_min_std_slope * w.abs())
-    if getattr(cfg, "mult_noise", True):
-        return sigma * step
-    return sigma * hidden["dwmin_up" if up else "dwmin_down"]
-
-
-def _integrated_response(arr: DeviceArray, n_up: Tensor, n_down: Tensor, generator: torch.Generator,
-                         substeps: int) -> None:
-    """Integrated n-pulse response (see `crossbar.update`, fast mode): Euler steps of the mean
-    drift with Gaussian cycle-to-cycle noise of the summed per-pulse variance, clipped to each
-    device's bounds after every step.
-
-    The up and down pulses are spread evenly over the steps: the integrated path follows a
-    random interleaving of the batch's pulses (as the exact per-sample mode does), not
-    `DeviceArray.apply_pulses`'s pairs-first order. At least `substeps` steps, more when a device
-    would otherwise move more than 5 % of the nominal range (w_max − w_min) in one step, but at
-    most `MAX_SUBSTEPS` and at most one per pulse."""
-    cfg, h = arr.config, arr.hidden
-    n_up = n_up.to(arr.dtype)
-    n_down = n_down.to(arr.dtype)
-    w = arr.persistent_weights
-    ref = h.get("reference")
-    step_up, step_down = arr.mean_step(w)
-    span = cfg.w_max - cfg.w_min
-    travel = float((n_up * step_up + n_down * step_down).max()) / span
-    n_max = int((n_up + n_down).max())
-    substeps = max(1, min(n_max, MAX_SUBSTEPS, max(substeps, math.ceil(travel / 0.05))))
-    for i in range(substeps):
-        if i > 0:
-            step_up, step_down = arr.mean_step(w)
-        w = w + (n_up * step_up - n_down * step_down) / substeps
-        if cfg.dw_min_std > 0:
-            sd_up = _per_pulse_noise_std(cfg, h, w, step_up, True)
-            sd_down = _per_pulse_noise_std(cfg, h, w, step_down, False)
-            var = (n_up * sd_up * sd_up + n_down * sd_down * sd_down) / substeps
-            xi = torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-            w = w + var.sqrt() * xi
-        if ref is not None:
-            w = torch.minimum(torch.maximum(w + ref, h["min_bound"]), h["max_bound"]) - ref
-        else:
-            w = torch.minimum(torch.maximum(w, h["min_bound"]), h["max_bound"])
-    arr.set_weights(w, generator)
 
 
 class DeviceSlot:
@@ -151,8 +102,8 @@ class DeviceSlot:
             self.arrays[0].apply_pulses(n_up, n_down, generator)
 
     def apply_counts(self, n_up: Tensor, n_down: Tensor, generator: torch.Generator, up: UpdateParameters) -> None:
-        """Pulse by pulse when counts are small, else the integrated n-pulse response
-        (`crossbar.update` module docstring, fast mode)."""
+        """Pulse by pulse when counts are small, else the devices' integrated n-pulse response
+        (`DeviceArray.apply_pulses_integrated`; `crossbar.update` module docstring, fast mode)."""
         n_max = int((n_up + n_down).max()) if n_up.numel() else 0
         if n_max == 0:
             return
@@ -161,11 +112,11 @@ class DeviceSlot:
             return
         if self.pair:
             zero = torch.zeros_like(n_up)
-            _integrated_response(self.arrays[0], n_up, zero, generator, up.fast_substeps)
-            _integrated_response(self.arrays[1], n_down, zero, generator, up.fast_substeps)
+            self.arrays[0].apply_pulses_integrated(n_up, zero, generator, up.fast_substeps)
+            self.arrays[1].apply_pulses_integrated(n_down, zero, generator, up.fast_substeps)
             self._maybe_refresh(generator)
         else:
-            _integrated_response(self.arrays[0], n_up, n_down, generator, up.fast_substeps)
+            self.arrays[0].apply_pulses_integrated(n_up, n_down, generator, up.fast_substeps)
 
     def apply_expected(self, mu_up: Tensor, mu_down: Tensor, generator: torch.Generator) -> None:
         """Expected-value update with the noise-free mean step at the current weights."""
@@ -182,7 +133,7 @@ class DeviceSlot:
 
     def _maybe_refresh(self, generator: torch.Generator) -> None:
         plus, minus = self.arrays
-        limit = REFRESH_THRESHOLD * plus.hidden["max_bound"]
+        limit = REFRESH_THRESHOLD * plus.max_bound
         full = (plus.persistent_weights > limit) | (minus.persistent_weights > limit)
         if bool(full.any()):
             w = plus.persistent_weights - minus.persistent_weights
@@ -199,9 +150,8 @@ class DeviceSlot:
         tol = 0.5 * self.granularity
         total, at = 0, 0
         for arr in self.arrays:
-            w, h = arr.persistent_weights, arr.hidden
-            at += int(((w >= h["max_bound"] - tol) | (w <= h["min_bound"] + tol)).sum())
-            total += w.numel()
+            at += int(arr.near_bounds(tol).sum())
+            total += arr.persistent_weights.numel()
         return at / total
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,18 +176,9 @@ class AnalogTile:
         self.out_features, self.in_features = int(out_features), int(in_features)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         shape = (self.out_features, self.in_features)
-        dev_cfg = config.device_config()
-        pair = config.uses_pair
-        self.slot = DeviceSlot(dev_cfg, shape, generator, pair, self.device)
-        self.fast: DeviceSlot | None = None
-        self.buffer: Tensor | None = None
-        self.accumulator: Tensor | None = None
-        if config.algorithm == "ttv2":
-            self.fast = DeviceSlot(dev_cfg, shape, generator, pair, self.device)
-            self.buffer = torch.zeros(shape, device=self.device)
-            self.fast_reference = torch.zeros(shape, device=self.device)
-        elif config.algorithm == "mixed_precision":
-            self.accumulator = torch.zeros(shape, device=self.device)
+        self.shape = shape
+        self.slot = DeviceSlot(config.device_config(), shape, generator, config.uses_pair, self.device)
+        self.algorithm: UpdateAlgorithm = make_algorithm(self, generator)
         gen_device = self.device  # read/update noise drawn where the tile lives
         self.read_generator = torch.Generator(device=gen_device)
         self.read_generator.manual_seed(_derive_seed(generator))
@@ -253,8 +194,10 @@ class AnalogTile:
         self._scale_ref: Tensor | None = None
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
-        self.n_transfers = 0
-        self._transfer_column = 0
+
+    def new_slot(self, generator: torch.Generator) -> DeviceSlot:
+        """Another array of this tile's device and unit cell (for algorithms with several arrays)."""
+        return DeviceSlot(self.slot.config, self.shape, generator, self.slot.pair, self.device)
 
     # ------------------------------------------------------------------ programming
     def program(self, weight: Tensor) -> None:
@@ -276,15 +219,7 @@ class AnalogTile:
             xi = torch.randn(w_dev.shape, generator=self.update_generator, device=self.update_generator.device)
             w_dev = w_dev + self.config.programming_noise * xi.to(self.device)
         self.slot.set_weights(w_dev, self.update_generator)
-        if self.fast is not None:
-            if self.config.transfer.fast_reference == "symmetry_point" and not self.fast.pair:
-                self.fast_reference = symmetry_points(self.fast.arrays[0])
-            else:
-                self.fast_reference = torch.zeros_like(w_dev)
-            self.fast.set_weights(self.fast_reference, self.update_generator)
-            self.buffer.zero_()
-        if self.accumulator is not None:
-            self.accumulator.zero_()
+        self.algorithm.program(w_dev)
 
     @property
     def weight(self) -> Tensor:
@@ -298,7 +233,8 @@ class AnalogTile:
         if self.noise_mode in ("common", "frozen"):
             self.read_generator.manual_seed(self.noise_seed)
 
-    def _read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
+    def read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
+        """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged)."""
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
         # one PeripheryReader per periphery, built on first use (constants and scaled weights cached)
@@ -326,8 +262,8 @@ class AnalogTile:
             raise ValueError(f"forward: input has last dimension {u.shape[-1]}, expected {self.in_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self._read(self.slot.weights, u, self.config.forward, uniform)
-        y = self._read(self.slot.weights, u, self.config.forward)
+            return self.read(self.slot.weights, u, self.config.forward, uniform)
+        y = self.read(self.slot.weights, u, self.config.forward)
         return y * self.scale.squeeze(1).to(y.dtype)
 
     def transpose(self, d: Tensor) -> Tensor:
@@ -336,10 +272,10 @@ class AnalogTile:
             raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self._read(self.slot.weights.T, d, self.config.backward, uniform)
+            return self.read(self.slot.weights.T, d, self.config.backward, uniform)
         # a per-row digital scale acts on the rows of W, i.e. on the inputs of the transposed read
         ds = d * self.scale.squeeze(1).to(d.dtype)
-        return self._read(self.slot.weights.T, ds, self.config.backward)
+        return self.read(self.slot.weights.T, ds, self.config.backward)
 
     # ------------------------------------------------------------------ updates
     def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
@@ -353,16 +289,12 @@ class AnalogTile:
         # the mapping scale s: ΔW_dev = ΔW / s, row by row -> fold 1/s into delta
         d = (delta.detach().reshape(-1, self.out_features).to(device=self.device, dtype=torch.float32)
              / self.scale.squeeze(1))
-        algo = self.config.algorithm
-        if algo == "sgd":
-            self._pulsed_update(self.slot, x, d, lr, self.config.update)
-        elif algo == "mixed_precision":
-            self._mixed_precision_update(x, d, lr)
-        else:
-            self._ttv2_update(x, d, lr)
+        self.algorithm.update(x, d, lr)
         self.n_updates += 1
 
-    def _pulsed_update(self, slot: DeviceSlot, x: Tensor, d: Tensor, lr: float, up: UpdateParameters) -> None:
+    def pulsed_update(self, slot: DeviceSlot, x: Tensor, d: Tensor, lr: float, up: UpdateParameters) -> None:
+        """slot's W −= lr·Σ d xᵀ as pulse trains (`crossbar.update`), or a float update for ideal
+        devices and pulse_type "none"."""
         if lr == 0.0 or x.shape[0] == 0:
             return
         gen = self.update_generator
@@ -391,7 +323,8 @@ class AnalogTile:
             slot.apply_expected(mu_up, mu_down, gen)
             self.pulse_count += (mu_up + mu_down).to(self.pulse_count.dtype)
 
-    def _apply_counts(self, slot: DeviceSlot, n_up: Tensor, n_down: Tensor, pulse_by_pulse: bool = False) -> None:
+    def apply_counts(self, slot: DeviceSlot, n_up: Tensor, n_down: Tensor, pulse_by_pulse: bool = False) -> None:
+        """Given (rounded) up/down pulse counts per device on `slot`, counted for endurance."""
         if pulse_by_pulse:
             slot.apply_pulses(n_up.round().long(), n_down.round().long(), self.update_generator)
         else:
@@ -409,58 +342,16 @@ class AnalogTile:
             else:
                 for i in range(n_up.shape[0]):
                     if bool((n_up[i] > 0).any()) or bool((n_down[i] > 0).any()):
-                        self._apply_counts(slot, n_up[i], n_down[i], pulse_by_pulse=True)
+                        self.apply_counts(slot, n_up[i], n_down[i], pulse_by_pulse=True)
         if aggregate and total_up is not None:
-            self._apply_counts(slot, total_up, total_down)
-
-    def _transfer_pulses(self, slot: DeviceSlot, amount: Tensor, granularity: float) -> Tensor:
-        """Send whole multiples of `granularity` in `amount` as pulses; returns what was sent."""
-        n = torch.trunc(amount / granularity)
-        self._apply_counts(slot, n.clamp_min(0.0), (-n).clamp_min(0.0))
-        return n * granularity
-
-    def _mixed_precision_update(self, x: Tensor, d: Tensor, lr: float) -> None:
-        self.accumulator -= lr * (d.T @ x)
-        mp = self.config.mixed_precision
-        if self.n_updates % mp.transfer_every == mp.transfer_every - 1:
-            gran = mp.granularity if mp.granularity > 0 else self.slot.granularity
-            self.accumulator -= self._transfer_pulses(self.slot, self.accumulator, gran)
-            self.n_transfers += 1
-
-    def _ttv2_update(self, x: Tensor, d: Tensor, lr: float) -> None:
-        tr = self.config.transfer
-        self._pulsed_update(self.fast, x, d, lr * tr.fast_lr, self.config.update)
-        if self.n_updates % tr.transfer_every != tr.transfer_every - 1:
-            return
-        gran = tr.buffer_granularity * self.slot.granularity
-        for _ in range(tr.n_reads_per_transfer):
-            j = self._transfer_column
-            one_hot = torch.zeros(1, self.in_features, device=self.device)
-            one_hot[0, j] = 1.0
-            column = self._read(self.fast.weights - self.fast_reference, one_hot, self.config.forward)[0]
-            self.buffer[:, j] += (tr.transfer_lr * lr if tr.scale_transfer_lr else tr.transfer_lr) * column
-            sent = self._transfer_pulses_column(j, gran)
-            if tr.forget_buffer:
-                self.buffer[:, j] = torch.where(sent != 0, torch.zeros_like(sent), self.buffer[:, j])
-            else:
-                self.buffer[:, j] -= sent
-            self._transfer_column = (j + 1) % self.in_features
-        self.n_transfers += 1
-
-    def _transfer_pulses_column(self, j: int, granularity: float) -> Tensor:
-        n = torch.trunc(self.buffer[:, j] / granularity)
-        n_up = torch.zeros(self.out_features, self.in_features, device=self.device)
-        n_down = torch.zeros_like(n_up)
-        n_up[:, j] = n.clamp_min(0.0)
-        n_down[:, j] = (-n).clamp_min(0.0)
-        self._apply_counts(self.slot, n_up, n_down)
-        return n * granularity
+            self.apply_counts(slot, total_up, total_down)
 
     # ------------------------------------------------------------------ counters & state
     def counters(self) -> dict[str, float]:
         """Endurance, read and saturation counters (plain numbers, for metrics logs)."""
         stats = self.read_stats.as_dict()
         conv = stats["adc_conversions"]
+        algo = self.algorithm.counters()
         return {
             "pulses_max": float(self.pulse_count.max()),
             "pulses_mean": float(self.pulse_count.mean()),
@@ -469,8 +360,8 @@ class AnalogTile:
             "adc_clip_fraction": stats["adc_clipped"] / conv if conv else 0.0,
             "device_saturation_fraction": self.slot.saturation_fraction(),
             "updates": self.n_updates,
-            "transfers": self.n_transfers,
-            "refreshes": self.slot.refreshes + (self.fast.refreshes if self.fast is not None else 0),
+            "transfers": algo["transfers"],
+            "refreshes": self.slot.refreshes + algo["refreshes"],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -485,15 +376,8 @@ class AnalogTile:
             "read_stats": self.read_stats.as_dict(),
             "pulse_count": self.pulse_count.clone(),
             "n_updates": self.n_updates,
-            "n_transfers": self.n_transfers,
-            "transfer_column": self._transfer_column,
+            "algorithm": self.algorithm.state_dict(),
         }
-        if self.fast is not None:
-            state["fast"] = self.fast.state_dict()
-            state["buffer"] = self.buffer.clone()
-            state["fast_reference"] = self.fast_reference.clone()
-        if self.accumulator is not None:
-            state["accumulator"] = self.accumulator.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,11 +393,4 @@ class AnalogTile:
         self.read_stats.load(state["read_stats"])
         self.pulse_count = state["pulse_count"].to(self.device).clone()
         self.n_updates = int(state["n_updates"])
-        self.n_transfers = int(state["n_transfers"])
-        self._transfer_column = int(state["transfer_column"])
-        if self.fast is not None:
-            self.fast.load_state_dict(state["fast"])
-            self.buffer = state["buffer"].to(self.device).clone()
-            self.fast_reference = state["fast_reference"].to(self.device).clone()
-        if self.accumulator is not None:
-            self.accumulator = state["accumulator"].to(self.device).clone()
+        self.algorithm.load_state_dict(state["algorithm"])

@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ept_hw.config import check_choice, check_positive_int, check_range
+from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
 __all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "sample_coincidences",
            "expected_counts", "fast_counts", "deterministic_counts_per_sample", "deterministic_coincidences",
@@ -84,9 +84,9 @@ class UpdateParameters:
         check_positive_int("desired_bl", self.desired_bl)
         check_choice("pulse_type", self.pulse_type, PULSE_TYPES)
         check_choice("mode", self.mode, UPDATE_MODES)
-        check_range("um_grad_scale", self.um_grad_scale, 0.0, lo_open=True)
-        check_range("x_res_implicit", self.x_res_implicit, 0.0)
-        check_range("d_res_implicit", self.d_res_implicit, 0.0)
+        check_finite_range("um_grad_scale", self.um_grad_scale, 0.0, lo_open=True)
+        check_finite_range("x_res_implicit", self.x_res_implicit, 0.0)
+        check_finite_range("d_res_implicit", self.d_res_implicit, 0.0)
         check_positive_int("fast_substeps", self.fast_substeps)
         check_positive_int("fast_exact_max_pulses", self.fast_exact_max_pulses, minimum=0)
 

@@ -9,11 +9,15 @@ Public API (the contract `crossbar` builds on)::
     DeviceArray(config, shape, generator, device=None, dtype=torch.float32)
         .hidden, .weights, .persistent_weights, .set_weights(w, generator=None)
         .apply_pulses(n_up, n_down, generator)        # exact, pulse by pulse
-        .apply_pulses_approx(n_up, n_down, generator) # closed form for large counts (approximation)
+        .apply_pulses_integrated(n_up, n_down, generator) # integrated n-pulse response (approximation)
         .apply_delta(dw)                              # ideal devices only
         .mean_step(w=None) -> (up, down)              # noise-free expected |Δw| per pulse
+        .max_bound, .pulse_range(), .near_bounds(tol) # per-device bounds, without the hidden keys
         .pulse_once(up, generator), .decay(), .diffuse(generator), .reset(mask, generator)
         .state_dict(), .load_state_dict(state), DeviceArray.from_state_dict(state)
+
+The physics of each device model (step rule, noise rule, clip, hidden-parameter sampling) is
+one class per model in `devices.physics`, registered by config type: a new model goes there.
 
 Characterisation and fitting live in `devices.response` (`run_pulse_response`,
 `derived_figures`, `write_response`) and `devices.fit` (`read_traces`, `fit_device`);

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from ept_hw.config import ConfigError, check_choice, check_range, from_dict
+from ept_hw.config import ConfigError, check_choice, check_finite_range, from_dict
 
 __all__ = [
     "DeviceConfig",
@@ -69,6 +70,25 @@ class DeviceConfig:
     def replace(self, **changes: Any) -> "DeviceConfig":
         """A copy with some parameters changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_up_down(key: str, value: float, enforce_consistency: bool) -> None:
+    """Δ⁺ = (1 + min(up_down, 0))·dw_min, Δ⁻ = (1 − max(up_down, 0))·dw_min at nominal gain.
+
+    |up_down| = 1 makes a nominal step zero (refused). |up_down| > 1 flips the sign of one step:
+    aihwkit's `enforce_consistency` (our default too) then takes |Δ|, so the device still moves
+    the right way, with a step of |1 − |up_down||·dw_min: accepted with a warning. Without
+    `enforce_consistency` a pulse would move the weight the wrong way: refused."""
+    if abs(value) == 1.0:
+        raise ConfigError(key, value, "a number in (-inf, -1) or (-1, 1) or (1, inf): ±1 makes the nominal "
+                                      "down (up) step zero")
+    if abs(value) > 1.0:
+        if not enforce_consistency:
+            raise ConfigError(key, value, "a number in (-1, 1) when enforce_consistency is false (beyond ±1 "
+                                          "a pulse would move the weight the wrong way)")
+        warnings.warn(f"{key} = {value:g} flips the sign of the nominal {'down' if value > 0 else 'up'} step; "
+                      f"enforce_consistency takes |Δ| (as aihwkit), so that step is |1 − |{key}||·dw_min = "
+                      f"{abs(1 - abs(value)):g}·dw_min", UserWarning, stacklevel=4)
 
 
 def _check_zero(key: str, value: float, why: str) -> None:
@@ -134,24 +154,25 @@ class PulsedDevice(DeviceConfig):
     w_min_dtod: float = 0.3
 
     def __post_init__(self) -> None:
-        check_range("dw_min", self.dw_min, 0.0)
+        check_finite_range("dw_min", self.dw_min, 0.0, lo_open=True)  # dw_min = 0: no step at all
         for key in ("dw_min_dtod", "dw_min_std", "up_down_dtod", "w_max_dtod", "w_min_dtod",
                     "lifetime", "lifetime_dtod", "reset_std", "reset_dtod", "diffusion_dtod",
                     "corrupt_devices_range"):
-            check_range(key, getattr(self, key), 0.0)
-        check_range("up_down", self.up_down)
-        check_range("reset", self.reset)
-        check_range("corrupt_devices_prob", self.corrupt_devices_prob, 0.0, 1.0)
-        check_range("diffusion", self.diffusion, 0.0)
+            check_finite_range(key, getattr(self, key), 0.0)
+        check_finite_range("up_down", self.up_down)
+        _check_up_down("up_down", self.up_down, self.enforce_consistency)
+        check_finite_range("reset", self.reset)
+        check_finite_range("corrupt_devices_prob", self.corrupt_devices_prob, 0.0, 1.0)
+        check_finite_range("diffusion", self.diffusion, 0.0)
         check_choice("drift", self.drift, ["DriftParameter()"])
         if self.perfect_bias:
             raise ConfigError("perfect_bias", self.perfect_bias, "false (there is no bias column here)")
-        check_range("w_max", self.w_max)
-        check_range("w_min", self.w_min)
+        check_finite_range("w_max", self.w_max)
+        check_finite_range("w_min", self.w_min)
         if not self.w_min < self.w_max:
             raise ConfigError("w_min", self.w_min, f"a number < w_max = {self.w_max:g}")
-        check_range("w_max", self.w_max, 0.0)  # aihwkit: a range not containing 0 is fatal
-        check_range("w_min", self.w_min, None, 0.0)
+        check_finite_range("w_max", self.w_max, 0.0)  # aihwkit: a range not containing 0 is fatal
+        check_finite_range("w_min", self.w_min, None, 0.0)
 
     @property
     def granularity(self) -> float:
@@ -166,7 +187,7 @@ class ConstantStepDevice(PulsedDevice):
 
 
 def _check_write_noise(cfg: Any) -> None:
-    check_range("write_noise_std", cfg.write_noise_std, 0.0)
+    check_finite_range("write_noise_std", cfg.write_noise_std, 0.0)
 
 
 @dataclass(frozen=True)
@@ -192,11 +213,11 @@ class LinearStepDevice(PulsedDevice):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_write_noise(self)
-        check_range("gamma_up", self.gamma_up)
-        check_range("gamma_down", self.gamma_down)
-        check_range("gamma_up_dtod", self.gamma_up_dtod, 0.0)
-        check_range("gamma_down_dtod", self.gamma_down_dtod, 0.0)
-        check_range("reverse_offset", self.reverse_offset)
+        check_finite_range("gamma_up", self.gamma_up)
+        check_finite_range("gamma_down", self.gamma_down)
+        check_finite_range("gamma_up_dtod", self.gamma_up_dtod, 0.0)
+        check_finite_range("gamma_down_dtod", self.gamma_down_dtod, 0.0)
+        check_finite_range("reverse_offset", self.reverse_offset)
         if (self.reverse_up or self.reverse_down) and not self.mult_noise:
             raise ConfigError("mult_noise", self.mult_noise, "true when reverse_up or reverse_down is set")
 
@@ -221,7 +242,7 @@ class SoftBoundsDevice(PulsedDevice):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_write_noise(self)
-        check_range("reverse_offset", self.reverse_offset)
+        check_finite_range("reverse_offset", self.reverse_offset)
         if (self.reverse_up or self.reverse_down) and not self.mult_noise:
             raise ConfigError("mult_noise", self.mult_noise, "true when reverse_up or reverse_down is set")
 
@@ -245,9 +266,9 @@ class SoftBoundsReferenceDevice(PulsedDevice):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_write_noise(self)
-        check_range("reference_mean", self.reference_mean)
+        check_finite_range("reference_mean", self.reference_mean)
         for key in ("reference_std", "slope_down_dtod", "slope_up_dtod"):
-            check_range(key, getattr(self, key), 0.0)
+            check_finite_range(key, getattr(self, key), 0.0)
 
 
 @dataclass(frozen=True)
@@ -276,7 +297,7 @@ class ExpStepDevice(PulsedDevice):
         super().__post_init__()
         _check_write_noise(self)
         for key in ("A_down", "A_up", "a", "b", "gamma_down", "gamma_up", "dw_min_std_add", "dw_min_std_slope"):
-            check_range(key, getattr(self, key))
+            check_finite_range(key, getattr(self, key))
 
     def step_factors(self, w: float) -> tuple[float, float]:
         """Noise-free (y_up, y_down) at weight w for the nominal bounds."""
@@ -311,10 +332,10 @@ class PowStepDevice(PulsedDevice):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_write_noise(self)
-        check_range("pow_gamma", self.pow_gamma, 0.0)
-        check_range("pow_up_down", self.pow_up_down)
-        check_range("pow_gamma_dtod", self.pow_gamma_dtod, 0.0)
-        check_range("pow_up_down_dtod", self.pow_up_down_dtod, 0.0)
+        check_finite_range("pow_gamma", self.pow_gamma, 0.0)
+        check_finite_range("pow_up_down", self.pow_up_down)
+        check_finite_range("pow_gamma_dtod", self.pow_gamma_dtod, 0.0)
+        check_finite_range("pow_up_down_dtod", self.pow_up_down_dtod, 0.0)
 
     @property
     def granularity(self) -> float:
@@ -339,8 +360,9 @@ class PiecewiseStepDevice(PulsedDevice):
         for key in ("piecewise_up", "piecewise_down"):
             nodes = tuple(float(v) for v in getattr(self, key))
             object.__setattr__(self, key, nodes)
-            if len(nodes) < 1 or any(not math.isfinite(v) or v < 0 for v in nodes):
-                raise ConfigError(key, list(nodes), "a non-empty list of finite numbers >= 0")
+            if len(nodes) < 1 or any(not math.isfinite(v) or v < 0 for v in nodes) or max(nodes) == 0:
+                raise ConfigError(key, list(nodes), "a non-empty list of finite numbers >= 0, at least one > 0 "
+                                                    "(all zero: no step)")
         if len(self.piecewise_up) != len(self.piecewise_down):
             raise ConfigError("piecewise_down", list(self.piecewise_down),
                               f"a list as long as piecewise_up ({len(self.piecewise_up)} nodes)")

@@ -115,10 +115,7 @@ def run_pulse_response(config: DeviceConfig, *, n_devices: int = 2000, n_steps: 
         arr.pulse_with_noise(up, xi_block[filled], None if xw_block is None else xw_block[filled])
         if measure:
             w_after = arr.persistent_weights
-            h = arr.hidden
-            lo, hi = h["min_bound"], h["max_bound"]
-            if "reference" in h:
-                lo, hi = lo - h["reference"], hi - h["reference"]
+            lo, hi = arr.pulse_range()
             inside = (w_after > lo) & (w_after < hi) & (step != 0)
             residuals.append(((w_after - w_before) - step)[inside])
             expected.append(step.abs()[inside])
@@ -160,10 +157,7 @@ def symmetry_points(arr: DeviceArray, iterations: int = 60) -> torch.Tensor:
     device whose up step exceeds its down step everywhere it lies next to the upper bound (where
     repeated alternating pulses drive it, as in aihwkit's `plot_device_symmetry`).
     """
-    h = arr.hidden
-    lo, hi = h["min_bound"].double().clone(), h["max_bound"].double().clone()
-    if "reference" in h:
-        lo, hi = lo - h["reference"].double(), hi - h["reference"].double()
+    lo, hi = (b.clone() for b in arr.pulse_range(torch.float64))
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         up, down = arr.mean_step(mid.to(arr.dtype))

@@ -32,6 +32,7 @@ T = TypeVar("T")
 __all__ = [
     "ConfigError",
     "check_range",
+    "check_finite_range",
     "check_choice",
     "check_positive_int",
     "from_dict",
@@ -79,6 +80,22 @@ def check_range(
         raise ConfigError(key, value, allowed)
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise ConfigError(key, value, allowed)
+
+
+def check_finite_range(
+    key: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """`check_range` that also refuses ±inf when the interval is unbounded on that side (device
+    and tile parameters are always finite numbers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isinf(value):
+        raise ConfigError(key, value, "a finite number in " + _fmt_interval(lo, hi, lo_open, hi_open))
+    check_range(key, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
 def check_positive_int(key: str, value: Any, minimum: int = 1) -> None:

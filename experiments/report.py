@@ -10,7 +10,6 @@ text's unigram entropy.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ept_hw.config import load_toml  # noqa: E402
-from trainer.metrics import PATHS, column, read_metrics  # noqa: E402
+from trainer.metrics import PATHS, column  # noqa: E402
+from trainer.rundir import RunDirectory  # noqa: E402
 
 __all__ = ["write_report", "final_figures"]
 
@@ -196,11 +195,10 @@ def _plot_stability(rows, paths, out: Path, initial: Mapping[str, Any] | None = 
     return _save(fig, out / "stability.png")
 
 
-def _plot_conductances(run_dir: Path, out: Path) -> Path | None:
-    path = run_dir / "conductances.pt"
-    if not path.is_file():
+def _plot_conductances(rd: RunDirectory, out: Path) -> Path | None:
+    data = rd.read_conductances()
+    if data is None:
         return None
-    data = torch.load(path, map_location="cpu", weights_only=False)
     start, end = data.get("start", {}), data.get("end", {})
     if not start or not end:
         return None
@@ -288,20 +286,19 @@ def _toml_block(config: Mapping[str, Any]) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
-    run_dir = Path(run_dir)
+    rd = RunDirectory(run_dir)
+    run_dir = rd.path
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = rd.read_metrics()
     if not rows:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no rows: nothing to report")
-    config = load_toml(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else {}
-    summary: dict[str, Any] = {}
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        raise ValueError(f"{rd.metrics_path} has no rows: nothing to report")
+    config = rd.read_config_dict() if rd.config_path.is_file() else {}
+    summary = rd.read_summary()
     entropy = summary.get("unigram_entropy")
     bigram = summary.get("bigram_loss")
     paths = _active_paths(rows)
-    plots_dir = run_dir / "plots"
+    plots_dir = rd.plots_dir
     plots_dir.mkdir(exist_ok=True)
     plots = [
         _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss"), bigram),
@@ -310,7 +307,7 @@ def write_report(run_dir: str | Path) -> Path:
         _plot_weight_gap(rows, plots_dir),
         _plot_health(rows, plots_dir),
         _plot_stability(rows, paths, plots_dir, summary.get("initial_stability")),
-        _plot_conductances(run_dir, plots_dir),
+        _plot_conductances(rd, plots_dir),
     ]
     figures = final_figures(rows)
 
@@ -400,9 +397,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(_toml_block(config).rstrip())
         lines.append("```\n")
 
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return rd.write_report("\n".join(lines) + "\n")
 
 
 def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from crossbar.io import bits_from_res
 from ept_hw.config import ConfigError, config_hash, load_toml
 
 from .sweep import Requirement, derive_requirements, plot_gaps
@@ -438,7 +439,8 @@ def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dic
         entry = _parameter(leaf, value)
         if leaf.endswith("_res") and isinstance(value, (int, float)) and not isinstance(value, bool):
             steps = value if value > 1 else (1.0 / value if value > 0 else 0.0)
-            entry["meaning"] = (f"{math.log2(steps + 2.0):.2f} bits (2^bits - 2 = {steps:.0f} steps)" if steps
+            bits = bits_from_res(value)
+            entry["meaning"] = (f"{bits:.2f} bits (2^bits - 2 = {steps:.0f} steps)" if bits is not None
                                 else "no quantisation")
         groups[group][key] = entry
     groups["read"]["read_average"] = _parameter("read_average", analog.get("read_average", 1))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from crossbar.io import bits_from_res, res_from_bits
 from ept_hw.config import ConfigError
 
 __all__ = [
@@ -185,17 +186,9 @@ AXES: dict[str, AxisSpec] = {
 }
 
 
-def bits_to_res(bits: int) -> float:
-    """aihwkit's convention: a b-bit converter has 2^b - 2 steps, resolution 1/(2^b - 2) (7 bits: 1/126)."""
-    return 1.0 / (2.0 ** bits - 2.0)
-
-
-def res_to_bits(res: float) -> float | None:
-    """Inverse of `bits_to_res` (None: no quantisation)."""
-    if res <= 0.0:
-        return None
-    steps = res if res > 1.0 else 1.0 / res
-    return math.log2(steps + 2.0)
+# one home for bits <-> resolution: crossbar.io (aihwkit's convention, 2^bits - 2 steps)
+bits_to_res = res_from_bits
+res_to_bits = bits_from_res
 
 
 def apply_overrides(tile: Any, overrides: Mapping[str, Any]) -> Any:

@@ -89,3 +89,17 @@ def test_device_fit_conductances_and_bad_csv(tmp_path, capsys):
     bad.write_text("trace;pulse;direction;value\n")
     assert main(["device", "fit", str(bad), "--model", "soft_bounds", "--out", str(out)]) == 2
     assert "header" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, key", [("dw_min = 0.0", "dw_min"), ("dw_min = inf", "dw_min"),
+                                       ("up_down = 1.0", "up_down"), ("dw_min_std = nan", "dw_min_std")])
+def test_device_response_refuses_a_device_without_a_step(tmp_path, capsys, line, key):
+    """dw_min = 0 used to pass validation and end in ZeroDivisionError; inf ran."""
+    dev = tmp_path / "dev.toml"
+    dev.write_text(f'[device]\nmodel = "soft_bounds"\n{line}\n')
+    out = tmp_path / "resp"
+    assert main(["device", "response", "--device", str(dev), "--n-devices", "10", "--n-steps", "5",
+                 "--n-loops", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "allowed" in err
+    assert not (out / "response.json").exists()

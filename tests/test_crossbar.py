@@ -203,8 +203,9 @@ def test_clear_shape_errors():
         proj.apply_update(torch.zeros(2, 3), torch.zeros(2, 4), -0.1)
 
 
-def test_state_dict_resumes_exactly():
-    cfg = tile_preset("reram_sb", algorithm="ttv2")
+@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2"])
+def test_state_dict_resumes_exactly(algorithm):
+    cfg = tile_preset("reram_sb", algorithm=algorithm)
     factory = analog_factory(cfg, _gen(20))
     w = 0.3 * torch.randn(5, 7, generator=_gen(21))
     a = factory("W", w)
@@ -252,3 +253,32 @@ def test_tile_for_device_applies_the_preset_rules():
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")
     assert pcm.uses_pair and pcm.mapping.weight_scaling_omega == pytest.approx(1.0)
+
+
+def test_bits_and_resolution_convert_both_ways():
+    """aihwkit's convention: b bits <-> 2^b − 2 steps, as a resolution 1/steps or as steps > 1."""
+    from crossbar.io import bits_from_res, res_from_bits
+
+    for bits in range(2, 13):
+        assert bits_from_res(res_from_bits(bits)) == pytest.approx(bits, abs=1e-12)
+    assert res_from_bits(7) == pytest.approx(1 / 126)
+    assert bits_from_res(126.0) == pytest.approx(7.0)      # a res > 1 is a number of steps
+    assert bits_from_res(0.0) is None
+
+
+@pytest.mark.parametrize("table, key", [
+    ("forward", "inp_bound"), ("forward", "out_bound"), ("forward", "out_noise"), ("backward", "inp_res"),
+    ("backward", "w_noise"), ("update", "um_grad_scale"), ("update", "x_res_implicit"),
+    ("mapping", "weight_scaling_omega"), ("mixed_precision", "granularity"), ("transfer", "fast_lr"),
+    ("transfer", "transfer_lr"), ("transfer", "buffer_granularity"), (None, "programming_noise"),
+])
+def test_tile_parameters_refuse_non_finite_values(table, key):
+    """Every float of a tile is a finite number: inf used to pass wherever the range was open above."""
+    from crossbar.config import tile_config_from_dict
+    from ept_hw.config import ConfigError
+
+    for value in (math.inf, math.nan):
+        data = {"device": "reram_sb", **({table: {key: value}} if table else {key: value})}
+        with pytest.raises(ConfigError) as err:
+            tile_config_from_dict(data)
+        assert key in str(err.value) and "allowed" in str(err.value)

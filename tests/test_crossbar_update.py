@@ -200,7 +200,6 @@ def test_mixed_precision_and_ttv2_on_strongly_asymmetric_soft_bounds():
 @pytest.mark.parametrize("preset", ["reram_sb", "reram_es"])
 def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
     """The fast mode's integrated response vs the same pulses applied one by one in random order."""
-    from crossbar.tile import _integrated_response
     from devices import DeviceArray, load_device
 
     dev = load_device(preset)
@@ -213,7 +212,7 @@ def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
         order = torch.rand(n, n_up + n_down, generator=g).argsort(dim=1) < n_up  # True: up
         for t in range(n_up + n_down):
             ref.pulse_once(order[:, t], g)
-        _integrated_response(fast, torch.full((n,), float(n_up)), torch.full((n,), float(n_down)), _gen(3), 8)
+        fast.apply_pulses_integrated(torch.full((n,), float(n_up)), torch.full((n,), float(n_down)), _gen(3), 8)
         span = dev.w_max - dev.w_min
         assert abs(float(ref.weights.mean() - fast.weights.mean())) < 0.01 * span
         assert 0.8 < float(fast.weights.std() / ref.weights.std()) < 1.25
@@ -256,3 +255,12 @@ def test_exact_mode_applies_each_sample_in_order(pair):
         assert 0 < tile.slot.refreshes <= reference.refreshes
     assert float((aggregated.persistent - reference.persistent).abs().max()) > 0.02
     torch.testing.assert_close(tile.pulse_count.float(), (n_up + n_down).sum(0))
+
+
+def test_every_configurable_algorithm_has_one_class():
+    from crossbar.algorithms import ALGORITHM_CLASSES
+    from crossbar.config import ALGORITHMS
+
+    assert set(ALGORITHM_CLASSES) == set(ALGORITHMS)
+    for name, cls in ALGORITHM_CLASSES.items():
+        assert cls.name == name

@@ -276,3 +276,40 @@ def test_enforce_consistency_off_turns_crossed_devices_off():
     assert 0.05 < crossed.float().mean().item() < 0.6
     assert (h["min_bound"] <= h["max_bound"]).all()
     assert (h["dwmin_up"] < 0).any()   # no |.|: aihwkit keeps negative steps without consistency
+
+
+# ---------------------------------------------------------------- validation holes (issue 12 item 5)
+@pytest.mark.parametrize("model", ["constant_step", "soft_bounds", "exp_step", "pow_step", "linear_step",
+                                   "soft_bounds_reference", "piecewise_step"])
+@pytest.mark.parametrize("key, value", [("dw_min", 0.0), ("dw_min", math.inf), ("dw_min", math.nan),
+                                        ("w_max", math.inf), ("w_min", -math.inf), ("dw_min_std", math.inf),
+                                        ("lifetime", math.inf), ("reset_std", math.inf), ("up_down", 1.0),
+                                        ("up_down", -1.0)])
+def test_non_finite_and_step_free_parameters_are_refused(model, key, value):
+    with pytest.raises(ConfigError) as err:
+        device_from_dict({"model": model, key: value})
+    assert err.value.key == key and "allowed" in str(err.value)
+
+
+def test_model_parameters_refuse_non_finite_values():
+    for model, key in (("exp_step", "A_up"), ("exp_step", "gamma_down"), ("linear_step", "gamma_up"),
+                       ("pow_step", "pow_gamma"), ("soft_bounds_reference", "reference_mean"),
+                       ("soft_bounds", "write_noise_std")):
+        with pytest.raises(ConfigError, match=key):
+            device_from_dict({"model": model, key: math.inf})
+    with pytest.raises(ConfigError, match="piecewise_up"):
+        device_from_dict({"model": "piecewise_step", "piecewise_up": [0.0, 0.0], "piecewise_down": [1.0, 1.0]})
+
+
+def test_sign_flipping_up_down_warns_with_enforce_consistency_and_is_refused_without():
+    with pytest.warns(UserWarning, match="up_down = 7"):
+        cfg = device_from_dict({"model": "soft_bounds", "up_down": 7.0})
+    arr = DeviceArray(cfg, (1000,), torch.Generator().manual_seed(0))
+    assert bool((arr.hidden["dwmin_down"] > 0).all())   # |Δ⁻| = |1 − 7|·gain·dw_min: still a down step
+    with pytest.warns(UserWarning, match="up step"):
+        device_from_dict({"model": "constant_step", "up_down": -1.5})
+    with pytest.raises(ConfigError, match="enforce_consistency"):
+        device_from_dict({"model": "soft_bounds", "up_down": 7.0, "enforce_consistency": False})
+    with pytest.raises(ConfigError, match="enforce_consistency"):
+        device_from_dict({"model": "soft_bounds", "up_down": -2.0, "enforce_consistency": False})
+    device_from_dict({"model": "soft_bounds", "up_down": 0.9, "enforce_consistency": False})  # fine

@@ -4,9 +4,10 @@
 step = one batch drawn from the data generator, handed to every path; each path runs its free
 phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
 
-Run directory (DESIGN §3): `config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`,
-`checkpoints/last.pt` (atomic), `summary.json` (final figures, divergence event, physics
-choices), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
+(resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
+`summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
+counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
 at start and end, for the report's histograms).
 
 Nothing is written before the configuration, the data and the device have been checked, and an
@@ -23,7 +24,6 @@ saved and the run exits cleanly (exit code 130); a second Ctrl-C aborts at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -35,19 +35,21 @@ from typing import Any, Mapping
 
 import torch
 
-from ept_hw.config import ConfigError, from_dict, load_toml, save_toml, to_dict
+from ept_hw.config import ConfigError, to_dict
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
 
-from .checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint
+from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TOKENIZER_FILE, TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import MetricsLog, empty_row
+from .metrics import empty_row
+from .rundir import RunDirectory
 from .twin import BPPath, BPTTPath, EPPath, StepOutcome, _cos, analog_counters, weight_gap
 
-__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "pulse_counters", "EXIT_DIVERGED",
+           "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,18 +160,12 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
+def _check_new_run_dir(rd: RunDirectory) -> None:
+    run_dir = rd.path
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
+    if rd.is_run():
         raise ValueError(f"{run_dir} already holds a run: resume it with --resume, or choose another --out")
-
-
-def _saved_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no run to resume (no config.toml)")
-    return from_dict(RunConfig, load_toml(path))
 
 
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -247,13 +243,15 @@ def run(
 ) -> RunResult:
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
     (with a checkpoint) after that many steps in this call, as an interruption would."""
-    run_dir = Path(run_dir)
+    rd = RunDirectory(run_dir)
+    run_dir = rd.path
     if resume:
-        saved = _saved_config(run_dir)
-        ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({ckpt_path})")
-        data = prepare_data(saved.data, run_dir / TOKENIZER_FILE)
+        if not rd.config_path.is_file():
+            raise FileNotFoundError(f"{run_dir} holds no run to resume (no {rd.CONFIG})")
+        saved = rd.config()
+        if not rd.has_checkpoint():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({rd.latest_checkpoint_path})")
+        data = prepare_data(saved.data, rd.tokenizer_path)
         if cfg is not None:
             current = resolve_vocab(cfg, data.vocab_size)
             diffs = config_differences(to_dict(saved), to_dict(current))
@@ -263,7 +261,7 @@ def run(
     else:
         if cfg is None:
             raise ValueError("a configuration is needed for a new run")
-        _check_new_run_dir(run_dir)
+        _check_new_run_dir(rd)
         data = prepare_data(cfg.data)
         cfg = resolve_vocab(cfg, data.vocab_size)
     t = cfg.training
@@ -286,19 +284,18 @@ def run(
     wall_offset = 0.0
     summary: dict[str, Any] = {}
     if resume:
-        ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+        ck, _ = rd.load_checkpoint()
         for name, p in paths.items():
             p.load_state_dict(ck["paths"][name])
         data_gen.set_state(ck["data_rng"])
         start_step = int(ck["step"])
         wall_offset = float(ck["wall_time"])
-        if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
+        summary = rd.read_summary()
         summary.pop("divergence", None)
         summary.pop("interrupted", None)
     else:
-        save_toml(run_dir / "config.toml", cfg)
-        data.tokenizer.save(run_dir / TOKENIZER_FILE)
+        rd.write_config(cfg)
+        rd.write_tokenizer(data.tokenizer)
         summary = {
             "mode": cfg.mode,
             "path": cfg.path,
@@ -316,8 +313,8 @@ def run(
             summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
         if init_info is not None:
             summary["init_ckpt"] = init_info
-        _save_conductances(run_dir, paths, "start")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step - 1 if resume else None)
+        _save_conductances(rd, paths, "start")
+    log = rd.metrics_log(resume_step=start_step - 1 if resume else None)
     schedule = LRSchedule(t.schedule, t.steps)
     result = RunResult(run_dir, start_step, summary, paths=paths)
     t0 = time.perf_counter() - wall_offset
@@ -331,7 +328,7 @@ def run(
             "data_rng": data_gen.get_state(),
             "wall_time": time.perf_counter() - t0,
         }
-        save_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME, payload)
+        rd.save_checkpoint(payload)
 
     bar = None
     if progress:
@@ -385,7 +382,7 @@ def run(
                 if event is not None:
                     result.divergence = event
                     summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
-                    _append_event(run_dir, {"event": "divergence", **event.to_dict()})
+                    rd.append_event({"event": "divergence", **event.to_dict()})
                     logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
                     result.exit_code = EXIT_DIVERGED
                     step += 1
@@ -399,7 +396,7 @@ def run(
                 if stop_now and step < t.steps:
                     summary["interrupted"] = {"step": step}
                     if interrupt.requested:
-                        _append_event(run_dir, {"event": "interrupted", "step": step})
+                        rd.append_event({"event": "interrupted", "step": step})
                         result.exit_code = EXIT_INTERRUPTED
                     break
     finally:
@@ -408,11 +405,13 @@ def run(
         log.close()
     result.steps_completed = step
     if result.divergence is None:
-        _save_conductances(run_dir, paths, "end")
+        _save_conductances(rd, paths, "end")
     summary["steps_completed"] = step
     summary["wall_time"] = time.perf_counter() - t0
-    summary["final_val_loss"] = _final_vals(run_dir)
-    _write_summary(run_dir, summary)
+    summary["final_val_loss"] = rd.final_val_losses()
+    if "analog" in paths:
+        summary["analog_counters"] = pulse_counters(paths["analog"].model, step)
+    rd.write_summary(summary)
     result.summary = summary
     return result
 
@@ -459,47 +458,37 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     return row
 
 
-def _append_event(run_dir: Path, event: Mapping[str, Any]) -> None:
-    with (run_dir / "events.jsonl").open("a") as fh:
-        fh.write(json.dumps(dict(event)) + "\n")
+def pulse_counters(model: Any, step: int) -> dict[str, Any]:
+    """Endurance figures of an analog model's arrays, for the summary: the largest pulse count of
+    any unit cell, all pulses, the number of unit cells (one per weight) and the step they refer to."""
+    pmax = total = 0.0
+    cells = 0
+    for proj in model.projections.values():
+        counters = getattr(proj, "counters", None)
+        if counters is None:
+            continue
+        c = counters()
+        n = int(proj.in_features * proj.out_features)
+        pmax = max(pmax, float(c.get("pulses_max", 0.0)))
+        total += float(c.get("pulses_mean", 0.0)) * n
+        cells += n
+    return {"max_pulses_per_device": pmax, "total_pulses": total, "n_weights": cells, "checkpoint_step": step}
 
 
-def _write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(run_dir / "summary.json")
-
-
-def _final_vals(run_dir: Path) -> dict[str, float | None]:
-    from .metrics import PATHS, read_metrics
-
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    out: dict[str, float | None] = {}
-    for p in PATHS:
-        vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
-        if vals:
-            out[p] = vals[-1]
-    return out
-
-
-def _save_conductances(run_dir: Path, paths: Mapping[str, Any], when: str) -> None:
+def _save_conductances(rd: RunDirectory, paths: Mapping[str, Any], when: str) -> None:
     if "analog" not in paths:
         return
-    target = run_dir / "conductances.pt"
-    data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
-    data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
-    tmp = run_dir / "conductances.pt.tmp"
-    torch.save(data, tmp)
-    tmp.replace(target)
+    rd.save_conductances(when, {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()})
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, TokenData, dict[str, Any]]:
-    """Config, data and paths of a run restored from its last checkpoint (for `sample`)."""
-    run_dir = Path(run_dir)
-    cfg = _saved_config(run_dir)
-    data = prepare_data(cfg.data, run_dir / TOKENIZER_FILE)
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[RunConfig, TokenData, dict[str, Any]]:
+    """Config, data and paths of a run restored from its latest readable checkpoint (or the
+    checkpoint file `checkpoint`), for `sample`, `stability` and the benchmarks."""
+    rd = RunDirectory(run_dir).require_run()
+    cfg = rd.config()
+    data = prepare_data(cfg.data, rd.tokenizer_path)
     paths = build_paths(cfg)
-    ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+    ck = load_checkpoint(checkpoint) if checkpoint is not None else rd.load_checkpoint()[0]
     for name, p in paths.items():
         p.load_state_dict(ck["paths"][name])
     return cfg, data, paths

@@ -8,12 +8,14 @@ Non-finite floats are written as JSON's `NaN`/`Infinity` tokens (Python's `json`
 diverged step is recorded as it was.
 
 On resume the log is cut back to the checkpoint's step (rows logged after the last checkpoint by
-the interrupted run are dropped), so the resumed rows follow on without duplicates.
+the interrupted run are dropped), so the resumed rows follow on without duplicates. A torn last
+line is dropped on read, with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -51,6 +53,8 @@ COMMON_KEYS = ("step", "lr", "wall_time")
 CROSS_KEYS = ("update_cos", "weight_gap", "weight_gap_per_projection")
 HEALTH_KEYS = ("health_cos", "health_norm_ratio", "health_self_coherence")
 
+logger = logging.getLogger(__name__)
+
 ROW_KEYS = COMMON_KEYS + tuple(f"{p}_{k}" for p in PATHS for k in PATH_KEYS) + CROSS_KEYS + HEALTH_KEYS
 
 
@@ -69,10 +73,10 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         else:
+            from .rundir import atomic_write
+
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
 
     def append(self, row: Mapping[str, Any]) -> None:
@@ -97,13 +101,25 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log. A torn last line (a crash while it was written) is dropped with a
+    warning naming the file; an unreadable line before the last raises `ValueError` naming the
+    file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file {path} does not exist")
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if k == len(lines) - 1:
+                logger.warning("%s: dropped a torn last line (line %d: %s)", path, i, exc)
+                break
+            raise ValueError(f"{path} line {i} is not a metrics row ({exc})") from exc
+        rows.append(row)
     return rows
 
 

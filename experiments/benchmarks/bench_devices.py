@@ -6,7 +6,7 @@ For each model (the basic classes at aihwkit defaults and every preset) it times
 - `apply_pulses` with one up pulse per device (the exact per-pulse rule, c2c noise, bounds);
 - `apply_pulses` with random counts 0..2·pulses up and down per device (mixed directions, loop
   over the pulse index with masks), reported per device-pulse actually applied;
-- `apply_pulses_approx` with the same counts (closed-form approximation, cost independent of n);
+- `apply_pulses_integrated` with the same counts (closed-form approximation, cost independent of n);
 and the floor: a plain torch elementwise update `w.add_(dw)` of the same (n, n) tensor (timed
 first and again last; the faster is used). Ratios are
 (seconds per device-pulse) / (seconds per element of the floor), measured side by side.
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         arr.set_weights(torch.zeros(shape, device=dev), g)
         tm = _best(lambda: arr.apply_pulses(n_up, n_down, g), args.repeats) / mixed_total
         arr.set_weights(torch.zeros(shape, device=dev), g)
-        ta = _best(lambda: arr.apply_pulses_approx(n_up, n_down, g), args.repeats) / mixed_total
+        ta = _best(lambda: arr.apply_pulses_integrated(n_up, n_down, g), args.repeats) / mixed_total
         print(f"{name:24s} {1 / t1 / 1e6:18.1f} {t1 / floor:8.1f}   {1 / tm / 1e6:16.1f} {tm / floor:8.1f}"
               f"   {1 / ta / 1e6:16.1f} {ta / floor:8.1f}")
     floor = min(floor, _best(lambda: w.add_(dw), 4 * args.repeats) / w.numel())
