@@ -264,3 +264,39 @@ def test_every_configurable_algorithm_has_one_class():
     assert set(ALGORITHM_CLASSES) == set(ALGORITHMS)
     for name, cls in ALGORITHM_CLASSES.items():
         assert cls.name == name
+
+
+@pytest.mark.slow
+def test_exact_mode_matches_the_per_sample_loop_in_distribution():
+    """ReRAM-SB preset (soft bounds with cycle-to-cycle noise and device spread): over repeated
+    updates from one state, the batched exact mode and one `DeviceSlot.apply_pulses` per sample
+    (with its own draws) give the same mean and spread of every device's new weight."""
+    from crossbar import tile_preset
+    from crossbar.tile import DeviceSlot
+
+    cfg = tile_preset("reram_sb", mode="exact")
+    g = _gen(0)
+    tile = AnalogTile(cfg, 6, 8, g)
+    tile.program(0.3 * torch.randn(6, 8, generator=g))
+    state = tile.state_dict()
+    x, d, lr = torch.randn(32, 8, generator=g), 0.3 * torch.randn(32, 6, generator=g), 0.05
+    new, old = [], []
+    for r in range(150):
+        tile.load_state_dict(state)
+        tile.update_generator.manual_seed(1000 + r)
+        tile.apply_update(x, d, lr)
+        new.append(tile.slot.persistent.clone())
+        ref = DeviceSlot(tile.slot.config, (6, 8), _gen(0), tile.slot.pair)
+        ref.load_state_dict(state["slot"])
+        gr = _gen(5000 + r)
+        plan = plan_pulses(x, d / tile.scale.squeeze(1), lr, ref.granularity, cfg.update)
+        n_up, n_down = sample_counts_per_sample(plan, gr)
+        for i in range(x.shape[0]):
+            ref.apply_pulses(n_up[i].long(), n_down[i].long(), gr)
+        old.append(ref.persistent.clone())
+    new, old = torch.stack(new).double().numpy(), torch.stack(old).double().numpy()
+    start = state["slot"]["arrays"][0]["persistent_weights"].double().numpy()
+    assert np.abs(old.mean(0) - start).mean() > 10 * np.sqrt(old.var(0).mean() / len(old))  # the update moved
+    se = np.sqrt((new.var(0) + old.var(0)) / len(new))
+    assert (np.abs(new.mean(0) - old.mean(0)) / se).max() < 4.0
+    assert 0.85 < float(np.median(new.std(0) / old.std(0))) < 1.15
