@@ -16,6 +16,10 @@ updated as aihwkit's one-sided unit cell: up pulses potentiate G⁺, down pulses
 when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is
 reprogrammed to (max(W,0), max(−W,0)) (aihwkit `refresh_every=1`, our threshold rule).
 
+Time during training: after every `apply_update` (aihwkit's mini-batch update) each device
+decays toward its reset bias by its `lifetime` and diffuses by its `diffusion`, as aihwkit's
+post-update step does; both are counted in updates, not seconds.
+
 Update algorithms ("sgd", "mixed_precision", "ttv2"): one class each in `crossbar.algorithms`;
 the tile holds one (`self.algorithm`) and offers it the services listed there.
 """
@@ -291,6 +295,15 @@ class AnalogTile:
              / self.scale.squeeze(1))
         self.algorithm.update(x, d, lr)
         self.n_updates += 1
+        self._after_update()
+
+    def _after_update(self) -> None:
+        """aihwkit's post-update step, once per `apply_update` (its mini-batch update): every array
+        of the tile decays by its `lifetime` and diffuses by its `diffusion` (no-ops when 0)."""
+        for slot in (self.slot, *self.algorithm.extra_slots()):
+            for arr in slot.arrays:
+                arr.decay()
+                arr.diffuse(self.update_generator)
 
     def pulsed_update(self, slot: DeviceSlot, x: Tensor, d: Tensor, lr: float, up: UpdateParameters) -> None:
         """slot's W −= lr·Σ d xᵀ as pulse trains (`crossbar.update`), or a float update for ideal

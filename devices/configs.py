@@ -12,8 +12,9 @@ Where we deliberately differ from aihwkit
   `perfect_bias` only False (there is no bias column here). `count_pulses` and
   `construction_seed` are kept for round trips and have no effect (our seed is the generator).
 - `lifetime` (decay) and `diffusion` are sampled per device (`decay_scales`, `diffusion_rates`)
-  and applied only by `DeviceArray.decay()` / `DeviceArray.diffuse()`, as aihwkit applies them
-  only in `post_update_step`; the pulse-response protocol applies neither.
+  and applied by `DeviceArray.decay()` / `DeviceArray.diffuse()`, which the crossbar's tile calls
+  once after every update (aihwkit's `post_update_step` after each mini-batch update); the
+  pulse-response protocol applies neither (as aihwkit's pulse response).
 - ExpStep granularity: aihwkit's `calcWeightGranularity` computes `(dw_down + dw_down)/2` at w = 0,
   a typo for `(dw_up + dw_down)/2`. We keep aihwkit's value (the down step at w = 0) so that
   pulse counts, `n_steps` and learning-rate scaling agree with aihwkit; the typo is thus
@@ -106,10 +107,12 @@ class IdealDevice(DeviceConfig):
     construction_seed: int = 0
     diffusion: float = 0.0
     lifetime: float = 0.0
+    reset_std: float = 0.01   # aihwkit's field, kept for round trips: an ideal device is never reset
 
     def __post_init__(self) -> None:
         _check_zero("diffusion", self.diffusion, "the ideal device is exact: no diffusion")
         _check_zero("lifetime", self.lifetime, "the ideal device is exact: no decay")
+        check_finite_range("reset_std", self.reset_std, 0.0)
 
     @property
     def granularity(self) -> float:

@@ -45,7 +45,7 @@ def reram_sb() -> DeviceConfig:
 
 def capacitor() -> DeviceConfig:
     """aihwkit `CapacitorPresetDevice`: LinearStep fit to Li et al., VLSI 2018, with leakage
-    (`lifetime` 1e6 mini-batches, applied only by `DeviceArray.decay()`)."""
+    (`lifetime` 1e6 mini-batches: a tile decays its devices once after every update)."""
     return LinearStepDevice(
         dw_min=0.005, up_down=0.0, w_max=1.0, w_min=-1.0, mult_noise=False,
         gamma_up=0.05, gamma_down=0.05, dw_min_dtod=0.1, up_down_dtod=0.06,

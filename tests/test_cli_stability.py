@@ -8,7 +8,8 @@ import pytest
 
 from experiments.cli import main
 from experiments.commands.stability import stability_of_run
-from trainer.config import load_run_config, merge
+from experiments.presets import load_run_config
+from trainer.config import merge
 from trainer.data import embedded_works
 from trainer.loop import run
 
@@ -55,7 +56,7 @@ def test_cli_checkpoint_and_errors(tiny_run, tmp_path, capsys):
                  "--alphas", "1"]) == 0
     assert "Re mu" in capsys.readouterr().out
     assert main(["stability", str(tiny_run), "--checkpoint", "7"]) == 2
-    assert "keeps its two latest checkpoints (steps 2)" in capsys.readouterr().err
+    assert "keeps its two latest checkpoints (steps 0, 2)" in capsys.readouterr().err
     assert main(["stability", str(tmp_path / "nope")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a run directory"):

@@ -12,7 +12,7 @@ from scipy import stats
 from crossbar import (AnalogTile, TileConfig, TransferParameters, UpdateParameters, expected_counts, perfect_io,
                       plan_pulses, sample_counts_per_sample)
 from crossbar.update import deterministic_counts_per_sample
-from devices import SoftBoundsDevice
+from devices import ConstantStepDevice, SoftBoundsDevice
 
 from _shared import REFERENCE as SHARED_REFERENCE
 
@@ -300,3 +300,23 @@ def test_exact_mode_matches_the_per_sample_loop_in_distribution():
     se = np.sqrt((new.var(0) + old.var(0)) / len(new))
     assert (np.abs(new.mean(0) - old.mean(0)) / se).max() < 4.0
     assert 0.85 < float(np.median(new.std(0) / old.std(0))) < 1.15
+def test_lifetime_and_diffusion_act_once_per_update():
+    """aihwkit's post-update step: w ← b + (w − b)(1 − 1/lifetime) and w += diffusion·ξ after every
+    mini-batch update (here: every apply_update, even one that sends no pulse)."""
+    common = dict(dw_min_dtod=0.0, up_down_dtod=0.0, w_max_dtod=0.0, w_min_dtod=0.0, w_max=1.0, w_min=-1.0)
+    decaying = ConstantStepDevice(lifetime=10.0, lifetime_dtod=0.0, reset=0.1, reset_dtod=0.0, **common)
+    cfg = TileConfig(device=decaying.to_dict(), forward=perfect_io(), backward=perfect_io())
+    tile = AnalogTile(cfg, 3, 5, _gen(0))
+    tile.program(torch.full((3, 5), 0.5))
+    for _ in range(7):
+        tile.apply_update(torch.zeros(2, 5), torch.zeros(2, 3), 0.0)
+    torch.testing.assert_close(tile.weight, torch.full((3, 5), 0.1 + 0.4 * 0.9 ** 7))
+
+    diffusing = ConstantStepDevice(diffusion=0.01, diffusion_dtod=0.0, **common)
+    cfg = TileConfig(device=diffusing.to_dict(), forward=perfect_io(), backward=perfect_io())
+    tile = AnalogTile(cfg, 40, 50, _gen(1))
+    tile.program(torch.zeros(40, 50))
+    for _ in range(25):
+        tile.apply_update(torch.zeros(2, 50), torch.zeros(2, 40), 0.0)
+    assert float(tile.weight.mean()).__abs__() < 0.003
+    assert float(tile.weight.std()) == pytest.approx(0.01 * 25 ** 0.5, rel=0.05)

@@ -221,7 +221,7 @@ def test_config_from_aihwkit_params_and_class_names():
 
 
 def test_to_and_from_aihwkit_round_trip():
-    pytest.importorskip("aihwkit")
+    pytest.importorskip("aihwkit.simulator.configs", exc_type=ImportError)  # its C++ core may not load
     from devices.aihwkit_compat import from_aihwkit, to_aihwkit
 
     for name in preset_names():

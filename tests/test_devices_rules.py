@@ -170,7 +170,13 @@ def test_multi_pulse_call_equals_pulse_by_pulse():
     ({"model": "exp_step"}, 0.3, 15, 2),
     ({"model": "pow_step", "pow_gamma": 2.0}, -0.3, 8, 25),
     ({"model": "soft_bounds_reference", "mult_noise": False, "dw_min_std": 2.0, "write_noise_std": 5.0}, 0.1, 20, 20),
-], ids=["soft_bounds", "linear_step", "exp_step", "pow_step", "sbref_additive"])
+    # without device-to-device spread the spread of Δw is the cycle-to-cycle noise alone
+    ({"model": "constant_step", "up_down": 0.2, **NO_D2D}, 0.0, 30, 12),
+    ({"model": "soft_bounds", "dw_min": 0.002, **NO_D2D}, 0.0, 40, 10),
+    ({"model": "pow_step", "pow_gamma": 2.0, "pow_gamma_dtod": 0.0, **NO_D2D}, -0.3, 8, 25),
+    ({"model": "exp_step", "dw_min_std_add": 0.0005, "dw_min_std_slope": 0.002, **NO_D2D}, 0.1, 30, 30),
+], ids=["soft_bounds", "linear_step", "exp_step", "pow_step", "sbref_additive", "constant_c2c", "soft_bounds_c2c",
+        "pow_step_c2c", "exp_step_add_slope_c2c"])
 def test_integrated_n_pulse_response_matches_interleaved_pulses(data, w0, n_up, n_down):
     """`apply_pulses_integrated` (what the crossbar's fast mode uses for large counts) against the
     same pulses applied one by one in a random interleaving per device, which it follows."""

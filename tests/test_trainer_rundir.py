@@ -47,6 +47,12 @@ def test_two_latest_checkpoints_kept_and_corrupt_latest_falls_back(tmp_path, cap
     assert "last.pt" in caplog.text and "previous" in caplog.text
     with pytest.raises(CorruptCheckpointError, match="last.pt"):
         load_checkpoint(rd.latest_checkpoint_path)
+    # resuming from the previous one: the next save replaces the corrupt file, the good one stays
+    rd.save_checkpoint({"step": 4, "paths": {}})
+    assert load_checkpoint(rd.latest_checkpoint_path)["step"] == 4
+    assert load_checkpoint(rd.previous_checkpoint_path)["step"] == 2
+    rd.latest_checkpoint_path.write_bytes(data[: len(data) // 2])
+    rd = RunDirectory(rd.path)
     with pytest.raises(ValueError, match="previous.pt may be used"):
         rd.load_checkpoint(fallback=False)
     rd.previous_checkpoint_path.write_bytes(b"garbage")

@@ -24,14 +24,22 @@ with a warning naming the file.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-__all__ = ["RunDirectory", "atomic_write", "atomic_write_json", "fsync_dir"]
+__all__ = ["RunDirectory", "RunLock", "RunLockedError", "atomic_write", "atomic_write_json", "fsync_dir", "provenance",
+           "check_out_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +111,15 @@ class RunDirectory:
     CONDUCTANCES = "conductances.pt"
     PLOTS = "plots"
     REPORT = "report.md"
+    TILE = "tile.toml"
+    PROVENANCE = "provenance.json"
+    LOCK = ".lock"
     #: files whose presence marks a folder as a run
     MARKERS = (CONFIG, METRICS, CHECKPOINTS)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._unreadable: set[Path] = set()  # checkpoint files found corrupt by `load_checkpoint`
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
@@ -143,6 +155,14 @@ class RunDirectory:
     @property
     def conductances_path(self) -> Path:
         return self.path / self.CONDUCTANCES
+
+    @property
+    def tile_path(self) -> Path:
+        return self.path / self.TILE
+
+    @property
+    def provenance_path(self) -> Path:
+        return self.path / self.PROVENANCE
 
     @property
     def plots_dir(self) -> Path:
@@ -201,6 +221,37 @@ class RunDirectory:
     def write_tokenizer(self, tokenizer: Any) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         return atomic_write(self.tokenizer_path, lambda fh: _save_via_path(tokenizer, fh), binary=True)
+
+    # ------------------------------------------------------------------ the run's own device
+    def write_tile_config(self, tile: Any) -> Path:
+        """Save the resolved tile configuration (device, periphery, update, algorithm) the run
+        trains with, so that the run never depends on the file or preset it came from. The
+        round trip is checked: what is read back equals `tile`."""
+        import tomli_w
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.tile_path, tomli_w.dumps({"tile": tile.to_dict()}))
+        if self.tile_config() != tile:
+            raise RuntimeError(f"{self.tile_path}: the saved tile configuration does not read back equal")
+        return self.tile_path
+
+    def tile_config(self):
+        """The run's own resolved `TileConfig` (`tile.toml`), or None for a run without an analog
+        path (or one written before runs kept their own copy)."""
+        from crossbar import load_tile_config
+
+        if not self.tile_path.is_file():
+            return None
+        return load_tile_config(self.tile_path)
+
+    def read_provenance(self) -> dict[str, Any]:
+        if not self.provenance_path.is_file():
+            return {}
+        return json.loads(self.provenance_path.read_text())
+
+    def write_provenance(self, data: Mapping[str, Any]) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return atomic_write_json(self.provenance_path, dict(data))
 
     # ------------------------------------------------------------------ summary and events
     def read_summary(self) -> dict[str, Any]:
@@ -279,8 +330,9 @@ class RunDirectory:
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         latest = self.latest_checkpoint_path
-        if latest.is_file():
+        if latest.is_file() and latest not in self._unreadable:  # a corrupt latest never displaces a good previous
             os.replace(latest, self.previous_checkpoint_path)
+        self._unreadable.discard(latest)
         return save_checkpoint(latest, payload)
 
     def load_checkpoint(self, *, fallback: bool = True) -> tuple[dict[str, Any], Path]:
@@ -298,6 +350,7 @@ class RunDirectory:
                 payload = load_checkpoint(f)
             except CorruptCheckpointError as exc:
                 errors.append(str(exc))
+                self._unreadable.add(f)
                 if not fallback:
                     raise ValueError(f"{exc}; the previous checkpoint "
                                      + (f"{files[1]} may be used instead" if len(files) > 1 else "does not exist")) from exc
@@ -339,3 +392,218 @@ def _save_via_path(obj: Any, fh: Any) -> None:
         p = Path(d) / "obj"
         obj.save(p)
         fh.write(p.read_bytes())
+
+
+# ---------------------------------------------------------------------------------- locking
+class RunLockedError(RuntimeError):
+    """Another live process holds the run's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder: `<folder>/.lock` holding the holder's pid, locked with
+    `fcntl.flock` (released by the kernel when the holder dies, so a stale file never blocks)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / RunDirectory.LOCK
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLockedError(f"{self.folder} is in use by process {holder_pid(self.folder) or '?'} "
+                                     f"(lock file {self.path}); wait for it to finish or stop it") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def moved_to(self, folder: str | Path) -> None:
+        """The locked folder was renamed (the open lock stays held)."""
+        self.folder = Path(folder)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def holder_pid(folder: str | Path) -> int | None:
+    try:
+        return int((Path(folder) / RunDirectory.LOCK).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_locked(folder: str | Path) -> bool:
+    path = Path(folder) / RunDirectory.LOCK
+    if not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------------------------- creation
+def check_out_dir(path: str | Path, *, flag: str = "--out") -> Path:
+    """Check that `path` can become a new output folder: it does not exist (or is an empty
+    folder) and its nearest existing ancestor is a folder. Raises `ValueError` saying why not;
+    writes nothing."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ValueError(f"{flag} {path}: exists and is not a directory")
+        if any(path.iterdir()):
+            if RunDirectory(path).is_run():
+                raise ValueError(f"{flag} {path}: already holds a run: resume it with --resume, or choose another {flag}")
+            raise ValueError(f"{flag} {path}: is an existing directory with other files in it; "
+                             f"choose a new directory (nothing was written)")
+        return path
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: cannot write into {parent} (permission denied)")
+            break
+    return path
+
+
+class Staging:
+    """A new run is built in a hidden sibling folder `.<name>.staging` (locked) and renamed to its
+    name once it is valid (`commit`); `discard` removes it and any parent folders it created. A
+    second process staging the same name is refused naming the holder's pid; a stale staging
+    folder (its process gone) is removed."""
+
+    def __init__(self, target: str | Path):
+        self.target = Path(target)
+        self.folder = self.target.parent / f".{self.target.name}.staging"
+        self.lock = RunLock(self.folder)
+        self._created: Path | None = None  # the topmost parent folder this object created
+
+    def __enter__(self) -> "Staging":
+        missing = [p for p in self.target.parents if not p.exists()]
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._created = missing[-1] if missing else None
+        for _ in range(2):
+            try:
+                self.folder.mkdir()
+                break
+            except FileExistsError:
+                if is_locked(self.folder):
+                    raise RunLockedError(f"{self.target} is being created by process {holder_pid(self.folder) or '?'} "
+                                         f"(staging folder {self.folder})") from None
+                logger.warning("removing a stale staging folder %s (its process is gone)", self.folder)
+                shutil.rmtree(self.folder, ignore_errors=True)
+        else:
+            raise RunLockedError(f"cannot create the staging folder {self.folder}")
+        self.lock.acquire()
+        return self
+
+    def commit(self) -> Path:
+        """Rename the staging folder to the target (an empty target folder is replaced)."""
+        if self.target.exists():
+            if not self.target.is_dir() or any(self.target.iterdir()):
+                raise ValueError(f"{self.target} appeared while the run was being created; the run is in {self.folder}")
+            self.target.rmdir()
+        os.rename(self.folder, self.target)
+        fsync_dir(self.target.parent)
+        self.lock.moved_to(self.target)
+        self.folder = self.target
+        self._created = None
+        return self.target
+
+    def discard(self) -> None:
+        self.lock.release()
+        if self.folder != self.target:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+            self._created = None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+
+
+# ---------------------------------------------------------------------------------- provenance
+def _git_commit(root: Path) -> tuple[str | None, bool | None]:
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return commit or None, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ept-hw")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def provenance(cfg: Any, *, tile: Any = None, argv: list[str] | None = None) -> dict[str, Any]:
+    """Where a run came from: package version, git commit (if the code is a git checkout), torch
+    and Python versions, the command line, the seed, the start time (UTC), the hash of the
+    resolved configuration and, on an analog run, of the resolved tile and the device file's."""
+    import torch
+
+    from ept_hw.config import config_hash
+
+    commit, dirty = _git_commit(Path(__file__).resolve().parents[1])
+    out: dict[str, Any] = {
+        "package": "ept-hw",
+        "package_version": package_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch_version": torch.__version__,
+        "python_version": sys.version.split()[0],
+        "command_line": list(sys.argv if argv is None else argv),
+        "working_directory": os.getcwd(),
+        "seed": getattr(cfg, "seed", None),
+        "start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config_hash(cfg),
+    }
+    if tile is not None:
+        out["tile_hash"] = config_hash(tile)
+        device = getattr(getattr(cfg, "analog", None), "device", None)
+        source: dict[str, Any] = {"as_given": device}
+        if device is not None and Path(device).is_file():
+            source.update(path=str(Path(device).resolve()), sha256=file_sha256(device))
+        else:
+            source["preset"] = device
+        out["device_source"] = source
+    return out

@@ -81,9 +81,7 @@ def stability_of_run(
     """Stability figures of every EP path of a run (library function behind the command)."""
     import torch
 
-    from ept_hw.stability import (attention_knockout, detect_limit_cycle, find_operating_point,
-                                  leading_eigenvalues)
-    from ept_hw.relaxation import one_step_residual
+    from ept_hw.stability import attention_knockout, detect_limit_cycle, eigenvalues_at_worst, find_operating_point
     from trainer.data import sample_batch
 
     if samples < 1:
@@ -100,18 +98,14 @@ def stability_of_run(
     out: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint_step": step, "samples": samples, "paths": {}}
     for name, path in paths.items():
         tp = time.perf_counter()
-        model = path._shadow_model()  # analog: a digital copy programmed from the read-out weights
+        model = path.readout_model()  # analog: a digital copy programmed from the read-out weights
         with torch.no_grad():
             x_in = model.embed(idx)
         force = lambda z, x=x_in: model.force(z, x)  # noqa: E731
         op = find_operating_point(force, x_in, solver, long_steps=max(solver.max_steps, steps),
                                   search_unstable=search)
-        with torch.no_grad():
-            res = one_step_residual(op.z, force(op.z), solver.eps)
-        b = int(torch.argmax(res))
-        xb = x_in[b : b + 1]
-        eig = leading_eigenvalues(lambda z: model.force(z, xb), op.z[b : b + 1], solver.eps, k=2, tol=1e-4, ncv=12,
-                                  maxiter=1000, generator=torch.Generator().manual_seed(cfg.seed + 11))
+        b, res, eig = eigenvalues_at_worst(model, x_in, op.z, solver.eps, k=2, tol=1e-4, ncv=12, maxiter=1000,
+                                           generator=torch.Generator().manual_seed(cfg.seed + 11))
         cyc = detect_limit_cycle(force, x_in, eps=solver.eps, n_steps=steps, tol=solver.tol)
         knock = attention_knockout(model, idx, tuple(alphas), eps=solver.eps, n_steps=steps, tol=solver.tol)
         out["paths"][name] = {
