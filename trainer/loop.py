@@ -52,7 +52,7 @@ from ept_hw.projection import digital_factory
 from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TokenData, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
 from .metrics import PATH_KEYS, empty_row
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
@@ -426,6 +426,7 @@ def _start(r: _Run) -> None:
         "val_tokens": int(data.val.numel()),
         "vocab_size": data.vocab_size,
         "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+        "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
         "physics": physics_notes(cfg),
         "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
     })
