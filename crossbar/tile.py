@@ -269,8 +269,13 @@ class AnalogTile:
         return self.read(self.slot.weights.T, ds, self.config.backward)
 
     # ------------------------------------------------------------------ updates
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
-        """W <- W − lr·Σ delta uᵀ over every leading dimension (in expectation for pulsed devices)."""
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
+        """W <- W − lr·Σ delta uᵀ over every leading dimension (in expectation for pulsed devices).
+
+        `task_rows`: how many of the leading rows (after flattening) are the task's input vectors,
+        which is what aihwkit's `transfer_every` counts (EP: the tokens of the task ports;
+        stabiliser rows appended after them update the weights but do not change the transfer
+        rate). Default: every row."""
         if u.shape[-1] != self.in_features or delta.shape[-1] != self.out_features or u.shape[:-1] != delta.shape[:-1]:
             raise ValueError(f"apply_update: u {tuple(u.shape)} and delta {tuple(delta.shape)} do not fit a "
                              f"({self.out_features}, {self.in_features}) tile with shared leading dimensions")
@@ -280,7 +285,8 @@ class AnalogTile:
         # the mapping scale s: ΔW_dev = ΔW / s, row by row -> fold 1/s into delta
         d = (delta.detach().reshape(-1, self.out_features).to(device=self.device, dtype=torch.float32)
              / self.scale.squeeze(1))
-        self.algorithm.update(x, d, lr)
+        n_vectors = x.shape[0] if task_rows is None else max(0, min(int(task_rows), x.shape[0]))
+        self.algorithm.update(x, d, lr, n_vectors)
         self.n_updates += 1
         self._after_update()
 
