@@ -1,16 +1,27 @@
 """Fit a device config to measured up/down pulse traces (scipy.optimize), and read/write trace CSVs.
 
-Trace CSV: header `trace,pulse,direction,value`. Within a trace, rows are consecutive pulse
-numbers; `value` is the weight read after pulse `pulse`, whose direction is +1/up or −1/down.
-Pulse 0 (any direction, conventionally 0) may hold the initial read. Values are weights, or
-conductances mapped linearly from [g_min, g_max] onto [−1, 1] when both are given.
+Trace CSV (UTF-8, a byte-order mark is accepted): header `trace,pulse,direction,value`. Within a
+trace, rows are consecutive row numbers `pulse`; `value` is the weight read after that row's
+pulse, whose direction is +1/up or −1/down; direction 0 is a read without a pulse (the initial
+read, or a repeated read of the same state, from which the read noise is measured). Values are
+weights, or conductances mapped linearly from [g_min, g_max] onto [−1, 1] when both are given;
+conductances without a range (values that are not weights: all within (0, 0.01], or any beyond
+±10) and values outside the given range (by more than `RANGE_SLACK` of it) are refused.
 
 Method. The fitted device is one nominal device (every *_dtod = 0; the d2d spreads are not
 identifiable from one device and are left for the user to set). Its noise-free step f(w; θ) is
 fitted to the measured one-step changes Δw_k = w_k − w_{k−1} given the measured w_{k−1}
 (`scipy.optimize.least_squares`), which is the unbiased regression for a Markov chain with
 zero-mean cycle-to-cycle noise; the hard bounds enter through clipping. The c2c noise
-`dw_min_std` is then estimated from the residuals (multiplicative form: σ̂² = Σr²/Σf²).
+`dw_min_std` is then estimated from the residuals (multiplicative form: σ̂² = Σr²/Σf²). Read noise
+(independent per read, σ_r) adds 2σ_r² to every one-step residual; when the traces hold repeated
+reads (direction 0 after a read), σ_r² = mean(Δ²)/2 over those pairs and the c2c estimate becomes
+σ̂² = (Σr² − 2nσ_r²)/Σf². Without repeated reads, `dw_min_std` includes any read noise (an upper
+bound), and the result says so.
+
+Refusals (`FitRefused`, a ValueError): traces with no pulse response (the mean step after up
+pulses not positive, or after down pulses not negative, by 3 standard errors), and a fit whose
+trajectory error exceeds `MAX_TRAJECTORY_RMS` of (w_max − w_min).
 Identifiable in ExpStep are only A_up·e^{γ_up b}, A_down·e^{−γ_down b} and γ·a/(w_max − w_min);
 we report them with a = 1, b = 0.
 
@@ -42,11 +53,20 @@ from ept_hw.config import check_choice
 from .array import DeviceArray
 from .configs import DeviceConfig, device_from_dict
 
-__all__ = ["Trace", "FitResult", "FIT_MODELS", "read_traces", "write_traces", "generate_traces",
-           "fit_device", "neurosim_label", "fit_nonlinearity"]
+__all__ = ["Trace", "FitResult", "FitRefused", "FIT_MODELS", "MAX_TRAJECTORY_RMS", "RANGE_SLACK", "read_traces",
+           "write_traces", "generate_traces", "fit_device", "neurosim_label", "fit_nonlinearity"]
 
 FIT_MODELS = ("soft_bounds", "linear_step", "exp_step", "pow_step")
 _NO_D2D = {"dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0, "w_min_dtod": 0.0}
+#: the largest trajectory error accepted, relative to (w_max - w_min): beyond it the model does not
+#: describe the traces (a fit of pure noise gives several times the range)
+MAX_TRAJECTORY_RMS = 0.25
+#: conductances may exceed [g_min, g_max] by this fraction of (g_max - g_min) (read noise at the bounds)
+RANGE_SLACK = 0.05
+
+
+class FitRefused(ValueError):
+    """Traces that cannot be fitted (the message says why)."""
 
 
 @dataclass
@@ -80,7 +100,7 @@ def read_traces(path: str | Path, g_min: float | None = None, g_max: float | Non
     if g_min is not None and not g_max > g_min:
         raise ValueError(f"g_max ({g_max}) must be larger than g_min ({g_min})")
     rows: dict[str, list[tuple[int, int, float]]] = {}
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -106,8 +126,6 @@ def read_traces(path: str | Path, g_min: float | None = None, g_max: float | Non
             if not math.isfinite(value):
                 raise ValueError(f"{where}: value {value_s!r} is not finite")
             direction = _parse_direction(dir_s, where)
-            if direction == 0 and pulse != 0:
-                raise ValueError(f"{where}: direction 0 is only allowed for pulse 0 (the initial read)")
             rows.setdefault(name.strip(), []).append((pulse, direction, value))
     if not rows:
         raise ValueError(f"{path}: no data rows")
@@ -122,7 +140,17 @@ def read_traces(path: str | Path, g_min: float | None = None, g_max: float | Non
             raise ValueError(f"{path}: trace {name!r} pulses are not consecutive ({pulses[bad]} then {pulses[bad + 1]})")
         values = np.array([v for _, _, v in items], dtype=np.float64)
         if g_min is not None:
+            lo, hi = g_min - RANGE_SLACK * (g_max - g_min), g_max + RANGE_SLACK * (g_max - g_min)
+            out = (values < lo) | (values > hi)
+            if out.any():
+                raise FitRefused(
+                    f"{path}: trace {name!r} has {int(out.sum())} values outside --g-min/--g-max [{g_min:g}, {g_max:g}] "
+                    f"(they span [{values.min():g}, {values.max():g}]); give the range the conductances were measured in")
             values = 2.0 * (values - g_min) / (g_max - g_min) - 1.0
+        elif values.max() > 10.0 or values.min() < -10.0 or (values.min() > 0.0 and values.max() <= 1e-2):
+            raise FitRefused(
+                f"{path}: trace {name!r} values span [{values.min():g}, {values.max():g}]: these look like conductances, "
+                "not weights; give --g-min and --g-max (the conductances mapped to weights -1 and +1)")
         traces.append(Trace(name, np.array([d for _, d, _ in items]), values))
     return traces
 
@@ -257,13 +285,15 @@ def fit_nonlinearity(traces: list[Trace]) -> tuple[float, float]:
     """(LTP label, LTD label) from the longest monotone up and down segments of the traces."""
     ups, downs = [], []
     for tr in traces:
-        d = tr.direction
+        keep = tr.direction != 0
+        keep[0] = True  # repeated reads (direction 0) do not split a monotone segment
+        d, values = tr.direction[keep], tr.values[keep]
         k = 1
         while k < len(d):
             j = k
             while j + 1 < len(d) and d[j + 1] == d[k]:
                 j += 1
-            seg = tr.values[k - 1:j + 1]           # read before the segment, then after each pulse
+            seg = values[k - 1:j + 1]           # read before the segment, then after each pulse
             if len(seg) >= 5:
                 (ups if d[k] > 0 else downs).append(seg)
             k = j + 1
@@ -308,6 +338,7 @@ class FitResult:
     nonlinearity_ltd: float
     n_pulses: int
     extra: dict[str, Any] = field(default_factory=dict)
+    read_noise: float | None = None  # std of one read (weight units), from repeated reads; None: none in the traces
 
 
 def _initial(model: str, w: np.ndarray, dw: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -334,6 +365,9 @@ def _simulate(model: _Model, th, traces: list[Trace]) -> list[np.ndarray]:
         w[0] = tr.values[0]
         ups = tr.direction > 0
         for k in range(1, len(w)):
+            if tr.direction[k] == 0:  # a read without a pulse
+                w[k] = w[k - 1]
+                continue
             w[k] = min(max(w[k - 1] + float(model.step(th, np.array(w[k - 1]), np.array(ups[k]))), wmin), wmax)
         out.append(w)
     return out
@@ -344,12 +378,17 @@ def fit_device(traces: list[Trace], model: str) -> FitResult:
     check_choice("model", model, FIT_MODELS)
     if not traces:
         raise ValueError("no traces to fit")
-    w_prev = np.concatenate([t.values[:-1] for t in traces])
-    w_next = np.concatenate([t.values[1:] for t in traces])
-    up = np.concatenate([t.direction[1:] > 0 for t in traces])
+    w_prev_all = np.concatenate([t.values[:-1] for t in traces])
+    w_next_all = np.concatenate([t.values[1:] for t in traces])
+    d_all = np.concatenate([t.direction[1:] for t in traces])
+    pulsed = d_all != 0
+    repeat = w_next_all[~pulsed] - w_prev_all[~pulsed]
+    read_noise = float(np.sqrt(np.mean(repeat ** 2) / 2.0)) if repeat.size >= 2 else None
+    w_prev, w_next, up = w_prev_all[pulsed], w_next_all[pulsed], d_all[pulsed] > 0
     dw = w_next - w_prev
     if up.all() or (~up).all():
-        raise ValueError("the traces need both up and down pulses to fit up and down steps")
+        raise FitRefused("the traces need both up and down pulses to fit up and down steps")
+    _check_response(dw, up)
     m = MODELS[model]
     scale = float(np.mean(np.abs(dw))) or 1.0
     # A hard bound the traces ran into shows as the same read repeated (no read noise): it is
@@ -393,13 +432,33 @@ def fit_device(traces: list[Trace], model: str) -> FitResult:
     pred = np.clip(w_prev + f, th[-1], th[-2]) - w_prev
     r = dw - pred
     inside = (w_next > th[-1] + 1e-12) & (w_next < th[-2] - 1e-12) & (np.abs(f) > 0)
-    sigma = float(np.sqrt(np.sum(r[inside] ** 2) / np.sum(f[inside] ** 2))) if inside.any() else 0.0
-    config = _to_config(model, _split(th), sigma)
+    sigma = 0.0
+    if inside.any():
+        excess = float(np.sum(r[inside] ** 2)) - (2.0 * read_noise ** 2 * int(inside.sum()) if read_noise else 0.0)
+        sigma = float(np.sqrt(max(excess, 0.0) / np.sum(f[inside] ** 2)))
     sims = _simulate(m, th, traces)
     span = th[-2] - th[-1]
     traj = float(np.sqrt(np.mean(np.concatenate([(s - t.values) ** 2 for s, t in zip(sims, traces)])))) / span
+    if not traj <= MAX_TRAJECTORY_RMS:
+        raise FitRefused(f"the {model} fit does not describe the traces: trajectory error {traj:.3g} of (w_max - w_min), "
+                         f"above the bound {MAX_TRAJECTORY_RMS}; try another --model or check the data")
+    config = _to_config(model, _split(th), sigma)
     ltp, ltd = fit_nonlinearity(traces)
     return FitResult(model=model, config=config, params=dict(zip(m.names, _split(th))), dw_min_std=sigma,
                      step_rms=float(np.sqrt(np.mean(r ** 2))) / float(np.mean(np.abs(pred)) or 1.0),
                      trajectory_rms=traj, nonlinearity_ltp=ltp, nonlinearity_ltd=ltd, n_pulses=len(dw),
-                     extra={"bounds_seen": {"w_max": (n_par - 2) in fixed, "w_min": (n_par - 1) in fixed}})
+                     extra={"bounds_seen": {"w_max": (n_par - 2) in fixed, "w_min": (n_par - 1) in fixed},
+                            "repeated_reads": int(repeat.size)},
+                     read_noise=read_noise)
+
+
+def _check_response(dw: np.ndarray, up: np.ndarray) -> None:
+    """Refuse traces whose mean step does not follow the pulses (3 standard errors)."""
+    for mask, sign, what in ((up, 1.0, "up"), (~up, -1.0, "down")):
+        steps = dw[mask]
+        mean = float(np.mean(steps))
+        se = float(np.std(steps) / math.sqrt(len(steps))) if len(steps) > 1 else math.inf
+        if not sign * mean > 3.0 * se:
+            raise FitRefused(f"no pulse response: the mean change after {what} pulses is {mean:+.3g} "
+                             f"(standard error {se:.2g}, {len(steps)} pulses), not {'positive' if sign > 0 else 'negative'}; "
+                             "the traces show no device to fit")

@@ -8,7 +8,9 @@ Conventions
 - `from_dict` refuses unknown keys (a silently ignored key is a classic trap: torchdeq issue 12)
   and coerces ints to floats where a float is declared. Range checks live in each dataclass's
   `__post_init__` and use `check_range` / `check_choice` so every message has the same shape:
-  the key, the value and the allowed range.
+  the key, the value and the allowed range. `from_dict` re-keys a dataclass's own check by the
+  full dotted path of the table it loaded (a bad `floor` in `[stabilisers.jacreg]` is reported as
+  `stabilisers.jacreg.floor`, whatever name the check used).
 - TOML has no null: `to_dict` drops `None` values, and loading leaves those fields at their
   defaults.
 """
@@ -157,7 +159,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if key not in fields:
             raise ConfigError(prefix + key, value, f"a key of {cls.__name__}: " + ", ".join(sorted(fields)))
         kwargs[key] = _coerce(prefix + key, hints[key], value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise _located(exc, fields, prefix) from None
+
+
+def _located(exc: ConfigError, fields: Iterable[str], prefix: str) -> ConfigError:
+    """The error of a dataclass's own check, keyed by its full dotted path in the loaded tree.
+
+    A dataclass names the field it checks (`heads`, or a qualified name such as
+    `controller.floor`); only `from_dict` knows where that dataclass sits (`model.`,
+    `stabilisers.jacreg.`), so the key is rebuilt here from the field's name and the prefix.
+    A key that is not one of the dataclass's fields (a cross-field check) is left as it is.
+    """
+    field = exc.key.rsplit(".", 1)[-1].split("[", 1)[0]
+    if not prefix or field not in fields or exc.key.startswith(prefix):
+        return exc
+    return ConfigError(prefix + exc.key.rsplit(".", 1)[-1], exc.value, exc.allowed)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """EP gradient estimators (force form, SCIENCE §3) behind one interface.
 
-An estimator maps (model, token ids, targets) to a `GradientResult`: per projection the port
+An estimator (`GradientEstimator`) maps (model, token ids, targets) to a `GradientResult`: per projection the port
 quantities (u, δ) whose outer product δ uᵀ is its update, gradients of the digital parameters, the
 adjoint estimate a, the free-phase `RelaxResult`, the loss and diagnostics. The exact references in
 `ept_hw.references` return the same type, so every comparison is `compare_gradients(est, ref)`.
@@ -53,7 +53,7 @@ from torch import Tensor
 from .config import ConfigError, check_choice, check_positive_int, check_range
 from .model import EquilibriumTransformer
 from .ops import PortRecorder, outer_product_sum
-from .relaxation import RelaxResult, SolverConfig, one_step_residual, relax
+from .relaxation import RelaxResult, SolverConfig, StopRule, one_step_residual, relax
 
 __all__ = [
     "EstimatorConfig",
@@ -126,8 +126,9 @@ def nudge_betas(cfg: EstimatorConfig) -> tuple[list[complex], list[complex]]:
 class GradientResult:
     """Gradient of the mean CE in the per-group layout shared by estimators and references.
 
-    `ports[name] = (u, δ)` for a single read at z* (EP, implicit reference; empty for BPTT, whose
-    projections are read at every step); `weight_grads[name] = Σ δ uᵀ` always.
+    `ports[name] = (u, δ)` for a single read at z* (EP, implicit reference); `bptt_gradient`
+    leaves them empty (its projections are read at every step) and `BPTTReference` fills them in
+    dense port form; `weight_grads[name] = Σ δ uᵀ` always.
     """
 
     ports: dict[str, tuple[Tensor, Tensor]]
@@ -149,9 +150,19 @@ class GradientResult:
 
 
 class GradientEstimator(Protocol):
-    """Scellier's pattern: every estimator and reference computes a `GradientResult`."""
+    """What a training path holds to turn a batch into a gradient (Scellier's pattern): EP
+    (`EPEstimator`), the implicit reference (`references.ImplicitReference`) and BPTT
+    (`references.BPTTReference`) all compute a `GradientResult` whose `ports` carry the update in
+    port form (u, δ), so any of them trains a path through `Projection.apply_update`.
 
-    def compute(self, model: EquilibriumTransformer, idx: Tensor, targets: Tensor) -> GradientResult: ...
+    `phases` is the number K of stacked nudged phases whose reads a common-random-numbers wrapper
+    splits into blocks of the batch (1 where the estimator has no nudged phases)."""
+
+    phases: int
+
+    def compute(
+        self, model: EquilibriumTransformer, idx: Tensor, targets: Tensor, *, free: RelaxResult | None = None
+    ) -> GradientResult: ...
 
 
 def compare_gradients(est: GradientResult | dict[str, Tensor], ref: GradientResult | dict[str, Tensor]) -> dict[str, tuple[float, float]]:
@@ -179,11 +190,14 @@ def _cos_ratio(x: Tensor, y: Tensor) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- shared pieces
-def free_phase(model: EquilibriumTransformer, idx: Tensor, solver: SolverConfig) -> tuple[Tensor, RelaxResult]:
-    """x_in and the free-phase relaxation from z = x_in."""
+def free_phase(
+    model: EquilibriumTransformer, idx: Tensor, solver: SolverConfig, stop: StopRule | None = None
+) -> tuple[Tensor, RelaxResult]:
+    """x_in and the free-phase relaxation from z = x_in (`relax` with the solver and stop rule):
+    the one place a free phase is run, by estimators, references and training paths alike."""
     x_in = model.embed(idx)
     with torch.no_grad():
-        result = relax(lambda z: model.force(z, x_in), x_in, solver)
+        result = relax(lambda z: model.force(z, x_in), x_in, solver, stop=stop)
     return x_in, result
 
 
@@ -291,6 +305,11 @@ class EPEstimator:
         self.cfg = cfg or EstimatorConfig()
         self.solver = solver or SolverConfig(min_steps=150, tol=1e-4, max_steps=300)
 
+    @property
+    def phases(self) -> int:
+        """K, the nudged phases run in lockstep as one stacked batch of K·B states."""
+        return len(nudge_betas(self.cfg)[0])
+
     def compute(
         self,
         model: EquilibriumTransformer,
@@ -302,10 +321,10 @@ class EPEstimator:
         """Estimate the gradient; `free` reuses a free phase already run from x_in = model.embed(idx)."""
         model._check_targets(model.embed(idx), targets)
         t0 = time.perf_counter()
-        x_in = model.embed(idx)
         if free is None:
-            with torch.no_grad():
-                free = relax(lambda z: model.force(z, x_in), x_in, self.solver)
+            x_in, free = free_phase(model, idx, self.solver)
+        else:
+            x_in = model.embed(idx)
         t_free = time.perf_counter() - t0
         z_star = free.z.detach()
         model.check_state(z_star, "free-phase state z*", finite=True)

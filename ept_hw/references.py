@@ -21,12 +21,12 @@ import scipy.sparse.linalg as spla
 import torch
 from torch import Tensor
 
-from .estimators import GradientResult, _result_from_adjoint
+from .estimators import GradientResult, _result_from_adjoint, free_phase
 from .model import EquilibriumTransformer
 from .ops import PortRecorder
-from .relaxation import RelaxResult, SolverConfig, relax
+from .relaxation import RelaxResult, SolverConfig
 
-__all__ = ["ImplicitReference", "BPTTReference", "implicit_gradient", "bptt_gradient", "solve_adjoint"]
+__all__ = ["ImplicitReference", "BPTTReference", "implicit_gradient", "bptt_gradient", "solve_adjoint", "dense_ports"]
 
 
 def solve_adjoint(
@@ -72,8 +72,7 @@ def implicit_gradient(
     model._check_targets(x_in, targets)
     t0 = time.perf_counter()
     if free is None:
-        with torch.no_grad():
-            free = relax(lambda z: model.force(z, x_in), x_in, solver)
+        x_in, free = free_phase(model, idx, solver)
     z_star = free.z.detach()
     model.check_state(z_star, "free-phase state z*", finite=True)
     with torch.no_grad():
@@ -116,8 +115,16 @@ def bptt_gradient(model: EquilibriumTransformer, idx: Tensor, targets: Tensor, s
     )
 
 
+def dense_ports(weight_grads: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Port form of dense weight gradients G: u = identity rows, δ = columns of G, so that
+    Σ δ uᵀ = G goes through the same `Projection.apply_update` as an EP update."""
+    return {name: (torch.eye(g.shape[1], dtype=g.dtype), g.T.contiguous()) for name, g in weight_grads.items()}
+
+
 class ImplicitReference:
-    """`GradientEstimator` face of `implicit_gradient`."""
+    """`GradientEstimator` face of `implicit_gradient` (ports: the single read at z*)."""
+
+    phases = 1
 
     def __init__(self, solver: SolverConfig, rtol: float = 1e-12):
         self.solver, self.rtol = solver, rtol
@@ -127,10 +134,16 @@ class ImplicitReference:
 
 
 class BPTTReference:
-    """`GradientEstimator` face of `bptt_gradient`."""
+    """`GradientEstimator` face of `bptt_gradient`: the dense weight gradients in port form
+    (`dense_ports`). It unrolls its own `steps` Euler steps from x_in; a free phase handed in is
+    not used (the path's free phase only gives the loss and residual figures)."""
+
+    phases = 1
 
     def __init__(self, steps: int, eps: float = 0.1):
         self.steps, self.eps = steps, eps
 
-    def compute(self, model: EquilibriumTransformer, idx: Tensor, targets: Tensor) -> GradientResult:
-        return bptt_gradient(model, idx, targets, self.steps, self.eps)
+    def compute(self, model: EquilibriumTransformer, idx: Tensor, targets: Tensor, *, free: RelaxResult | None = None) -> GradientResult:
+        res = bptt_gradient(model, idx, targets, self.steps, self.eps)
+        res.ports = dense_ports(res.weight_grads)
+        return res

@@ -1,7 +1,14 @@
 """The free phase: integrate dz/dt = F(z) (time in units of tau) to its fixed point.
 
-Three pluggable solvers behind one entry point, `relax`:
+One entry point, `relax(force, z0, cfg, *, stop=None) -> RelaxResult`, and a solver registry
+(`SOLVERS`: name -> `solver(force, z0, cfg, stop) -> RelaxResult`, per-sample residuals in the
+result). `SolverConfig.method` names the solver; a new solver is one function added to `SOLVERS`.
 
+Stop rules (`stop`), for the Euler solver (the circuit's own integrator):
+- `ResidualStop` (the default of every solver): the one-step residual below `tol` after `min_steps`.
+- `WindowStop(window, patience)`: the noise-aware stop of a circuit whose reads are noisy (below).
+
+Solvers:
 - ``"euler"``: explicit Euler z <- z + eps F(z), the reference of SCIENCE §2 (eps = 0.1).
 - ``"dopri5"``: adaptive embedded Runge-Kutta 5(4) of Dormand and Prince (FSAL), error control with
   rtol/atol. One step size is shared by the batch (the batch integrates one simulated time), but the
@@ -26,15 +33,32 @@ Where we differ from SCIENCE §2 / common practice (on purpose):
   size grows to the edge of the method's stability region and the state wanders at the level of
   rtol. Keep rtol about a decade below tol (defaults: rtol 1e-6, tol 1e-4); with rtol >= tol the
   residual can stall just above tol.
-- The state returned is the final iterate, not the lowest-residual one (EP needs the final one).
+- The state returned is the final iterate, not the lowest-residual one (EP needs the final one),
+  except under `WindowStop`, which returns the window mean (below).
+
+The noise-aware stop (`WindowStop`). On the analog path every force evaluation reads every
+projection once, with noise, so the one-step residual ‖εF(z)‖/‖z‖ cannot fall below a floor set by
+the read noise. Euler then stops on
+
+    res_W = ‖z_t − z_{t−W}‖ / (W ‖z̄‖)      per sample, z̄ the mean of the last W states,
+
+the residual of the time-averaged dynamics (z_t − z_{t−W} = ε Σ F over the window, so res_W is the
+one-step residual of the window-mean force; read noise averages down by √W while a true drift does
+not): converged when max_b res_W ≤ tol after `min_steps`, at the floor (`at_floor`) when res_W
+has not improved for `patience` steps, or at `max_steps`. The state returned is z̄ (a low-pass
+filtered read-out of the circuit, the best estimate of the fixed point under noise). The floor is
+measured at the end: two independent reads of F at z̄ give floor = ε‖F₁ − F₂‖/(√2‖z̄‖), the
+one-step residual that read noise alone produces (exactly 0 on a noise-free force). The
+result's `residual` is res_W, `residual_raw` the last one-step residual, `floor` the floor.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +68,10 @@ from ept_hw.config import ConfigError, check_choice, check_positive_int, check_r
 __all__ = [
     "SolverConfig",
     "RelaxResult",
+    "StopRule",
+    "ResidualStop",
+    "WindowStop",
+    "SOLVERS",
     "NotConvergedError",
     "NonFiniteStateError",
     "one_step_residual",
@@ -55,7 +83,6 @@ logger = logging.getLogger(__name__)
 
 Force = Callable[[Tensor], Tensor]
 
-METHODS = ("euler", "dopri5", "anderson")
 
 
 @dataclass(frozen=True)
@@ -74,7 +101,7 @@ class SolverConfig:
     check_every: int = 1  # evaluate the residual every k steps (Euler gets it for free)
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, tuple(SOLVERS))
         check_range("eps", self.eps, 0.0, None, lo_open=True)
         check_range("tol", self.tol, 0.0, None)
         check_positive_int("min_steps", self.min_steps, minimum=0)
@@ -104,6 +131,19 @@ class RelaxResult:
     trace_steps: Tensor | None = None  # (n_checks,) step index of each trace row
     notes: list[str] = field(default_factory=list)  # fallbacks, rejected steps, ...
     n_fallbacks: int = 0  # Anderson: sample-iterations that fell back to plain iteration
+    residual_raw: Tensor | None = None  # (B,) last one-step residual where `residual` is another (WindowStop)
+    floor: Tensor | None = None  # (B,) one-step residual of read noise alone (WindowStop), else None
+    at_floor: bool = False  # WindowStop: stopped because res_W stopped improving
+
+    @property
+    def residual_raw_max(self) -> float:
+        """Max over samples of the last one-step residual (read noise included under WindowStop)."""
+        return self.residual_max if self.residual_raw is None else float(self.residual_raw.max())
+
+    @property
+    def floor_max(self) -> float:
+        """Max over samples of the noise floor; 0 where none was measured."""
+        return 0.0 if self.floor is None else float(self.floor.max())
 
 
 class NotConvergedError(RuntimeError):
@@ -199,15 +239,19 @@ def relax(
     z0: Tensor,
     cfg: SolverConfig,
     *,
+    stop: "StopRule | None" = None,
     require_converged: bool = False,
     enable_grad: bool = False,
 ) -> RelaxResult:
-    """Integrate dz/dt = force(z) from z0 until the residual test passes or max_steps.
+    """Integrate dz/dt = force(z) from z0 with the solver `cfg.method` until its stop rule fires.
 
-    `force` maps a state of shape (B, ...) to a tensor of the same shape. Runs under
-    `torch.no_grad()` unless `enable_grad=True`. Non-convergence sets `converged=False` and logs a
-    warning; with `require_converged=True` it raises `NotConvergedError` (holding the result).
-    NaN/inf in the state or the force raises `NonFiniteStateError` at once.
+    `force` maps a state of shape (B, ...) to a tensor of the same shape. `stop` is the stop rule
+    (default `ResidualStop`: one-step residual <= tol after min_steps, or max_steps); a rule other
+    than `ResidualStop` needs the Euler solver. Runs under `torch.no_grad()` unless
+    `enable_grad=True`. Non-convergence sets `converged=False` and logs a warning (not at a
+    `WindowStop` noise floor, which is the expected end of a noisy relaxation); with
+    `require_converged=True` it raises `NotConvergedError` (holding the result). NaN/inf in the
+    state or the force raises `NonFiniteStateError` at once.
     """
     if not isinstance(cfg, SolverConfig):
         raise TypeError(f"cfg must be a SolverConfig, got {type(cfg).__name__}")
@@ -215,19 +259,18 @@ def relax(
         raise ValueError("z0 must be a tensor with a leading batch dimension (B, ...)")
     if not (z0.dtype.is_floating_point or z0.dtype.is_complex):
         raise ValueError(f"z0 must be a floating or complex tensor, got {z0.dtype}")
+    stop = stop if stop is not None else ResidualStop()
+    if not isinstance(stop, ResidualStop) and cfg.method != "euler":
+        raise ValueError(f"the stop rule {type(stop).__name__} integrates with explicit Euler, not {cfg.method!r}")
     _check_finite(z0, "initial state", 0, cfg.method)
     with torch.set_grad_enabled(enable_grad):
-        if cfg.method == "euler":
-            result = _relax_euler(force, z0, cfg)
-        elif cfg.method == "dopri5":
-            result = _relax_dopri5(force, z0, cfg)
-        else:
-            result = _relax_anderson(force, z0, cfg)
+        result = SOLVERS[cfg.method](force, z0, cfg, stop)
     if not result.converged:
-        logger.warning(
-            "relaxation (%s) not converged: max residual %.3e > tol %.1e after %d steps",
-            cfg.method, result.residual_max, cfg.tol, result.n_steps,
-        )
+        if not result.at_floor:
+            logger.warning(
+                "relaxation (%s) not converged: max residual %.3e > tol %.1e after %d steps",
+                cfg.method, result.residual_max, cfg.tol, result.n_steps,
+            )
         if require_converged:
             raise NotConvergedError(result)
     return result
@@ -245,29 +288,153 @@ def _finish(
     )
 
 
+# ---------------------------------------------------------------------------------- stop rules
+
+
+class StopRule(Protocol):
+    """When an explicit Euler relaxation stops, and what it returns (one object per relaxation).
+
+    The Euler solver calls `start` once, then at every step `after_force` (with the force at the
+    current state, before the step: True stops there) and `after_step` (with the new state: True
+    stops there), and finally `finish` to build the result. `needs_final_force` says whether the
+    state reached at `max_steps` is evaluated once more (for its residual) before stopping.
+    """
+
+    needs_final_force: bool
+
+    def start(self, z0: Tensor, cfg: SolverConfig) -> None: ...
+
+    def after_force(self, step: int, z: Tensor, f: Tensor, last: bool) -> bool: ...
+
+    def after_step(self, step: int, z: Tensor) -> bool: ...
+
+    def finish(self, force: Force, z: Tensor, n_evals: int, n_steps: int) -> RelaxResult: ...
+
+
+class ResidualStop:
+    """Converged when the one-step residual (max over samples) is <= tol after min_steps, tested
+    every `check_every` steps; the final iterate is returned. The default of every solver."""
+
+    needs_final_force = True
+
+    def start(self, z0: Tensor, cfg: SolverConfig) -> None:
+        self.cfg = cfg
+        self.trace = _Trace()
+        self.converged = False
+        self.res: Tensor | None = None
+
+    def after_force(self, step: int, z: Tensor, f: Tensor, last: bool) -> bool:
+        self.res = one_step_residual(z, f, self.cfg.eps)
+        self.converged = self.trace.check(step, self.res, self.cfg, last)
+        return self.converged
+
+    def after_step(self, step: int, z: Tensor) -> bool:
+        return False
+
+    def finish(self, force: Force, z: Tensor, n_evals: int, n_steps: int) -> RelaxResult:
+        cfg = self.cfg
+        return _finish(z, self.res, self.trace, self.converged, n_evals, n_steps * cfg.eps, n_steps, cfg)
+
+
+class WindowStop:
+    """The noise-aware stop (module docstring): res_W over a window of `window` Euler steps,
+    converged at tol, at the floor after `patience` steps without improvement; returns the window
+    mean and, with `measure_floor`, the read-noise floor from two more reads at it."""
+
+    needs_final_force = False
+
+    def __init__(self, window: int = 10, patience: int = 30, measure_floor: bool = True):
+        check_positive_int("window", window)
+        check_positive_int("patience", patience)
+        self.window, self.patience, self.measure_floor = window, patience, measure_floor
+
+    def start(self, z0: Tensor, cfg: SolverConfig) -> None:
+        self.cfg = cfg
+        self.history: deque[Tensor] = deque(maxlen=self.window + 1)
+        self.history.append(z0)
+        self.best, self.since_best = math.inf, 0
+        self.trace = _Trace()
+        self.res_w = torch.full((z0.shape[0],), math.inf, dtype=z0.dtype)
+        self.raw = self.res_w
+        self.converged = self.at_floor = False
+
+    def after_force(self, step: int, z: Tensor, f: Tensor, last: bool) -> bool:
+        self.raw = one_step_residual(z, f, self.cfg.eps)
+        return False
+
+    def _mean(self) -> Tensor:
+        # The last W states (history holds W + 1: the oldest is only the drift's reference).
+        return torch.stack(list(self.history)[1:]).mean(dim=0)
+
+    def after_step(self, step: int, z: Tensor) -> bool:
+        h = self.history
+        h.append(z)
+        if len(h) < self.window + 1:
+            return False
+        floor = torch.finfo(z.dtype).eps
+        self.res_w = _sample_norm(h[-1] - h[0]) / (self.window * _sample_norm(self._mean()).clamp_min(floor))
+        self.trace.add(step, self.res_w.clone())
+        worst = float(self.res_w.max())
+        if worst < self.best * (1.0 - 1e-3):
+            self.best, self.since_best = worst, 0
+        else:
+            self.since_best += 1
+        if step >= self.cfg.min_steps:
+            if worst <= self.cfg.tol:
+                self.converged = True
+                return True
+            if self.since_best >= self.patience:
+                self.at_floor = True
+                return True
+        return False
+
+    def finish(self, force: Force, z: Tensor, n_evals: int, n_steps: int) -> RelaxResult:
+        cfg = self.cfg
+        z_out = self._mean() if len(self.history) == self.window + 1 else z
+        floor_b = torch.zeros(z.shape[0], dtype=z.dtype)
+        if self.measure_floor:
+            f1, f2 = force(z_out), force(z_out)
+            n_evals += 2
+            floor_b = cfg.eps * _sample_norm(f1 - f2) / (math.sqrt(2.0) * _sample_norm(z_out).clamp_min(1e-30))
+        res = self.res_w
+        if not self.trace.rows:  # fewer steps than the window: fall back on the one-step residual
+            res = self.raw
+            self.trace.add(n_steps, self.raw.clone())
+        rows, steps = self.trace.stack(z.shape[0], res.dtype, res.device)
+        return RelaxResult(
+            z=z_out, converged=self.converged, residual=res, residual_max=float(res.max()), trace=rows,
+            n_force_evals=n_evals, sim_time=n_steps * cfg.eps, n_steps=n_steps, method="euler",
+            trace_steps=steps, notes=["noise-aware stop: at the floor"] if self.at_floor else [],
+            residual_raw=self.raw, floor=floor_b, at_floor=self.at_floor,
+        )
+
+
+def _sample_norm(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
 # --------------------------------------------------------------------------------------- Euler
 
 
-def _relax_euler(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+def _relax_euler(force: Force, z0: Tensor, cfg: SolverConfig, stop: StopRule) -> RelaxResult:
     z = z0.clone()
-    trace = _Trace()
+    stop.start(z, cfg)
     n_evals = 0
     step = 0
-    converged = False
     while True:
+        if step >= cfg.max_steps and not stop.needs_final_force:
+            break
         f = _evaluate(force, z, step, "euler")
         n_evals += 1
-        res = one_step_residual(z, f, cfg.eps)
         last = step >= cfg.max_steps
-        if trace.check(step, res, cfg, last):
-            converged = True
-            break
-        if last:
+        if stop.after_force(step, z, f, last) or last:
             break
         z = z + cfg.eps * f
         step += 1
         _check_finite(z, "state", step, "euler")
-    return _finish(z, res, trace, converged, n_evals, step * cfg.eps, step, cfg)
+        if stop.after_step(step, z):
+            break
+    return stop.finish(force, z, n_evals, step)
 
 
 # ------------------------------------------------------------------------------- Dormand-Prince
@@ -295,6 +462,15 @@ def _error_norm(err: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float) -
     scale = atol + rtol * torch.maximum(y0.abs(), y1.abs())
     ratio = _flat(err.abs() / scale)
     return float(torch.sqrt((ratio**2).mean(dim=1)).max())
+
+
+def _step_factor(en: float) -> float:
+    """Step-size factor from the error norm: safety·en^(−1/5), clipped to [_MIN_FACTOR, _MAX_FACTOR]."""
+    if not math.isfinite(en):
+        return _MIN_FACTOR
+    if en == 0.0:
+        return _MAX_FACTOR
+    return min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
 
 
 def _initial_dt(force: Force, z: Tensor, f0: Tensor, cfg: SolverConfig, n_evals: list[int]) -> float:
@@ -328,7 +504,7 @@ def _dopri5_step(force: Force, z: Tensor, f0: Tensor, dt: float, step: int) -> t
     return z_new, ks[6], err
 
 
-def _relax_dopri5(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+def _relax_dopri5(force: Force, z0: Tensor, cfg: SolverConfig, stop: StopRule) -> RelaxResult:
     z = z0.clone()
     trace = _Trace()
     counter = [0]
@@ -359,12 +535,7 @@ def _relax_dopri5(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
             z_new, f_new, err = _dopri5_step(force, z, f, dt_try, accepted + 1)
             counter[0] += 6
             en = _error_norm(err, z, z_new, cfg.rtol, cfg.atol)
-            if not math.isfinite(en):
-                factor = _MIN_FACTOR
-            elif en == 0.0:
-                factor = _MAX_FACTOR
-            else:
-                factor = min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
+            factor = _step_factor(en)
             if en <= 1.0:
                 z, f, t = z_new, f_new, t + dt_try
                 accepted += 1
@@ -407,12 +578,7 @@ def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor
                 step += 1
                 z_new, f_new, err = _dopri5_step(force, z, f, dt_try, step)
                 en = _error_norm(err, z, z_new, cfg.rtol, cfg.atol)
-                if not math.isfinite(en):
-                    factor = _MIN_FACTOR
-                elif en == 0.0:
-                    factor = _MAX_FACTOR
-                else:
-                    factor = min(_MAX_FACTOR, max(_MIN_FACTOR, _SAFETY * en ** (-1 / 5)))
+                factor = _step_factor(en)
                 if en <= 1.0:
                     z, f, t = z_new, f_new, t + dt_try
                     proposal = min(cfg.max_dt, dt_try * factor)
@@ -429,7 +595,7 @@ def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor
 # ------------------------------------------------------------------------------------ Anderson
 
 
-def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
+def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig, stop: StopRule) -> RelaxResult:
     """Type-II Anderson on g(z) = z + eps F(z), per-sample coefficients and per-sample restarts.
 
     With residuals r_i = g(x_i) - x_i = eps F(x_i) in the window, solve
@@ -552,6 +718,14 @@ def _relax_anderson(force: Force, z0: Tensor, cfg: SolverConfig) -> RelaxResult:
         notes.append(f"anderson: {n_restarts} per-sample window restarts")
     return _finish(x, res, trace, converged, n_evals, float("nan"), it, cfg, notes, n_fallbacks)
 
+
+#: The solver registry: `SolverConfig.method` -> solver(force, z0, cfg, stop) -> RelaxResult. Only
+#: Euler takes stop rules other than `ResidualStop` (`relax` refuses the others).
+SOLVERS: dict[str, Callable[..., RelaxResult]] = {
+    "euler": _relax_euler,
+    "dopri5": _relax_dopri5,
+    "anderson": _relax_anderson,
+}
 
 _RESTART_GROWTH = 10.0  # restart when the residual exceeds this multiple of the sample's best
 _STALL_WINDOW = 4  # a window is judged after this many multiples of m iterations ...

@@ -54,6 +54,8 @@ __all__ = [
     "eigreg_penalty",
     "leading_pair_from_2x2",
     "model_force",
+    "worst_sample",
+    "eigenvalues_at_worst",
     "stability_report",
     "attention_knockout",
     "model_eigreg",
@@ -600,6 +602,23 @@ def model_force(model, x_in: Tensor, *, params: dict[str, Tensor] | None = None,
     return lambda z: model.force(z, x_in, params=params, recorder=recorder)
 
 
+def worst_sample(force: Force, z: Tensor, eps: float) -> tuple[int, Tensor]:
+    """(b, res): the sample of the batch with the largest one-step residual at z, and the (B,)
+    residuals. Where a diagnostic looks at one sample, it looks at this one."""
+    with torch.no_grad():
+        res = one_step_residual(z, force(z), eps)
+    return int(torch.argmax(res)), res
+
+
+def eigenvalues_at_worst(model, x_in: Tensor, z: Tensor, eps: float, **eig_kwargs) -> tuple[int, Tensor, EigenReport]:
+    """`leading_eigenvalues` of the block at the worst sample of the batch state z (`worst_sample`):
+    (b, per-sample residuals, report). The batch Jacobian is block diagonal, so one sample's
+    Arnoldi basis is enough; `eig_kwargs` go to `leading_eigenvalues`."""
+    b, res = worst_sample(model_force(model, x_in), z, eps)
+    eig = leading_eigenvalues(model_force(model, x_in[b : b + 1]), z[b : b + 1], eps, **eig_kwargs)
+    return b, res, eig
+
+
 def stability_report(
     model,
     idx: Tensor,
@@ -624,11 +643,13 @@ def stability_report(
         x_in = model.embed(idx)
     force = model_force(model, x_in)
     op = find_operating_point(force, x_in, solver, long_steps=long_steps)
-    with torch.no_grad():
-        res = one_step_residual(op.z, force(op.z), solver.eps)
-    b = int(torch.argmax(res)) if sample == "worst" else int(sample)
-    xb = x_in[b : b + 1]
-    eig = leading_eigenvalues(model_force(model, xb), op.z[b : b + 1], solver.eps, k=k, jvp=jvp, generator=generator)
+    eig_kwargs = dict(k=k, jvp=jvp, generator=generator)
+    if sample == "worst":
+        b, res, eig = eigenvalues_at_worst(model, x_in, op.z, solver.eps, **eig_kwargs)
+    else:
+        b = int(sample)
+        res = worst_sample(force, op.z, solver.eps)[1]
+        eig = leading_eigenvalues(model_force(model, x_in[b : b + 1]), op.z[b : b + 1], solver.eps, **eig_kwargs)
     cyc = detect_limit_cycle(force, x_in, eps=solver.eps, n_steps=cycle_steps, tol=solver.tol, generator=generator)
     return {
         "operating_point": {"label": op.label, "converged": op.converged, "residual_max": op.residual_max,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import load_run_config
+from experiments.presets import load_run_config
 from trainer.loop import run
 
 

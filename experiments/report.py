@@ -4,13 +4,13 @@
 Plots (matplotlib, Agg backend, written under `plots/`): train/val loss of both paths, free-phase
 residual with its noise floor, update cosine per projection, weight gap, estimator health, device
 conductance (weight) histograms at start and end. `report.md` states the configuration, the
-physics choices of the analog relaxation, the final figures side by side and the validation
-text's unigram entropy.
+physics choices of the analog relaxation, the final figures side by side, the validation
+text's unigram entropy and the device and periphery parameters the analog path trained with (a
+table from the run's own `tile.toml`). Every table cell is escaped (`experiments.markdown`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,16 +21,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ept_hw.config import load_toml  # noqa: E402
-from trainer.metrics import PATHS, column, read_metrics  # noqa: E402
+from trainer.metrics import active_paths, aggregate, column, figure_rows, final_figures  # noqa: E402
+from trainer.rundir import RunDirectory  # noqa: E402
+
+from .markdown import table as md_table  # noqa: E402
 
 __all__ = ["write_report", "final_figures"]
 
 PATH_STYLE = {"analog": {"color": "tab:red", "label": "analog"}, "twin": {"color": "tab:blue", "label": "digital twin"}}
-
-
-def _active_paths(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [p for p in PATHS if any(r.get(f"{p}_loss") is not None for r in rows)]
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -193,11 +191,10 @@ def _plot_stability(rows, paths, out: Path, initial: Mapping[str, Any] | None = 
     return _save(fig, out / "stability.png")
 
 
-def _plot_conductances(run_dir: Path, out: Path) -> Path | None:
-    path = run_dir / "conductances.pt"
-    if not path.is_file():
+def _plot_conductances(rd: RunDirectory, out: Path) -> Path | None:
+    data = rd.read_conductances()
+    if data is None:
         return None
-    data = torch.load(path, map_location="cpu", weights_only=False)
     start, end = data.get("start", {}), data.get("end", {})
     if not start or not end:
         return None
@@ -224,41 +221,15 @@ def _plot_conductances(run_dir: Path, out: Path) -> Path | None:
 
 
 def _last(rows, key: str) -> float | None:
-    for r in reversed(rows):
-        v = r.get(key)
-        if v is not None:
-            return v
-    return None
+    return aggregate(rows, key, "last")
 
 
 def _mean_last(rows, key: str, n: int = 20) -> float | None:
+    if n == 20:
+        return aggregate(rows, key, "mean20")
     vals = [r[key] for r in rows if r.get(key) is not None][-n:]
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
-
-
-def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per path: final val loss, mean train loss of the last 20 logged steps, last residual, ..."""
-    out: dict[str, dict[str, Any]] = {}
-    for p in _active_paths(rows):
-        out[p] = {
-            "val_loss": _last(rows, f"{p}_val_loss"),
-            "train_loss_last20": _mean_last(rows, f"{p}_loss"),
-            "residual_last20": _mean_last(rows, f"{p}_residual"),
-            "residual_floor_last20": _mean_last(rows, f"{p}_residual_floor"),
-            "free_steps_last20": _mean_last(rows, f"{p}_free_steps"),
-            "saturation": _last(rows, f"{p}_saturation"),
-            "pulses": _last(rows, f"{p}_pulses"),
-            "adc_conversions": _last(rows, f"{p}_adc_conversions"),
-            "adjoint_snr": _mean_last(rows, f"{p}_adjoint_snr"),
-            "jacreg_lambda": _last(rows, f"{p}_jacreg_lambda"),
-            "re_mu": _last(rows, f"{p}_re_mu"),
-            "im_mu": _last(rows, f"{p}_im_mu"),
-            "abs_lambda": _last(rows, f"{p}_abs_lambda"),
-            "eigreg_penalty": _last(rows, f"{p}_eigreg_penalty"),
-            "gated_steps": sum(1 for r in rows if r.get(f"{p}_gated")),
-        }
-    return out
 
 
 def _fmt(v: Any) -> str:
@@ -277,6 +248,52 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def device_table(rd: RunDirectory, config: Mapping[str, Any]) -> list[list[Any]]:
+    """(parameter, value) rows of the analog path's device and periphery: the run's own tile
+    (`tile.toml`), else (older runs) resolved from the configuration; [] for a digital run."""
+    tile = rd.tile_config()
+    if tile is None:
+        mode, path = config.get("mode"), config.get("path")
+        if not config or not (mode == "compare" or (mode == "ep" and path == "analog")):
+            return []
+        from ept_hw.config import from_dict
+        from trainer.analog import resolve_tile_config
+        from trainer.config import AnalogConfig
+
+        try:
+            tile = resolve_tile_config(from_dict(AnalogConfig, config.get("analog", {})))
+        except Exception:  # noqa: BLE001 - a report never fails on the device section
+            return []
+    rows: list[list[Any]] = []
+    source = (rd.read_provenance().get("device_source") or {}).get("as_given")
+    if source is None:
+        source = (config.get("analog") or {}).get("device")
+    if source is not None:
+        rows.append(["source (as given to --device)", source])
+    rows.append(["device model", tile.device_config().model])
+    rows.append(["differential pair", tile.uses_pair])
+
+    def flat(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                flat(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            rows.append([prefix, _fmt_param(value)])
+
+    data = tile.to_dict()
+    data["device"] = tile.device_config().to_dict()
+    flat("", data)
+    return rows
+
+
+def _fmt_param(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_param(x) for x in v)
+    return str(v)
+
+
 def _toml_block(config: Mapping[str, Any]) -> str:
     import tomli_w
 
@@ -285,19 +302,18 @@ def _toml_block(config: Mapping[str, Any]) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
-    run_dir = Path(run_dir)
+    rd = RunDirectory(run_dir)
+    run_dir = rd.path
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = rd.read_metrics()
     if not rows:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no rows: nothing to report")
-    config = load_toml(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else {}
-    summary: dict[str, Any] = {}
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        raise ValueError(f"{rd.metrics_path} has no rows: nothing to report")
+    config = rd.read_config_dict() if rd.config_path.is_file() else {}
+    summary = rd.read_summary()
     entropy = summary.get("unigram_entropy")
-    paths = _active_paths(rows)
-    plots_dir = run_dir / "plots"
+    paths = active_paths(rows)
+    plots_dir = rd.plots_dir
     plots_dir.mkdir(exist_ok=True)
     plots = [
         _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss")),
@@ -306,7 +322,7 @@ def write_report(run_dir: str | Path) -> Path:
         _plot_weight_gap(rows, plots_dir),
         _plot_health(rows, plots_dir),
         _plot_stability(rows, paths, plots_dir, summary.get("initial_stability")),
-        _plot_conductances(run_dir, plots_dir),
+        _plot_conductances(rd, plots_dir),
     ]
     figures = final_figures(rows)
 
@@ -326,30 +342,11 @@ def write_report(run_dir: str | Path) -> Path:
     if entropy is not None:
         lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
                      f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
-    keys = [
-        ("val_loss", "validation loss (nats/token)"),
-        ("train_loss_last20", "train loss, mean of last 20 logged steps"),
-        ("residual_last20", "free-phase residual (noise-aware), last 20"),
-        ("residual_floor_last20", "residual noise floor, last 20"),
-        ("free_steps_last20", "free-phase steps, last 20"),
-        ("saturation", "device saturation fraction"),
-        ("pulses", "pulses applied"),
-        ("adc_conversions", "ADC conversions"),
-        ("adjoint_snr", "adjoint SNR (mean of probes)"),
-        ("jacreg_lambda", "jacreg λ"),
-        ("eigreg_penalty", "eigreg penalty (digital assist on the analog path)"),
-        ("re_mu", "leading Re μ of J (analog: read-out weights)"),
-        ("im_mu", "|Im μ| of that eigenvalue"),
-        ("abs_lambda", "largest |λ| of I + εJ"),
-        ("gated_steps", "steps gated (nudge skipped)"),
-    ]
-    lines.append("| figure | " + " | ".join(PATH_STYLE[p]["label"] for p in paths) + " |")
-    lines.append("|---|" + "---|" * len(paths))
-    for key, label in keys:
-        lines.append(f"| {label} | " + " | ".join(_fmt(figures[p][key]) for p in paths) + " |")
+    fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in figure_rows()]
     if entropy is not None:
-        lines.append("| entropy − validation loss | " + " | ".join(
-            _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths) + " |")
+        fig_rows.append(["entropy − validation loss", *(
+            _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths)])
+    lines.append(md_table(["figure", *(PATH_STYLE[p]["label"] for p in paths)], fig_rows))
     if "analog" in paths and "twin" in paths:
         va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]
         if va is not None and vt is not None:
@@ -378,6 +375,14 @@ def write_report(run_dir: str | Path) -> Path:
         lines.extend(f"- {p}" for p in physics)
         lines.append("")
 
+    device_rows = device_table(rd, config)
+    if device_rows:
+        lines.append("## Device and periphery\n")
+        lines.append("The resolved tile configuration the analog path trained with (the run's own copy, "
+                     f"`{rd.TILE}`; aihwkit names and meanings).\n")
+        lines.append(md_table(["parameter", "value"], device_rows))
+        lines.append("")
+
     lines.append("## Plots\n")
     for p in plots:
         if p is not None:
@@ -389,9 +394,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(_toml_block(config).rstrip())
         lines.append("```\n")
 
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return rd.write_report("\n".join(lines) + "\n")
 
 
 def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:

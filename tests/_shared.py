@@ -1,27 +1,14 @@
-"""Where the project's shared reference data lives (`shared/reference/`, beside the checkout).
+"""Where the tests' reference data lives: `tests/reference/`, part of the repository.
 
-CI runs a fresh clone with `shared/` beside it, wherever that clone is; `EPT_HW_SHARED` overrides.
-A missing reference directory is an error, not a skip: these tests are the project's contract with
-aihwkit's measurements.
+The data was measured with IBM aihwkit 1.2.0 (see `tests/reference/README.md`: what, how, and how
+the tests compare against it). A fresh clone needs nothing beside it. A missing reference
+directory is an error, not a skip: these tests are the project's contract with aihwkit's
+measurements.
 """
 
-import os
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).resolve().parent / "reference"
 
-
-def _find_shared() -> Path:
-    candidates = [Path(os.environ["EPT_HW_SHARED"])] if os.environ.get("EPT_HW_SHARED") else []
-    candidates += [_ROOT.parent / "shared", _ROOT / "shared", Path("/work/shared")]
-    for path in candidates:
-        if (path / "reference").is_dir():
-            return path
-    raise FileNotFoundError(
-        "shared reference data not found (looked in " + ", ".join(str(c) for c in candidates)
-        + "); set EPT_HW_SHARED to the folder that holds reference/"
-    )
-
-
-SHARED = _find_shared()
-REFERENCE = SHARED / "reference"
+if not (REFERENCE / "README.md").is_file():
+    raise FileNotFoundError(f"the tests' reference data is missing: {REFERENCE} (it is part of the repository)")

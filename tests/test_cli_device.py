@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import numpy as np
 import pytest
 
 from devices import device_from_dict, load_device
-from devices.fit import generate_traces, write_traces
+from devices.fit import Trace, generate_traces, write_traces
 from experiments.cli import main
 
 
@@ -89,6 +90,100 @@ def test_device_fit_conductances_and_bad_csv(tmp_path, capsys):
     bad.write_text("trace;pulse;direction;value\n")
     assert main(["device", "fit", str(bad), "--model", "soft_bounds", "--out", str(out)]) == 2
     assert "header" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ issue 12 item 6: fits it cannot make
+
+
+def _snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def _fit_refused(tmp_path, capsys, csv_path, *extra):
+    before = _snapshot(tmp_path)
+    out = tmp_path / "refused.toml"
+    rc = main(["device", "fit", str(csv_path), "--model", "soft_bounds", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists() and _snapshot(tmp_path) == before  # nothing written
+    return err
+
+
+def test_device_fit_refuses_a_flat_trace_and_pure_noise(tmp_path, capsys):
+    flat = tmp_path / "flat.csv"
+    dirs = [0] + [1] * 50 + [-1] * 50
+    flat.write_text("trace,pulse,direction,value\n" + "".join(f"A,{k},{d},0.25\n" for k, d in enumerate(dirs)))
+    assert "no pulse response" in _fit_refused(tmp_path, capsys, flat)
+    noise = tmp_path / "noise.csv"
+    rng = np.random.default_rng(0)
+    rows = ["trace,pulse,direction,value"] + [f"A,{k},{d},{rng.normal(0, 0.5)!r}" for k, d in enumerate(dirs * 4)]
+    noise.write_text("\n".join(rows) + "\n")
+    assert "no pulse response" in _fit_refused(tmp_path, capsys, noise)
+
+
+def test_device_fit_refuses_a_fit_error_above_its_bound(tmp_path, capsys):
+    # a real response (significant over 6000 pulses) buried in read noise 0.4 on a range of 1.3
+    true = device_from_dict({"model": "soft_bounds", "dw_min": 0.05, "up_down": 0.0, "w_max": 0.8, "w_min": -0.5,
+                             "dw_min_std": 0.1, "dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0,
+                             "w_min_dtod": 0.0})
+    traces = generate_traces(true, n_traces=100, n_steps=30, seed=1)
+    rng = np.random.default_rng(0)
+    for t in traces:
+        t.values = t.values + rng.normal(0, 0.4, len(t.values))
+    csv_path = tmp_path / "buried.csv"
+    write_traces(csv_path, traces)
+    err = _fit_refused(tmp_path, capsys, csv_path)
+    assert "trajectory error" in err and "above the bound 0.25" in err
+
+
+def test_device_fit_refuses_conductances_without_range_and_outside_it(tmp_path, capsys):
+    g = tmp_path / "siemens.csv"
+    dirs = [0] + [1] * 40 + [-1] * 40
+    cond = 1e-6 * np.concatenate([[10.0], 10 + 20 * (1 - np.exp(-np.arange(1, 41) / 15)),
+                                  30 - 20 * (1 - np.exp(-np.arange(1, 41) / 15))])
+    g.write_text("trace,pulse,direction,value\n" + "".join(f"A,{k},{d},{float(c)!r}\n" for k, (d, c) in enumerate(zip(dirs, cond))))
+    err = _fit_refused(tmp_path, capsys, g)
+    assert "look like conductances" in err and "--g-min" in err and "siemens.csv" in err
+    err = _fit_refused(tmp_path, capsys, g, "--g-min", "10e-6", "--g-max", "20e-6")  # the trace reaches 28.6 µS
+    assert "outside --g-min/--g-max" in err and "trace 'A'" in err
+
+
+def test_device_fit_reads_a_csv_with_a_bom(tmp_path, capsys):
+    true = device_from_dict({"model": "soft_bounds", "dw_min": 0.01, "up_down": 0.1, "dw_min_std": 0.2,
+                             "dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0, "w_min_dtod": 0.0})
+    plain = tmp_path / "plain.csv"
+    write_traces(plain, generate_traces(true, n_traces=3, n_steps=120, seed=5))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert main(["device", "fit", str(bom), "--model", "soft_bounds", "--out", str(tmp_path / "b.toml")]) == 0
+    assert load_device(tmp_path / "b.toml").dw_min == pytest.approx(0.01, rel=0.06)
+
+
+def test_device_fit_separates_read_noise_when_reads_repeat(tmp_path, capsys):
+    true = device_from_dict({"model": "soft_bounds", "dw_min": 0.01, "up_down": 0.1, "w_max": 1.0, "w_min": -1.0,
+                             "dw_min_std": 0.3, "dw_min_dtod": 0.0, "up_down_dtod": 0.0, "w_max_dtod": 0.0,
+                             "w_min_dtod": 0.0})
+    rng = np.random.default_rng(1)
+    sigma_read = 0.004  # per read; it adds 2·σ² to each step's variance: 0.57 of the step, twice the c2c part
+    repeated, single = [], []
+    for t in generate_traces(true, n_traces=4, n_steps=200, seed=1):
+        d = np.repeat(t.direction, 2)
+        d[1::2] = 0  # each state read twice
+        repeated.append(Trace(t.name, d, np.repeat(t.values, 2) + rng.normal(0, sigma_read, 2 * len(t.values))))
+        single.append(Trace(t.name, t.direction, t.values + rng.normal(0, sigma_read, len(t.values))))
+    a, b = tmp_path / "repeated.csv", tmp_path / "single.csv"
+    write_traces(a, repeated)
+    write_traces(b, single)
+    assert main(["device", "fit", str(a), "--model", "soft_bounds", "--out", str(tmp_path / "a.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "read noise" in text and "repeated reads" in text
+    doc = tomllib.loads((tmp_path / "a.toml").read_text())
+    assert doc["fit"]["read_noise_std"] == pytest.approx(sigma_read, rel=0.15)
+    assert doc["device"]["dw_min_std"] == pytest.approx(0.3, rel=0.25)  # c2c alone
+    assert main(["device", "fit", str(b), "--model", "soft_bounds", "--out", str(tmp_path / "b.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "no repeated reads" in text
+    folded = tomllib.loads((tmp_path / "b.toml").read_text())["device"]["dw_min_std"]
+    assert folded > 0.5  # read noise folded into c2c, and the output says so
 
 
 @pytest.mark.parametrize("line, key", [("dw_min = 0.0", "dw_min"), ("dw_min = inf", "dw_min"),

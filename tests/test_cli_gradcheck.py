@@ -4,6 +4,7 @@ import pytest
 
 from ept_hw.config import ConfigError
 from ept_hw.gradcheck import GradcheckConfig, run_gradcheck
+from ept_hw.model import ModelConfig
 from experiments.cli import main
 
 SMALL = ["--vocab", "8", "-T", "4", "-C", "8", "-H", "2", "-B", "2"]
@@ -12,7 +13,7 @@ KEYS = {"cos_implicit", "cos_bptt", "norm_ratio_implicit", "norm_ratio_bptt"}
 
 
 def test_run_gradcheck_defaults_agree():
-    report = run_gradcheck(GradcheckConfig(vocab_size=8, context=4, width=8, heads=2, batch=2))
+    report = run_gradcheck(GradcheckConfig(model=ModelConfig(vocab_size=8, context=4, width=8, heads=2), batch=2))
     assert report["converged"] and report["residual"] < 1e-10
     assert set(report["groups"]) >= GROUPS
     for name, g in report["groups"].items():

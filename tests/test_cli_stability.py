@@ -8,7 +8,8 @@ import pytest
 
 from experiments.cli import main
 from experiments.commands.stability import stability_of_run
-from trainer.config import load_run_config, merge
+from experiments.presets import load_run_config
+from trainer.config import merge
 from trainer.data import embedded_works
 from trainer.loop import run
 
@@ -45,9 +46,9 @@ def test_stability_of_a_tiny_run(tiny_run):
         assert [k["alpha"] for k in r["knockout"]] == [1.0, 0.0]
         assert all(k["verdict"] == "converged" for k in r["knockout"])
     assert "read-out" in res["paths"]["analog"]["weights"]
-    saved = json.loads((tiny_run / "stability.json").read_text())
+    saved = json.loads((tiny_run / "stability" / "stability.json").read_text())
     assert saved["paths"]["twin"]["re_mu"] == pytest.approx(res["paths"]["twin"]["re_mu"])
-    assert "verdict converged" in (tiny_run / "stability.txt").read_text()
+    assert "verdict converged" in (tiny_run / "stability" / "stability.txt").read_text()
 
 
 def test_cli_checkpoint_and_errors(tiny_run, tmp_path, capsys):
@@ -55,7 +56,7 @@ def test_cli_checkpoint_and_errors(tiny_run, tmp_path, capsys):
                  "--alphas", "1"]) == 0
     assert "Re mu" in capsys.readouterr().out
     assert main(["stability", str(tiny_run), "--checkpoint", "7"]) == 2
-    assert "keeps only its last checkpoint (step 2)" in capsys.readouterr().err
+    assert "keeps its two latest checkpoints (steps 0, 2)" in capsys.readouterr().err
     assert main(["stability", str(tmp_path / "nope")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a run directory"):

@@ -65,3 +65,32 @@ def test_missing_or_broken_toml_file(tmp_path):
     bad.write_text("a = = 1")
     with pytest.raises(ConfigError, match="valid TOML"):
         load_toml(bad)
+
+
+def test_a_check_inside_a_nested_table_reports_the_full_dotted_key():
+    """The dataclass names its field; `from_dict` knows the table: the error carries both."""
+    from trainer.config import RunConfig
+
+    # ControllerConfig's own check is named `controller.floor`; loaded as [stabilisers.jacreg]
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, {"stabilisers": {"jacreg": {"floor": -1.0}}})
+    assert err.value.key == "stabilisers.jacreg.floor" and err.value.value == -1.0
+    assert "stabilisers.jacreg.floor = -1.0" in str(err.value)
+    # ModelConfig's check is named `heads`; loaded as [model]
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, {"model": {"width": 32, "heads": 5}})
+    assert err.value.key == "model.heads" and "divisor of width = 32" in str(err.value)
+    # already qualified (`training.steps`) and cross-table (`training.seq_len` in RunConfig) keys stay
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, {"training": {"schedule": {"kind": "cosine"}}})
+    assert err.value.key == "training.schedule.kind"
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, {"training": {"steps": 0}})
+    assert err.value.key == "training.steps"
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, {"model": {"context": 8}, "training": {"seq_len": 16}})
+    assert err.value.key == "training.seq_len"
+    # the toy tree of this module: Inner's `eps` under `inner`
+    with pytest.raises(ConfigError) as err:
+        from_dict(Outer, {"inner": {"eps": 2.0}})
+    assert err.value.key == "inner.eps"

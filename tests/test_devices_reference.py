@@ -1,6 +1,6 @@
 """Every preset and basic device class against aihwkit 1.2.0 pulse-response measurements.
 
-Tolerance from `shared/reference/README.md`: mean within 5 % of (w_max − w_min) at every
+Tolerance from `tests/reference/README.md`: mean within 5 % of (w_max − w_min) at every
 pulse, spread within 30 % of the reference std (median over pulses), same number of devices.
 """
 

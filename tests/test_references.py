@@ -100,3 +100,31 @@ def test_references_reject_bad_states(block):
         implicit_gradient(model, idx * 0 + 10, tg, SOLVER)
     a, info = solve_adjoint(model, model.embed(idx), imp.free.z, torch.zeros_like(imp.free.z))
     assert float(a.abs().max()) == 0.0
+
+
+def test_every_estimator_is_one_interface_with_ports_that_sum_to_its_gradient(block):
+    """EP, the implicit reference and BPTT all answer `compute(model, idx, targets, free=)` with
+    ports (u, δ) whose Σ δuᵀ is the weight gradient, so any of them trains a path through
+    `apply_update`; `phases` is what a common-noise wrapper splits the nudge reads by."""
+    from ept_hw.estimators import EPEstimator, EstimatorConfig, free_phase
+    from ept_hw.ops import outer_product_sum
+    from ept_hw.references import BPTTReference, ImplicitReference
+
+    model, idx, tg, _ = block
+    solver = SolverConfig(tol=1e-12, max_steps=3000)
+    _, fp = free_phase(model, idx, solver)
+    estimators = {
+        "ep": EPEstimator(EstimatorConfig(nudge="centered", beta=0.01), solver),
+        "implicit": ImplicitReference(solver),
+        "bptt": BPTTReference(fp.n_steps + 100, 0.1),
+    }
+    assert [e.phases for e in estimators.values()] == [2, 1, 1]
+    results = {name: e.compute(model, idx, tg, free=fp) for name, e in estimators.items()}
+    for name, res in results.items():
+        assert set(res.ports) == set(res.weight_grads), name
+        for proj, (u, d) in res.ports.items():
+            dense = outer_product_sum(u.reshape(-1, u.shape[-1]), d.reshape(-1, d.shape[-1]))
+            assert torch.allclose(dense, res.weight_grads[proj], rtol=1e-9, atol=1e-12), (name, proj)
+    # and they agree on the gradient (long unroll, tight free phase)
+    assert compare_gradients(results["ep"], results["implicit"])["all"][0] > 0.999
+    assert compare_gradients(results["bptt"], results["implicit"])["all"][0] > 0.9999

@@ -21,6 +21,7 @@ from trainer.metrics import empty_row
 STEPS = 10
 BATCH, SEQ = 4, 16
 N_WEIGHTS = 1000
+SEEDS = 3
 
 
 def _write_run(run_dir: Path, device: str = "reram_sb", gap: float = 0.1, pulses_per_step: float = 500.0,
@@ -58,7 +59,7 @@ def test_run_export_validates_and_derives_figures(tmp_path):
     result = export_spec(run, tmp_path / "out", pdf=True, pulse_response=True)
     spec = json.loads(result.spec_path.read_text())
     validate_spec(spec)
-    assert spec["schema_version"] == "1.0.0"
+    assert spec["schema_version"] == "1.1.0"
     assert spec["device"]["model"] == "soft_bounds_reference"
     assert spec["device"]["parameters"]["dw_min"] == {"value": 0.002, "unit": "weight units per pulse"}
     assert spec["device"]["source"]["kind"] == "preset" and spec["device"]["source"]["stand_in"] is True
@@ -107,7 +108,7 @@ def test_broken_spec_fails_validation(tmp_path):
 
 def test_schema_is_package_data():
     schema = load_schema()
-    assert schema["properties"]["schema_version"]["const"] == "1.0.0"
+    assert schema["properties"]["schema_version"]["const"] == "1.1.0"
     import importlib.resources
 
     assert importlib.resources.files("experiments").joinpath("spec_schema.json").is_file()
@@ -126,10 +127,14 @@ def test_missing_pieces_are_named(tmp_path):
     rows = [json.loads(l) for l in (run2 / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         r["analog_val_loss"] = None
+    # a torn last line is dropped (the trainer's reader warns, naming the file); the missing loss is named
     (run2 / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{truncated")
-    with pytest.raises(IncompleteRunError, match="not JSON") as info:
+    with pytest.raises(IncompleteRunError, match="analog_val_loss"):
         check_run_dir(run2)
-    assert "analog_val_loss" in str(info.value)
+    # a corrupted line before the last is named with its line
+    (run2 / "metrics.jsonl").write_text("{truncated\n" + "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(IncompleteRunError, match="corrupted metrics.jsonl.*line 1"):
+        check_run_dir(run2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_spec(tmp_path / "nowhere", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written for a bad source
@@ -172,12 +177,16 @@ def _write_sweep(root: Path) -> Path:
     records = []
     for bits, gap in gaps.items():
         pid = "base" if bits is None else f"adc{bits}"
-        run = _write_run(root / "runs" / pid, gap=gap)
-        records.append({"point_id": pid, "overrides": {} if bits is None else {"adc_bits": bits}, "status": "ok",
-                        "analog_val_loss": 2.45 + gap, "twin_val_loss": 2.45, "gap": gap, "run_dir": f"runs/{pid}"})
+        for k in range(SEEDS):  # three seeds, paired gaps within +-0.002 of the point's gap
+            g = gap + 0.002 * (k - 1)
+            run = _write_run(root / "runs" / f"{pid}-s{k}", gap=g)
+            records.append({"point_id": pid, "seed_index": k, "overrides": {} if bits is None else {"adc_bits": bits},
+                            "status": "ok", "analog_val_loss": 2.45 + g, "twin_val_loss": 2.45, "gap": g,
+                            "unigram_entropy": 3.1, "steps": STEPS, "run_dir": f"runs/{pid}-s{k}"})
     records.append({"point_id": "adc3", "overrides": {"adc_bits": 3}, "status": "failed", "error": "boom", "gap": None})
     rows = sweep_rows(records, ["adc_bits"], {"adc_bits": 9})
-    write_tables(rows, root, {"axes": {"adc_bits": [2, 3, 4, 6, 8]}, "tolerance": 0.05, "base_values": {"adc_bits": 9}})
+    write_tables(rows, root, {"axes": {"adc_bits": [2, 3, 4, 6, 8]}, "tolerance": 0.05, "base_values": {"adc_bits": 9},
+                              "seeds": SEEDS})
     return root
 
 
@@ -189,9 +198,11 @@ def test_sweep_export_has_requirements_and_gap_plot(tmp_path):
     (row,) = req["rows"]
     assert row["axis"] == "adc_bits" and row["required"] == 6 and row["status"] == "met"
     assert [t["value"] for t in row["tested"]] == [2, 4, 6, 8, 9] and row["failed_values"] == [3]
-    assert row["base_value"] == 9
+    assert row["base_value"] == 9 and row["seeds"] == SEEDS and row["steps"] == STEPS
+    assert row["interval"]["lo"] < 0.03 < row["interval"]["hi"] and row["how"].startswith("Met at 6")
     roles = sorted(r["role"] for r in result.spec["provenance"]["runs"])
-    assert roles == ["sweep_base"] + ["sweep_point"] * 4
+    assert roles == ["sweep_base"] + ["sweep_point"] * 4  # one run (seed 0) per point
+    assert result.spec["provenance"]["sweep"]["seeds"] == SEEDS
     assert result.spec["provenance"]["sweep"]["failed_points"] == 1
     assert "gap_vs_adc_bits.png" in [p.name for p in result.plots]
     assert "**6**" in result.markdown_path.read_text()
@@ -201,7 +212,7 @@ def test_sweep_export_has_requirements_and_gap_plot(tmp_path):
 
 def test_sweep_dir_missing_pieces_are_named(tmp_path):
     sweep = _write_sweep(tmp_path / "sweep")
-    shutil.rmtree(sweep / "runs" / "base")
+    shutil.rmtree(sweep / "runs" / "base-s0")
     with pytest.raises(IncompleteRunError, match="base") as info:
         build_spec(sweep)
     assert "does not exist" in str(info.value)
@@ -250,3 +261,64 @@ def test_cli_export_validate_and_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "metrics.jsonl" in err and "incomplete" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_markdown_tables_survive_a_markdown_parser(tmp_path):
+    """A `|` in a cell (here in the run's name) stays inside its cell when rendered."""
+    markdown_it = pytest.importorskip("markdown_it")  # the dev extra
+
+    run = _write_run(tmp_path / "runs" / "demo|a")
+    result = export_spec(run, tmp_path / "out", pulse_response=False)
+    md = markdown_it.MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(result.markdown_path.read_text())
+    tables, cells, current = 0, [], None
+    for tok in tokens:
+        if tok.type == "table_open":
+            tables += 1
+        elif tok.type in ("thead_open", "tbody_open"):
+            pass
+        elif tok.type == "tr_open":
+            current = []
+        elif tok.type == "inline" and current is not None:
+            current.append(tok.content)
+        elif tok.type == "tr_close":
+            cells.append(current)
+            current = None
+        elif tok.type == "table_close":
+            widths = {len(r) for r in cells}
+            assert len(widths) == 1, cells  # every row as wide as the header
+            cells = []
+    assert tables >= 5
+    runs = [t for t in tokens if t.type == "inline" and "demo|a" in t.content]
+    assert runs, "the run name with its | is in one cell"
+
+
+def test_pdf_is_a_document_with_tables_not_monospace_text(tmp_path):
+    run = _write_run(tmp_path / "r")
+    result = export_spec(run, tmp_path / "out", pdf=True, pulse_response=False)
+    data = result.pdf_path.read_bytes()
+    import re
+
+    assert data[:4] == b"%PDF" and len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 2
+    assert b"Mono" not in data  # the old --pdf was the markdown source in a monospace font
+
+
+def test_spec_cli_path_errors_and_json(tmp_path, capsys):
+    from experiments.cli import main
+
+    run = _write_run(tmp_path / "runs" / "demo")
+    (tmp_path / "afile").write_text("x")
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "afile"), "--no-pulse-response"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "afile" / "sub"), "--no-pulse-response"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["spec", "validate", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o"), "--no-pulse-response", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["spec"].endswith("device_spec.json") and summary["requirements"] == []
+    # a compare run that a sweep was written into: refused, not exported without its requirements
+    (run / "sweep.json").write_text("{}")
+    assert main(["spec", "export", str(run), "--out", str(tmp_path / "o2"), "--no-pulse-response"]) == 2
+    err = capsys.readouterr().err
+    assert "both a run" in err and "sweep.json" in err and not (tmp_path / "o2").exists()

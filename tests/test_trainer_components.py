@@ -194,3 +194,33 @@ def test_metrics_log_fixed_keys_and_resume_cut(tmp_path):
     with MetricsLog(path, resume_step=3) as log:
         log.append(nan_row)
     assert math.isnan(json.loads(path.read_text().splitlines()[-1])["analog_loss"])
+
+
+def test_metrics_are_declared_once_and_everything_derives_from_the_declaration():
+    from trainer.metrics import METRICS, PATH_KEYS, figure_rows, final_figures
+    from trainer.twin import StepOutcome
+
+    keys = [m.key for m in METRICS]
+    assert len(keys) == len(set(keys))  # one declaration per metric
+    assert all(m.meaning and m.label for m in METRICS)
+    # the row schema is the declaration: common, every path's keys, cross, health
+    assert set(ROW_KEYS) == {k for m in METRICS for k in m.row_keys()}
+    assert ROW_KEYS[:3] == ("step", "lr", "wall_time") and "twin_loss" in ROW_KEYS and "analog_re_mu" in ROW_KEYS
+    # every per-path figure a training step reports is declared (the loop copies them by name)
+    outcome_figures = {k for k in StepOutcome.__dataclass_fields__ if k not in ("updates", "health")} | {"update_norm"}
+    assert outcome_figures <= set(PATH_KEYS)
+    # aggregation as declared: last value, mean of the last 20 finite, count of true rows
+    rows = [empty_row(s) for s in range(30)]
+    for s, r in enumerate(rows):
+        r["twin_loss"] = float(s)  # mean of the last 20: mean(10..29) = 19.5
+        r["twin_gated"] = s % 3 == 0  # 10 true rows
+        r["twin_val_loss"] = float(s) if s % 10 == 9 else None  # last logged: 29
+    rows[-1]["twin_residual"] = math.nan  # non-finite values are left out of a mean
+    rows[-2]["twin_residual"] = 2.0
+    fig = final_figures(rows)
+    assert list(fig) == ["twin"]
+    assert fig["twin"]["train_loss_last20"] == pytest.approx(19.5)
+    assert fig["twin"]["gated_steps"] == 10
+    assert fig["twin"]["val_loss"] == 29.0
+    assert fig["twin"]["residual_last20"] == 2.0
+    assert [name for name, _ in figure_rows()] == list(fig["twin"])

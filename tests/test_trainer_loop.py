@@ -15,7 +15,8 @@ import torch
 
 from ept_hw.config import ConfigError
 from trainer.checkpoint import load_checkpoint
-from trainer.config import load_run_config, merge
+from experiments.presets import load_run_config
+from trainer.config import merge
 from trainer.data import embedded_works
 from trainer.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, run
 from trainer.metrics import read_metrics

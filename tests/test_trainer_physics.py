@@ -1,4 +1,4 @@
-"""trainer.physics (noise-aware free phase), trainer.analog (common random numbers), jacreg."""
+"""The noise-aware stop rule of `relax` (`WindowStop`), trainer.analog (common random numbers), jacreg."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from ept_hw.relaxation import SolverConfig
-from trainer.physics import noise_aware_free_phase
+from ept_hw.relaxation import SolverConfig, WindowStop, relax
 
+
+def noise_aware_free_phase(force, z0, solver, window=10, patience=30):
+    return relax(force, z0, solver, stop=WindowStop(window, patience))
 
 
 def _linear_force(target, sigma, gen):
@@ -26,10 +28,19 @@ def test_noise_free_phase_converges_with_zero_floor():
     target = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
     fp = noise_aware_free_phase(_linear_force(target, 0.0, gen), torch.zeros_like(target) + 0.1,
                                 SolverConfig(tol=1e-6, max_steps=500), window=5, patience=30)
-    assert fp.result.converged and not fp.at_floor
-    assert fp.floor == 0.0
-    assert fp.residual <= 1e-6
-    assert float((fp.result.z - target).norm() / target.norm()) < 1e-4
+    assert fp.converged and not fp.at_floor
+    assert fp.floor_max == 0.0
+    assert fp.residual_max <= 1e-6
+    assert float((fp.z - target).norm() / target.norm()) < 1e-4
+    # the window residual and the returned state, exactly: z_t = target + (1 - eps)^t (z0 - target),
+    # res_W = ||z_n - z_{n-W}|| / (W ||mean(z_{n-W+1..n})||) per sample, state = that window mean
+    n, w, eps = fp.n_steps, 5, 0.1
+    states = [target + (1 - eps) ** t * (0.1 - target) for t in range(n - w, n + 1)]
+    mean = torch.stack(states[1:]).mean(dim=0)
+    per = lambda t: t.reshape(t.shape[0], -1).norm(dim=1)  # noqa: E731
+    expected = per(states[-1] - states[0]) / (w * per(mean))
+    assert torch.allclose(fp.residual, expected, rtol=1e-6)
+    assert torch.allclose(fp.z, mean, rtol=1e-9, atol=1e-12)
 
 
 def test_noisy_free_phase_measures_its_floor_and_stops_there():
@@ -40,15 +51,15 @@ def test_noisy_free_phase_measures_its_floor_and_stops_there():
                                 SolverConfig(eps=eps, tol=1e-9, max_steps=400), window=10, patience=30)
     n = target[0].numel()
     expected_floor = eps * sigma * math.sqrt(n) / float(target[0].norm())
-    assert fp.floor == pytest.approx(expected_floor, rel=0.25)
-    assert fp.at_floor and not fp.result.converged  # tol 1e-9 is below the floor: it stops on patience
-    assert fp.steps < 400
+    assert fp.floor_max == pytest.approx(expected_floor, rel=0.25)
+    assert fp.at_floor and not fp.converged  # tol 1e-9 is below the floor: it stops on patience
+    assert fp.n_steps < 400
     # the window residual sits well below the raw one-step residual (noise averages down)
-    assert fp.residual < 0.6 * fp.residual_raw
+    assert fp.residual_max < 0.6 * fp.residual_raw_max
     # the time-averaged state is closer to the fixed point than a single noisy state, whose
     # stationary spread per element is sigma * sqrt(eps / (2 - eps)) (measured ratio: 0.79)
     single = sigma * math.sqrt(eps / (2 - eps)) * math.sqrt(target.numel()) / float(target.norm())
-    assert float((fp.result.z - target).norm() / target.norm()) < 0.9 * single
+    assert float((fp.z - target).norm() / target.norm()) < 0.9 * single
 
 
 def test_free_phase_refuses_non_euler():
@@ -81,18 +92,20 @@ def test_common_noise_gives_the_nudge_blocks_identical_draws():
 
 
 def test_jacreg_update_lowers_the_penalty():
-    from ept_hw.model import EquilibriumTransformer, ModelConfig
+    from ept_hw.model import EquilibriumTransformer
     from ept_hw.projection import digital_factory
-    from trainer.config import RunConfig, load_run_config
-    from trainer.twin import EPPath, _Ports
+    from experiments.presets import load_run_config
+    from trainer.stabilisers import Jacreg, PortUpdates, StepContext
+    from trainer.controllers import ControllerConfig, JacregController
+    from trainer.twin import build_ep_path
 
     cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8}, "training": {"seq_len": 8}})
     model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
-    path = EPPath("twin", model, cfg, analog=False, probe_seed=5)
+    path = build_ep_path("twin", model, cfg, analog=False, probe_seed=5)
     gen = torch.Generator().manual_seed(2)
     idx = torch.randint(0, 20, (2, 8), generator=gen)
     _, fp = path.free_phase(idx)
-    z = fp.result.z
+    z = fp.z
     v = torch.randn(z.shape, generator=torch.Generator().manual_seed(9))
 
     def penalty():
@@ -103,10 +116,12 @@ def test_jacreg_update_lowers_the_penalty():
         return float(jv.pow(2).sum() / v.pow(2).sum())
 
     before = penalty()
-    path.probe_generator = torch.Generator().manual_seed(9)  # the probe v above
-    ports, digital = path._jacreg(idx, z, lam=1.0)
-    collected = _Ports()
-    collected.add(ports, digital)
+    jacreg = Jacreg(JacregController(ControllerConfig(initial=1.0)), cfg.stabilisers.jacreg_fd_step, cfg.model.damping)
+    ctx = StepContext(model, path.readout_model, idx, z, cfg.solver.eps, None,
+                      torch.Generator().manual_seed(9))  # the probe v above
+    part = jacreg.port_update(ctx)
+    collected = PortUpdates()
+    collected.add(part.ports, part.digital, part.scale)
     out_lr = 0.05
     for name, proj in model.projections.items():
         if name in collected.ports:
@@ -115,3 +130,71 @@ def test_jacreg_update_lowers_the_penalty():
         model.params[name].sub_(out_lr * g)
     after = penalty()
     assert after < before - 1e-3 * before  # a step along minus the port-form gradient lowers ||J_nc v||^2
+
+
+def _tiny_twin():
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from experiments.presets import load_run_config
+    from trainer.twin import build_ep_path
+
+    cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8},
+                                   "training": {"seq_len": 8}})
+    model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(2))
+    return cfg, model, build_ep_path("twin", model, cfg, analog=False, probe_seed=5), idx
+
+
+def test_resreg_stabiliser_is_scaled_to_the_task_update_and_lowers_the_residual():
+    from ept_hw.estimators import resreg_gradient
+    from trainer.optimisers import SGDSink
+    from trainer.stabilisers import PortUpdates, Resreg, StepContext
+
+    cfg, model, path, idx = _tiny_twin()
+    _, fp = path.free_phase(idx)
+    z = fp.z
+    gen = torch.Generator().manual_seed(0)
+    # relative: the part's norm (ports and digital gradients, times its scale) is weight x task norm
+    part = Resreg(0.2, relative=True).port_update(StepContext(model, path.readout_model, idx, z, 0.1, 3.0, gen))
+    acc = PortUpdates()
+    acc.add(part.ports, part.digital, part.scale)
+    norm2 = sum(float(acc.dense(n).double().pow(2).sum()) for n in acc.ports)
+    norm2 += sum(float(g.double().pow(2).sum()) for g in acc.digital.values())
+    assert math.sqrt(norm2) == pytest.approx(0.2 * 3.0, rel=1e-4)
+    assert Resreg(0.2, relative=True).port_update(StepContext(model, path.readout_model, idx, z, 0.1, None, gen)) is None
+    # absolute: a small SGD step along the part lowers the penalty at the same state (taken away
+    # from the fixed point, at x_in, where the penalty is not ~0)
+    z = model.embed(idx).detach()
+    before = resreg_gradient(model, z, idx, 0.1).penalty
+    part = Resreg(1.0, relative=False).port_update(StepContext(model, path.readout_model, idx, z, 0.1, None, gen))
+    acc = PortUpdates()
+    acc.add(part.ports, part.digital, part.scale)
+    g2 = sum(float(acc.dense(n).double().pow(2).sum()) for n in acc.ports)
+    g2 += sum(float(g.double().pow(2).sum()) for g in acc.digital.values())
+    lr = 0.02 * before / g2  # a 2 % first-order decrease
+    SGDSink(model, 1.0, ()).apply(acc, {n: acc.dense(n) for n in acc.ports}, lr)
+    after = resreg_gradient(model, z, idx, 0.1).penalty
+    # the decrease is the first-order one, lr·‖g‖² (a wrong sign or scale misses it)
+    assert before - after == pytest.approx(lr * g2, rel=0.2), (before, after, lr * g2)
+
+
+def test_sgd_sink_applies_minus_lr_times_the_port_sum_and_skips_frozen_groups():
+    from trainer.optimisers import SGDSink
+    from trainer.stabilisers import PortUpdates
+
+    _, model, _, _ = _tiny_twin()
+    gen = torch.Generator().manual_seed(4)
+    w0 = model.projections["W_1"].weight.clone()
+    u = torch.randn(5, w0.shape[1], generator=gen)
+    d = torch.randn(5, w0.shape[0], generator=gen)
+    name_ln = next(n for n in model.params if model.param_group(n) == "layernorm")
+    name_emb = next(n for n in model.params if model.param_group(n) == "embeddings")
+    p_ln, p_emb = model.params[name_ln].clone(), model.params[name_emb].clone()
+    acc = PortUpdates()
+    acc.add({"W_1": (u[:3], d[:3])}, {name_ln: torch.ones_like(p_ln), name_emb: torch.ones_like(p_emb)})
+    acc.add({"W_1": (u[3:], d[3:])}, {}, scale=2.0)
+    SGDSink(model, 0.5, ("embeddings",)).apply(acc, {}, 0.1)
+    expected = w0 - 0.1 * (d[:3].T @ u[:3] + 2.0 * d[3:].T @ u[3:])
+    assert torch.allclose(model.projections["W_1"].weight, expected, atol=1e-6)
+    assert torch.allclose(model.params[name_ln], p_ln - 0.1 * 0.5)  # lr x periphery_lr_scale
+    assert torch.equal(model.params[name_emb], p_emb)  # frozen

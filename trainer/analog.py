@@ -31,7 +31,7 @@ from ept_hw.config import ConfigError, load_toml
 
 from .config import AnalogConfig
 
-__all__ = ["resolve_tile_config", "build_analog_factory", "CommonNoise", "set_common_blocks"]
+__all__ = ["resolve_tile_config", "self_contained_tile", "build_analog_factory", "CommonNoise", "set_common_blocks"]
 
 
 def resolve_tile_config(cfg: AnalogConfig):
@@ -59,6 +59,13 @@ def resolve_tile_config(cfg: AnalogConfig):
         tile = tile.replace(forward=perfect_io(), backward=perfect_io())
     update = tile.update.__class__(**{**tile.update.__dict__, "mode": cfg.update_mode})
     return tile.replace(noise_mode=cfg.noise_mode, n_reads=cfg.read_average, update=update)
+
+
+def self_contained_tile(tile):
+    """The same tile with its device written out as a table of every parameter (a preset name or
+    a device-file path replaced by what it resolves to now), so a run's saved copy never depends
+    on a file or on the preset's definition in a later version of the code."""
+    return tile.replace(device=tile.device_config().to_dict())
 
 
 class CommonNoise:
@@ -119,13 +126,15 @@ def set_common_blocks(projections: dict[str, Any], blocks: tuple[int, int] | Non
             proj.blocks = blocks
 
 
-def build_analog_factory(cfg: AnalogConfig, seed: int) -> tuple[Callable[[str, Tensor], Any], dict[str, torch.Generator]]:
+def build_analog_factory(cfg: AnalogConfig, seed: int, tile: Any = None) -> tuple[Callable[[str, Tensor], Any], dict[str, torch.Generator]]:
     """(projection factory, generators owned by the trainer). The device generator (device-to-device
     samples, the tiles' read and update seeds) is seeded from the run seed; the tiles keep their
-    own read/update generators in their state_dicts."""
+    own read/update generators in their state_dicts. `tile`: an already resolved `TileConfig`
+    (a run's own copy, `RunDirectory.tile_config()`); default: resolved from `cfg`."""
     from crossbar import analog_factory
 
-    tile = resolve_tile_config(cfg)
+    if tile is None:
+        tile = resolve_tile_config(cfg)
     device_generator = torch.Generator().manual_seed(seed + 1000)
     inner = analog_factory(tile, device_generator)
     if cfg.noise_mode != "common":

@@ -1,9 +1,10 @@
 """Atomic checkpoints and the resume check.
 
-A checkpoint is one `torch.save` payload (a dict) written to a temporary file in the same
-directory, fsynced, then renamed over the target (`os.replace` is atomic on POSIX), then the
-directory is fsynced so the rename itself survives a crash. A reader therefore sees either the
-previous checkpoint or the new one, never a torn file.
+A checkpoint is one `torch.save` payload (a dict) written with the project's one atomic write
+(`trainer.rundir.atomic_write`: temporary file in the same directory, fsync, rename, fsync of the
+directory). A reader therefore sees either the previous checkpoint or the new one, never a torn
+file; a file torn by other means (a copy cut short) raises `CorruptCheckpointError` naming it. A run
+keeps its two latest checkpoints (`RunDirectory.save_checkpoint`).
 
 What goes in is the trainer's business (`trainer.twin`): weights and device states of every
 projection (including device-to-device samples), digital parameters, optimiser states, schedule
@@ -14,63 +15,55 @@ config differs from the saved one.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "config_differences", "latest_checkpoint", "CHECKPOINT_NAME"]
+__all__ = ["save_checkpoint", "load_checkpoint", "config_differences", "latest_checkpoint", "CHECKPOINT_NAME",
+           "CorruptCheckpointError"]
 
 CHECKPOINT_NAME = "last.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, not a checkpoint)."""
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` atomically to `path` (temp file, fsync, rename, fsync of the directory)."""
+    """Write `payload` atomically to `path` (`trainer.rundir.atomic_write`: temp file, fsync,
+    rename, fsync of the directory)."""
+    from .rundir import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(payload), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda fh: torch.save(dict(payload), fh))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a checkpoint file. A missing file raises `FileNotFoundError`, an unreadable
+    one `CorruptCheckpointError`; both name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     # Our own files hold generator states and config dicts besides tensors: full unpickling.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn or foreign file
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict):
+        raise CorruptCheckpointError(f"checkpoint {path} is not an ept-hw checkpoint (not a dict)")
+    return payload
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    path = Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
-    return path if path.is_file() else None
+    """The newest kept checkpoint file of a run, or None."""
+    from .rundir import RunDirectory
+
+    files = RunDirectory(run_dir).checkpoints()
+    return files[0] if files else None
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -1,9 +1,10 @@
 """Run configuration: model preset + data + solver + estimator + training + stabilisers + analog
 path + divergence rules + seed, as one dataclass saved to `runs/NAME/config.toml`.
 
-Model presets are TOML files in `experiments/presets/` holding any subset of these tables
-(`load_run_config` merges: dataclass defaults < preset file < explicit overrides). The model's
-`vocab_size` is not part of a preset: it is set from the tokenizer (`resolve_vocab`).
+A preset is a TOML file holding any subset of these tables; `run_config_from(file, overrides)`
+merges dataclass defaults < preset file < explicit overrides. The named model presets live with
+the experiments (`experiments.presets`: `load_run_config(name, overrides)`), which pass the file
+in. The model's `vocab_size` is not part of a preset: it is set from the tokenizer (`resolve_vocab`).
 
 Modes:
 - "compare": analog and digital twin side by side (the main job);
@@ -34,13 +35,10 @@ __all__ = [
     "StabiliserConfig",
     "AnalogConfig",
     "RunConfig",
-    "PRESET_DIR",
-    "preset_names",
-    "load_run_config",
+    "run_config_from",
+    "resolve_vocab",
     "merge",
 ]
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "presets"
 
 MODES = ("compare", "ep", "bptt", "bp")
 
@@ -197,6 +195,10 @@ class RunConfig:
     mode: str = "compare"
     path: str = "twin"  # mode "ep": which path ("twin" = digital, "analog")
     seed: int = 0
+    # The data order (training batches, evaluation batches) is drawn from `data_seed` when set,
+    # else from `seed`; a multi-seed sweep changes `seed` (initial weights, device samples, noise
+    # streams) on the same data order. None (the default) is dropped from config.toml.
+    data_seed: int | None = None
     dtype: str = "float32"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +213,8 @@ class RunConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("path", self.path, ("twin", "analog"))
         check_positive_int("seed", self.seed, minimum=0)
+        if self.data_seed is not None:
+            check_positive_int("data_seed", self.data_seed, minimum=0)
         check_choice("dtype", self.dtype, ("float32", "float64"))
         if self.training.seq_len > self.model.context:
             raise ConfigError(
@@ -238,6 +242,11 @@ class RunConfig:
             raise ConfigError("path", self.path, f"'twin' in mode {self.mode!r} (digital only)")
 
     @property
+    def order_seed(self) -> int:
+        """The seed of the data order: `data_seed` when set, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def uses_analog(self) -> bool:
         return self.mode == "compare" or (self.mode == "ep" and self.path == "analog")
 
@@ -262,22 +271,11 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
-
-
-def preset_path(name: str) -> Path:
-    path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
-        raise ConfigError("model", name, "a model preset: " + ", ".join(preset_names()))
-    return path
-
-
-def load_run_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Defaults < preset file (`experiments/presets/NAME.toml`) < overrides (nested tables)."""
+def run_config_from(preset_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults < preset file (a TOML file of `RunConfig` tables) < overrides (nested tables)."""
     data: dict[str, Any] = {}
-    if preset is not None:
-        data = load_toml(preset_path(preset))
+    if preset_file is not None:
+        data = load_toml(preset_file)
         if "vocab_size" in data.get("model", {}):
             raise ConfigError("model.vocab_size", data["model"]["vocab_size"], "not set in a preset (it comes from the tokenizer)")
     if overrides:

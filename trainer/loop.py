@@ -4,29 +4,34 @@
 step = one batch drawn from the data generator, handed to every path; each path runs its free
 phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
 
-Run directory (DESIGN §3): `config.toml` (resolved), `tokenizer.json`, `metrics.jsonl`,
-`checkpoints/last.pt` (atomic), `summary.json` (final figures, divergence event, physics
-choices), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
+(resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
+`summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
+counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
 at start and end, for the report's histograms).
 
-Nothing is written before the configuration, the data and the device have been checked, and an
-existing run is never overwritten (resume it, or choose another directory).
+Nothing is written before the configuration, the data and the device have been checked; a new
+run is then built in a locked staging folder and renamed once its first checkpoint (step 0)
+exists, so a failed start leaves nothing. An existing run is never overwritten (resume it, or
+choose another directory), and an analog run keeps its own resolved tile (`tile.toml`) and its
+provenance: a resume never reads the device file or preset again.
 
 Exact resume: the checkpoint holds every path's weights and device states, optimiser, controller,
 monitor, every generator (data sampler, jacreg probes, the arrays' noise and pulse generators)
 and the step; the metrics log is cut back to the checkpoint's step. A resumed run's rows then
 equal an uninterrupted run's in every field but `wall_time`.
 
-Ctrl-C: the first interrupt is deferred to the end of the current step, then a checkpoint is
-saved and the run exits cleanly (exit code 130); a second Ctrl-C aborts at once.
+Ctrl-C: the first interrupt (at any moment of `run`, set-up included) is deferred to the end of
+the current step, then a checkpoint is saved and the run exits cleanly (exit code 130); a second
+Ctrl-C aborts at once (KeyboardInterrupt; a run still in its staging folder is removed).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,19 +40,21 @@ from typing import Any, Mapping
 
 import torch
 
-from ept_hw.config import ConfigError, from_dict, load_toml, save_toml, to_dict
+from ept_hw.config import ConfigError, to_dict
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
 
-from .checkpoint import CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint
+from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TOKENIZER_FILE, TokenData, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import MetricsLog, empty_row
-from .twin import BPPath, BPTTPath, EPPath, StepOutcome, _cos, analog_counters, weight_gap
+from .metrics import PATH_KEYS, empty_row
+from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
+from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
-__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
+__all__ = ["RunResult", "run", "build_paths", "load_run", "physics_notes", "pulse_counters", "EXIT_DIVERGED",
+           "EXIT_INTERRUPTED"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +73,9 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------- building
-def build_paths(cfg: RunConfig) -> dict[str, Any]:
-    """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`)."""
+def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
+    """The paths of a run, all from the same initial weights (generator seeded with `cfg.seed`).
+    `tile`: the analog path's resolved `TileConfig` (default: resolved from `cfg.analog`)."""
     dtype = cfg.torch_dtype
     seed = cfg.seed
     if cfg.mode == "bp":
@@ -76,13 +84,12 @@ def build_paths(cfg: RunConfig) -> dict[str, Any]:
     if cfg.uses_analog:
         from .analog import build_analog_factory
 
-        factory, generators = build_analog_factory(cfg.analog, seed)
+        factory, generators = build_analog_factory(cfg.analog, seed, tile=tile)
         model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
-        paths["analog"] = EPPath("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
+        paths["analog"] = build_ep_path("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
     if cfg.mode != "ep" or cfg.path == "twin":
         model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype)
-        cls = BPTTPath if cfg.mode == "bptt" else EPPath
-        paths["twin"] = cls("twin", model, cfg, analog=False, probe_seed=seed + 7)
+        paths["twin"] = build_ep_path("twin", model, cfg, analog=False, probe_seed=seed + 7)
     return paths
 
 
@@ -158,22 +165,8 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "checkpoints")):
-        raise ValueError(f"{run_dir} already holds a run: resume it with --resume, or choose another --out")
-
-
-def _saved_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no run to resume (no config.toml)")
-    return from_dict(RunConfig, load_toml(path))
-
-
 def _eval_batches(data: TokenData, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.order_seed + 3)
     t = cfg.training
     return [sample_batch(data.val, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
 
@@ -208,19 +201,19 @@ def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     """Free-phase residual and verdict of a path's model on one validation batch."""
     idx, _ = batch
     _, fp = path.free_phase(idx)
-    out = {"residual": fp.residual, "floor": fp.floor, "steps": fp.steps, "converged": fp.result.converged}
+    out = {"residual": fp.residual_max, "floor": fp.floor_max, "steps": fp.n_steps, "converged": fp.converged}
     try:
         from ept_hw.stability import detect_limit_cycle
 
         # On the read-out weights (the analog arrays' effective weights): a verdict through noisy
         # reads would only ever see the noise floor.
-        model = path._shadow_model()
+        model = path.readout_model()
         x_in = model.embed(idx)
         rep = detect_limit_cycle(lambda z: model.force(z, x_in), x_in, eps=path.cfg.solver.eps, n_steps=1000)
         out["verdict"] = getattr(rep, "verdict", str(rep))
     except Exception as exc:  # the verdict is a diagnostic: never let it stop the run
         logger.warning("stability verdict unavailable: %s", exc)
-        out["verdict"] = "converged" if fp.result.converged else "not converged"
+        out["verdict"] = "converged" if fp.converged else "not converged"
     return out
 
 
@@ -246,14 +239,66 @@ def run(
     stop_after: int | None = None,
 ) -> RunResult:
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
-    (with a checkpoint) after that many steps in this call, as an interruption would."""
-    run_dir = Path(run_dir)
+    (with a checkpoint) after that many steps in this call, as an interruption would.
+
+    A new run is built in a locked staging folder beside `run_dir` and renamed to it once its
+    configuration, data and arrays are built and its first checkpoint (step 0) is written; any
+    failure before that (a bad config found when the arrays are built, a second Ctrl-C) removes
+    the staging folder, so a failed start leaves nothing. A resumed run holds the run's lock file
+    for the whole call: a second process on the same run is refused, naming the holder's pid.
+    The first Ctrl-C, at any moment of the call, ends the run after the current (or first) step
+    with a checkpoint."""
+    guard = _Guard()
+    with _Interrupt() as interrupt:
+        try:
+            return _run(cfg, RunDirectory(run_dir), interrupt, guard, resume=resume, init_ckpt=init_ckpt,
+                        progress=progress, stop_after=stop_after)
+        except BaseException:
+            guard.abandon()
+            raise
+        finally:
+            guard.release()
+
+
+class _Guard:
+    """The staging folder of a new run, or the lock of a resumed one."""
+
+    def __init__(self) -> None:
+        self.staging: Staging | None = None
+        self.lock: RunLock | None = None
+
+    def open(self, rd: RunDirectory, resume: bool) -> None:
+        if resume:
+            self.lock = RunLock(rd.path).acquire()
+        else:
+            self.staging = Staging(rd.path).__enter__()
+            rd.path = self.staging.folder
+
+    def commit(self, rd: RunDirectory) -> None:
+        if self.staging is not None:
+            rd.path = self.staging.commit()
+
+    def abandon(self) -> None:
+        if self.staging is not None and self.staging.folder != self.staging.target:
+            self.staging.discard()
+
+    def release(self) -> None:
+        if self.staging is not None:
+            self.staging.lock.release()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
+         init_ckpt: str | Path | None, progress: bool, stop_after: int | None) -> RunResult:
+    run_dir = rd.path
     if resume:
-        saved = _saved_config(run_dir)
-        ckpt_path = run_dir / "checkpoints" / CHECKPOINT_NAME
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({ckpt_path})")
-        data = prepare_data(saved.data, run_dir / TOKENIZER_FILE)
+        if not rd.config_path.is_file():
+            raise FileNotFoundError(f"{run_dir} holds no run to resume (no {rd.CONFIG})")
+        saved = rd.config()
+        if not rd.has_checkpoint():
+            raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from ({rd.latest_checkpoint_path})")
+        data = prepare_data(saved.data, rd.tokenizer_path)
         if cfg is not None:
             current = resolve_vocab(cfg, data.vocab_size)
             diffs = config_differences(to_dict(saved), to_dict(current))
@@ -263,7 +308,7 @@ def run(
     else:
         if cfg is None:
             raise ValueError("a configuration is needed for a new run")
-        _check_new_run_dir(run_dir)
+        check_out_dir(run_dir)
         data = prepare_data(cfg.data)
         cfg = resolve_vocab(cfg, data.vocab_size)
     t = cfg.training
@@ -273,32 +318,44 @@ def run(
             "validation tokens"
         )
     eval_batches = _eval_batches(data, cfg)
-    paths = build_paths(cfg)
+    tile = None
+    if cfg.uses_analog:
+        # the run's own copy on resume (never the file or preset it came from); else resolved now
+        from .analog import resolve_tile_config, self_contained_tile
+
+        tile = rd.tile_config() if resume else self_contained_tile(resolve_tile_config(cfg.analog))
+        if tile is None:  # a run written before runs kept their own copy: as it was built then
+            tile = resolve_tile_config(cfg.analog)
+    paths = build_paths(cfg, tile=tile)
     init_info = None
     if init_ckpt is not None and not resume:
         init_info = _init_from_checkpoint(paths, Path(init_ckpt), cfg)
         init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
 
-    # ---- everything checked: from here on we write
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    # ---- everything checked: from here on we write (a new run into its staging folder)
+    guard.open(rd, resume)
+    data_gen = torch.Generator().manual_seed(cfg.order_seed + 1)
     start_step = 0
     wall_offset = 0.0
     summary: dict[str, Any] = {}
     if resume:
-        ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+        ck, _ = rd.load_checkpoint()
         for name, p in paths.items():
             p.load_state_dict(ck["paths"][name])
         data_gen.set_state(ck["data_rng"])
         start_step = int(ck["step"])
         wall_offset = float(ck["wall_time"])
-        if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
+        summary = rd.read_summary()
         summary.pop("divergence", None)
         summary.pop("interrupted", None)
+        rd.append_event({"event": "resumed", "step": start_step, "command_line": list(sys.argv),
+                         "package_version": package_version()})
     else:
-        save_toml(run_dir / "config.toml", cfg)
-        data.tokenizer.save(run_dir / TOKENIZER_FILE)
+        rd.write_config(cfg)
+        rd.write_tokenizer(data.tokenizer)
+        if tile is not None:
+            rd.write_tile_config(tile)
+        rd.write_provenance(provenance(cfg, tile=tile))
         summary = {
             "mode": cfg.mode,
             "path": cfg.path,
@@ -315,8 +372,8 @@ def run(
             summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
         if init_info is not None:
             summary["init_ckpt"] = init_info
-        _save_conductances(run_dir, paths, "start")
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step - 1 if resume else None)
+        _save_conductances(rd, paths, "start")
+    log = rd.metrics_log(resume_step=start_step - 1 if resume else None)
     schedule = LRSchedule(t.schedule, t.steps)
     result = RunResult(run_dir, start_step, summary, paths=paths)
     t0 = time.perf_counter() - wall_offset
@@ -330,8 +387,17 @@ def run(
             "data_rng": data_gen.get_state(),
             "wall_time": time.perf_counter() - t0,
         }
-        save_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME, payload)
+        rd.save_checkpoint(payload)
 
+    if not resume:  # the first checkpoint (step 0) makes the run valid: it gets its name
+        try:
+            checkpoint(start_step)
+            guard.commit(rd)
+        except BaseException:
+            log.close()
+            raise
+    result.run_dir = run_dir = rd.path
+    log.path = rd.metrics_path
     bar = None
     if progress:
         from tqdm import tqdm
@@ -340,78 +406,79 @@ def run(
     step = start_step
     steps_this_call = 0
     try:
-        with _Interrupt() as interrupt:
-            while step < t.steps:
-                idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
-                lr = schedule.lr(t.lr, step)
-                health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
-                outcomes: dict[str, StepOutcome] = {}
-                event = None
-                evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
-                vals: dict[str, float] = {}
-                stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
-                    t.stability_every == -1 and evaluate)
-                stabs: dict[str, dict[str, Any] | None] = {}
-                for name, p in paths.items():
-                    try:
-                        outcomes[name] = p.train_step(idx, targets, lr, health=health)
-                        if evaluate:
-                            vals[name] = p.evaluate(eval_batches)
-                        if stab_now:
-                            stabs[name] = _stability(p, eval_batches[0])
-                    except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
-                        outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
-                        vals.pop(name, None)
-                        break
-                row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
-                for name, p in paths.items():
-                    if event is not None:
-                        break
-                    o = outcomes[name]
-                    event = p.monitor.check(step, o.loss, o.residual)
-                    if event is None and not _finite_update(o):
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
-                    if event is None and name in vals and not math.isfinite(vals[name]):
-                        event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
-                    if event is not None:
-                        break
-                log.append(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
-                                    | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+        while step < t.steps:
+            idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
+            lr = schedule.lr(t.lr, step)
+            health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+            outcomes: dict[str, StepOutcome] = {}
+            event = None
+            evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+            vals: dict[str, float] = {}
+            stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
+                t.stability_every == -1 and evaluate)
+            stabs: dict[str, dict[str, Any] | None] = {}
+            for name, p in paths.items():
+                try:
+                    outcomes[name] = p.train_step(idx, targets, lr, health=health)
+                    if evaluate:
+                        vals[name] = p.evaluate(eval_batches)
+                    if stab_now:
+                        stabs[name] = _stability(p, eval_batches[0])
+                except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+                    outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
+                    vals.pop(name, None)
+                    break
+            row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
+            for name, p in paths.items():
                 if event is not None:
-                    result.divergence = event
-                    summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
-                    _append_event(run_dir, {"event": "divergence", **event.to_dict()})
-                    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
-                    result.exit_code = EXIT_DIVERGED
-                    step += 1
                     break
+                o = outcomes[name]
+                event = p.monitor.check(step, o.loss, o.residual)
+                if event is None and not _finite_update(o):
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
+                if event is None and name in vals and not math.isfinite(vals[name]):
+                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
+                if event is not None:
+                    break
+            log.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
+                                | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+            if event is not None:
+                result.divergence = event
+                summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
+                rd.append_event({"event": "divergence", **event.to_dict()})
+                logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
+                result.exit_code = EXIT_DIVERGED
                 step += 1
-                steps_this_call += 1
-                stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
-                if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
-                    checkpoint(step)
-                    last_ckpt_step = step
-                if stop_now and step < t.steps:
-                    summary["interrupted"] = {"step": step}
-                    if interrupt.requested:
-                        _append_event(run_dir, {"event": "interrupted", "step": step})
-                        result.exit_code = EXIT_INTERRUPTED
-                    break
+                break
+            step += 1
+            steps_this_call += 1
+            stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
+                checkpoint(step)
+                last_ckpt_step = step
+            if stop_now and step < t.steps:
+                summary["interrupted"] = {"step": step}
+                if interrupt.requested:
+                    rd.append_event({"event": "interrupted", "step": step})
+                    result.exit_code = EXIT_INTERRUPTED
+                break
     finally:
         if bar is not None:
             bar.close()
         log.close()
     result.steps_completed = step
     if result.divergence is None:
-        _save_conductances(run_dir, paths, "end")
+        _save_conductances(rd, paths, "end")
     summary["steps_completed"] = step
     summary["wall_time"] = time.perf_counter() - t0
-    summary["final_val_loss"] = _final_vals(run_dir)
-    _write_summary(run_dir, summary)
+    summary["final_val_loss"] = rd.final_val_losses()
+    if "analog" in paths:
+        summary["analog_counters"] = pulse_counters(paths["analog"].model, step)
+    rd.write_summary(summary)
     result.summary = summary
     return result
 
@@ -428,19 +495,10 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     row["wall_time"] = wall
     for name, o in outcomes.items():
         p = paths[name]
-        row[f"{name}_loss"] = o.loss
+        for key in PATH_KEYS:  # every declared per-path metric the step outcome carries
+            if hasattr(o, key):
+                row[f"{name}_{key}"] = getattr(o, key)
         row[f"{name}_val_loss"] = vals.get(name)
-        row[f"{name}_residual"] = o.residual
-        row[f"{name}_residual_raw"] = o.residual_raw
-        row[f"{name}_residual_floor"] = o.residual_floor
-        row[f"{name}_free_steps"] = o.free_steps
-        row[f"{name}_nudge_steps"] = o.nudge_steps
-        row[f"{name}_gated"] = o.gated
-        row[f"{name}_jacreg_lambda"] = o.jacreg_lambda
-        row[f"{name}_update_norm"] = o.update_norm
-        row[f"{name}_adjoint_snr"] = o.adjoint_snr
-        row[f"{name}_eigreg_penalty"] = o.eigreg_penalty
-        row[f"{name}_eigreg_abs_lambda"] = o.eigreg_abs_lambda
         stab = (stabs or {}).get(name)
         if stab:
             for key in ("re_mu", "im_mu", "abs_lambda"):
@@ -458,47 +516,37 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     return row
 
 
-def _append_event(run_dir: Path, event: Mapping[str, Any]) -> None:
-    with (run_dir / "events.jsonl").open("a") as fh:
-        fh.write(json.dumps(dict(event)) + "\n")
+def pulse_counters(model: Any, step: int) -> dict[str, Any]:
+    """Endurance figures of an analog model's arrays, for the summary: the largest pulse count of
+    any unit cell, all pulses, the number of unit cells (one per weight) and the step they refer to."""
+    pmax = total = 0.0
+    cells = 0
+    for proj in model.projections.values():
+        counters = getattr(proj, "counters", None)
+        if counters is None:
+            continue
+        c = counters()
+        n = int(proj.in_features * proj.out_features)
+        pmax = max(pmax, float(c.get("pulses_max", 0.0)))
+        total += float(c.get("pulses_mean", 0.0)) * n
+        cells += n
+    return {"max_pulses_per_device": pmax, "total_pulses": total, "n_weights": cells, "checkpoint_step": step}
 
 
-def _write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(run_dir / "summary.json")
-
-
-def _final_vals(run_dir: Path) -> dict[str, float | None]:
-    from .metrics import PATHS, read_metrics
-
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    out: dict[str, float | None] = {}
-    for p in PATHS:
-        vals = [r[f"{p}_val_loss"] for r in rows if r.get(f"{p}_val_loss") is not None]
-        if vals:
-            out[p] = vals[-1]
-    return out
-
-
-def _save_conductances(run_dir: Path, paths: Mapping[str, Any], when: str) -> None:
+def _save_conductances(rd: RunDirectory, paths: Mapping[str, Any], when: str) -> None:
     if "analog" not in paths:
         return
-    target = run_dir / "conductances.pt"
-    data = torch.load(target, weights_only=False) if target.is_file() else {"quantity": "effective weight"}
-    data[when] = {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()}
-    tmp = run_dir / "conductances.pt.tmp"
-    torch.save(data, tmp)
-    tmp.replace(target)
+    rd.save_conductances(when, {n: p.weight.detach().clone() for n, p in paths["analog"].model.projections.items()})
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, TokenData, dict[str, Any]]:
-    """Config, data and paths of a run restored from its last checkpoint (for `sample`)."""
-    run_dir = Path(run_dir)
-    cfg = _saved_config(run_dir)
-    data = prepare_data(cfg.data, run_dir / TOKENIZER_FILE)
-    paths = build_paths(cfg)
-    ck = load_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[RunConfig, TokenData, dict[str, Any]]:
+    """Config, data and paths of a run restored from its latest readable checkpoint (or the
+    checkpoint file `checkpoint`), for `sample`, `stability` and the benchmarks."""
+    rd = RunDirectory(run_dir).require_run()
+    cfg = rd.config()
+    data = prepare_data(cfg.data, rd.tokenizer_path)
+    paths = build_paths(cfg, tile=rd.tile_config() if cfg.uses_analog else None)
+    ck = load_checkpoint(checkpoint) if checkpoint is not None else rd.load_checkpoint()[0]
     for name, p in paths.items():
         p.load_state_dict(ck["paths"][name])
     return cfg, data, paths

@@ -7,49 +7,120 @@ figures that compare the paths are per projection (`update_cos`, `weight_gap_per
 Non-finite floats are written as JSON's `NaN`/`Infinity` tokens (Python's `json` reads them), so a
 diverged step is recorded as it was.
 
+Each figure is declared once in `METRICS` (key, meaning, label, scope, how the report aggregates
+it); `ROW_KEYS`, the report's final figures (`final_figures`) and its table (`figure_rows`) derive
+from that list, so a new metric is one `Metric(...)` line here plus the code that measures it.
+
 On resume the log is cut back to the checkpoint's step (rows logged after the last checkpoint by
-the interrupted run are dropped), so the resumed rows follow on without duplicates.
+the interrupted run are dropped), so the resumed rows follow on without duplicates. A torn last
+line is dropped on read, with a warning naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["PATHS", "PATH_KEYS", "empty_row", "MetricsLog", "read_metrics", "ROW_KEYS"]
+__all__ = ["Metric", "METRICS", "PATHS", "PATH_KEYS", "ROW_KEYS", "empty_row", "MetricsLog", "read_metrics", "column",
+           "final_figures", "figure_rows",
+           "aggregate", "active_paths"]
 
 PATHS = ("analog", "twin")
 
-#: Figures logged for each path (prefixed by the path name).
-PATH_KEYS = (
-    "loss",  # training loss of the batch at the free-phase state (mean CE over tokens)
-    "val_loss",  # at intervals
-    "residual",  # free-phase residual used by the gate/controller (noise-aware on the analog path)
-    "residual_raw",  # last one-step residual (analog: includes the read noise)
-    "residual_floor",  # the noise floor of the residual (0 on the digital path)
-    "free_steps",  # integrator steps of the free phase
-    "nudge_steps",
-    "gated",  # the validity gate skipped the nudge at this step
-    "saturation",  # fraction of devices at a bound (analog)
-    "pulses",  # pulses applied so far, all arrays (analog)
-    "adc_conversions",  # ADC conversions so far (analog)
-    "adjoint_snr",  # ||a|| / spread of a over repeated reads (analog)
-    "jacreg_lambda",
-    "eigreg_penalty",  # eigreg penalty at this step's free-phase state (before the update)
-    "eigreg_abs_lambda",  # eigreg's leading |lambda| of I + eps J (subspace iteration, worst sample)
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure of `metrics.jsonl`, declared once: rows, the report's final-figures table and its
+    plots derive from this list.
+
+    `scope`: "common" (one per row), "path" (one per path, keyed `<path>_<key>`), "cross" (compares
+    the paths), "health" (the twin's estimator health probe). `aggregate` says how the report's
+    final figure is formed from the logged values ("last": the last logged value, "mean20": the
+    mean of the last 20 finite values, "count": the number of rows where it is true); `figure` is
+    that final figure's name and `figure_label` its label (default `label`). A metric with no
+    `aggregate` is logged and plotted but has no final figure.
+    """
+
+    key: str
+    meaning: str
+    label: str
+    scope: str = "path"
+    aggregate: str | None = None
+    figure: str | None = None
+    figure_label: str | None = None
+
+    @property
+    def figure_name(self) -> str:
+        return self.figure or self.key
+
+    def row_keys(self) -> tuple[str, ...]:
+        return tuple(f"{p}_{self.key}" for p in PATHS) if self.scope == "path" else (self.key,)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("step", "0-based training step", "step", "common"),
+    Metric("lr", "learning rate of the step (schedule applied)", "learning rate", "common"),
+    Metric("wall_time", "seconds since the run started (resumes included)", "wall time (s)", "common"),
+    Metric("loss", "training loss of the batch at the free-phase state (mean CE over tokens)", "train loss",
+           aggregate="mean20", figure="train_loss_last20", figure_label="train loss, mean of last 20 logged steps"),
+    Metric("val_loss", "validation loss (mean CE over the fixed validation batches), at evaluations",
+           "validation loss (nats/token)", aggregate="last"),
+    Metric("residual", "free-phase residual used by the gate/controller (noise-aware on the Euler paths)",
+           "free-phase residual (noise-aware)", aggregate="mean20", figure="residual_last20",
+           figure_label="free-phase residual (noise-aware), last 20"),
+    Metric("residual_raw", "last one-step residual of the free phase (analog: includes the read noise)",
+           "raw one-step residual"),
+    Metric("residual_floor", "one-step residual of read noise alone at the free-phase state (0 on the digital path)",
+           "residual noise floor", aggregate="mean20", figure="residual_floor_last20",
+           figure_label="residual noise floor, last 20"),
+    Metric("free_steps", "integrator steps of the free phase", "free-phase steps", aggregate="mean20",
+           figure="free_steps_last20", figure_label="free-phase steps, last 20"),
+    Metric("nudge_steps", "Euler steps of each nudged phase", "nudge steps"),
+    Metric("gated", "the validity gate skipped the nudge at this step", "gated", aggregate="count",
+           figure="gated_steps", figure_label="steps gated (nudge skipped)"),
+    Metric("saturation", "fraction of devices at a bound (analog)", "device saturation fraction", aggregate="last"),
+    Metric("pulses", "pulses applied so far, all arrays (analog)", "pulses applied", aggregate="last"),
+    Metric("adc_conversions", "ADC conversions so far (analog)", "ADC conversions", aggregate="last"),
+    Metric("adjoint_snr", "||a|| / spread of the adjoint over repeated nudges (analog health probe)",
+           "adjoint SNR", aggregate="mean20", figure_label="adjoint SNR (mean of probes)"),
+    Metric("jacreg_lambda", "jacreg weight λ used at this step", "jacreg λ", aggregate="last"),
+    Metric("eigreg_penalty", "eigreg penalty at this step's free-phase state (before the update)",
+           "eigreg penalty", aggregate="last", figure_label="eigreg penalty (digital assist on the analog path)"),
+    Metric("eigreg_abs_lambda", "eigreg's leading |λ| of I + εJ (subspace iteration, worst sample)", "eigreg |λ|"),
     # Leading eigenvalues at a validation operating point (ARPACK, `training.stability_every`); on
     # the analog path on the arrays' read-out weights (a digital copy), not through noisy reads.
-    "re_mu",  # largest Re mu of J (mu < 0: the fixed point attracts)
-    "im_mu",  # |Im mu| of that eigenvalue (a pair crossing Re mu = 0 with Im != 0: Hopf)
-    "abs_lambda",  # largest |lambda| of the Euler map I + eps J
-    "update_norm",  # Frobenius norm of the applied projection updates lr*delta u^T, all projections
+    Metric("re_mu", "largest Re μ of J (μ < 0: the fixed point attracts)", "leading Re μ of J", aggregate="last",
+           figure_label="leading Re μ of J (analog: read-out weights)"),
+    Metric("im_mu", "|Im μ| of that eigenvalue (a pair crossing Re μ = 0 with Im ≠ 0: Hopf)", "|Im μ|",
+           aggregate="last", figure_label="|Im μ| of that eigenvalue"),
+    Metric("abs_lambda", "largest |λ| of the Euler map I + εJ", "largest |λ| of I + εJ", aggregate="last"),
+    Metric("update_norm", "Frobenius norm of the applied projection updates lr·Σδuᵀ, all projections",
+           "update norm"),
+    Metric("update_cos", "per projection: cosine between the analog and the twin update", "update cosine", "cross"),
+    Metric("weight_gap", "‖W_analog − W_twin‖/‖W_twin‖ over all projections", "weight gap", "cross"),
+    Metric("weight_gap_per_projection", "per projection: ‖W_analog − W_twin‖/‖W_twin‖", "weight gap per projection",
+           "cross"),
+    Metric("health_cos", "cosine of the twin's EP gradient against the implicit gradient", "cos(EP, implicit)",
+           "health"),
+    Metric("health_norm_ratio", "‖EP gradient‖/‖implicit gradient‖ on the twin", "‖EP‖/‖implicit‖", "health"),
+    Metric("health_self_coherence", "cosine between two half-batch EP estimates on the twin",
+           "half-batch self-coherence", "health"),
 )
 
-COMMON_KEYS = ("step", "lr", "wall_time")
-CROSS_KEYS = ("update_cos", "weight_gap", "weight_gap_per_projection")
-HEALTH_KEYS = ("health_cos", "health_norm_ratio", "health_self_coherence")
+_BY_SCOPE = {scope: tuple(m.key for m in METRICS if m.scope == scope) for scope in ("common", "path", "cross", "health")}
+
+#: Figures logged for each path (prefixed by the path name).
+PATH_KEYS = _BY_SCOPE["path"]
+COMMON_KEYS = _BY_SCOPE["common"]
+CROSS_KEYS = _BY_SCOPE["cross"]
+HEALTH_KEYS = _BY_SCOPE["health"]
+
+logger = logging.getLogger(__name__)
 
 ROW_KEYS = COMMON_KEYS + tuple(f"{p}_{k}" for p in PATHS for k in PATH_KEYS) + CROSS_KEYS + HEALTH_KEYS
 
@@ -69,10 +140,10 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         else:
+            from .rundir import atomic_write
+
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")
 
     def append(self, row: Mapping[str, Any]) -> None:
@@ -97,13 +168,25 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log. A torn last line (a crash while it was written) is dropped with a
+    warning naming the file; an unreadable line before the last raises `ValueError` naming the
+    file and the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file {path} does not exist")
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
+    for k, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if k == len(lines) - 1:
+                logger.warning("%s: dropped a torn last line (line %d: %s)", path, i, exc)
+                break
+            raise ValueError(f"{path} line {i} is not a metrics row ({exc})") from exc
+        rows.append(row)
     return rows
 
 
@@ -116,3 +199,37 @@ def column(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list
             steps.append(r["step"])
             values.append(v)
     return steps, values
+
+
+def _finite_values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]], key: str, how: str) -> Any:
+    """A column's summary: "last" logged value, "mean20" (mean of the last 20 finite values), "count" (true rows)."""
+    if how == "last":
+        return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+    if how == "mean20":
+        vals = _finite_values([r for r in rows if r.get(key) is not None][-20:], key)
+        return sum(vals) / len(vals) if vals else None
+    if how == "count":
+        return sum(1 for r in rows if r.get(key))
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def active_paths(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The paths that logged a training loss."""
+    return [p for p in PATHS if any(r.get(f"{p}_loss") is not None for r in rows)]
+
+
+def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per active path: every declared final figure (`Metric.figure_name` -> its aggregate)."""
+    return {p: {m.figure_name: aggregate(rows, f"{p}_{m.key}", m.aggregate)
+                for m in METRICS if m.scope == "path" and m.aggregate}
+            for p in active_paths(rows)}
+
+
+def figure_rows() -> list[tuple[str, str]]:
+    """(figure name, label) of every per-path final figure, in declaration order (the report table)."""
+    return [(m.figure_name, m.figure_label or m.label) for m in METRICS if m.scope == "path" and m.aggregate]

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train analog and digital twin side by side by EP",
         description="Analog path (every projection on a simulated crossbar) and digital twin (exact fp32), "
         "from the same initial weights, on the same batches, with the same learning rule. Writes "
-        "config.toml, metrics.jsonl, checkpoints and summary.json under --out.",
+        "config.toml, tile.toml (the device as trained), provenance.json, metrics.jsonl, checkpoints and "
+        "summary.json under --out (default: the first free runs/compare-N).",
     )
     add_run_arguments(p)
     p.add_argument("--report", action="store_true", help="write the report (plots, report.md) at the end")

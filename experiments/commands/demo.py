@@ -38,7 +38,7 @@ def _free_dir(base: Path) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from experiments.report import write_report
     from experiments.run_args import apply_threads, print_result
-    from trainer.config import load_run_config
+    from experiments.presets import load_run_config
     from trainer.loop import run
 
     apply_threads(args)

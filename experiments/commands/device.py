@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pulses per direction (default: round((w_max - w_min) / granularity), as aihwkit)")
     r.add_argument("--n-loops", type=int, default=2, help="up/down cycles (default 2)")
     r.add_argument("--w-init", type=float, default=None, help="start weight (default w_min)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the device samples and pulse noise")
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(func=_response)
 
@@ -39,13 +39,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("trace", help="trace CSV file")
     f.add_argument("--model", required=True, choices=FIT_MODELS)
     f.add_argument("--out", required=True, help="device TOML to write")
-    f.add_argument("--g-min", type=float, default=None, help="conductance mapped to weight -1")
+    f.add_argument("--g-min", type=float, default=None,
+                   help="conductance mapped to weight -1 (values are weights when neither is given)")
     f.add_argument("--g-max", type=float, default=None, help="conductance mapped to weight +1")
     f.set_defaults(func=_fit)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _response(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory (response.json and response.png go into a directory)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            break
     cfg = load_device(args.device)
     resp = run_pulse_response(cfg, n_devices=args.n_devices, n_steps=args.n_steps, n_loops=args.n_loops,
                               w_init=args.w_init, seed=args.seed)
@@ -68,12 +77,23 @@ def _fmt_label(x: float) -> str:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give the device TOML file to write (e.g. {out / 'device.toml'})")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     traces = read_traces(args.trace, args.g_min, args.g_max)
     result = fit_device(traces, args.model)
     print(f"fit {args.model} to {len(traces)} trace(s), {result.n_pulses} pulses")
     for name, value in result.params.items():
         print(f"  {name:10s} = {value:.6g}")
-    print(f"  dw_min_std = {result.dw_min_std:.4g} (cycle-to-cycle, from the residuals)")
+    if result.read_noise is not None:
+        print(f"  dw_min_std = {result.dw_min_std:.4g} (cycle-to-cycle, from the residuals less the read noise)")
+        print(f"  read noise = {result.read_noise:.4g} per read (weight units), from {result.extra['repeated_reads']} "
+              "repeated reads (not a device parameter: see the tile's forward IO out_noise / w_noise)")
+    else:
+        print(f"  dw_min_std = {result.dw_min_std:.4g} (from the residuals; the traces hold no repeated reads, so any "
+              "read noise is folded in: an upper bound on the cycle-to-cycle noise)")
     print(f"fit error: one-step RMS {result.step_rms:.3f} of the mean step; "
           f"trajectory RMS {result.trajectory_rms:.4f} of (w_max - w_min)")
     seen = result.extra["bounds_seen"]
@@ -85,9 +105,12 @@ def _fit(args: argparse.Namespace) -> int:
     cfg = result.config
     doc = {"device": cfg.to_dict(),
            "fit": {"source": str(args.trace), "step_rms": result.step_rms, "trajectory_rms": result.trajectory_rms,
+                   **({} if result.read_noise is None else {"read_noise_std": result.read_noise}),
                    "nonlinearity_ltp": result.nonlinearity_ltp, "nonlinearity_ltd": result.nonlinearity_ltd,
                    **{f"raw_{k}": v for k, v in result.params.items()}}}
     doc["fit"] = {k: v for k, v in doc["fit"].items() if not (isinstance(v, float) and math.isnan(v))}
-    Path(args.out).write_text(tomli_w.dumps(doc))
+    from trainer.rundir import atomic_write
+
+    atomic_write(out, tomli_w.dumps(doc))
     print(f"wrote {args.out} (device-to-device spreads set to 0: one nominal device)")
     return 0

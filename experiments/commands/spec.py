@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--pdf", action="store_true", help="also write device_spec.pdf")
     e.add_argument("--tolerance", type=float, help="gap tolerance for the requirements [nats] (default: the sweep's)")
     e.add_argument("--no-pulse-response", action="store_true", help="skip the pulse-response simulation and plot")
+    e.add_argument("--json", action="store_true", help="print a JSON summary (files, requirements) instead of text")
     e.set_defaults(func=_export)
     v = sub.add_parser("validate", help="check a device_spec.json against the schema")
     v.add_argument("file")
@@ -36,12 +37,20 @@ def _export(args: argparse.Namespace) -> int:
 
     result = export_spec(args.source, args.out, pdf=args.pdf, tolerance=args.tolerance,
                          pulse_response=not args.no_pulse_response)
+    if args.json:
+        print(json.dumps({"spec": str(result.spec_path), "markdown": str(result.markdown_path),
+                          "pdf": None if result.pdf_path is None else str(result.pdf_path),
+                          "plots": [str(p) for p in result.plots], "schema_version": result.spec["schema_version"],
+                          "requirements": [{k: r.get(k) for k in ("axis", "required", "unit", "status", "interval",
+                                                                   "seeds", "steps", "how")}
+                                           for r in result.spec["requirements"]["rows"]]}))
+        return 0
     print(f"device spec: {result.spec_path} (schema {result.spec['schema_version']}, validated)")
     print(f"datasheet: {result.markdown_path}")
     if result.pdf_path is not None:
         print(f"pdf: {result.pdf_path}")
     for row in result.spec["requirements"]["rows"]:
-        print(f"  requires {row['axis']}: {row['required']} [{row['unit']}] ({row['status']})")
+        print(f"  requires {row['axis']}: {row['required']} [{row['unit']}] ({row['status']}): {row.get('how', '')}")
     return 0
 
 
@@ -49,12 +58,17 @@ def _validate(args: argparse.Namespace) -> int:
     from experiments.spec import validate_spec
 
     path = Path(args.file)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the device_spec.json file inside it"
+                         + (f" ({path / 'device_spec.json'})" if (path / "device_spec.json").is_file() else ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} is JSON but not a device spec (a {type(spec).__name__}, not an object)")
     validate_spec(spec)
     print(f"{path}: valid device spec (schema {spec['schema_version']})")
     return 0

@@ -1,15 +1,15 @@
 """`ept-hw stability runs/NAME`: leading eigenvalues, limit-cycle verdict and attention knockout
-of a run's paths at a checkpoint. Writes RUN/stability.json and RUN/stability.txt."""
+of a run's paths at a checkpoint. Writes RUN/stability/stability.json and RUN/stability/stability.txt."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_ALPHAS = (1.0, 0.5, 0.0)
+SUBDIR = "stability"  # the command's own sub-folder of the run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,12 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For each path of the run (the analog one on its arrays' read-out weights: a digital copy, "
         "not noisy reads), relax the validation sequences, then report at the operating point of the worst one "
         "the leading continuous eigenvalue Re μ (and |Im μ|) of J, the largest |λ| of I + εJ, the verdict of a "
-        "longer relaxation and the same verdict with W_O scaled by each α (SCIENCE §4). Writes RUN/stability.json "
-        "and RUN/stability.txt.",
+        "longer relaxation and the same verdict with W_O scaled by each α (SCIENCE §4). Writes RUN/stability/stability.json "
+        "and RUN/stability/stability.txt.",
     )
     p.add_argument("run_dir", help="runs/NAME")
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint step (only the last checkpoint is kept: its step) or a .pt file; default: the last")
+                   help="a checkpoint step (one of the two kept) or a .pt file (default: the latest)")
     p.add_argument("--samples", type=int, default=4, help="validation sequences (the worst one gives the eigenvalues)")
     p.add_argument("--steps", type=int, default=500, help="Euler steps of the limit-cycle and knockout runs")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="W_O scales of the knockout")
@@ -37,29 +37,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(run_dir: Path, checkpoint: str | None):
-    from trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from trainer.checkpoint import load_checkpoint
     from trainer.loop import load_run
+    from trainer.rundir import RunDirectory
 
-    if not run_dir.is_dir() or not (run_dir / "config.toml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.toml): train one with `ept-hw train`")
-    last = run_dir / "checkpoints" / CHECKPOINT_NAME
-    if not last.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint ({last})")
-    cfg, data, paths = load_run(run_dir)
-    step = int(load_checkpoint(last)["step"])
-    if checkpoint is not None:
-        if checkpoint.isdigit():
-            if int(checkpoint) != step:
-                raise ValueError(f"--checkpoint {checkpoint}: {run_dir} keeps only its last checkpoint (step {step})")
-        else:
-            path = Path(checkpoint)
-            if not path.is_file():
-                raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-            ck = load_checkpoint(path)
-            for name, p in paths.items():
-                p.load_state_dict(ck["paths"][name], weights_only=True)
-            step = int(ck["step"])
-    return cfg, data, paths, step
+    rd = RunDirectory(run_dir)
+    if not rd.path.is_dir() or not rd.config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {rd.CONFIG}): train one with `ept-hw train`")
+    if not rd.has_checkpoint():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({rd.latest_checkpoint_path})")
+    if checkpoint is None:
+        ck, ck_path = rd.load_checkpoint()
+    elif checkpoint.isdigit():
+        kept = {}
+        for f in rd.checkpoints():
+            try:
+                kept[int(load_checkpoint(f)["step"])] = f
+            except ValueError:
+                continue
+        if int(checkpoint) not in kept:
+            raise ValueError(f"--checkpoint {checkpoint}: {run_dir} keeps its two latest checkpoints "
+                             f"(steps {', '.join(str(k) for k in sorted(kept)) or 'none readable'})")
+        ck_path = kept[int(checkpoint)]
+        ck = load_checkpoint(ck_path)
+    else:
+        ck_path = Path(checkpoint)
+        if not ck_path.is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+        ck = load_checkpoint(ck_path)
+    cfg, data, paths = load_run(run_dir, ck_path)
+    return cfg, data, paths, int(ck["step"])
 
 
 def stability_of_run(
@@ -74,9 +81,7 @@ def stability_of_run(
     """Stability figures of every EP path of a run (library function behind the command)."""
     import torch
 
-    from ept_hw.stability import (attention_knockout, detect_limit_cycle, find_operating_point,
-                                  leading_eigenvalues)
-    from ept_hw.relaxation import one_step_residual
+    from ept_hw.stability import attention_knockout, detect_limit_cycle, eigenvalues_at_worst, find_operating_point
     from trainer.data import sample_batch
 
     if samples < 1:
@@ -93,18 +98,14 @@ def stability_of_run(
     out: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint_step": step, "samples": samples, "paths": {}}
     for name, path in paths.items():
         tp = time.perf_counter()
-        model = path._shadow_model()  # analog: a digital copy programmed from the read-out weights
+        model = path.readout_model()  # analog: a digital copy programmed from the read-out weights
         with torch.no_grad():
             x_in = model.embed(idx)
         force = lambda z, x=x_in: model.force(z, x)  # noqa: E731
         op = find_operating_point(force, x_in, solver, long_steps=max(solver.max_steps, steps),
                                   search_unstable=search)
-        with torch.no_grad():
-            res = one_step_residual(op.z, force(op.z), solver.eps)
-        b = int(torch.argmax(res))
-        xb = x_in[b : b + 1]
-        eig = leading_eigenvalues(lambda z: model.force(z, xb), op.z[b : b + 1], solver.eps, k=2, tol=1e-4, ncv=12,
-                                  maxiter=1000, generator=torch.Generator().manual_seed(cfg.seed + 11))
+        b, res, eig = eigenvalues_at_worst(model, x_in, op.z, solver.eps, k=2, tol=1e-4, ncv=12, maxiter=1000,
+                                           generator=torch.Generator().manual_seed(cfg.seed + 11))
         cyc = detect_limit_cycle(force, x_in, eps=solver.eps, n_steps=steps, tol=solver.tol)
         knock = attention_knockout(model, idx, tuple(alphas), eps=solver.eps, n_steps=steps, tol=solver.tol)
         out["paths"][name] = {
@@ -118,8 +119,11 @@ def stability_of_run(
             "period": cyc.period, "knockout": knock, "seconds": time.perf_counter() - tp,
         }
     out["seconds"] = time.perf_counter() - t0
-    (run_dir / "stability.json").write_text(json.dumps(out, indent=2, default=float))
-    (run_dir / "stability.txt").write_text(summary_text(out))
+    from trainer.rundir import RunDirectory
+
+    rd = RunDirectory(run_dir)
+    rd.write_json(f"{SUBDIR}/stability.json", out, default=float)
+    rd.write_text(f"{SUBDIR}/stability.txt", summary_text(out))
     return out
 
 

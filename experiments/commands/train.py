@@ -17,12 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`--mode bp` trains a standard transformer of matched width.",
     )
     add_run_arguments(p)
-    p.add_argument("--mode", choices=("ep", "bptt", "bp"), help="default ep")
+    p.add_argument("--mode", choices=("ep", "bptt", "bp"), help="default: ep (or --config's)")
     p.add_argument("--path", choices=("twin", "analog"), help="mode ep: digital (twin, default) or analog arrays")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"))
-    p.add_argument("--schedule", choices=("constant", "wsd"))
-    p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--ema", type=float, help="parameter EMA decay (0: off)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: sgd (or the preset's)")
+    p.add_argument("--schedule", choices=("constant", "wsd"), help="learning-rate schedule (default: constant)")
+    p.add_argument("--warmup", type=int, help="warmup steps of the wsd schedule (default: the preset's)")
+    p.add_argument("--ema", type=float, help="parameter EMA decay, 0: off (default: the preset's)")
     p.add_argument("--report", action="store_true", help="write the report at the end")
     p.set_defaults(func=_run)
 
@@ -31,8 +31,10 @@ def _run(args: argparse.Namespace) -> int:
     apply_threads(args)
     check_run_target(args)
     base: dict = {}
-    if args.mode is not None or not args.resume:
-        base["mode"] = args.mode or "ep"
+    if args.mode is not None:
+        base["mode"] = args.mode
+    elif not args.resume and args.config is None:
+        base["mode"] = "ep"
     for attr, key in (("path", "path"),):
         if getattr(args, attr) is not None:
             base[key] = getattr(args, attr)

@@ -1,73 +1,26 @@
-"""Device-specification export: `device_spec.json` (schema-validated), `device_spec.md`, optional PDF.
-
-The source is either a `compare` run directory (``runs/NAME``: `config.toml`, `metrics.jsonl`,
-`summary.json`, optionally `conductances.pt`) or a sweep directory written by `ept-hw sweep`
-(`sweep.json`, `sweep_manifest.json`, `points/`, `runs/<point id>/`). From a sweep the device,
-periphery, derived figures and training figures are those of the base point (every axis at the
-base) and the requirements table is derived from every point (`experiments.sweep.derive_requirements`);
-from a single run the requirements table is empty and says so.
-
-Units (stated in the file as well): weights in aihwkit's normalised weight units (the device's
-conductance range mapped onto [w_min, w_max]); inputs and outputs of an MVM in the tile's
-normalised units (aihwkit: an input of 1 is the full DAC range `inp_bound`); time in units of τ,
-the time constant of the relaxation circuit (τ dz/dt = F(z), one Euler step is ε τ); losses in
-nats per token.
-
-Derived figures and where this differs from aihwkit's vocabulary:
-- number of states = (w_max − w_min)/granularity, with aihwkit's `calcWeightGranularity` (the
-  devices package's `granularity`, ExpStep typo included);
-- asymmetry = (Δw⁺ − Δw⁻)/(Δw⁺ + Δw⁻) of the mean device at w = 0 (equal to aihwkit's `up_down`
-  for step-constant devices), measured by the pulse-response protocol when it runs;
-- endurance = the largest number of pulses any single device received over the run (as counted by
-  the arrays); pulses per device per training step = all pulses / (devices · steps);
-- ADC conversions per token = ADC conversions of the training run / (steps · batch · sequence);
-- settling time = mean number of free-phase Euler steps · ε, in τ.
-"""
+"""The `device_spec.json` mapping: sections from a run (device, periphery, derived figures,
+training) and, from a sweep, the requirements table; `build_spec` validates it."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import importlib.resources
 import json
 import logging
 import math
-import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from crossbar.io import bits_from_res
 from ept_hw.config import ConfigError, config_hash, load_toml
+from experiments.runfacts import IncompleteRunError, RunFacts, check_run_dir, read_json
+from experiments.sweep.requirements import TWIN_MARGIN, Requirement, derive_requirements
 
-from .sweep import Requirement, derive_requirements, plot_gaps
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "IncompleteRunError",
-    "SpecValidationError",
-    "load_schema",
-    "validate_spec",
-    "RunFacts",
-    "read_run",
-    "check_run_dir",
-    "check_sweep_dir",
-    "device_source",
-    "build_spec",
-    "ExportResult",
-    "export_spec",
-    "PARAMETER_UNITS",
-    "checkpoint_pulse_counts",
-    "periphery_section",
-    "resolve_tile",
-    "is_sweep_dir",
-]
+from .schema import SCHEMA_VERSION, validate_spec
 
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = "1.0.0"
-SCHEMA_FILE = "spec_schema.json"
 
 UNITS_CONVENTION = {
     "weight": "aihwkit normalised weight units (the device's conductance range mapped onto [w_min, w_max])",
@@ -115,212 +68,6 @@ PARAMETER_UNITS: dict[str, str] = {
     "construction_seed": "-",
 }
 
-
-class IncompleteRunError(FileNotFoundError):
-    """A run or sweep directory lacks something the export needs; the message names every missing piece."""
-
-    def __init__(self, path: str | Path, missing: Sequence[str]):
-        self.path = Path(path)
-        self.missing = list(missing)
-        super().__init__(f"{self.path} is incomplete or corrupted: " + "; ".join(self.missing))
-
-
-class SpecValidationError(ValueError):
-    """An export that does not satisfy `spec_schema.json`; the message gives the JSON path."""
-
-
-# --------------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------------
-
-
-def load_schema() -> dict[str, Any]:
-    """The JSON Schema shipped with the package (`experiments/spec_schema.json`)."""
-    text = importlib.resources.files("experiments").joinpath(SCHEMA_FILE).read_text()
-    return json.loads(text)
-
-
-def validate_spec(spec: Mapping[str, Any]) -> None:
-    """Raise `SpecValidationError` (naming the JSON path and the rule) unless `spec` fits the schema."""
-    import jsonschema
-
-    schema = load_schema()
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-    errors = sorted(validator.iter_errors(spec), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise SpecValidationError(f"device spec does not match schema {SCHEMA_VERSION} at {where}: {first.message}{more}")
-
-
-# --------------------------------------------------------------------------------------------
-# Reading a run
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunFacts:
-    """What the export reads from one `compare` run directory."""
-
-    path: Path
-    config: dict[str, Any]
-    rows: list[dict[str, Any]]
-    summary: dict[str, Any]
-    counters: dict[str, Any] = field(default_factory=dict)
-    n_weights: int | None = None
-
-    @property
-    def run_id(self) -> str:
-        return self.path.name
-
-    @property
-    def config_hash(self) -> str:
-        return config_hash(self.config)
-
-    def last(self, key: str) -> float | None:
-        for r in reversed(self.rows):
-            v = r.get(key)
-            if v is not None:
-                return v
-        return None
-
-    def column(self, key: str) -> list[float]:
-        return [r[key] for r in self.rows if r.get(key) is not None]
-
-
-def _read_json(path: Path, missing: list[str], what: str) -> Any:
-    if not path.is_file():
-        missing.append(f"missing {path.name} ({what})")
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        missing.append(f"unreadable {path.name} ({exc})")
-        return None
-
-
-def check_run_dir(run_dir: str | Path) -> RunFacts:
-    """Read a `compare` run directory; raise `IncompleteRunError` naming everything missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise IncompleteRunError(run_dir, ["the directory does not exist"])
-    missing: list[str] = []
-    if not any((run_dir / n).exists() for n in ("config.toml", "metrics.jsonl", "summary.json", "checkpoints")):
-        missing.append("neither a run directory (config.toml, metrics.jsonl, summary.json) nor a sweep directory "
-                       "(sweep.json, sweep_manifest.json, points/, runs/)")
-    config: dict[str, Any] | None = None
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        missing.append("missing config.toml (the resolved run configuration)")
-    else:
-        try:
-            config = load_toml(cfg_path)
-        except ConfigError as exc:
-            missing.append(f"unreadable config.toml ({exc.allowed})")
-    rows: list[dict[str, Any]] = []
-    m_path = run_dir / "metrics.jsonl"
-    if not m_path.is_file():
-        missing.append("missing metrics.jsonl (the per-step metrics log)")
-    else:
-        for i, line in enumerate(m_path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                missing.append(f"metrics.jsonl line {i} is not JSON (corrupted log)")
-                break
-        if not rows:
-            missing.append("metrics.jsonl has no rows (the run logged no step)")
-    summary = _read_json(run_dir / "summary.json", missing, "final figures written at the end of a run")
-    if config is not None:
-        mode = config.get("mode", "compare")
-        if mode != "compare" and not (mode == "ep" and config.get("path") == "analog"):
-            missing.append(f"config.toml mode is {mode!r}: a device spec needs an analog run (mode 'compare')")
-    if rows:
-        for key, what in (("analog_val_loss", "validation loss of the analog path"),
-                          ("twin_val_loss", "validation loss of the digital twin")):
-            if not any(r.get(key) is not None for r in rows):
-                missing.append(f"metrics.jsonl has no {key} ({what})")
-    if missing:
-        raise IncompleteRunError(run_dir, missing)
-    facts = RunFacts(run_dir, config or {}, rows, summary or {})
-    facts.counters = dict(facts.summary.get("analog_counters") or {})
-    facts.counters.update({k: v for k, v in checkpoint_pulse_counts(run_dir).items() if k not in facts.counters})
-    facts.n_weights = _count_weights(run_dir, facts)
-    return facts
-
-
-def checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
-    """Per-device pulse counters of the analog path found in the last checkpoint.
-
-    The crossbar keeps a `pulse_count` tensor per tile (one entry per unit cell: the device of a
-    weight, or the pair G+/G- of a differential cell); every such tensor in the analog path's state
-    counts. Returns {} when the run has no checkpoint or the checkpoint no counters.
-    """
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
-        return {}
-    try:
-        import torch
-
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - the export goes on without the counters, and says so
-        logger.warning("cannot read checkpoint %s: %s", path, exc)
-        return {}
-    counts: list[Any] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                if k == "pulse_count" and hasattr(v, "numel"):
-                    counts.append(v)
-                else:
-                    walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    paths = ck.get("paths", ck) if isinstance(ck, Mapping) else {}
-    walk(paths.get("analog", paths) if isinstance(paths, Mapping) else paths)
-    if not counts:
-        return {}
-    return {
-        "max_pulses_per_device": float(max(float(c.max()) for c in counts)),
-        "total_pulses": float(sum(float(c.double().sum()) for c in counts)),
-        "n_weights": int(sum(int(c.numel()) for c in counts)),
-        "checkpoint_step": ck.get("step") if isinstance(ck, Mapping) else None,
-    }
-
-
-def read_run(run_dir: str | Path) -> RunFacts:
-    return check_run_dir(run_dir)
-
-
-def _count_weights(run_dir: Path, facts: RunFacts) -> int | None:
-    """Number of analog weights (cross-points): from the counters, else from `conductances.pt`."""
-    n = facts.counters.get("n_weights") or facts.summary.get("n_analog_weights")
-    if n:
-        return int(n)
-    path = run_dir / "conductances.pt"
-    if path.is_file():
-        try:
-            import torch
-
-            data = torch.load(path, weights_only=False, map_location="cpu")
-            weights = data.get("start") or data.get("end") or {}
-            total = sum(int(w.numel()) for w in weights.values())
-            return total or None
-        except Exception as exc:  # noqa: BLE001 - a figure we can do without
-            logger.warning("cannot read %s: %s", path, exc)
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
 
 
 def _parameter(name: str, value: Any) -> dict[str, Any]:
@@ -542,8 +289,11 @@ def training_section(run: RunFacts) -> dict[str, Any]:
 def requirements_section(reqs: Sequence[Requirement] | None, tolerance: float | None,
                          base_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
     criterion = ("weakest tested value v (fewer bits or states, more noise or variation, larger asymmetry, "
-                 "simpler algorithm) such that v and every more demanding tested value keep the analog - digital "
-                 "final validation-loss gap <= tolerance, every other axis at the base")
+                 "simpler algorithm) such that the one-sided upper 95 % bound (Student t over seeds) of the paired "
+                 "analog - digital final validation-loss gap of v, and of every more demanding tested value, is "
+                 "<= tolerance, every other axis at the base; degenerate or diverged points never pass; "
+                 f"undetermined when the twin does not end at least {TWIN_MARGIN:g} nats below the unigram entropy "
+                 "or when the most demanding value's interval contains the tolerance")
     if reqs is None:
         return {"tolerance": None, "criterion": criterion, "rows": [],
                 "note": "exported from a single run: no sweep, no requirements (run `ept-hw sweep` and export its directory)"}
@@ -573,10 +323,6 @@ def _software() -> dict[str, Any]:
     return {"name": "ept-hw", "version": version, "git_commit": _git_commit()}
 
 
-# --------------------------------------------------------------------------------------------
-# Sweep directories
-# --------------------------------------------------------------------------------------------
-
 
 @dataclass
 class SweepFacts:
@@ -592,7 +338,7 @@ def check_sweep_dir(sweep_dir: str | Path) -> SweepFacts:
     if not sweep_dir.is_dir():
         raise IncompleteRunError(sweep_dir, ["the directory does not exist"])
     missing: list[str] = []
-    table = _read_json(sweep_dir / "sweep.json", missing, "the sweep table written by `ept-hw sweep`")
+    table = read_json(sweep_dir / "sweep.json", missing, "the sweep table written by `ept-hw sweep`")
     if not (sweep_dir / "sweep_manifest.json").is_file():
         missing.append("missing sweep_manifest.json (the sweep's base settings)")
     if table is not None:
@@ -605,13 +351,13 @@ def check_sweep_dir(sweep_dir: str | Path) -> SweepFacts:
     if not base_rows:
         raise IncompleteRunError(sweep_dir, ["sweep.json has no base point (every axis at the base); "
                                              "run the sweep one axis at a time, which includes it"])
-    if base_rows[0].get("status") != "ok" or not base_rows[0].get("run_dir"):
+    if base_rows[0].get("status") not in ("ok", "degenerate") or not base_rows[0].get("run_dir"):
         raise IncompleteRunError(sweep_dir, [f"the base point failed: {base_rows[0].get('error')}"])
     base = check_run_dir(_resolve(sweep_dir, base_rows[0]["run_dir"]))
     points = []
     for row in table["rows"]:
         run = None
-        if row.get("status") == "ok" and row.get("run_dir") and row is not base_rows[0]:
+        if row.get("status") in ("ok", "degenerate", "diverged") and row.get("run_dir") and row is not base_rows[0]:
             # provenance needs only the configuration: a point whose analog path diverged before its
             # first evaluation is still evidence (it fails the tolerance)
             point_dir = _resolve(sweep_dir, row["run_dir"])
@@ -628,18 +374,32 @@ def _resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+SWEEP_MARKERS = ("sweep.json", "sweep_manifest.json", "points")
+
+
 def is_sweep_dir(path: str | Path) -> bool:
+    """A directory that `ept-hw sweep` wrote into (any of its markers, and no run of its own)."""
     path = Path(path)
-    markers = ("sweep.json", "sweep_manifest.json", "points", "runs")
-    return any((path / m).exists() for m in markers) and not (path / "config.toml").is_file()
+    return any((path / m).exists() for m in SWEEP_MARKERS + ("runs",)) and not (path / "config.toml").is_file()
 
 
-# --------------------------------------------------------------------------------------------
-# Build and export
-# --------------------------------------------------------------------------------------------
+def _check_not_mixed(path: Path) -> None:
+    """A run directory that a sweep also wrote into is refused: its requirements would be dropped silently."""
+    if (path / "config.toml").is_file():
+        found = [m for m in SWEEP_MARKERS if (path / m).exists()]
+        if found:
+            raise IncompleteRunError(path, [
+                "it holds both a run (config.toml) and a sweep (" + ", ".join(found) + "); the spec would "
+                "silently drop the sweep's requirements: export the run and the sweep from separate directories"])
+
 
 
 def _read_source(source: Path) -> tuple[SweepFacts | None, RunFacts]:
+    if not source.exists():
+        raise IncompleteRunError(source, ["the directory does not exist"])
+    if not source.is_dir():
+        raise IncompleteRunError(source, ["it is a file, not a run or sweep directory"])
+    _check_not_mixed(source)
     sweep = check_sweep_dir(source) if is_sweep_dir(source) else None
     return sweep, (sweep.base if sweep is not None else check_run_dir(source))
 
@@ -680,7 +440,7 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
         failed = 0
         for row, prun in sweep.points:
             if prun is None:
-                failed += row.get("status") != "ok"
+                failed += row.get("status") in ("failed", "invalid")
                 continue
             role = "sweep_base" if prun is run else "sweep_point"
             overrides = {a: row.get(a) for a in axis_names if row.get(a) is not None and row.get(a) != base_values.get(a)}
@@ -691,198 +451,10 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
         if base_device:  # the points run on generated tile files: the description came from the sweep's base device
             spec["device"]["source"] = device_source(str(base_device), sweep.path)
         sweep_info = {"path": str(sweep.path), "context_hash": config_hash(manifest.get("context", {})),
-                      "points": len(sweep.points), "failed_points": failed}
+                      "points": len(sweep.points), "failed_points": failed,
+                      "degenerate_points": sum(r.get("status") in ("degenerate", "diverged") for r, _ in sweep.points),
+                      "seeds": int(table.get("seeds") or max((r.get("n_seeds") or 1 for r in table["rows"]), default=1))}
     spec["provenance"] = {"software": _software(), "runs": runs, "sweep": sweep_info}
     validate_spec(spec)
     return spec
 
-
-@dataclass
-class ExportResult:
-    spec_path: Path
-    markdown_path: Path
-    pdf_path: Path | None
-    plots: list[Path]
-    spec: dict[str, Any]
-
-
-def _pulse_response(device_cfg: Any, plot_path: Path, n_devices: int = 256, seed: int = 0) -> dict[str, Any] | None:
-    """Run the devices package's pulse-response protocol, plot it, return its derived figures."""
-    if getattr(device_cfg, "is_ideal", False):
-        return None
-    from devices.response import derived_figures, plot_response, run_pulse_response
-
-    response = run_pulse_response(device_cfg, n_devices=n_devices, seed=seed, n_traces=12)
-    plot_response(plot_path, response, title=f"pulse response: {device_cfg.model} ({n_devices} sampled devices)")
-    return derived_figures(response)
-
-
-def _plot_losses(run: RunFacts, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    for p, color, label in (("analog", "tab:red", "analog"), ("twin", "tab:blue", "digital twin")):
-        tr = [(r["step"], r[f"{p}_loss"]) for r in run.rows if r.get(f"{p}_loss") is not None]
-        va = [(r["step"], r[f"{p}_val_loss"]) for r in run.rows if r.get(f"{p}_val_loss") is not None]
-        if tr:
-            ax.plot(*zip(*tr), color=color, alpha=0.35, lw=0.8, label=f"{label} train")
-        if va:
-            ax.plot(*zip(*va), "o-", color=color, lw=1.6, label=f"{label} validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss [nats/token]")
-    ax.set_title(f"loss curves: {run.run_id}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _markdown(spec: Mapping[str, Any], plots: Sequence[Path], out_dir: Path) -> str:
-    dev, per, der, tr, req, prov = (spec[k] for k in ("device", "periphery", "derived", "training", "requirements", "provenance"))
-    src = dev["source"]
-    lines = [
-        f"# Device specification — {dev['model']} ({dev['class']})",
-        "",
-        f"Schema {spec['schema_version']}, created {spec['created']} by ept-hw {prov['software']['version']}"
-        + (f" (commit {prov['software']['git_commit'][:10]})" if prov["software"].get("git_commit") else "") + ".",
-        "",
-        "## Where the device description comes from",
-        "",
-    ]
-    if src["kind"] == "preset":
-        lines.append(f"Library preset `{src['name']}`: **a stand-in** with aihwkit's published numbers, not a measured device.")
-    elif src["kind"] == "fit":
-        fe = src.get("fit_error")
-        lines.append(f"Fit to the measured trace `{src['name']}` (file `{src['path']}`); fit error: "
-                     + (f"{fe['value']:.4g} {fe.get('unit', '')} ({fe['metric']})" if fe else "not stated")
-                     + (f"; one-step RMS {fe['step_rms']:.3g} of the mean step" if fe and "step_rms" in fe else "") + ".")
-    else:
-        lines.append(f"User file `{src['path']}`.")
-    lines += ["", "## Training result (base configuration)", "",
-              "| figure | value | unit |", "|---|---|---|",
-              f"| steps | {tr['steps']} | |"]
-    for key in ("analog_final_val_loss", "twin_final_val_loss", "gap", "unigram_entropy"):
-        if key in tr:
-            lines.append(f"| {key.replace('_', ' ')} | {_fmt(tr[key]['value'])} | {tr[key]['unit']} |")
-    lines += ["", "## Requirements", ""]
-    if req["rows"]:
-        lines += [f"Tolerance: analog − digital validation-loss gap ≤ **{req['tolerance']['value']:g} nats**. "
-                  f"Criterion: {req['criterion']}.", "",
-                  "| axis | required (weakest passing) | status | base | unit | weaker means | tested (value: gap) |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in req["rows"]:
-            tested = ", ".join(f"{t['value']}: {'diverged' if t['gap'] is None else _fmt(t['gap'])}" for t in r["tested"])
-            flag = " (non-monotone)" if r.get("non_monotone") else ""
-            lines.append(f"| `{r['axis']}` | **{_fmt(r['required'])}**{flag} | {r['status']} | {_fmt(r.get('base_value'))} "
-                         f"| {r['unit']} | {r['weaker_means']} | {tested} |")
-    else:
-        lines.append(req.get("note", "no requirements"))
-    lines += ["", "## Derived figures", "", "| figure | value | unit | how |", "|---|---|---|---|"]
-    for name, f in der.items():
-        note = f" ({f['note']})" if f.get("note") else ""
-        lines.append(f"| {name.replace('_', ' ')} | {_fmt(f['value'])} | {f['unit']} | {f['how']}{note} |")
-    lines += ["", "## Device parameters (aihwkit names)", "", "| parameter | value | unit |", "|---|---|---|"]
-    for name, p in dev["parameters"].items():
-        lines.append(f"| `{name}` | {_fmt(p['value'])} | {p['unit']} |")
-    lines += ["", f"## Periphery (mode `{per['mode']}`, update algorithm `{per['algorithm']['name']}`)", "",
-              "| group | parameter | value | unit |", "|---|---|---|---|"]
-    for group in ("dac", "adc", "read", "update", "other"):
-        for name, p in per.get(group, {}).items():
-            meaning = f" ({p['meaning']})" if p.get("meaning") else ""
-            lines.append(f"| {group} | `{name}` | {_fmt(p['value'])}{meaning} | {p['unit']} |")
-    if plots:
-        lines += ["", "## Plots", ""]
-        for p in plots:
-            lines += [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})", ""]
-    lines += ["## Provenance", "", "| run | role | config hash |", "|---|---|---|"]
-    for r in prov["runs"]:
-        lines.append(f"| `{r['run_id']}` | {r['role']} | `{r['config_hash']}` |")
-    if prov.get("sweep"):
-        s = prov["sweep"]
-        lines.append(f"\nSweep `{s['path']}`: {s['points']} points, {s['failed_points']} failed.")
-    lines += ["", "Units: " + "; ".join(f"{k}: {v}" for k, v in spec["units_convention"].items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def _write_pdf(spec: Mapping[str, Any], markdown: str, plots: Sequence[Path], path: Path) -> Path:
-    """The datasheet as a PDF: the text pages of the Markdown, then one page per plot."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.backends.backend_pdf import PdfPages
-
-    text_lines: list[str] = []
-    for line in markdown.splitlines():
-        if line.startswith("!["):
-            continue
-        text_lines.extend(textwrap.wrap(line, 118) or [""])
-    per_page = 70
-    with PdfPages(path) as pdf:
-        for start in range(0, len(text_lines), per_page):
-            fig = plt.figure(figsize=(8.27, 11.69))
-            fig.text(0.04, 0.98, "\n".join(text_lines[start:start + per_page]), va="top", ha="left",
-                     family="monospace", fontsize=6.2)
-            pdf.savefig(fig)
-            plt.close(fig)
-        for p in plots:
-            fig = plt.figure(figsize=(8.27, 5.8))
-            ax = fig.add_axes((0.02, 0.02, 0.96, 0.96))
-            ax.imshow(plt.imread(p))
-            ax.axis("off")
-            pdf.savefig(fig)
-            plt.close(fig)
-        info = pdf.infodict()
-        info["Title"] = f"ept-hw device specification: {spec['device']['model']}"
-        info["Creator"] = "ept-hw"
-    return path
-
-
-def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, tolerance: float | None = None,
-                pulse_response: bool = True) -> ExportResult:
-    """Write `device_spec.json`, `device_spec.md`, `plots/*.png` (and `device_spec.pdf`) into `out_dir`.
-
-    Nothing is written unless the source reads completely and the spec validates.
-    """
-    source = Path(source)
-    facts = _read_source(source)
-    sweep, run = facts
-    device_cfg = resolve_tile(run.config).device_config()
-    out = Path(out_dir)
-    plot_dir = out / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    plots: list[Path] = []
-    figures = None
-    if pulse_response:
-        figures = _pulse_response(device_cfg, plot_dir / "pulse_response.png")
-        if figures is not None:
-            plots.append(plot_dir / "pulse_response.png")
-    spec = build_spec(source, tolerance=tolerance, response_figures=figures, _facts=facts)
-    plots.append(_plot_losses(run, plot_dir / "loss_curves.png"))
-    if sweep is not None:
-        table = sweep.table
-        tol = spec["requirements"]["tolerance"]["value"]
-        plots += plot_gaps(table["rows"], list(table["axes"]), tol, out, table.get("base_values") or {})
-    spec_path = out / "device_spec.json"
-    tmp = spec_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(spec, indent=2, allow_nan=False))
-    os.replace(tmp, spec_path)
-    markdown = _markdown(spec, plots, out)
-    md_path = out / "device_spec.md"
-    md_path.write_text(markdown)
-    pdf_path = _write_pdf(spec, markdown, plots, out / "device_spec.pdf") if pdf else None
-    return ExportResult(spec_path, md_path, pdf_path, plots, spec)
