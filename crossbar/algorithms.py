@@ -105,10 +105,27 @@ class MixedPrecision(UpdateAlgorithm):
         super().__init__(tile, generator)
         self.accumulator = torch.zeros(tile.shape, device=tile.device)
 
+    def _quantise(self, v: Tensor, n_bins: int, stochastic: bool) -> Tensor:
+        """aihwkit's per-vector binning: width max|v|/floor(n/2), round half away from zero
+        (after adding U − ½ when stochastic), clipped to ±floor(n/2) bins."""
+        half = float(n_bins // 2)
+        amax = v.abs().amax(dim=1, keepdim=True)
+        width = torch.where(amax > 0, amax / half, torch.ones_like(amax))
+        q = v / width
+        if stochastic:
+            gen = self.tile.update_generator
+            q = q + torch.rand(q.shape, generator=gen, device=gen.device).to(q.device) - 0.5
+        q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+        return q.clamp(-half, half) * width
+
     def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
         tile = self.tile
-        self.accumulator -= lr * (d.T @ x)
         mp = tile.config.mixed_precision
+        if mp.n_x_bins > 0:
+            x = self._quantise(x, mp.n_x_bins, mp.stoc_round_x)
+        if mp.n_d_bins > 0:
+            d = self._quantise(d, mp.n_d_bins, mp.stoc_round_d)
+        self.accumulator -= lr * (d.T @ x)
         if tile.n_updates % mp.transfer_every == mp.transfer_every - 1:
             gran = mp.granularity if mp.granularity > 0 else tile.slot.granularity
             n = torch.trunc(self.accumulator / gran)

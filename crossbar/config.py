@@ -60,15 +60,26 @@ class MappingParameters:
 class MixedPrecisionParameters:
     """aihwkit `MixedPrecisionCompound`: a digital accumulator χ gets −lr·Σ d xᵀ exactly; every
     `transfer_every` updates, whole multiples of the granularity (device granularity when 0)
-    are sent to the devices as pulses and removed from χ. aihwkit's x/d binning
-    (`n_x_bins`, `n_d_bins`) is not implemented (its default, 0, is no binning)."""
+    are sent to the devices as pulses and removed from χ. With `n_x_bins` (`n_d_bins`) > 0 each
+    input (error) vector is quantised before the outer product, as aihwkit: width = max|x| /
+    floor(n_bins/2), x ← clip(round(x/width (+ U − ½ with `stoc_round_x`)), ±floor(n_bins/2))·width;
+    0 (aihwkit's default) is no binning."""
 
     transfer_every: int = 1
     granularity: float = 0.0
+    n_x_bins: int = 0
+    n_d_bins: int = 0
+    stoc_round_x: bool = True
+    stoc_round_d: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int("transfer_every", self.transfer_every)
         check_finite_range("granularity", self.granularity, 0.0)
+        check_positive_int("n_x_bins", self.n_x_bins, minimum=0)
+        check_positive_int("n_d_bins", self.n_d_bins, minimum=0)
+        for key in ("n_x_bins", "n_d_bins"):
+            if getattr(self, key) == 1:
+                raise ConfigError(key, 1, "0 (no binning) or an integer >= 2 (floor(n/2) bins each side of 0)")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from crossbar import (AnalogTile, TileConfig, TransferParameters, UpdateParamete
                       plan_pulses, sample_counts_per_sample)
 from crossbar.update import deterministic_counts_per_sample
 from devices import ConstantStepDevice, SoftBoundsDevice
+from ept_hw.config import ConfigError
 
 from _shared import REFERENCE as SHARED_REFERENCE
 
@@ -334,3 +335,35 @@ def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
     chopped = sum(regression("c_ttv2", s) for s in range(3)) / 3
     assert sgd > 0.35
     assert chopped < 0.75 * sgd
+
+
+def test_mixed_precision_binning_quantises_x_and_d_per_vector():
+    """aihwkit's n_x_bins / n_d_bins: width max|v|/floor(n/2), round half away from zero;
+    stochastic rounding (aihwkit's default) is unbiased."""
+    from crossbar.config import MixedPrecisionParameters
+
+    device = ConstantStepDevice(dw_min=0.01, dw_min_std=0.0, dw_min_dtod=0.0, up_down_dtod=0.0, w_max_dtod=0.0,
+                                w_min_dtod=0.0, w_max=1.0, w_min=-1.0)
+
+    def tile_with(**mp):
+        cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
+                         algorithm="mixed_precision",
+                         mixed_precision=MixedPrecisionParameters(granularity=100.0, **mp))  # no transfer
+        tile = AnalogTile(cfg, 2, 4, _gen(0))
+        tile.program(torch.zeros(2, 4))
+        return tile
+
+    x = torch.tensor([[0.3, -1.0, 0.55, 0.0]])
+    d = torch.tensor([[0.2, -0.9]])
+    tile = tile_with(n_x_bins=4, n_d_bins=2, stoc_round_x=False, stoc_round_d=False)
+    tile.apply_update(x, d, 0.1)
+    qx = torch.tensor([0.5, -1.0, 0.5, 0.0])       # width 0.5: 0.6, −2, 1.1, 0 -> 1, −2, 1, 0
+    qd = torch.tensor([0.0, -0.9])                 # width 0.9: 0.22, −1 -> 0, −1
+    torch.testing.assert_close(tile.algorithm.accumulator, -0.1 * torch.outer(qd, qx))
+
+    stochastic = tile_with(n_x_bins=4, n_d_bins=4)
+    n = 4000
+    stochastic.apply_update(x.expand(n, 4), d.expand(n, 2), 1.0 / n)
+    torch.testing.assert_close(stochastic.algorithm.accumulator, -torch.outer(d[0], x[0]), atol=0.02, rtol=0.0)
+    with pytest.raises(ConfigError, match="n_x_bins"):
+        MixedPrecisionParameters(n_x_bins=1)
