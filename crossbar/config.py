@@ -98,7 +98,20 @@ class TransferParameters:
     array of Gokmen's and Rasch's TTv2 papers): at programming, A is driven to its devices'
     symmetry points and every transfer read subtracts them (a reference array), so an
     asymmetric A drifts toward a read value of zero instead of biasing H. Single devices only
-    (a differential pair uses "zero")."""
+    (a differential pair uses "zero").
+
+    Where this "ttv2" differs from aihwkit's `build_config("ttv2")` (kept for comparison with
+    earlier runs; algorithm "c_ttv2" with `[tile.chopped]` in_chop_prob = 0, auto_scale = false,
+    fast_lr = 1 is aihwkit's TTv2):
+    - `transfer_every` counts updates (mini-batches), aihwkit's counts input vectors
+      (`units_in_mbatch = False`): at the demo batch 256× fewer transfers;
+    - the slow array gets every whole step of the buffer at once, aihwkit at most ±1 pulse
+      per device per transfer (`transfer_update.desired_bl = 1`);
+    - the transfer read uses the tile's forward periphery with its noise and bound management,
+      aihwkit's turns both off;
+    - the buffer holds weight units with threshold `buffer_granularity`·g_C (g of the slow
+      array), aihwkit's holds pulse counts with threshold 1 at `buffer_granularity`·g_A;
+    - `fast_lr` is a factor on the SGD rate (aihwkit: an absolute rate); `fast_reference`."""
 
     fast_lr: float = 1.0
     transfer_lr: float = 1.0
