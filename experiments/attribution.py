@@ -339,9 +339,10 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
                   on_record: Callable[[dict[str, Any]], None] | None = None) -> AttributionResult:
     """`ept-hw attribute RUN` (module docstring). Checks everything before writing: a bad run, a
     bad seed count or a factor that does not apply raise, and nothing is written; afterwards only
-    ``RUN/attribution/`` is written."""
+    ``RUN/attribution/`` is written, under its lock (`trainer.rundir.RunLock`: a second attribution
+    of the same run at the same time is refused)."""
     from ept_hw.config import to_dict
-    from trainer.rundir import RunDirectory
+    from trainer.rundir import RunDirectory, RunLock
 
     from experiments.sweep.engine import run_sweep
 
@@ -357,10 +358,12 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
                "tile": json.loads(json.dumps(tile.to_dict(), default=str)),
                "_out_dir": str(out), "_threads": int(threads)}
     points = attribution_points(chosen)
-    records = run_sweep(attribution_point, points, out, context=context, workers=workers,
-                        retry_failed=retry_failed, on_record=on_record, seeds=list(range(seeds)))
-    table = attribution_table(records, chosen, skipped, seeds, summary)
-    json_path, md_path, plot_path = write_attribution(out, table)
+    out.mkdir(exist_ok=True)
+    with RunLock(out):  # one attribution of a run at a time (a second one is refused, naming the holder)
+        records = run_sweep(attribution_point, points, out, context=context, workers=workers,
+                            retry_failed=retry_failed, on_record=on_record, seeds=list(range(seeds)))
+        table = attribution_table(records, chosen, skipped, seeds, summary)
+        json_path, md_path, plot_path = write_attribution(out, table)
     return AttributionResult(out, table, json_path, md_path, plot_path)
 
 

@@ -189,6 +189,11 @@ def test_resume_never_redoes_finished_runs(tiny_run, tmp_path, monkeypatch):
     assert res.table["interaction"]["mean"] == pytest.approx(0.5 - 0.2 - 0.3)
     for name in (attr.TABLE_JSON, attr.TABLE_MD, attr.PLOT):
         assert (run / "attribution" / name).is_file()
+    # while another process attributes the same run, a second attribution is refused
+    from trainer.rundir import RunLock, RunLockedError
+
+    with RunLock(run / "attribution"), pytest.raises(RunLockedError):
+        attr.attribute_run(run, seeds=2, factors=["c2c", "d2d"])
     # a second call: nothing rerun; a third with one more seed runs that seed only
     attr.attribute_run(run, seeds=2, factors=["c2c", "d2d"])
     assert len((run / "calls.txt").read_text().splitlines()) == 10
