@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ept_hw.config import ConfigError, check_choice, check_finite_range
 
-__all__ = ["IOParameters", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res", "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
+__all__ = ["IOParameters", "PeripheryReader", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res",
+           "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
            "W_NOISE_TYPES"]
 
 BOUND_MANAGEMENT = ("none", "iterative")
@@ -128,10 +129,6 @@ class ReadStats:
         self.adc_clipped = int(state["adc_clipped"])
 
 
-def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
-
-
 def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator) -> Tensor:
     """Round in place to integers (values already in units of the step)."""
     if stochastic:
@@ -140,53 +137,167 @@ def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator) -> Tenso
     return v.round_()
 
 
-def _one_pass(w: Tensor, x: Tensor, inv_alpha: Tensor, io: IOParameters, generator: torch.Generator,
-              inputs_within_bound: bool) -> tuple[Tensor, Tensor, Tensor, float]:
-    """One read of the (N, in) inputs x·inv_alpha. Works in units of the DAC and ADC steps so
-    that scalings fold into the small weight matrix and the output noise fuses into the product.
+class PeripheryReader:
+    """The read of one `IOParameters`, with everything that does not depend on the data worked
+    out once: step sizes, which stages act, and the weight matrix in ADC-per-DAC units (kept for
+    as long as the weight tensor is unchanged). `analog_read` is the same read as a function.
 
-    Returns the outputs in ADC units, per-vector saturation (what bound management tests), the
-    per-vector count of clipped outputs and the ADC unit.
+    Built once per periphery (an `AnalogTile` holds one per direction); a read then issues one
+    tensor operation per stage that acts and no Python-side checks. The random draws (their
+    order, shapes and generator) and the arithmetic are those of the straightforward
+    implementation, so outputs are bit-identical to it.
     """
-    in_step = io.inp_step
-    in_unit = in_step if in_step > 0 else 1.0
-    xu = x * (inv_alpha / in_unit)
-    if in_step > 0:
-        _quantise_(xu, io.inp_sto_round, generator)
-    if not inputs_within_bound:
-        xu.clamp_(-io.inp_bound / in_unit, io.inp_bound / in_unit)
-    if io.inp_noise > 0.0:
-        xu.add_(_randn(tuple(xu.shape), xu, generator), alpha=io.inp_noise / in_unit)
-    out_step = io.out_step
-    out_unit = out_step if out_step > 0 else 1.0
-    w_units = w * (in_unit / out_unit)
-    has_w_noise = io.w_noise > 0.0 and io.w_noise_type != "none"
-    if io.out_noise > 0.0 and not has_w_noise:
-        noise = _randn((xu.shape[0], w.shape[0]), xu, generator)
-        y = torch.addmm(noise, xu, w_units.T, beta=io.out_noise / out_unit)
-    else:
-        y = xu @ w_units.T
-        if has_w_noise:
-            if io.w_noise_type == "additive_constant":
-                sigma = (io.w_noise * in_unit / out_unit) * xu.norm(dim=-1, keepdim=True)
-            else:
-                sigma = (io.w_noise * in_unit / out_unit) * ((xu * xu) @ w.abs().T).sqrt()
-            y.add_(sigma * _randn(tuple(y.shape), y, generator))
-        if io.out_noise > 0.0:
-            y.add_(_randn(tuple(y.shape), y, generator), alpha=io.out_noise / out_unit)
-    if out_step > 0:
-        _quantise_(y, io.out_sto_round, generator)
-    bound = io.out_bound / out_unit
-    lo, hi = torch.aminmax(y, dim=-1)
-    at_upper, at_lower = hi >= bound, lo <= -bound
-    saturated = (at_upper | at_lower) if io.bm_test_negative_bound else at_upper
-    touched = at_upper | at_lower
-    clipped = torch.zeros_like(touched, dtype=torch.long)
-    if bool(touched.any()):
-        rows = touched.nonzero().squeeze(-1)
-        clipped[rows] = (y[rows].abs() >= bound).sum(dim=-1)
-        y.clamp_(-bound, bound)
-    return y, saturated, clipped, out_unit
+
+    def __init__(self, io: IOParameters):
+        self.io = io
+        self.perfect = io.is_perfect
+        in_step, out_step = io.inp_step, io.out_step
+        self.in_unit = in_step if in_step > 0 else 1.0
+        self.out_unit = out_step if out_step > 0 else 1.0
+        self.quantise_in = in_step > 0
+        self.quantise_out = out_step > 0
+        self.in_bound = io.inp_bound / self.in_unit
+        self.bound = io.out_bound / self.out_unit
+        self.inp_noise = io.inp_noise / self.in_unit if io.inp_noise > 0.0 else 0.0
+        self.has_w_noise = io.w_noise > 0.0 and io.w_noise_type != "none"
+        self.w_sigma = io.w_noise * self.in_unit / self.out_unit
+        self.out_noise = io.out_noise / self.out_unit if io.out_noise > 0.0 else 0.0
+        self.w_factor = self.in_unit / self.out_unit
+        self.final_factor = self.out_unit * io.out_scale
+        nm = io.noise_management
+        # |x|/max|x| <= 1 = inp_bound: the DAC clip cannot act (rounding keeps ±1 on the grid)
+        self.within = nm == "abs_max" and io.nm_thres == 0.0 and io.inp_bound >= 1.0
+        self.iterative = io.bound_management == "iterative"
+        res = effective_res(io.inp_res)
+        self.bm_factors: list[float] = []
+        factor = 1.0
+        while self.iterative:
+            nxt = factor * 2.0
+            if nxt > io.max_bm_factor or (res > 0.0 and nxt * res > io.max_bm_res):
+                break
+            self.bm_factors.append(nxt)
+            factor = nxt
+        self._w_key: tuple | None = None
+        self._w_src: Tensor | None = None
+        self._w_units_t: Tensor | None = None
+
+    def _scaled_weights_t(self, w: Tensor) -> Tensor:
+        """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes."""
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, w.device)
+        if self._w_units_t is None or key != self._w_key or self._w_src is None:
+            self._w_units_t = (w * self.w_factor).T
+            self._w_key = key
+            self._w_src = w  # held so that its storage (and data_ptr) is not reused while cached
+        return self._w_units_t
+
+    def _pass(self, w: Tensor, w_units_t: Tensor, x: Tensor, inv_alpha: Tensor, generator: torch.Generator,
+              per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """One read of the (N, in) inputs x·inv_alpha in units of the DAC and ADC steps (scalings
+        folded into the weights, output noise fused into the product). Returns the clipped
+        outputs in ADC units and what `_clip_` returns."""
+        io = self.io
+        xu = x * (inv_alpha / self.in_unit)
+        if self.quantise_in:
+            _quantise_(xu, io.inp_sto_round, generator)
+        if not self.within:
+            xu.clamp_(-self.in_bound, self.in_bound)
+        if self.inp_noise:
+            xu.add_(torch.randn(xu.shape, generator=generator, device=generator.device, dtype=xu.dtype)
+                    .to(xu.device), alpha=self.inp_noise)
+        if self.out_noise and not self.has_w_noise:
+            noise = torch.randn((xu.shape[0], w.shape[0]), generator=generator, device=generator.device,
+                                dtype=xu.dtype).to(xu.device)
+            y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
+        else:
+            y = xu @ w_units_t
+            if self.has_w_noise:
+                if io.w_noise_type == "additive_constant":
+                    sigma = self.w_sigma * xu.norm(dim=-1, keepdim=True)
+                else:
+                    sigma = self.w_sigma * ((xu * xu) @ w.abs().T).sqrt()
+                y.add_(sigma * torch.randn(y.shape, generator=generator, device=generator.device, dtype=y.dtype)
+                       .to(y.device))
+            if self.out_noise:
+                y.add_(torch.randn(y.shape, generator=generator, device=generator.device, dtype=y.dtype)
+                       .to(y.device), alpha=self.out_noise)
+        if self.quantise_out:
+            _quantise_(y, io.out_sto_round, generator)
+        return self._clip_(y, per_row)
+
+    def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Clip y to ±bound in place. Returns y, the per-vector count of outputs at the bound
+        (None when there are none) and, with `per_row`, the per-vector saturation that bound
+        management tests (the upper bound only unless `bm_test_negative_bound`)."""
+        a = y.abs()
+        if per_row:
+            touched = a.amax(dim=-1) >= self.bound
+            if not bool(touched.any()):
+                return y, None, touched
+        else:
+            touched = None
+            if not float(a.amax()) >= self.bound:
+                return y, None, None
+        clipped = (a >= self.bound).sum(dim=-1)
+        if per_row and not self.io.bm_test_negative_bound:
+            touched = (y >= self.bound).any(dim=-1)
+        y.clamp_(-self.bound, self.bound)
+        return y, clipped, touched
+
+    def __call__(self, weights: Tensor, x: Tensor, generator: torch.Generator, stats: ReadStats | None = None,
+                 digital_scale: float = 1.0) -> Tensor:
+        """y = x Wᵀ through the periphery (see `analog_read`)."""
+        if x.shape[-1] != weights.shape[1]:
+            raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
+        io = self.io
+        w = weights if (weights.dtype == x.dtype and weights.device == x.device) else \
+            weights.to(dtype=x.dtype, device=x.device)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        n_vec, n_out = flat.shape[0], w.shape[0]
+        if self.perfect:
+            if stats is not None:
+                stats.mvm_reads += n_vec
+            y = flat @ (w.T * digital_scale if digital_scale != 1.0 else w.T)
+            return y.reshape(*lead, n_out)
+
+        nm = io.noise_management
+        if nm == "none":
+            alpha = torch.ones(n_vec, 1, dtype=x.dtype, device=x.device)
+        elif nm == "constant":
+            alpha = torch.full((n_vec, 1), io.nm_thres, dtype=x.dtype, device=x.device)
+        else:
+            if nm == "abs_max":
+                alpha = flat.abs().amax(dim=-1, keepdim=True)
+            else:  # "max": aihwkit MAX uses the signed maximum; fall back to abs max where it is <= 0
+                lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+                alpha = torch.where(hi > 0, hi, torch.maximum(-lo, hi))
+            if io.nm_thres > 0.0:
+                alpha = alpha.clamp_max(io.nm_thres)
+            alpha = torch.where(alpha > 0, alpha, 1.0)
+
+        w_units_t = self._scaled_weights_t(w)
+        bm = bool(self.bm_factors)
+        y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm)
+        reads = n_vec
+        if bm and clipped is not None:
+            for factor in self.bm_factors:
+                if not bool(saturated.any()):
+                    break
+                idx = saturated.nonzero().squeeze(-1)
+                y_again, clip_again, sat_again = self._pass(w, w_units_t, flat[idx],
+                                                            (alpha[idx] * factor).reciprocal(), generator, True)
+                reads += int(idx.numel())
+                y[idx] = y_again * factor
+                clipped[idx] = 0 if clip_again is None else clip_again
+                saturated = torch.zeros_like(saturated)
+                saturated[idx] = sat_again
+        if stats is not None:
+            stats.mvm_reads += reads
+            stats.adc_conversions += reads * n_out
+            if clipped is not None:
+                stats.adc_clipped += int(clipped.sum())
+        y.mul_(alpha * (self.final_factor * digital_scale))
+        return y.reshape(*lead, n_out)
 
 
 def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator,
@@ -195,59 +306,7 @@ def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.G
 
     For the transposed read pass `weights.T`. Computes in x's dtype. Every random draw comes from
     `generator`. `stats` (optional) accumulates read counters. `digital_scale` multiplies the
-    result after the ADC (the tile's mapping scale; folded into the final rescaling).
+    result after the ADC (the tile's mapping scale; folded into the final rescaling). Repeated
+    reads of one periphery should hold a `PeripheryReader` (this builds one per call).
     """
-    if x.shape[-1] != weights.shape[1]:
-        raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
-    w = weights.to(dtype=x.dtype, device=x.device)
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1])
-    n_vec, n_out = flat.shape[0], w.shape[0]
-    if io.is_perfect:
-        if stats is not None:
-            stats.mvm_reads += n_vec
-        y = flat @ (w.T * digital_scale if digital_scale != 1.0 else w.T)
-        return y.reshape(*lead, n_out)
-
-    within = False
-    if io.noise_management == "none":
-        alpha = torch.ones(n_vec, 1, dtype=x.dtype, device=x.device)
-    elif io.noise_management == "constant":
-        alpha = torch.full((n_vec, 1), io.nm_thres, dtype=x.dtype, device=x.device)
-    else:
-        lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
-        abs_max = torch.maximum(-lo, hi)
-        if io.noise_management == "abs_max":
-            alpha = abs_max
-            # |x|/max|x| <= 1 = inp_bound: the DAC clip cannot act (rounding keeps ±1 on the grid)
-            within = io.nm_thres == 0.0 and io.inp_bound >= 1.0
-        else:  # "max": aihwkit MAX uses the signed maximum; fall back to abs max where it is <= 0
-            alpha = torch.where(hi > 0, hi, abs_max)
-        if io.nm_thres > 0.0:
-            alpha = alpha.clamp_max(io.nm_thres)
-        alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-
-    y, saturated, clipped, out_unit = _one_pass(w, flat, 1.0 / alpha, io, generator, within)
-    reads = n_vec
-    if io.bound_management == "iterative":
-        res = effective_res(io.inp_res)
-        factor = 1.0
-        while bool(saturated.any()):
-            nxt = factor * 2.0
-            if nxt > io.max_bm_factor or (res > 0.0 and nxt * res > io.max_bm_res):
-                break
-            factor = nxt
-            idx = saturated.nonzero().squeeze(-1)
-            y_again, sat_again, clip_again, _ = _one_pass(w, flat[idx], 1.0 / (alpha[idx] * factor), io,
-                                                          generator, within)
-            reads += int(idx.numel())
-            y[idx] = y_again * factor
-            clipped[idx] = clip_again
-            saturated = torch.zeros_like(saturated)
-            saturated[idx] = sat_again
-    if stats is not None:
-        stats.mvm_reads += reads
-        stats.adc_conversions += reads * n_out
-        stats.adc_clipped += int(clipped.sum())
-    y.mul_(alpha * (out_unit * io.out_scale * digital_scale))
-    return y.reshape(*lead, n_out)
+    return PeripheryReader(io)(weights, x, generator, stats, digital_scale)

@@ -38,9 +38,10 @@ from devices import DeviceArray, DeviceConfig
 
 from .algorithms import UpdateAlgorithm, make_algorithm
 from .config import TileConfig
-from .io import IOParameters, ReadStats, analog_read
-from .update import (PulsePlan, UpdateParameters, deterministic_counts_per_sample, expected_counts, fast_counts,
-                     plan_pulses, sample_counts_per_sample, _chunks)
+from .io import IOParameters, PeripheryReader, ReadStats
+from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
+                     deterministic_counts_per_sample, expected_counts, fast_counts, plan_pulses, sample_coincidences,
+                     _chunks)
 
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
@@ -214,6 +215,10 @@ class AnalogTile:
         self.noise_mode = config.noise_mode
         self.noise_seed = _derive_seed(generator)
         self.read_stats = ReadStats()
+        self._readers: dict[int, PeripheryReader] = {}  # by id of the config's IOParameters
+        self._scale_key: tuple[int, int] | None = None
+        self._scale_value: float | None = None
+        self._scale_ref: Tensor | None = None
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
 
@@ -267,16 +272,24 @@ class AnalogTile:
         """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged)."""
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
-        y = analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
+        # one PeripheryReader per periphery, built on first use (constants and scaled weights cached)
+        read = self._readers.get(id(io))
+        if read is None:
+            read = self._readers[id(io)] = PeripheryReader(io)
+        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         for _ in range(self.config.n_reads - 1):
-            y = y + analog_read(w_dev, x, io, self.read_generator, self.read_stats, digital_scale)
+            y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         if self.config.n_reads > 1:
             y = y / self.config.n_reads
         return y
 
     def _uniform_scale(self) -> float | None:
-        lo, hi = torch.aminmax(self.scale)
-        return float(hi) if float(lo) == float(hi) else None
+        key = (id(self.scale), self.scale._version)
+        if self._scale_key != key:  # `scale` is replaced (program, load), never edited in place
+            lo, hi = torch.aminmax(self.scale)
+            self._scale_key, self._scale_value = key, (float(hi) if float(lo) == float(hi) else None)
+            self._scale_ref = self.scale
+        return self._scale_value
 
     def forward(self, u: Tensor) -> Tensor:
         """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
@@ -339,13 +352,19 @@ class AnalogTile:
             slot.apply_delta(-lr * (d.T @ x), gen)
             return
         plan = plan_pulses(x, d, lr, slot.granularity, up)
-        if up.pulse_type == "deterministic_implicit":
-            self._apply_per_sample(slot, plan, lambda sl: deterministic_counts_per_sample(plan, up, sl),
-                                   aggregate=up.mode != "exact")
+        if up.mode == "exact":  # sample by sample, only the devices each sample pulses (crossbar.update)
+            if up.pulse_type == "deterministic_implicit":
+                counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
+            else:
+                counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
+            pulses, refreshes = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, REFRESH_THRESHOLD)
+            slot.refreshes += refreshes
+            self.pulse_count += pulses.to(self.pulse_count.dtype)
             return
-        if up.mode == "exact":
-            self._apply_per_sample(slot, plan, lambda sl: sample_counts_per_sample(plan, gen, sl), aggregate=False)
-        elif up.mode == "fast":
+        if up.pulse_type == "deterministic_implicit":
+            self._apply_per_sample(slot, plan, lambda sl: deterministic_counts_per_sample(plan, up, sl), aggregate=True)
+            return
+        if up.mode == "fast":
             n_up, n_down = fast_counts(plan, gen)
             slot.apply_counts(n_up, n_down, gen, up)
             self.pulse_count += (n_up + n_down).to(self.pulse_count.dtype)

@@ -16,7 +16,9 @@ Per sample n (SEMANTICS §1.2, aihwkit `calculateBlAB`, `performUpdateManagement
 
 Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 - ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
-  devices sample after sample (the reference).
+  devices sample after sample (the reference). Batched as `apply_per_sample` describes: the
+  counts of a chunk of samples in one bulk product, then only the pulsed devices are stepped,
+  grouped by how many earlier samples pulsed them, so each device sees its pulses in sample order.
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
   from a binomial with the exact mean and variance of the sum of the per-sample counts (see
   `fast_counts`); applied in one `DeviceArray.apply_pulses` call (the device's own order:
@@ -41,20 +43,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
-__all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "expected_counts",
-           "fast_counts", "deterministic_counts_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
+__all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "sample_coincidences",
+           "expected_counts", "fast_counts", "deterministic_counts_per_sample", "deterministic_coincidences",
+           "apply_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
 
 PULSE_TYPES = ("stochastic_compressed", "deterministic_implicit", "none")
 UPDATE_MODES = ("exact", "fast", "expected")
 
 # Largest number of (sample, row, column) count entries materialised at once.
 _CHUNK_ELEMENTS = 1 << 23
+# The exact mode's chunk: larger, since its cost per chunk grows with the number of ranks (the
+# most pulsed device's number of samples), which grows more slowly than the chunk.
+_EXACT_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -191,8 +198,8 @@ def _split_by_sign(counts: Tensor, d_sign: Tensor, x_sign: Tensor) -> tuple[Tens
     return torch.where(s < 0, counts, zero), torch.where(s > 0, counts, zero)
 
 
-def _chunks(n: int, per_sample: int):
-    size = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+def _chunks(n: int, per_sample: int, elements: int = _CHUNK_ELEMENTS):
+    size = max(1, elements // max(per_sample, 1))
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -204,6 +211,14 @@ def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk:
     Row and column Bernoulli trains are drawn for every slot of every sample; counts are the
     number of slots in which both fire (a batched product of the 0/1 trains).
     """
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    return _split_by_sign(sample_coincidences(plan, generator, sl), plan.d_sign[sl], plan.x_sign[sl])
+
+
+def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None,
+                        signed: bool = False) -> Tensor:
+    """The coincidence counts of `sample_counts_per_sample` before the split by sign, (N, out, in):
+    the same draws in the same order. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses)."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     bl, p, q = plan.bl[sl], plan.p[sl], plan.q[sl]
     n, n_out, n_in = p.shape[0], p.shape[1], q.shape[1]
@@ -220,8 +235,10 @@ def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk:
 
     rows = draw(p)  # (N, BL, out)
     cols = draw(q)  # (N, BL, in)
-    counts = torch.bmm(rows.transpose(1, 2), cols)
-    return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
+    if signed:  # a sign per row and per column: fold it into the trains (exact: ±1 times 0/1)
+        rows.mul_(plan.d_sign[sl].unsqueeze(1))
+        cols.mul_(plan.x_sign[sl].unsqueeze(1))
+    return torch.bmm(rows.transpose(1, 2), cols)
 
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
@@ -237,6 +254,181 @@ def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk
     bl = plan.bl[sl].to(p.dtype).view(-1, 1, 1)
     counts = torch.floor(bl * p.unsqueeze(2) * q.unsqueeze(1) + 0.5)
     return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
+
+
+def deterministic_coincidences(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None,
+                               signed: bool = False) -> Tensor:
+    """`deterministic_counts_per_sample` before the split by sign, (N, out, in); `signed`: times
+    sign(d_i)·sign(x_j) (> 0: down pulses)."""
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    p, q = plan.p[sl], plan.q[sl]
+    if up.d_res_implicit > 0:
+        p = torch.round(p / up.d_res_implicit) * up.d_res_implicit
+    if up.x_res_implicit > 0:
+        q = torch.round(q / up.x_res_implicit) * up.x_res_implicit
+    bl = plan.bl[sl].to(p.dtype).view(-1, 1, 1)
+    counts = torch.floor(bl * p.unsqueeze(2) * q.unsqueeze(1) + 0.5)
+    if signed:
+        counts.mul_(plan.d_sign[sl].unsqueeze(2) * plan.x_sign[sl].unsqueeze(1))
+    return counts
+
+
+class _Gathered(dict):
+    """A view of a dict of tensors at an index, each entry gathered on first use (the hidden
+    parameters an update rule reads)."""
+
+    def __init__(self, source: Mapping[str, Tensor], index: Tensor | slice):
+        super().__init__()
+        self.source, self.index = source, index
+
+    def __missing__(self, key: str) -> Tensor:
+        src, index = self.source[key], self.index
+        value = self[key] = src[index] if isinstance(index, slice) else src.index_select(0, index)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def _pulse_elements(arr: Any, w: Tensor, h: Mapping[str, Tensor], elems: Tensor, up: Tensor | bool,
+                    counts: Tensor, multi: bool, generator: torch.Generator) -> None:
+    """`counts` pulses (same direction per element) on the elements `elems` of the flat weights
+    `w` (in place), one after the other, c2c noise drawn per pulse. `h`: the hidden parameters
+    at `elems`."""
+    idx = elems
+    we = w.index_select(0, idx)
+    xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
+    we = arr._clip(we + arr._step(we, up, xi, h), h)
+    if multi:
+        n_max = int(counts.max())
+        h0, keep = h, None
+        for t in range(1, n_max):
+            sel = (counts > t).nonzero().squeeze(1)
+            w.index_copy_(0, idx, we)
+            keep = sel if keep is None else keep.index_select(0, sel)
+            counts, we, idx = counts.index_select(0, sel), we.index_select(0, sel), elems.index_select(0, keep)
+            h = _Gathered(h0, keep)
+            if not isinstance(up, bool):
+                up = up.index_select(0, sel)
+            xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
+            we = arr._clip(we + arr._step(we, up, xi, h), h)
+    w.index_copy_(0, idx, we)
+
+
+def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Callable[[slice], Tensor], plan: PulsePlan,
+                     generator: torch.Generator, refresh_threshold: float) -> tuple[Tensor, int]:
+    """Apply the per-sample coincidence counts of `plan` to the devices sample after sample (the
+    exact mode): returns the pulses per device (out, in) and the number of pair refreshes.
+
+    How it is batched: the counts of a chunk of samples come from one bulk op
+    (`signed_coincidences`: one batched product of the ±1/0 slot trains, signed by direction); their non-zero entries are listed once per chunk,
+    each with its direction (sign(d_i)·sign(x_j) > 0 is down) and its **rank**: how many earlier
+    samples of the chunk pulsed the same device. Entries of equal rank touch distinct devices, so
+    they are applied together, rank after rank: the devices' weights are gathered, stepped by the
+    device's own update rule once per coincidence (c2c noise drawn per pulse, clipped to the
+    device's bounds after each pulse) and scattered back. Every device thus sees its pulses in
+    sample order, exactly as one `DeviceArray.apply_pulses` call per sample would apply them
+    (within one sample a device gets pulses of one direction only), at the cost of one pass per
+    rank instead of one per sample. Random draws differ from a per-sample loop (other shapes,
+    other order); their distribution is the same.
+
+    `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
+    potentiate G⁺, down pulses G⁻; after each rank the pair devices it touched are refreshed when
+    either side passes `refresh_threshold` of G⁺'s upper bound (per device this is after each of
+    its samples; `DeviceSlot.apply_pulses` also re-checks, after every sample, devices that
+    sample did not touch). Write noise is redrawn once at the end for the devices that got
+    pulses (for every device after a refresh), not after every sample: the weight the next read
+    sees is the same in distribution.
+    """
+    n = plan.bl.shape[0]
+    shape = arrays[0].shape
+    n_out, n_in = shape
+    n_el = n_out * n_in
+    flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
+    hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
+    totals = [torch.zeros(n_el, dtype=flat[0].dtype, device=flat[0].device) for _ in arrays]
+    refreshes = 0
+    for sl in _chunks(n, n_el, _EXACT_CHUNK_ELEMENTS):
+        signed = signed_coincidences(sl)  # (S, out, in), sign(d_i)·sign(x_j)·count: > 0 is down
+        n_chunk = signed.shape[0]
+        signed = signed.reshape(-1)
+        where = signed.nonzero().squeeze(1)
+        if where.numel() == 0:
+            continue
+        val = signed.index_select(0, where)
+        del signed
+        s_idx = torch.div(where, n_el, rounding_mode="floor")
+        e_idx = where - s_idx * n_el
+        down = val > 0
+        cnt = val.abs()
+        # rank of each entry: earlier samples of the chunk that pulsed the same device
+        rank = torch.empty_like(e_idx)
+        seen = torch.zeros(n_el, dtype=e_idx.dtype, device=e_idx.device)
+        offsets = [0] + torch.bincount(s_idx, minlength=n_chunk).cumsum(0).tolist()
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            if a < b:
+                seg = e_idx[a:b]  # distinct devices within one sample
+                r = seen.index_select(0, seg)
+                rank[a:b] = r
+                seen.index_copy_(0, seg, r + 1)
+        multi = bool((cnt > 1).any())
+        if pair:
+            totals[0].index_add_(0, e_idx, torch.where(down, 0.0, cnt).to(totals[0].dtype))
+            totals[1].index_add_(0, e_idx, torch.where(down, cnt, 0.0).to(totals[1].dtype))
+            key = rank * 2 + down  # per rank: G⁺'s entries (up pulses), then G⁻'s (down pulses)
+        else:
+            totals[0].index_add_(0, e_idx, cnt.to(totals[0].dtype))
+            key = rank
+        key, order = torch.sort(key, stable=True)
+        e_s, c_s = e_idx.index_select(0, order), cnt.index_select(0, order)
+        bounds = [0] + torch.bincount(key).cumsum(0).tolist()
+        h_s = [_Gathered(h, e_s) for h in hidden]  # gathered once per chunk, sliced per rank
+        if not pair:
+            up_s = ~down.index_select(0, order)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if a < b:
+                    _pulse_elements(arrays[0], flat[0], _Gathered(h_s[0], slice(a, b)), e_s[a:b], up_s[a:b],
+                                    c_s[a:b], multi, generator)
+            continue
+        if len(bounds) % 2 == 0:
+            bounds.append(bounds[-1])
+        for a, m, b in zip(bounds[:-2:2], bounds[1:-1:2], bounds[2::2]):
+            for k, (lo, hi) in enumerate(((a, m), (m, b))):  # both as potentiation of their side
+                if lo < hi:
+                    _pulse_elements(arrays[k], flat[k], _Gathered(h_s[k], slice(lo, hi)), e_s[lo:hi], True,
+                                    c_s[lo:hi], multi, generator)
+            if a < b:
+                refreshes += _refresh_pair(arrays, flat, hidden, e_s[a:b], refresh_threshold)
+    for k, arr in enumerate(arrays):
+        arr._persistent = flat[k].reshape(shape)
+        if arr._apparent is not None:
+            noisy = arr._persistent + arr._write_noise_scale() * torch.randn(
+                shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
+            arr._apparent = noisy if refreshes else torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
+    total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
+    return total.reshape(shape), refreshes
+
+
+def _refresh_pair(arrays: Sequence[Any], flat: list[Tensor], hidden: list[dict[str, Tensor]], elems: Tensor,
+                  threshold: float) -> int:
+    """Reprogram the pair devices `elems` to (max(W, 0), max(−W, 0)) where either side passed
+    `threshold` of G⁺'s upper bound (as `crossbar.tile.DeviceSlot` does after a pulsed update)."""
+    plus, minus = flat
+    wp, wm = plus[elems], minus[elems]
+    limit = threshold * hidden[0]["max_bound"][elems]
+    full = (wp > limit) | (wm > limit)
+    n_full = int(full.sum())
+    if n_full == 0:
+        return 0
+    sel = elems[full]
+    w = wp[full] - wm[full]
+    for side, value in ((0, w.clamp_min(0.0)), (1, (-w).clamp_min(0.0))):
+        h = hidden[side]
+        flat[side][sel] = torch.minimum(torch.maximum(value, h["min_bound"][sel]), h["max_bound"][sel])
+    return n_full
 
 
 def _split_sums(bl: Tensor, ps: Tensor, qs: Tensor, p_abs: Tensor, q_abs: Tensor) -> tuple[Tensor, Tensor]:

@@ -107,6 +107,22 @@ def transpose_read(proj: Projection, d: Tensor) -> Tensor:
     return proj.transpose(d)
 
 
+class _ProjectionReadCtx(torch.autograd.Function):
+    """`_ProjectionRead` in the ctx-in-forward form: the same read, without the per-call argument
+    binding (`inspect.signature`) that a Function with `setup_context` pays in `apply`. It cannot
+    run under torch.func transforms, which need `setup_context`; `project` picks it otherwise."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, proj: Any, name: str, recorder: PortRecorder | None) -> Tensor:
+        _ProjectionRead.setup_context(ctx, (u, proj, name, recorder), None)
+        return forward_read(proj, u)
+
+    backward = staticmethod(_ProjectionRead.backward)
+    jvp = staticmethod(_ProjectionRead.jvp)
+
+
 def project(proj: Projection, u: Tensor, name: str, recorder: PortRecorder | None = None) -> Tensor:
     """Read `proj` at `u` (y = u Wᵀ) so that autograd uses the projection's own transposed read."""
-    return _ProjectionRead.apply(u, proj, name, recorder)
+    if torch._C._are_functorch_transforms_active():
+        return _ProjectionRead.apply(u, proj, name, recorder)
+    return _ProjectionReadCtx.apply(u, proj, name, recorder)

@@ -55,7 +55,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None) -> Path:
+def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None,
+                 bigram: float | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for p in paths:
         st = PATH_STYLE[p]
@@ -70,6 +71,8 @@ def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping
     if entropy is not None:
         ax.axhline(entropy, color="k", ls="--", lw=1, label=f"unigram entropy {entropy:.3f}")
         ax.axhline(entropy - 0.3, color="gray", ls=":", lw=1, label="entropy − 0.3 nats")
+    if bigram is not None:
+        ax.axhline(bigram, color="tab:purple", ls="-.", lw=1, label=f"bigram table {bigram:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Loss")
@@ -312,11 +315,12 @@ def write_report(run_dir: str | Path) -> Path:
     config = rd.read_config_dict() if rd.config_path.is_file() else {}
     summary = rd.read_summary()
     entropy = summary.get("unigram_entropy")
+    bigram = summary.get("bigram_loss")
     paths = active_paths(rows)
     plots_dir = rd.plots_dir
     plots_dir.mkdir(exist_ok=True)
     plots = [
-        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss")),
+        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss"), bigram),
         _plot_residual(rows, paths, plots_dir),
         _plot_cosines(rows, plots_dir),
         _plot_weight_gap(rows, plots_dir),
@@ -342,10 +346,17 @@ def write_report(run_dir: str | Path) -> Path:
     if entropy is not None:
         lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
                      f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
+    if bigram is not None:
+        lines.append(f"Bigram table (add-0.05 counts of the training split, scored on the validation tokens): "
+                     f"**{bigram:.4f} nats/token** (a model above it has learned less than which token follows "
+                     "which).\n")
     fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in figure_rows()]
     if entropy is not None:
         fig_rows.append(["entropy − validation loss", *(
             _fmt(None if figures[p]["val_loss"] is None else entropy - figures[p]["val_loss"]) for p in paths)])
+    if bigram is not None:
+        fig_rows.append(["bigram − validation loss", *(
+            _fmt(None if figures[p]["val_loss"] is None else bigram - figures[p]["val_loss"]) for p in paths)])
     lines.append(md_table(["figure", *(PATH_STYLE[p]["label"] for p in paths)], fig_rows))
     if "analog" in paths and "twin" in paths:
         va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]

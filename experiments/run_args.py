@@ -223,6 +223,8 @@ def print_result(result: Any) -> None:
     print(f"steps completed: {result.steps_completed}")
     if "unigram_entropy" in s:
         print(f"unigram entropy of the validation tokens: {s['unigram_entropy']:.4f} nats")
+    if "bigram_loss" in s:
+        print(f"bigram table (add-0.05, training split) on the validation tokens: {s['bigram_loss']:.4f} nats")
     for path, v in (s.get("final_val_loss") or {}).items():
         print(f"final validation loss ({path}): {v:.4f} nats")
     if s.get("divergence"):

@@ -150,3 +150,23 @@ def test_unigram_entropy():
     skewed = torch.tensor([0] * 90 + [1] * 10)
     expected = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
     assert unigram_entropy(skewed) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bigram_loss_is_the_add_alpha_table_on_validation_pairs():
+    import math
+    from collections import Counter
+
+    from trainer.data import bigram_loss
+
+    train = torch.tensor([0, 1, 0, 1, 0, 2, 2, 1, 0])
+    val = torch.tensor([0, 1, 2, 2, 0])
+    v, alpha = 4, 0.05
+    pairs = Counter(zip(train[:-1].tolist(), train[1:].tolist()))
+    firsts = Counter(train[:-1].tolist())
+    expected = -sum(math.log((pairs[(a, b)] + alpha) / (firsts[a] + alpha * v))
+                    for a, b in zip(val[:-1].tolist(), val[1:].tolist())) / (len(val) - 1)
+    assert bigram_loss(train, val, v, alpha) == pytest.approx(expected, rel=1e-12)
+    # a stream that follows its table exactly costs almost nothing; the reversed order does not
+    cyc = torch.arange(3).repeat(200)
+    assert bigram_loss(cyc, cyc, 3) < 0.001
+    assert bigram_loss(cyc, cyc.flip(0), 3) > 5.0

@@ -53,6 +53,7 @@ __all__ = [
     "prepare_data",
     "sample_batch",
     "unigram_entropy",
+    "bigram_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -404,3 +405,20 @@ def unigram_entropy(tokens: Tensor, vocab_size: int | None = None) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
 
+
+
+def bigram_loss(train: Tensor, val: Tensor, vocab_size: int | None = None, alpha: float = 0.05) -> float:
+    """Mean cross-entropy in nats of an add-`alpha` bigram count model fitted on the `train` token
+    stream and scored on the `val` stream: P(b | a) = (n(a, b) + alpha) / (n(a) + alpha·V), with
+    n the counts of adjacent pairs in `train`; scored on every adjacent pair of `val` (its first
+    token has no predecessor and is not scored). A model above it has learned less than a
+    table of which token follows which."""
+    if train.numel() < 2 or val.numel() < 2:
+        raise ValueError("bigram loss needs at least two training and two validation tokens")
+    if not alpha > 0:
+        raise ValueError(f"bigram smoothing alpha must be > 0, got {alpha}")
+    train, val = train.reshape(-1).long(), val.reshape(-1).long()
+    v = vocab_size or int(max(int(train.max()), int(val.max()))) + 1
+    counts = torch.bincount(train[:-1] * v + train[1:], minlength=v * v).double().view(v, v)
+    log_p = (counts + alpha).log() - (counts.sum(dim=1, keepdim=True) + alpha * v).log()
+    return float(-log_p[val[:-1], val[1:]].mean())

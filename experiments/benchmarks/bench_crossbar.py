@@ -7,7 +7,9 @@ Run by hand:  python -m experiments.benchmarks.bench_crossbar [--n 512 --batch 4
 - update: `AnalogTile.apply_update` (ReRAM-SB, aihwkit's preset update: BL 31, UBLM, UM) in the
   expected-value, fast pulse-train and exact pulse-train modes vs the digital rank-k update
   `W -= lr * d.T @ x`. The exact mode (per-sample Bernoulli trains, applied sample by sample) is
-  timed on `--exact-batch` samples and scaled linearly to the full batch.
+  timed on `--exact-batch` samples and scaled linearly to the full batch, side by side with
+  aihwkit's own pulsed update of the same preset on the same samples when aihwkit imports
+  (optional; it needs its compiled extension to load).
 Anchor (reference/README.md, aihwkit 1.2.0 CPU, same shapes): forward 7.7x, pulsed update 248x.
 Targets (issue 4): forward <= 3x, update <= 5x (expected value), <= 100x (pulse trains).
 """
@@ -34,12 +36,30 @@ def _paired(fns: dict, repeats: int) -> dict:
     return best
 
 
+def _aihwkit_tile(device: str, n: int, w: torch.Tensor, lr: float):
+    """aihwkit's own tile with the same preset (optional import): (tile, version) or (None, why)."""
+    names = {"reram_sb": "ReRamSBPreset", "reram_es": "ReRamESPreset", "ecram": "EcRamPreset",
+             "capacitor": "CapacitorPreset", "pcm": "PCMPreset"}
+    if device not in names:
+        return None, f"no aihwkit preset mapped for {device!r}"
+    try:
+        import aihwkit
+        from aihwkit.simulator import presets
+        from aihwkit.simulator.tiles import AnalogTile as AihwkitTile
+    except Exception as exc:  # noqa: BLE001 (absent, or its binary extension does not load)
+        return None, f"aihwkit unavailable: {type(exc).__name__}: {exc}"
+    tile = AihwkitTile(n, n, rpu_config=getattr(presets, names[device])())
+    tile.set_weights(w * 0.0)
+    tile.set_learning_rate(lr)
+    return tile, aihwkit.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--exact-batch", type=int, default=16)
+    parser.add_argument("--exact-batch", type=int, default=256)
     parser.add_argument("--device", default="reram_sb")
     parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args(argv)
@@ -68,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     t_matmul, t_forward, t_transpose = t["matmul"], t["forward"], t["transpose"]
     t_rank_k, t_expected, t_fast = t["rank_k"], t["expected"], t["fast"]
     xb, db = x[: args.exact_batch], d[: args.exact_batch]
-    t_exact_small = _paired({"exact": lambda: tiles["exact"].apply_update(xb, db, args.lr)}, 1)["exact"]
-    t_exact = t_exact_small * batch / args.exact_batch
+    small = {"exact": lambda: tiles["exact"].apply_update(xb, db, args.lr),
+             "rank_k_small": lambda: w_digital.sub_(args.lr * (db.T @ xb))}
+    aihwkit_tile, why = _aihwkit_tile(args.device, n, w, args.lr)
+    if aihwkit_tile is not None:
+        small["aihwkit"] = lambda: aihwkit_tile.update(xb, db)
+    t_small = _paired(small, args.repeats)
+    t_exact = t_small["exact"] * batch / args.exact_batch
+    t_aihwkit = t_small["aihwkit"] * batch / args.exact_batch if "aihwkit" in t_small else None
 
     print(f"shape {n}x{n}, batch {batch}, device {args.device}, threads {torch.get_num_threads()}")
     print(f"digital matmul            {t_matmul * 1e3:9.1f} ms")
@@ -82,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"analog update, fast       {t_fast * 1e3:9.1f} ms   ratio {t_fast / t_rank_k:6.2f}x  "
           "(target <= 100x, aihwkit 248x)")
     print(f"analog update, exact      {t_exact * 1e3:9.1f} ms   ratio {t_exact / t_rank_k:6.2f}x  "
-          f"(timed on {args.exact_batch} samples, scaled)")
+          f"(timed on {args.exact_batch} samples, scaled; floor about BL = 31x)")
+    if t_aihwkit is not None:
+        print(f"aihwkit pulsed update     {t_aihwkit * 1e3:9.1f} ms   ratio {t_aihwkit / t_rank_k:6.2f}x  "
+              f"(aihwkit {why}, same samples, scaled; exact/aihwkit {t_exact / t_aihwkit:.2f})")
+    else:
+        print(f"aihwkit pulsed update: not measured ({why})")
     print("pulses per device after the timed updates (fast tile):", tiles["fast"].counters()["pulses_max"])
     return 0
 

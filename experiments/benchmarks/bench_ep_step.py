@@ -1,118 +1,162 @@
-"""Cost of one EP step (free phase + nudges + ports) in units of one force evaluation F and in seconds.
+"""Cost of one training step of the analog path and of the digital twin, side by side.
 
-Run by hand: `python -m experiments.benchmarks.bench_ep_step [--width 64 --heads 4 --context 64 --batch 16]`.
-Measures side by side in one run, float32, at the reference recipe (holomorphic N = 2, r = 0.02,
-T2 20, t2sel 40, T1 150 capped at 300, tol 1e-4): the AsymEP correction none vs frozen vs tracking
-with J v by dual numbers vs tracking with the secant J v (from the nudged forces), the unit costs of
-F, J v (dual numbers), F + Jᵀ v (backward) and (J − Jᵀ) v, and F at 1 vs the default torch threads.
+Run by hand:  python -m experiments.benchmarks.bench_ep_step [--widths 32,64,128 --repeats 3]
+
+For each width C (other settings: the `demo` preset, i.e. T 16, B 16, H 2, ECRAM with its preset
+periphery, common read noise, the demo's estimator and stabilisers), both paths of
+`trainer.loop.build_paths` are built from the same seed and trained on the same random batches,
+the two paths alternating step by step so that the load of a shared machine hits them alike.
+Per path it reports, as the median over `--repeats` steps:
+
+- s/step of `EPPath.train_step` (health probe off) and tokens/s = B·T / (s/step);
+- force evaluations per step (calls of `model.force`, J v by dual numbers and backward graphs
+  included: each is one pass through the block);
+- the split: free phase, nudge (the EP estimate: nudged phases and port reads), update
+  (`apply_update` on every projection and the digital periphery), the rest of the step
+  (stabilisers: resreg, jacreg), and the instruments amortised per step at the preset's
+  intervals: (evaluation + stability monitor)/eval_interval + health probe/health_interval;
+- the analog/digital ratio of s/step (training step alone, and with instruments).
+
+Timings are wall-clock on whatever machine runs it; say how loaded it was when quoting them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Any, Callable
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
-from ept_hw.estimators import EPEstimator, EstimatorConfig, _antisym_dual, compare_gradients
-from ept_hw.model import EquilibriumTransformer, ModelConfig
-from ept_hw.projection import digital_factory
-from ept_hw.relaxation import SolverConfig, relax
+from trainer.config import load_run_config, merge, resolve_vocab
+from trainer.data import sample_batch
+from trainer.loop import build_paths
 
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return best
+PARTS = ("free", "nudge", "update", "rest", "instruments")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=65)
-    ap.add_argument("--repeats", type=int, default=2, help="EP steps timed per variant (best is kept)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed runs (the trainer's default is 1)")
-    args = ap.parse_args()
-    default_threads = torch.get_num_threads()
+def _timed(record: dict[str, float], key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            record[key] = record.get(key, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+class _Instrumented:
+    """One path with timing wrappers on its step's parts and a counter on `model.force`."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        self.record: dict[str, float] = {}
+        self.forces = 0
+        model = path.model
+        force = model.force
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.forces += 1
+            return force(*args, **kwargs)
+
+        model.force = counted  # instance attribute: every `model.force(...)` goes through it
+        for attr, key in (("free_phase", "free"), ("_task_gradient", "nudge"), ("_apply", "update"),
+                          ("_probe", "probe")):
+            setattr(path, attr, _timed(self.record, key, getattr(path, attr)))
+
+    def step(self, idx: torch.Tensor, targets: torch.Tensor, lr: float) -> dict[str, float]:
+        self.record.clear()
+        self.forces = 0
+        start = time.perf_counter()
+        self.path.train_step(idx, targets, lr, health=False)
+        total = time.perf_counter() - start
+        parts = {k: self.record.get(k, 0.0) for k in ("free", "nudge", "update")}
+        parts["rest"] = total - sum(parts.values())
+        parts["step"] = total
+        parts["forces"] = float(self.forces)
+        return parts
+
+    def instruments(self, idx: torch.Tensor, targets: torch.Tensor, lr: float,
+                    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Seconds of one evaluation, one stability run and one health probe (the probe's own
+        time inside a health step: the step it rides on is not counted)."""
+        from trainer.loop import _stability
+
+        start = time.perf_counter()
+        self.path.evaluate(eval_batches)
+        t_eval = time.perf_counter() - start
+        start = time.perf_counter()
+        _stability(self.path, eval_batches[0])
+        t_stab = time.perf_counter() - start
+        self.record.clear()
+        self.path.train_step(idx, targets, lr, health=True)
+        return {"eval": t_eval, "stability": t_stab, "probe": self.record.get("probe", 0.0)}
+
+
+def bench_width(width: int, heads: int, repeats: int, seed: int) -> dict[str, dict[str, float]]:
+    cfg = load_run_config("demo", {"model": {"width": width, "heads": heads}, "seed": seed})
+    cfg = resolve_vocab(cfg, 65)
+    t = cfg.training
+    paths = {name: _Instrumented(p) for name, p in build_paths(cfg).items()}
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 65, (200_000,), generator=gen)
+    eval_batches = [sample_batch(data, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
+    rows: dict[str, list[dict[str, float]]] = {n: [] for n in paths}
+    batch = sample_batch(data, t.batch_size, t.seq_len, gen)
+    for p in paths.values():  # warm-up (first-call allocations, lazy caches)
+        p.step(*batch, t.lr)
+    for _ in range(repeats):
+        batch = sample_batch(data, t.batch_size, t.seq_len, gen)
+        for name, p in paths.items():
+            rows[name].append(p.step(*batch, t.lr))
+    inst: dict[str, list[dict[str, float]]] = {n: [] for n in paths}
+    for _ in range(max(1, repeats // 2)):
+        batch = sample_batch(data, t.batch_size, t.seq_len, gen)
+        for name, p in paths.items():
+            inst[name].append(p.instruments(*batch, t.lr, eval_batches))
+    out: dict[str, dict[str, float]] = {}
+    for name in paths:
+        med = {k: statistics.median(r[k] for r in rows[name]) for k in rows[name][0]}
+        ins = {k: statistics.median(r[k] for r in inst[name]) for k in inst[name][0]}
+        per_step = (ins["eval"] + (ins["stability"] if t.stability_every == -1 else 0.0)) / t.eval_interval
+        if t.stability_every > 0:
+            per_step += ins["stability"] / t.stability_every
+        if t.health_interval > 0:
+            per_step += ins["probe"] / t.health_interval
+        med["instruments"] = per_step
+        med["tokens_per_s"] = t.batch_size * t.seq_len / med["step"]
+        out[name] = med
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", default="32,64,128", help="comma-separated widths C")
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per path and width (median kept)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the trainer's default is 1)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    gen = torch.Generator().manual_seed(0)
-    cfg = ModelConfig(vocab_size=args.vocab, context=args.context, width=args.width, heads=args.heads)
-    model = EquilibriumTransformer(cfg, digital_factory, gen, torch.float32)
-    idx = torch.randint(0, args.vocab, (args.batch, args.context), generator=gen)
-    tg = torch.randint(0, args.vocab, (args.batch, args.context), generator=gen)
-    x = model.embed(idx)
-    v = torch.randn(x.shape, generator=gen)
-    print(f"C={args.width} H={args.heads} T={args.context} B={args.batch} float32, torch threads {torch.get_num_threads()}")
-
-    with torch.no_grad():
-        t_f = _time(lambda: model.force(x, x), 20)
-
-        def dual() -> None:
-            with fwAD.dual_level():
-                fwAD.unpack_dual(model.force(fwAD.make_dual(x, v), x))
-
-        t_jv = _time(dual, 10)
-
-    def f_vjp() -> None:
-        z = x.clone().requires_grad_(True)
-        torch.autograd.grad(model.force(z, x), z, v)
-
-    t_vjp = _time(f_vjp, 10)
-    t_anti = _time(lambda: _antisym_dual(model, x, x, v), 10)
-    print(f"F                      {t_f * 1e3:8.2f} ms  (1.00 F)")
-    print(f"J v (dual numbers)     {t_jv * 1e3:8.2f} ms  ({t_jv / t_f:.2f} F)")
-    print(f"F + Jᵀ v (backward)    {t_vjp * 1e3:8.2f} ms  ({t_vjp / t_f:.2f} F)")
-    print(f"(J − Jᵀ) v, dual+bwd  {t_anti * 1e3:8.2f} ms  ({t_anti / t_f:.2f} F)")
-
-    solver = SolverConfig(min_steps=150, tol=1e-4, max_steps=300)
-    with torch.no_grad():
-        free = relax(lambda z: model.force(z, x), x, solver)
-    t_free = _time(lambda: relax(lambda z: model.force(z, x), x, solver), 1)
-    print(f"free phase: {free.n_steps} steps, residual {free.residual_max:.2e}, {t_free:.2f} s ({t_free / t_f:.0f} F)")
-    # On a shared machine the load drifts: F is re-timed right before each variant (best of both).
-    print(f"{'correction':<10} {'F ms':>6} {'nudge s':>8} {'ports s':>8} {'step s':>8} {'step / F':>9}   "
-          "(step = free + nudge + ports; free phase at the F of this row)")
-    results = {}
-    for label, correction, jvp in (("none", "none", "dual"), ("frozen", "frozen", "dual"),
-                                   ("track-dual", "tracking", "dual"), ("track-sec", "tracking", "secant")):
-        with torch.no_grad():
-            t_f_row = min(t_f, _time(lambda: model.force(x, x), 20))
-        est = EPEstimator(EstimatorConfig(correction=correction, jvp=jvp), solver)
-        best = None
-        for _ in range(args.repeats):
-            r = est.compute(model, idx, tg, free=free)
-            d = r.diagnostics
-            if best is None or d["seconds_nudge"] < best["seconds_nudge"]:
-                best = d
-        results[label] = r
-        step = free.n_force_evals * t_f_row + best["seconds_nudge"] + best["seconds_ports"]
-        print(f"{label:<10} {t_f_row * 1e3:6.2f} {best['seconds_nudge']:8.2f} {best['seconds_ports']:8.3f} "
-              f"{step:8.2f} {step / t_f_row:9.0f}")
-    cmp = compare_gradients(results["track-sec"], results["track-dual"])
-    worst = min(cmp.items(), key=lambda kv: kv[1][0])
-    print(f"secant vs dual gradient (float32, same free phase): cos all {cmp['all'][0]:.6f}, "
-          f"worst group {worst[0]} {worst[1][0]:.6f}, norm ratio {cmp['all'][1]:.5f}")
-
-    threads = args.threads
-    with torch.no_grad():
-        per_threads = {}
-        for n in sorted({1, threads, default_threads}):
-            torch.set_num_threads(n)
-            per_threads[n] = _time(lambda: model.force(x, x), 20)
-    torch.set_num_threads(threads)
-    print("F by torch threads: " + ", ".join(f"{n}: {t * 1e3:.2f} ms" for n, t in per_threads.items())
-          + f"  (ratio {default_threads}/1 threads: {per_threads[default_threads] / per_threads[1]:.2f})")
+    print(f"demo preset (T 16, B 16, H {args.heads}, ECRAM, common noise), torch threads {torch.get_num_threads()}, "
+          f"median of {args.repeats} steps, paths alternating")
+    head = (f"{'C':>4} {'path':<7} {'s/step':>7} {'F/step':>6} {'tok/s':>7} "
+            + " ".join(f"{p:>11}" for p in PARTS) + f" {'a/d step':>8} {'a/d +instr':>10}")
+    print(head)
+    for width in (int(w) for w in args.widths.split(",")):
+        res = bench_width(width, args.heads, args.repeats, args.seed)
+        for name in ("twin", "analog"):
+            r = res[name]
+            ratio = ratio_i = ""
+            if name == "analog":
+                d = res["twin"]
+                ratio = f"{r['step'] / d['step']:8.2f}"
+                ratio_i = f"{(r['step'] + r['instruments']) / (d['step'] + d['instruments']):10.2f}"
+            print(f"{width:>4} {name:<7} {r['step']:7.3f} {r['forces']:6.0f} {r['tokens_per_s']:7.0f} "
+                  + " ".join(f"{r[p]:11.4f}" for p in PARTS) + f" {ratio:>8} {ratio_i:>10}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
