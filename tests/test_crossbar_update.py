@@ -465,27 +465,3 @@ def test_mixed_precision_binning_quantises_x_and_d_per_vector():
     torch.testing.assert_close(stochastic.algorithm.accumulator, -torch.outer(d[0], x[0]), atol=0.02, rtol=0.0)
     with pytest.raises(ConfigError, match="n_x_bins"):
         MixedPrecisionParameters(n_x_bins=1)
-
-
-def test_pcm_pair_refresh_reads_resets_and_rewrites_with_pulses():
-    """aihwkit's one-sided refresh: a noisy read of the pair's weight, a reset of both devices and
-    a pulsed rewrite on the device of the weight's sign (not an exact reprogramming)."""
-    from crossbar.presets import tile_preset
-
-    tile = AnalogTile(tile_preset("pcm"), 20, 30, _gen(0))
-    tile.program(torch.zeros(20, 30))
-    slot, g = tile.slot, _gen(1)
-    plus, minus = slot.arrays
-    plus.set_weights(1.55 + 0.4 * torch.rand(20, 30, generator=g), g)
-    minus.set_weights(torch.full((20, 30), 0.2), g)
-    full = plus.persistent_weights > 0.75 * plus.max_bound
-    before = slot.persistent.clone()
-    reads = tile.counters()["mvm_reads"]
-    slot._maybe_refresh(g)
-    assert slot.refreshes == int(full.sum()) > 400
-    assert tile.counters()["mvm_reads"] > reads                       # the refresh reads the pair
-    assert float(minus.persistent_weights[full].abs().max()) < 0.1    # reset (reset 0.01 ± 0.02)
-    assert torch.equal(slot.persistent[~full], before[~full])         # the others untouched
-    err = (slot.persistent - before)[full]
-    assert abs(float(err.mean())) < 0.15                               # the weight is kept on average
-    assert float(err.std()) > 0.05                                     # but rewritten noisily
