@@ -165,7 +165,7 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _DAC_KEYS = ("inp_res", "inp_bound", "inp_noise", "inp_sto_round")
 _ADC_KEYS = ("out_res", "out_bound", "out_sto_round", "out_scale", "bound_management", "max_bm_factor", "max_bm_res",
              "bm_test_negative_bound")
-_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer", "c_ttv2": "chopped"}
+_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer", "c_ttv2": "chopped", "agad": "dynamic"}
 
 
 def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dict[str, Any]:
