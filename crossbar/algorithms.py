@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,7 +30,7 @@ from devices.response import symmetry_points
 if TYPE_CHECKING:  # pragma: no cover
     from .tile import AnalogTile, DeviceSlot
 
-__all__ = ["UpdateAlgorithm", "SGD", "MixedPrecision", "TikiTakaV2", "ALGORITHM_CLASSES", "register",
+__all__ = ["UpdateAlgorithm", "SGD", "MixedPrecision", "TikiTakaV2", "ChoppedTransfer", "ALGORITHM_CLASSES", "register",
            "make_algorithm"]
 
 ALGORITHM_CLASSES: dict[str, type["UpdateAlgorithm"]] = {}
@@ -57,8 +60,11 @@ class UpdateAlgorithm:
         self.tile = tile
         self.n_transfers = 0
 
-    def update(self, x: Tensor, d: Tensor, lr: float) -> None:
-        """W_dev ← W_dev − lr·Σₙ dₙ xₙᵀ as this algorithm realises it (x (N, in), d (N, out))."""
+    def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
+        """W_dev ← W_dev − lr·Σₙ dₙ xₙᵀ as this algorithm realises it (x (N, in), d (N, out)).
+
+        `n_vectors`: how many of the N rows are input vectors of the task (what aihwkit's
+        `transfer_every` counts); the others (e.g. stabiliser rows) update but do not count."""
         raise NotImplementedError
 
     def program(self, w_dev: Tensor) -> None:
@@ -85,7 +91,7 @@ class UpdateAlgorithm:
 class SGD(UpdateAlgorithm):
     """Plain pulsed SGD (aihwkit's `SingleRPUConfig`): the pulse trains go to the array the model reads."""
 
-    def update(self, x: Tensor, d: Tensor, lr: float) -> None:
+    def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
         self.tile.pulsed_update(self.tile.slot, x, d, lr, self.tile.config.update)
 
 
@@ -99,10 +105,27 @@ class MixedPrecision(UpdateAlgorithm):
         super().__init__(tile, generator)
         self.accumulator = torch.zeros(tile.shape, device=tile.device)
 
-    def update(self, x: Tensor, d: Tensor, lr: float) -> None:
+    def _quantise(self, v: Tensor, n_bins: int, stochastic: bool) -> Tensor:
+        """aihwkit's per-vector binning: width max|v|/floor(n/2), round half away from zero
+        (after adding U − ½ when stochastic), clipped to ±floor(n/2) bins."""
+        half = float(n_bins // 2)
+        amax = v.abs().amax(dim=1, keepdim=True)
+        width = torch.where(amax > 0, amax / half, torch.ones_like(amax))
+        q = v / width
+        if stochastic:
+            gen = self.tile.update_generator
+            q = q + torch.rand(q.shape, generator=gen, device=gen.device).to(q.device) - 0.5
+        q = torch.sign(q) * torch.floor(q.abs() + 0.5)
+        return q.clamp(-half, half) * width
+
+    def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
         tile = self.tile
-        self.accumulator -= lr * (d.T @ x)
         mp = tile.config.mixed_precision
+        if mp.n_x_bins > 0:
+            x = self._quantise(x, mp.n_x_bins, mp.stoc_round_x)
+        if mp.n_d_bins > 0:
+            d = self._quantise(d, mp.n_d_bins, mp.stoc_round_d)
+        self.accumulator -= lr * (d.T @ x)
         if tile.n_updates % mp.transfer_every == mp.transfer_every - 1:
             gran = mp.granularity if mp.granularity > 0 else tile.slot.granularity
             n = torch.trunc(self.accumulator / gran)
@@ -147,7 +170,7 @@ class TikiTakaV2(UpdateAlgorithm):
         self.fast.set_weights(self.fast_reference, tile.update_generator)
         self.buffer.zero_()
 
-    def update(self, x: Tensor, d: Tensor, lr: float) -> None:
+    def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
         tile = self.tile
         tr = tile.config.transfer
         tile.pulsed_update(self.fast, x, d, lr * tr.fast_lr, tile.config.update)
@@ -189,3 +212,195 @@ class TikiTakaV2(UpdateAlgorithm):
         self.buffer = state["buffer"].to(device).clone()
         self.fast_reference = state["fast_reference"].to(device).clone()
         self.transfer_column = int(state["transfer_column"])
+
+
+@register("c_ttv2")
+class ChoppedTransfer(UpdateAlgorithm):
+    """Chopped Tiki-Taka v2: aihwkit `ChoppedTransferCompound` (`crossbar.config.ChoppedTransferParameters`).
+
+    A fast array A (the tile's device and unit cell) and the slow array C that the model reads
+    (aihwkit gamma = 0). Per update, with choppers c_in (per input column, initially all set) and
+    c_out (per output row, initially all clear) and s_ij = −1 where c_in[j] ≠ c_out[i]:
+
+    1. A ← A − count_lr·Σₙ s ⊙ dₙ xₙᵀ as pulse trains (the tile's `[tile.update]`), with
+       count_lr = fast_lr·desired_bl·g_A/(m_x·m_d) under `auto_scale` (m_x, m_d: running
+       averages of max|x| and max|d| with weight (1 − auto_momentum)/N per vector), else fast_lr
+       (times lr with `scale_fast_lr`);
+    2. every `transfer_every` input vectors (mini-batches with `units_in_mbatch`) one column j of
+       A (cyclically) is read through the transfer periphery (the tile's forward IO with noise
+       and bound management off, as aihwkit's `build_config`) and accumulated into the digital
+       buffer H (a pulse count): H_j += s_·j ⊙ read·|transfer_lr·lr|/b with the buffer
+       granularity b = buffer_granularity·g_A (× auto_granularity/(in·transfer_every) when
+       `auto_granularity` > 0; × g_C/g_A and ÷ count_lr with `correct_gradient_magnitudes`);
+    3. where |H_ij| ≥ 1: n = trunc(H_ij) clamped to ±`transfer_desired_bl` pulses go to C_ij
+       (C += n·g_C in expectation); H_ij ← momentum·H_ij (`forget_buffer`) or
+       H_ij − (1 − momentum)·n;
+    4. after each read c_in[j] flips with probability `in_chop_prob` (`in_chop_random`) or
+       every max(ceil(1/in_chop_prob), 2) passes over the columns; after a full pass each
+       c_out[i] flips with probability `out_chop_prob`.
+
+    `algorithm = "c_ttv2"` uses these parameters as given (aihwkit's "ttv2" is the same class
+    with in_chop_prob 0, auto_scale off and fast_lr 1: set them in `[tile.chopped]`).
+
+    Where this differs from aihwkit
+    -------------------------------
+    - The update of A is applied for the whole batch at once (the tile's update mode), then the
+      transfers due in it; aihwkit interleaves them vector by vector. count_lr uses m_x, m_d
+      after the batch (aihwkit: updated before each vector).
+    - Transfers that fall in one batch read their columns in one batched read (same noise
+      distribution; the columns are distinct within a pass, as aihwkit's cyclic order).
+    - The transfer periphery is not configurable separately: the tile's forward IO with
+      noise_management and bound_management "none" (what aihwkit's `build_config` sets).
+    - The pulses onto C are applied exactly (`transfer_desired_bl` pulses at most, no update
+      management), which is what aihwkit's transfer update with desired_bl 1 and UM off does.
+    - `auto_scale`'s EMA starts from the first batch's value (aihwkit: the first vector's).
+    - Only `transfer_columns = True` (columns are read with forward reads).
+    """
+
+    def __init__(self, tile: "AnalogTile", generator: torch.Generator):
+        super().__init__(tile, generator)
+        self.fast = tile.new_slot(generator)
+        self.buffer = torch.zeros(tile.shape, device=tile.device)
+        self.in_chopper = torch.ones(tile.in_features, dtype=torch.bool, device=tile.device)
+        self.out_chopper = torch.zeros(tile.out_features, dtype=torch.bool, device=tile.device)
+        self.m_x = 0.0
+        self.m_d = 0.0
+        self.vectors = 0.0          # input vectors (or mini-batches) counted for transfer_every
+        self.transfer_column = 0
+        self.transfer_counter = 0   # full passes over the columns
+        self.count_lr = 0.0
+
+    @property
+    def params(self):
+        return self.tile.config.chopped
+
+    def extra_slots(self) -> list["DeviceSlot"]:
+        return [self.fast]
+
+    def program(self, w_dev: Tensor) -> None:
+        self.fast.set_weights(torch.zeros_like(w_dev), self.tile.update_generator)
+        self.buffer.zero_()
+        self.in_chopper.fill_(True)
+        self.out_chopper.fill_(False)
+        self.m_x = self.m_d = 0.0
+        self.vectors = 0.0
+        self.transfer_column = self.transfer_counter = 0
+
+    def _auto_scale(self, x: Tensor, d: Tensor) -> None:
+        p = self.params
+        n = x.shape[0]
+        tau = (1.0 - p.auto_momentum) / max(n, 1)
+        for attr, rows in (("m_x", x), ("m_d", d)):
+            m = getattr(self, attr)
+            for v in rows.abs().amax(dim=1).tolist():
+                if m <= 0.0:
+                    m = v
+                elif v > 0.0:
+                    m = (1.0 - tau) * m + tau * v
+            setattr(self, attr, m)
+
+    def _count_lr(self, lr: float) -> float:
+        p, tile = self.params, self.tile
+        if p.auto_scale and p.fast_lr > 0.0:
+            count_lr = p.fast_lr * tile.config.update.desired_bl * self.fast.granularity
+            if self.m_x > 0.0 and self.m_d > 0.0:
+                count_lr /= self.m_x * self.m_d
+            return count_lr
+        if p.fast_lr > 0.0:
+            return p.fast_lr * lr if p.scale_fast_lr else p.fast_lr
+        return lr
+
+    def _signs(self) -> Tensor:
+        """s_ij = −1 where the output chopper of row i differs from the input chopper of column j."""
+        flip = self.out_chopper.unsqueeze(1) != self.in_chopper.unsqueeze(0)
+        return 1.0 - 2.0 * flip.float()
+
+    def update(self, x: Tensor, d: Tensor, lr: float, n_vectors: int) -> None:
+        p, tile = self.params, self.tile
+        if p.auto_scale and x.shape[0]:
+            self._auto_scale(x, d)
+        self.count_lr = self._count_lr(lr)
+        # chopper signs on the update of A: x_j by c_in, d_i by c_out (their product is s_ij)
+        cx = 1.0 - 2.0 * self.in_chopper.float()
+        cd = 1.0 - 2.0 * self.out_chopper.float()
+        tile.pulsed_update(self.fast, x * cx, d * cd, self.count_lr, tile.config.update)
+        before = math.floor(self.vectors / p.transfer_every + 1e-9)
+        self.vectors += 1.0 if p.units_in_mbatch else float(n_vectors)
+        due = math.floor(self.vectors / p.transfer_every + 1e-9) - before
+        if due > 0 and lr != 0.0:
+            self._transfer(due, lr)
+
+    def _buffer_granularity(self) -> float:
+        p, tile = self.params, self.tile
+        bg = (p.buffer_granularity if p.buffer_granularity > 0.0 else 1.0) * self.fast.granularity
+        if p.correct_gradient_magnitudes:
+            return bg * tile.slot.granularity / self.fast.granularity
+        if p.auto_granularity > 0.0:
+            bg *= p.auto_granularity / (tile.in_features * p.transfer_every)
+        return bg
+
+    def _transfer(self, n_transfers: int, lr: float) -> None:
+        p, tile = self.params, self.tile
+        io = dataclasses.replace(tile.config.forward, noise_management="none", bound_management="none")
+        transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
+        lr_scale = abs(transfer_lr) / self._buffer_granularity()
+        if p.correct_gradient_magnitudes:
+            lr_scale /= self.count_lr
+        max_steps = float(p.transfer_desired_bl)
+        gen = tile.update_generator
+        left = n_transfers
+        while left > 0:
+            j0 = self.transfer_column
+            k = min(left, tile.in_features - j0)
+            cols = torch.arange(j0, j0 + k, device=tile.device)
+            one_hot = torch.zeros(k, tile.in_features, device=tile.device)
+            one_hot[torch.arange(k, device=tile.device), cols] = 1.0
+            read = tile.read(self.fast.weights, one_hot, io).T          # (out, k): columns of A
+            signs = self._signs()[:, cols]
+            omega = (torch.zeros_like(read) if p.no_buffer else self.buffer[:, cols]) + signs * read * lr_scale
+            fire = omega.abs() >= 1.0
+            n = torch.where(fire, torch.trunc(omega).clamp(-max_steps, max_steps), torch.zeros_like(omega))
+            if p.forget_buffer:
+                omega = torch.where(fire, omega * p.momentum, omega)
+            else:
+                omega = omega - (1.0 - p.momentum) * n
+            self.buffer[:, cols] = omega
+            if bool(fire.any()):
+                n_up = torch.zeros(tile.shape, device=tile.device)
+                n_down = torch.zeros_like(n_up)
+                n_up[:, cols] = n.clamp_min(0.0)
+                n_down[:, cols] = (-n).clamp_min(0.0)
+                tile.apply_counts(tile.slot, n_up, n_down, pulse_by_pulse=True)
+            if p.in_chop_prob > 0.0:
+                if p.in_chop_random:
+                    flip = torch.rand(k, generator=gen, device=gen.device).to(tile.device) < p.in_chop_prob
+                else:
+                    period = max(math.ceil(1.0 / p.in_chop_prob), 2)
+                    flip = torch.full((k,), self.transfer_counter % period + 1 == period, device=tile.device)
+                self.in_chopper[cols] ^= flip
+            self.n_transfers += k
+            left -= k
+            self.transfer_column = (j0 + k) % tile.in_features
+            if self.transfer_column == 0:
+                if p.out_chop_prob > 0.0:
+                    flip = torch.rand(tile.out_features, generator=gen, device=gen.device).to(tile.device)
+                    self.out_chopper ^= flip < p.out_chop_prob
+                self.transfer_counter += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fast": self.fast.state_dict(), "buffer": self.buffer.clone(),
+                "in_chopper": self.in_chopper.clone(), "out_chopper": self.out_chopper.clone(),
+                "m_x": self.m_x, "m_d": self.m_d, "vectors": self.vectors, "count_lr": self.count_lr,
+                "transfer_column": self.transfer_column, "transfer_counter": self.transfer_counter}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        device = self.tile.device
+        self.fast.load_state_dict(state["fast"])
+        self.buffer = state["buffer"].to(device).clone()
+        self.in_chopper = state["in_chopper"].to(device).clone()
+        self.out_chopper = state["out_chopper"].to(device).clone()
+        self.m_x, self.m_d = float(state["m_x"]), float(state["m_d"])
+        self.vectors, self.count_lr = float(state["vectors"]), float(state["count_lr"])
+        self.transfer_column = int(state["transfer_column"])
+        self.transfer_counter = int(state["transfer_counter"])

@@ -3,7 +3,7 @@
 ```toml
 [tile]
 device = "reram_sb"            # a devices preset name, or a table {model = "soft_bounds", ...}
-algorithm = "sgd"              # "sgd" | "mixed_precision" | "ttv2"
+algorithm = "sgd"              # "sgd" | "mixed_precision" | "ttv2" | "c_ttv2" (crossbar.algorithms)
 differential = "auto"          # "single" | "pair" | "auto" (pair for one-sided devices: w_min >= 0)
 noise_mode = "fresh"           # "fresh" | "common" | "frozen" (see crossbar.tile)
 n_reads = 1                    # reads averaged per MVM
@@ -13,6 +13,7 @@ n_reads = 1                    # reads averaged per MVM
 [tile.mapping]                 # MappingParameters
 [tile.mixed_precision]         # MixedPrecisionParameters
 [tile.transfer]                # TransferParameters (Tiki-Taka v2)
+[tile.chopped]                 # ChoppedTransferParameters (chopped TTv2, aihwkit's c-ttv2)
 ```
 """
 
@@ -29,10 +30,11 @@ from ept_hw.config import ConfigError, check_choice, check_positive_int, check_f
 from .io import IOParameters
 from .update import UpdateParameters
 
-__all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "TileConfig", "ALGORITHMS",
+__all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "ChoppedTransferParameters",
+           "TileConfig", "ALGORITHMS",
            "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
 
-ALGORITHMS = ("sgd", "mixed_precision", "ttv2")
+ALGORITHMS = ("sgd", "mixed_precision", "ttv2", "c_ttv2")
 NOISE_MODES = ("fresh", "common", "frozen")
 DIFFERENTIAL = ("single", "pair", "auto")
 
@@ -58,15 +60,26 @@ class MappingParameters:
 class MixedPrecisionParameters:
     """aihwkit `MixedPrecisionCompound`: a digital accumulator χ gets −lr·Σ d xᵀ exactly; every
     `transfer_every` updates, whole multiples of the granularity (device granularity when 0)
-    are sent to the devices as pulses and removed from χ. aihwkit's x/d binning
-    (`n_x_bins`, `n_d_bins`) is not implemented (its default, 0, is no binning)."""
+    are sent to the devices as pulses and removed from χ. With `n_x_bins` (`n_d_bins`) > 0 each
+    input (error) vector is quantised before the outer product, as aihwkit: width = max|x| /
+    floor(n_bins/2), x ← clip(round(x/width (+ U − ½ with `stoc_round_x`)), ±floor(n_bins/2))·width;
+    0 (aihwkit's default) is no binning."""
 
     transfer_every: int = 1
     granularity: float = 0.0
+    n_x_bins: int = 0
+    n_d_bins: int = 0
+    stoc_round_x: bool = True
+    stoc_round_d: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int("transfer_every", self.transfer_every)
         check_finite_range("granularity", self.granularity, 0.0)
+        check_positive_int("n_x_bins", self.n_x_bins, minimum=0)
+        check_positive_int("n_d_bins", self.n_d_bins, minimum=0)
+        for key in ("n_x_bins", "n_d_bins"):
+            if getattr(self, key) == 1:
+                raise ConfigError(key, 1, "0 (no binning) or an integer >= 2 (floor(n/2) bins each side of 0)")
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,20 @@ class TransferParameters:
     array of Gokmen's and Rasch's TTv2 papers): at programming, A is driven to its devices'
     symmetry points and every transfer read subtracts them (a reference array), so an
     asymmetric A drifts toward a read value of zero instead of biasing H. Single devices only
-    (a differential pair uses "zero")."""
+    (a differential pair uses "zero").
+
+    Where this "ttv2" differs from aihwkit's `build_config("ttv2")` (kept for comparison with
+    earlier runs; algorithm "c_ttv2" with `[tile.chopped]` in_chop_prob = 0, auto_scale = false,
+    fast_lr = 1 is aihwkit's TTv2):
+    - `transfer_every` counts updates (mini-batches), aihwkit's counts input vectors
+      (`units_in_mbatch = False`): at the demo batch 256× fewer transfers;
+    - the slow array gets every whole step of the buffer at once, aihwkit at most ±1 pulse
+      per device per transfer (`transfer_update.desired_bl = 1`);
+    - the transfer read uses the tile's forward periphery with its noise and bound management,
+      aihwkit's turns both off;
+    - the buffer holds weight units with threshold `buffer_granularity`·g_C (g of the slow
+      array), aihwkit's holds pulse counts with threshold 1 at `buffer_granularity`·g_A;
+    - `fast_lr` is a factor on the SGD rate (aihwkit: an absolute rate); `fast_reference`."""
 
     fast_lr: float = 1.0
     transfer_lr: float = 1.0
@@ -106,6 +132,49 @@ class TransferParameters:
 
 
 @dataclass(frozen=True)
+class ChoppedTransferParameters:
+    """aihwkit `ChoppedTransferCompound` as `build_config("c-ttv2")` sets it (algorithm "c_ttv2").
+
+    Names and meanings are aihwkit's; defaults are those of `build_config("c-ttv2", device)`
+    (fast_lr 0.1, auto_scale on, units_in_mbatch off, transfer read with noise and bound
+    management off, transfer update with desired_bl 1 and no update management), the rest the
+    class defaults. See `crossbar.algorithms.ChoppedTransfer` for the recursion and the
+    differences from aihwkit. `transfer_desired_bl` is aihwkit's `transfer_update.desired_bl`:
+    the most pulses one device of the slow array gets per transfer (the ±1 clamp)."""
+
+    in_chop_prob: float = 0.1
+    in_chop_random: bool = True
+    out_chop_prob: float = 0.0
+    transfer_every: float = 1.0
+    units_in_mbatch: bool = False
+    fast_lr: float = 0.1
+    scale_fast_lr: bool = False
+    auto_scale: bool = True
+    auto_momentum: float = 0.99
+    transfer_lr: float = 1.0
+    scale_transfer_lr: bool = True
+    buffer_granularity: float = 1.0
+    auto_granularity: float = 0.0
+    momentum: float = 0.0
+    forget_buffer: bool = True
+    no_buffer: bool = False
+    correct_gradient_magnitudes: bool = False
+    transfer_desired_bl: int = 1
+
+    def __post_init__(self) -> None:
+        check_finite_range("in_chop_prob", self.in_chop_prob, 0.0, 1.0)
+        check_finite_range("out_chop_prob", self.out_chop_prob, 0.0, 1.0)
+        check_finite_range("transfer_every", self.transfer_every, 0.0, lo_open=True)
+        check_finite_range("fast_lr", self.fast_lr, 0.0)
+        check_finite_range("auto_momentum", self.auto_momentum, 0.0, 1.0, hi_open=True)
+        check_finite_range("transfer_lr", self.transfer_lr, 0.0, lo_open=True)
+        check_finite_range("buffer_granularity", self.buffer_granularity, 0.0)
+        check_finite_range("auto_granularity", self.auto_granularity, 0.0)
+        check_finite_range("momentum", self.momentum, 0.0, 1.0)
+        check_positive_int("transfer_desired_bl", self.transfer_desired_bl)
+
+
+@dataclass(frozen=True)
 class TileConfig:
     """The whole tile. `device` is a devices preset name, a TOML device file, or a mapping with
     `model` and aihwkit parameters. "Perfect periphery" is `IOParameters(is_perfect=True)`."""
@@ -118,6 +187,7 @@ class TileConfig:
     mapping: MappingParameters = field(default_factory=MappingParameters)
     mixed_precision: MixedPrecisionParameters = field(default_factory=MixedPrecisionParameters)
     transfer: TransferParameters = field(default_factory=TransferParameters)
+    chopped: ChoppedTransferParameters = field(default_factory=ChoppedTransferParameters)
     differential: str = "auto"
     noise_mode: str = "fresh"
     n_reads: int = 1
@@ -134,7 +204,7 @@ class TileConfig:
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         check_positive_int("n_reads", self.n_reads)
         check_finite_range("programming_noise", self.programming_noise, 0.0)
-        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer"):
+        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped"):
             expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
             if not isinstance(getattr(self, key), type(expected())):
                 raise ConfigError(key, getattr(self, key), f"a {type(expected()).__name__}")

@@ -56,13 +56,14 @@ class AnalogProjection:
             raise ValueError(f"{self.name}.transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         return self._real_read(self.tile.transpose, d.detach())
 
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
+        """W ← W − lr·Σ δuᵀ by pulses; `task_rows` as `AnalogTile.apply_update` (what transfer_every counts)."""
         if u.shape[-1] != self.in_features or delta.shape[-1] != self.out_features or u.shape[:-1] != delta.shape[:-1]:
             raise ValueError(f"{self.name}: u {tuple(u.shape)} and delta {tuple(delta.shape)} do not fit "
                              f"({self.out_features}, {self.in_features}) with shared leading dimensions")
         if torch.is_complex(u) or torch.is_complex(delta):
             raise ValueError(f"{self.name}: the analog update takes real u and delta")
-        self.tile.apply_update(u, delta, float(lr))
+        self.tile.apply_update(u, delta, float(lr), task_rows)
 
     def program(self, weight: Tensor) -> None:
         self.tile.program(weight)

@@ -13,8 +13,10 @@ Noise modes (`TileConfig.noise_mode`; the read generator is the tile's own):
 
 Pulsed updates: see `crossbar.update` (modes exact / fast / expected). A differential pair is
 updated as aihwkit's one-sided unit cell: up pulses potentiate G⁺, down pulses potentiate G⁻;
-when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is
-reprogrammed to (max(W,0), max(−W,0)) (aihwkit `refresh_every=1`, our threshold rule).
+when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is refreshed
+as aihwkit's `OneSidedUnitCell` does: its weight is read through the forward periphery (noisy,
+quantised), both devices are reset, and the read weight is written back with pulses
+(`DeviceSlot._maybe_refresh`; aihwkit `refresh_every=1`, our threshold rule on the devices).
 
 Time during training: after every `apply_update` (aihwkit's mini-batch update) each device
 decays toward its reset bias by its `lifetime` and diffuses by its `diffusion`, as aihwkit's
@@ -27,7 +29,7 @@ the tile holds one (`self.algorithm`) and offers it the services listed there.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -44,6 +46,7 @@ from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministi
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
 REFRESH_THRESHOLD = 0.75
+REFRESH_EXACT_MAX_PULSES = 16
 
 
 def _derive_seed(generator: torch.Generator) -> int:
@@ -61,6 +64,8 @@ class DeviceSlot:
         if pair:
             self.arrays.append(DeviceArray(config, shape, generator, device=device))
         self.refreshes = 0
+        # the pair's refresh read (set by the tile: a read through its forward periphery)
+        self.reader: Callable[[Tensor], Tensor] | None = None
 
     @property
     def is_ideal(self) -> bool:
@@ -136,16 +141,33 @@ class DeviceSlot:
             arr.set_weights(arr.persistent_weights + dw, generator)
 
     def _maybe_refresh(self, generator: torch.Generator) -> None:
+        """aihwkit's one-sided refresh where either device of a pair passed `REFRESH_THRESHOLD` of
+        its upper bound: read the pair's weight (`reader`: a noisy analog read through the tile's
+        forward periphery; exact when no reader is set), reset both devices (aihwkit's reset:
+        reset bias + reset_std noise), and write the read weight back with pulses on the device
+        of its sign: round(|w|/g) pulses (g the device granularity), pulse by pulse up to
+        16 pulses, else the integrated n-pulse response."""
         plus, minus = self.arrays
         limit = REFRESH_THRESHOLD * plus.max_bound
         full = (plus.persistent_weights > limit) | (minus.persistent_weights > limit)
-        if bool(full.any()):
-            w = plus.persistent_weights - minus.persistent_weights
-            new_plus = torch.where(full, w.clamp_min(0.0), plus.persistent_weights)
-            new_minus = torch.where(full, (-w).clamp_min(0.0), minus.persistent_weights)
-            plus.set_weights(new_plus, generator)
-            minus.set_weights(new_minus, generator)
-            self.refreshes += int(full.sum())
+        if not bool(full.any()):
+            return
+        w = plus.persistent_weights - minus.persistent_weights
+        if self.reader is not None:
+            w = self.reader(self.weights)
+        plus.reset(full, generator)
+        minus.reset(full, generator)
+        n = torch.where(full, torch.round(w.abs() / self.granularity), torch.zeros_like(w))
+        zero = torch.zeros_like(n)
+        for arr, count in ((plus, torch.where(w > 0, n, zero)), (minus, torch.where(w < 0, n, zero))):
+            n_max = int(count.max()) if count.numel() else 0
+            if n_max == 0:
+                continue
+            if n_max <= REFRESH_EXACT_MAX_PULSES:
+                arr.apply_pulses(count.long(), zero.long(), generator)
+            else:
+                arr.apply_pulses_integrated(count, zero, generator)
+        self.refreshes += int(full.sum())
 
     def saturation_fraction(self) -> float:
         """Fraction of devices within half a granularity of one of their own bounds."""
@@ -182,6 +204,7 @@ class AnalogTile:
         shape = (self.out_features, self.in_features)
         self.shape = shape
         self.slot = DeviceSlot(config.device_config(), shape, generator, config.uses_pair, self.device)
+        self.slot.reader = self._refresh_read
         self.algorithm: UpdateAlgorithm = make_algorithm(self, generator)
         gen_device = self.device  # read/update noise drawn where the tile lives
         self.read_generator = torch.Generator(device=gen_device)
@@ -201,7 +224,15 @@ class AnalogTile:
 
     def new_slot(self, generator: torch.Generator) -> DeviceSlot:
         """Another array of this tile's device and unit cell (for algorithms with several arrays)."""
-        return DeviceSlot(self.slot.config, self.shape, generator, self.slot.pair, self.device)
+        slot = DeviceSlot(self.slot.config, self.shape, generator, self.slot.pair, self.device)
+        slot.reader = self._refresh_read
+        return slot
+
+    def _refresh_read(self, w_dev: Tensor) -> Tensor:
+        """The device weights as a refresh reads them: one-hot column reads through the forward
+        periphery (aihwkit's refresh_forward; here the tile's forward IO)."""
+        eye = torch.eye(self.in_features, device=self.device)
+        return self.read(w_dev, eye, self.config.forward).T
 
     # ------------------------------------------------------------------ programming
     def program(self, weight: Tensor) -> None:
@@ -282,8 +313,13 @@ class AnalogTile:
         return self.read(self.slot.weights.T, ds, self.config.backward)
 
     # ------------------------------------------------------------------ updates
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
-        """W <- W − lr·Σ delta uᵀ over every leading dimension (in expectation for pulsed devices)."""
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
+        """W <- W − lr·Σ delta uᵀ over every leading dimension (in expectation for pulsed devices).
+
+        `task_rows`: how many of the leading rows (after flattening) are the task's input vectors,
+        which is what aihwkit's `transfer_every` counts (EP: the tokens of the task ports;
+        stabiliser rows appended after them update the weights but do not change the transfer
+        rate). Default: every row."""
         if u.shape[-1] != self.in_features or delta.shape[-1] != self.out_features or u.shape[:-1] != delta.shape[:-1]:
             raise ValueError(f"apply_update: u {tuple(u.shape)} and delta {tuple(delta.shape)} do not fit a "
                              f"({self.out_features}, {self.in_features}) tile with shared leading dimensions")
@@ -293,7 +329,8 @@ class AnalogTile:
         # the mapping scale s: ΔW_dev = ΔW / s, row by row -> fold 1/s into delta
         d = (delta.detach().reshape(-1, self.out_features).to(device=self.device, dtype=torch.float32)
              / self.scale.squeeze(1))
-        self.algorithm.update(x, d, lr)
+        n_vectors = x.shape[0] if task_rows is None else max(0, min(int(task_rows), x.shape[0]))
+        self.algorithm.update(x, d, lr, n_vectors)
         self.n_updates += 1
         self._after_update()
 

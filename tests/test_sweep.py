@@ -483,6 +483,8 @@ def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatc
     assert "pip install" in capsys.readouterr().err and not (tmp_path / "sw").exists()
     assert main(_sweep_cli(tmp_path, "--config", str(tmp_path / "nowhere.toml"))) == 2
     assert "nowhere.toml" in capsys.readouterr().err
+    assert main(_sweep_cli(tmp_path, "--init-ckpt", str(tmp_path))) == 2  # a directory, not a checkpoint
+    assert "no such checkpoint file" in capsys.readouterr().err and not (tmp_path / "sw").exists()
 
 
 def test_resuming_with_other_settings_on_another_backend_is_refused(tmp_path, capsys):
@@ -506,17 +508,36 @@ def test_resuming_with_other_settings_on_another_backend_is_refused(tmp_path, ca
     assert (out / "points" / "keep.json").read_text() == "{}"
 
 
-def test_sweep_config_file_is_the_base(tmp_path):
+def test_sweep_config_file_is_the_base_and_out_rules(tmp_path, capsys, monkeypatch):
+    import experiments.sweep as sweep_pkg
     from ept_hw.config import save_toml
-    from experiments.commands.sweep import _base_from_config
+    from experiments.cli import main
 
     cfg = tmp_path / "config.toml"
-    save_toml(cfg, {"mode": "compare", "seed": 4, "training": {"steps": 7}, "analog": {"device": "ecram"}})
-    base = _base_from_config(str(cfg))
-    assert base["training"]["steps"] == 7 and base["analog"]["device"] == "ecram"
+    save_toml(cfg, {"mode": "ep", "seed": 4, "training": {"steps": 7}, "analog": {"device": "ecram"}})
+    seen = {}
+
+    def fake(out, options, **kw):
+        seen["out"], seen["options"] = out, options
+        raise KeyboardInterrupt  # stop here: nothing runs
+
+    monkeypatch.setattr(sweep_pkg, "run_device_sweep", fake)
+    assert main(["sweep", "--config", str(cfg), "--axis", "adc_bits=8", "--steps", "3", "--out",
+                 str(tmp_path / "sw"), "--no-progress"]) == 130
+    o = seen["options"]
+    assert o.device == "ecram" and o.model is None and o.seeds == 3
+    assert o.run_overrides["seed"] == 4 and o.run_overrides["training"]["steps"] == 3  # the flag wins
+    assert "mode" not in o.run_overrides and "device" not in o.run_overrides.get("analog", {})
     (tmp_path / "bad.toml").write_text("not = [toml")
-    with pytest.raises(ValueError, match="bad.toml"):
-        _base_from_config(str(tmp_path / "bad.toml"))
+    assert main(["sweep", "--config", str(tmp_path / "bad.toml"), "--axis", "adc_bits=8", "--no-progress"]) == 2
+    assert "bad.toml" in capsys.readouterr().err
+    monkeypatch.undo()
+    # --out: an existing folder with someone's files, or a run, is refused before anything is written
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(_sweep_cli(tmp_path, "--out", str(mine))) == 2
+    assert "other files" in capsys.readouterr().err and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def _ray_available():

@@ -4,6 +4,11 @@
 step = one batch drawn from the data generator, handed to every path; each path runs its free
 phase, estimate and update (`trainer.twin`); one metrics row holds every path's figures.
 
+`run` is a sequence of named phases: `_set_up` (configuration, data, tile, paths, checks: nothing
+written), `_resume` or `_start` (+ the first checkpoint, which names a new run), then per step
+`_train_and_evaluate` (with `_divergence`), the metrics row, `_checkpoint` (or `_diverged` /
+`_interrupted`), and `_finish`.
+
 Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
 (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
 `summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
@@ -289,8 +294,59 @@ class _Guard:
             self.lock.release()
 
 
+@dataclass
+class _Run:
+    """The state a run's phases share."""
+
+    cfg: RunConfig
+    rd: RunDirectory
+    data: TokenData
+    tile: Any
+    paths: dict[str, TrainingPath]
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    summary: dict[str, Any]
+    result: RunResult
+    data_gen: torch.Generator | None = None
+    step: int = 0
+    wall_offset: float = 0.0
+    last_ckpt_step: int = 0
+    t0: float = 0.0
+    stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
          init_ckpt: str | Path | None, progress: bool, stop_after: int | None) -> RunResult:
+    """The phases: set-up (checks; nothing written), then resume or a fresh start (a new run's
+    first checkpoint gives it its name), steps until the end, a divergence, an interruption or
+    `stop_after`, then finish."""
+    r = _set_up(cfg, rd, resume, init_ckpt)
+    guard.open(rd, resume)  # everything checked: from here on we write (a new run into its staging folder)
+    r.data_gen = torch.Generator().manual_seed(r.cfg.order_seed + 1)
+    if resume:
+        _resume(r)
+    else:
+        _start(r)
+    log = rd.metrics_log(resume_step=r.step - 1 if resume else None)
+    r.t0 = time.perf_counter() - r.wall_offset
+    r.last_ckpt_step = r.step
+    if not resume:  # the first checkpoint (step 0) makes the run valid: it gets its name
+        try:
+            _checkpoint(r, force=True)
+            guard.commit(rd)
+        except BaseException:
+            log.close()
+            raise
+    r.result.run_dir = rd.path
+    log.path = rd.metrics_path
+    _steps(r, log, interrupt, progress, stop_after)
+    return _finish(r)
+
+
+def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: str | Path | None) -> _Run:
+    """Configuration, data, the analog tile, paths and their checks; nothing is written."""
     run_dir = rd.path
     if resume:
         if not rd.config_path.is_file():
@@ -327,161 +383,179 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
         if tile is None:  # a run written before runs kept their own copy: as it was built then
             tile = resolve_tile_config(cfg.analog)
     paths = build_paths(cfg, tile=tile)
-    init_info = None
+    summary: dict[str, Any] = {}
     if init_ckpt is not None and not resume:
         init_info = _init_from_checkpoint(paths, Path(init_ckpt), cfg)
         init_info["verdict"] = {n: _verdict(p, eval_batches[0]) for n, p in paths.items()}
+        summary["init_ckpt"] = init_info
+    return _Run(cfg, rd, data, tile, paths, eval_batches, summary, RunResult(run_dir, 0, summary, paths=paths))
 
-    # ---- everything checked: from here on we write (a new run into its staging folder)
-    guard.open(rd, resume)
-    data_gen = torch.Generator().manual_seed(cfg.order_seed + 1)
-    start_step = 0
-    wall_offset = 0.0
-    summary: dict[str, Any] = {}
-    if resume:
-        ck, _ = rd.load_checkpoint()
-        for name, p in paths.items():
-            p.load_state_dict(ck["paths"][name])
-        data_gen.set_state(ck["data_rng"])
-        start_step = int(ck["step"])
-        wall_offset = float(ck["wall_time"])
-        summary = rd.read_summary()
-        summary.pop("divergence", None)
-        summary.pop("interrupted", None)
-        rd.append_event({"event": "resumed", "step": start_step, "command_line": list(sys.argv),
-                         "package_version": package_version()})
-    else:
-        rd.write_config(cfg)
-        rd.write_tokenizer(data.tokenizer)
-        if tile is not None:
-            rd.write_tile_config(tile)
-        rd.write_provenance(provenance(cfg, tile=tile))
-        summary = {
-            "mode": cfg.mode,
-            "path": cfg.path,
-            "corpus": data.corpus_name,
-            "validation_works": list(data.val_groups),
-            "train_tokens": int(data.train.numel()),
-            "val_tokens": int(data.val.numel()),
-            "vocab_size": data.vocab_size,
-            "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
-            "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
-            "physics": physics_notes(cfg),
-            "initial_val_loss": {n: p.evaluate(eval_batches) for n, p in paths.items()},
-        }
-        if t.stability_every != 0:
-            summary["initial_stability"] = {n: _stability(p, eval_batches[0]) for n, p in paths.items()}
-        if init_info is not None:
-            summary["init_ckpt"] = init_info
-        _save_conductances(rd, paths, "start")
-    log = rd.metrics_log(resume_step=start_step - 1 if resume else None)
+
+def _resume(r: _Run) -> None:
+    """Every path, the data sampler and the clock from the latest checkpoint; the summary without
+    the previous call's divergence or interruption; a `resumed` event."""
+    ck, _ = r.rd.load_checkpoint()
+    for name, p in r.paths.items():
+        p.load_state_dict(ck["paths"][name])
+    r.data_gen.set_state(ck["data_rng"])
+    r.step = int(ck["step"])
+    r.wall_offset = float(ck["wall_time"])
+    r.summary.update(r.rd.read_summary())
+    r.summary.pop("divergence", None)
+    r.summary.pop("interrupted", None)
+    r.result.steps_completed = r.step
+    r.rd.append_event({"event": "resumed", "step": r.step, "command_line": list(sys.argv),
+                       "package_version": package_version()})
+
+
+def _start(r: _Run) -> None:
+    """A new run: configuration, tokenizer, tile, provenance, the summary's fixed facts and initial figures."""
+    cfg, data, paths, rd = r.cfg, r.data, r.paths, r.rd
+    rd.write_config(cfg)
+    rd.write_tokenizer(data.tokenizer)
+    if r.tile is not None:
+        rd.write_tile_config(r.tile)
+    rd.write_provenance(provenance(cfg, tile=r.tile))
+    init_info = r.summary.pop("init_ckpt", None)
+    r.summary.update({
+        "mode": cfg.mode,
+        "path": cfg.path,
+        "corpus": data.corpus_name,
+        "validation_works": list(data.val_groups),
+        "train_tokens": int(data.train.numel()),
+        "val_tokens": int(data.val.numel()),
+        "vocab_size": data.vocab_size,
+        "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
+        "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
+        "physics": physics_notes(cfg),
+        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
+    })
+    if cfg.training.stability_every != 0:
+        r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
+    if init_info is not None:
+        r.summary["init_ckpt"] = init_info
+    _save_conductances(rd, paths, "start")
+
+
+def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after: int | None) -> None:
+    """Steps until the end, a divergence, an interruption or `stop_after` steps in this call."""
+    t = r.cfg.training
     schedule = LRSchedule(t.schedule, t.steps)
-    result = RunResult(run_dir, start_step, summary, paths=paths)
-    t0 = time.perf_counter() - wall_offset
-    last_ckpt_step = start_step
-
-    def checkpoint(next_step: int) -> None:
-        payload = {
-            "step": next_step,
-            "config": to_dict(cfg),
-            "paths": {n: p.state_dict() for n, p in paths.items()},
-            "data_rng": data_gen.get_state(),
-            "wall_time": time.perf_counter() - t0,
-        }
-        rd.save_checkpoint(payload)
-
-    if not resume:  # the first checkpoint (step 0) makes the run valid: it gets its name
-        try:
-            checkpoint(start_step)
-            guard.commit(rd)
-        except BaseException:
-            log.close()
-            raise
-    result.run_dir = run_dir = rd.path
-    log.path = rd.metrics_path
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=start_step, desc=f"{cfg.mode} {run_dir.name}", unit="step", dynamic_ncols=True)
-    step = start_step
+        bar = tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.rd.path.name}", unit="step", dynamic_ncols=True)
     steps_this_call = 0
     try:
-        while step < t.steps:
-            idx, targets = sample_batch(data.train, t.batch_size, t.seq_len, data_gen)
-            lr = schedule.lr(t.lr, step)
-            health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
-            outcomes: dict[str, StepOutcome] = {}
-            event = None
-            evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
-            vals: dict[str, float] = {}
-            stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (
-                t.stability_every == -1 and evaluate)
-            stabs: dict[str, dict[str, Any] | None] = {}
-            for name, p in paths.items():
-                try:
-                    outcomes[name] = p.train_step(idx, targets, lr, health=health)
-                    if evaluate:
-                        vals[name] = p.evaluate(eval_batches)
-                    if stab_now:
-                        stabs[name] = _stability(p, eval_batches[0])
-                except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
-                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
-                    outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
-                    vals.pop(name, None)
-                    break
-            row = _row(step, lr, time.perf_counter() - t0, paths, outcomes, vals, stabs)
-            for name, p in paths.items():
-                if event is not None:
-                    break
-                o = outcomes[name]
-                event = p.monitor.check(step, o.loss, o.residual)
-                if event is None and not _finite_update(o):
-                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
-                if event is None and name in vals and not math.isfinite(vals[name]):
-                    event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
-                if event is not None:
-                    break
-            log.append(row)
+        while r.step < t.steps:
+            outcomes, vals, event = _train_and_evaluate(r, schedule)
+            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
                                 | {f"val_{n}": f"{v:.3f}" for n, v in vals.items()})
+            r.step += 1
             if event is not None:
-                result.divergence = event
-                summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": last_ckpt_step}
-                rd.append_event({"event": "divergence", **event.to_dict()})
-                logger.error("divergence: %s (last good checkpoint: step %d)", event.message, last_ckpt_step)
-                result.exit_code = EXIT_DIVERGED
-                step += 1
+                _diverged(r, event)
                 break
-            step += 1
             steps_this_call += 1
             stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
-            if step % t.checkpoint_interval == 0 or step == t.steps or stop_now:
-                checkpoint(step)
-                last_ckpt_step = step
-            if stop_now and step < t.steps:
-                summary["interrupted"] = {"step": step}
-                if interrupt.requested:
-                    rd.append_event({"event": "interrupted", "step": step})
-                    result.exit_code = EXIT_INTERRUPTED
+            _checkpoint(r, force=stop_now)
+            if stop_now and r.step < t.steps:
+                _interrupted(r, interrupt.requested)
                 break
     finally:
         if bar is not None:
             bar.close()
         log.close()
-    result.steps_completed = step
-    if result.divergence is None:
-        _save_conductances(rd, paths, "end")
-    summary["steps_completed"] = step
-    summary["wall_time"] = time.perf_counter() - t0
-    summary["final_val_loss"] = rd.final_val_losses()
-    if "analog" in paths:
-        summary["analog_counters"] = pulse_counters(paths["analog"].model, step)
-    rd.write_summary(summary)
-    result.summary = summary
-    return result
+
+
+def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOutcome], dict[str, float], DivergenceEvent | None]:
+    """One step on every path (same batch), the evaluations and monitors due at it, and the first
+    divergence it shows (a non-finite relaxation, a monitor rule, a non-finite update or validation loss)."""
+    t, step = r.cfg.training, r.step
+    idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
+    lr = schedule.lr(t.lr, step)
+    health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+    evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
+    stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
+    outcomes: dict[str, StepOutcome] = {}
+    vals: dict[str, float] = {}
+    r.stabs = {}
+    for name, p in r.paths.items():
+        try:
+            outcomes[name] = p.train_step(idx, targets, lr, health=health)
+            if evaluate:
+                vals[name] = p.evaluate(r.eval_batches)
+            if stab_now:
+                r.stabs[name] = _stability(p, r.eval_batches[0])
+        except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+            outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
+            vals.pop(name, None)
+            return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+    return outcomes, vals, _divergence(r, outcomes, vals)
+
+
+def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> DivergenceEvent | None:
+    step = r.step
+    for name, p in r.paths.items():
+        o = outcomes[name]
+        event = p.monitor.check(step, o.loss, o.residual)
+        if event is None and not _finite_update(o):
+            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite weight update", o.loss, o.residual)
+        if event is None and name in vals and not math.isfinite(vals[name]):
+            event = DivergenceEvent("non_finite", step, name, f"{name}: step {step}: non-finite validation loss", vals[name], o.residual)
+        if event is not None:
+            return event
+    return None
+
+
+def _diverged(r: _Run, event: DivergenceEvent) -> None:
+    r.result.divergence = event
+    r.summary["divergence"] = event.to_dict() | {"last_good_checkpoint_step": r.last_ckpt_step}
+    r.rd.append_event({"event": "divergence", **event.to_dict()})
+    logger.error("divergence: %s (last good checkpoint: step %d)", event.message, r.last_ckpt_step)
+    r.result.exit_code = EXIT_DIVERGED
+
+
+def _checkpoint(r: _Run, *, force: bool) -> None:
+    """Every `checkpoint_interval` steps, at the last step, and when forced (the first one of a new
+    run, a run stopping early)."""
+    t = r.cfg.training
+    if not (r.step % t.checkpoint_interval == 0 or r.step == t.steps or force):
+        return
+    r.rd.save_checkpoint({
+        "step": r.step,
+        "config": to_dict(r.cfg),
+        "paths": {n: p.state_dict() for n, p in r.paths.items()},
+        "data_rng": r.data_gen.get_state(),
+        "wall_time": r.wall(),
+    })
+    r.last_ckpt_step = r.step
+
+
+def _interrupted(r: _Run, by_user: bool) -> None:
+    r.summary["interrupted"] = {"step": r.step}
+    if by_user:
+        r.rd.append_event({"event": "interrupted", "step": r.step})
+        r.result.exit_code = EXIT_INTERRUPTED
+
+
+def _finish(r: _Run) -> RunResult:
+    """Final conductances (unless diverged), the summary's final figures and the analog arrays'
+    pulse counters, the result."""
+    r.result.steps_completed = r.step
+    if r.result.divergence is None:
+        _save_conductances(r.rd, r.paths, "end")
+    r.summary["steps_completed"] = r.step
+    r.summary["wall_time"] = r.wall()
+    r.summary["final_val_loss"] = r.rd.final_val_losses()
+    if "analog" in r.paths:
+        r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
+    r.rd.write_summary(r.summary)
+    r.result.summary = r.summary
+    return r.result
 
 
 def _finite_update(o: StepOutcome) -> bool:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.run_args import overrides_from_args
+from experiments.run_args import free_run_dir, load_config_file, overrides_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a short analog/twin `compare` per point and seed, one axis at a time around the base device "
         "(or a full grid with --grid). Seed k changes the initial weights (not with --init-ckpt), the device-to-device "
         "samples and the noise streams on the same data order; the gap is paired per seed. A requirement is the weakest "
-        "tested value whose gap's one-sided upper 95%% bound, and that of every more demanding value, is within "
+        "tested value whose gap's one-sided upper 95 % bound, and that of every more demanding value, is within "
         "--tolerance. Finished points are kept under --out/points: rerunning the same command resumes (also on "
         "another backend). Writes sweep.csv, sweep.json and plots/gap_vs_AXIS.png. Axes: " + ", ".join(AXES) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -53,22 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--seed", type=int, help="base seed: seed index 0 of every point (data order of every seed)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key, e.g. training.eval_interval=5")
-    p.add_argument("--out", help="sweep directory (runs/sweep)")
+    p.add_argument("--out", help="sweep directory: a new one, or an existing sweep to resume (default runs/sweep-N)")
     p.add_argument("--json", action="store_true", help="print a JSON summary (rows, requirements) instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
-
-
-def _base_from_config(path: str) -> dict:
-    from ept_hw.config import ConfigError, load_toml
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file" + (" (a directory)" if p.is_dir() else ""))
-    try:
-        return load_toml(p)
-    except ConfigError as exc:
-        raise ValueError(f"--config {path}: not a readable TOML run configuration ({exc.allowed})") from None
 
 
 def _json_safe(x):
@@ -96,15 +84,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError("--seeds", args.seeds, "an integer >= 1 (3 gives a 95% interval from paired gaps)")
-    base = _base_from_config(args.config) if args.config else {}
+    base = load_config_file(args.config) if args.config else {}
     analog_base = base.get("analog", {}) if isinstance(base.get("analog"), dict) else {}
     device = args.device or analog_base.get("device")
     periphery = args.periphery or analog_base.get("periphery") or "default"
     if args.model is None and not args.config:
         raise ValueError("--model is required (or a --config run configuration)")
-    for flag, value in (("device", device), ("out", args.out)):
-        if value is None:
-            raise ValueError(f"--{flag} is required")
+    if device is None:
+        raise ValueError("--device is required (or a --config run configuration with analog.device)")
+    if args.out is None:
+        args.out = str(free_run_dir("sweep"))
     if not args.axis:
         raise ConfigError("--axis", None, "at least one NAME=v1,v2,... (see --list-axes)")
     axes: dict = {}

@@ -154,7 +154,7 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _DAC_KEYS = ("inp_res", "inp_bound", "inp_noise", "inp_sto_round")
 _ADC_KEYS = ("out_res", "out_bound", "out_sto_round", "out_scale", "bound_management", "max_bm_factor", "max_bm_res",
              "bm_test_negative_bound")
-_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer"}
+_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer", "c_ttv2": "chopped"}
 
 
 def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dic
         head, _, leaf = key.rpartition(".")
         leaf = leaf or key
         table = key.split(".", 1)[0]
-        if table in ("mixed_precision", "transfer"):
+        if table in _ALGORITHM_TABLES.values():
             if table == active_table:
                 algorithm["parameters"][key.split(".", 1)[1]] = _parameter(leaf, value)
             continue

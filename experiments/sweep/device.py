@@ -16,9 +16,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ept_hw.config import ConfigError, check_range
 from experiments.runfacts import checkpoint_pulse_counts
+from trainer.rundir import RunLock, check_out_dir
 
 from .axes import AXES, PERIPHERY_AXES, analog_overrides, apply_overrides, base_values, point_id, sweep_points
-from .engine import RESULT_KEYS, PointFn, Task, run_sweep
+from .engine import MANIFEST, RESULT_KEYS, PointFn, Task, check_backend, check_manifest, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
 
@@ -301,6 +302,8 @@ def run_device_sweep(
         raise FileNotFoundError(f"--init-ckpt {o.init_ckpt}: no such checkpoint file"
                                 + (" (a directory: give its checkpoints/last.pt)" if Path(o.init_ckpt).is_dir() else ""))
     out = Path(out_dir).resolve()
+    if not (out / MANIFEST).is_file():  # a new sweep: a new (or empty) folder, never a run or someone's files
+        check_out_dir(out)
     context = o.context(out)
     tile = base_tile(context)  # raises ConfigError on a bad model, device or override, before any work
     if tile.forward.is_perfect and set(o.axes) & set(PERIPHERY_AXES):
@@ -321,9 +324,13 @@ def run_device_sweep(
                 invalid[task.task_id] = {"point_id": task.point_id, "task_id": task.task_id, "seed_index": k,
                                          "overrides": dict(p), "status": "invalid", "error": f"ConfigError: {exc}",
                                          "wall_time": 0.0, **{key: None for key in RESULT_KEYS}}
-    records = run_sweep(point_fn, points, out, context=context, workers=o.workers, retry_failed=o.retry_failed,
-                        on_record=on_record, seeds=seeds, backend=o.backend, ray_address=o.ray_address,
-                        precomputed=invalid)
+    check_manifest(out, context)  # a resume with other settings is refused before any backend starts
+    check_backend(o.backend, o.ray_address)  # nothing is written when the backend cannot run
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # a second process on the same sweep is refused, naming the holder's pid
+        records = run_sweep(point_fn, points, out, context=context, workers=o.workers, retry_failed=o.retry_failed,
+                            on_record=on_record, seeds=seeds, backend=o.backend, ray_address=o.ray_address,
+                            precomputed=invalid)
     names = list(o.axes)
     rows = sweep_rows(records, names, bases)
     reqs = derive_requirements(rows, names, o.tolerance, bases)

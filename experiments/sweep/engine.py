@@ -39,7 +39,7 @@ from trainer.rundir import atomic_write_json as _atomic_write_json
 from .axes import point_id
 
 __all__ = ["PointFn", "RESULT_KEYS", "POINTS_DIR", "MANIFEST", "Task", "run_sweep", "load_records", "check_backend",
-           "atomic_write_json", "BACKENDS", "SweepBackendError"]
+           "atomic_write_json", "check_manifest", "BACKENDS", "SweepBackendError"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _pinned(context: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in context.items() if not k.startswith("_")}, sort_keys=True, default=str))
 
 
-def _check_manifest(out_dir: Path, context: Mapping[str, Any]) -> bool:
+def check_manifest(out_dir: Path, context: Mapping[str, Any]) -> bool:
     """A sweep directory belongs to one base (context); resuming with another base is refused
     (`ValueError` naming the differing keys). Returns whether a manifest is still to be written."""
     path = out_dir / MANIFEST
@@ -243,7 +243,7 @@ def run_sweep(
     if out.exists() and not out.is_dir():
         raise ValueError(f"sweep directory {out} is a file")
     ctx = dict(context or {})
-    write_manifest = _check_manifest(out, ctx)  # before the backend starts: a mismatch costs nothing
+    write_manifest = check_manifest(out, ctx)  # before the backend starts: a mismatch costs nothing
     check_backend(backend, ray_address)
     (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
     if write_manifest:
