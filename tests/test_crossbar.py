@@ -203,7 +203,7 @@ def test_clear_shape_errors():
         proj.apply_update(torch.zeros(2, 3), torch.zeros(2, 4), -0.1)
 
 
-@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2", "c_ttv2"])
+@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2", "c_ttv2", "agad"])
 def test_state_dict_resumes_exactly(algorithm):
     cfg = tile_preset("reram_sb", algorithm=algorithm)
     factory = analog_factory(cfg, _gen(20))

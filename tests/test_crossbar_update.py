@@ -383,12 +383,14 @@ def test_chopper_sign_flips_cancel_a_fixed_offset_of_the_fast_array():
     assert results[0.5] == 0.0
 
 
-def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
-    """SoftBounds with up_down = 0.5 (symmetry point at w = 1/3, far from 0), 3 seeds: chopped
-    TTv2 (in_chop_prob 0.02, fast_lr 0.5, auto_scale) ends at least 25 % closer to the target
-    than pulsed SGD. (With build_config's in_chop_prob 0.1 and fast_lr 0.1 it does not on this
-    8x4 case: the chopper's transient after each flip dominates; see the class docstring.)"""
-    from crossbar.config import ChoppedTransferParameters
+def test_chopped_ttv2_and_agad_beat_plain_sgd_on_asymmetric_soft_bounds():
+    """SoftBounds with up_down = 0.5 (symmetry point at w = 1/3, far from 0), mean over 3 seeds of
+    the relative weight error after 400 steps. Chopped TTv2 (in_chop_prob 0.02, fast_lr 0.5,
+    auto_scale) ends at least 25 % closer to the target than pulsed SGD, AGAD (aihwkit's agad
+    defaults but fast_lr 0.5) at least 50 %. With build_config's fast_lr 0.1 (and c-TTv2's
+    in_chop_prob 0.1) neither beats SGD on this 8x4 case: measured 0.86 (c-TTv2) and 0.54 (AGAD)
+    against 0.43 (SGD); the fast array's updates are then too small against its own drift."""
+    from crossbar.config import ChoppedTransferParameters, DynamicTransferParameters
 
     def regression(algorithm: str, seed: int) -> float:
         g = _gen(seed)
@@ -396,7 +398,8 @@ def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
                                   up_down_dtod=0.0, w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.1)
         cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
                          update=UpdateParameters(mode="fast"), algorithm=algorithm,
-                         chopped=ChoppedTransferParameters(in_chop_prob=0.02, fast_lr=0.5))
+                         chopped=ChoppedTransferParameters(in_chop_prob=0.02, fast_lr=0.5),
+                         dynamic=DynamicTransferParameters(fast_lr=0.5))
         w_star = 1.4 * (torch.rand(4, 8, generator=g) - 0.5)
         tile = AnalogTile(cfg, 4, 8, g)
         tile.program(torch.zeros(4, 8))
@@ -408,8 +411,30 @@ def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
 
     sgd = sum(regression("sgd", s) for s in range(3)) / 3
     chopped = sum(regression("c_ttv2", s) for s in range(3)) / 3
+    agad = sum(regression("agad", s) for s in range(3)) / 3
     assert sgd > 0.35
     assert chopped < 0.75 * sgd
+    assert agad < 0.5 * sgd
+
+
+def test_agad_dynamic_reference_removes_a_fixed_offset_at_once():
+    """AGAD integrates read − μ, μ the mean of the previous chopper period: a fast array stuck at
+    an offset with no gradient sends nothing to C (c-TTv2 without chopper integrates it)."""
+    from crossbar.config import DynamicTransferParameters
+
+    device = ConstantStepDevice(dw_min=0.01, dw_min_std=0.0, dw_min_dtod=0.0, up_down_dtod=0.0, w_max_dtod=0.0,
+                                w_min_dtod=0.0, w_max=1.0, w_min=-1.0)
+    cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(), algorithm="agad",
+                     dynamic=DynamicTransferParameters(in_chop_prob=0.5, auto_scale=False, fast_lr=0.5))
+    tile = AnalogTile(cfg, 3, 5, _gen(0))
+    tile.program(torch.zeros(3, 5))
+    tile.algorithm.fast.set_weights(torch.full((3, 5), 0.02), tile.update_generator)
+    for _ in range(100):
+        tile.apply_update(torch.zeros(5, 5), torch.zeros(5, 3), 0.1)
+    assert tile.counters()["transfers"] == 500
+    assert tile.weight.abs().max().item() == 0.0
+    assert tile.algorithm.buffer.abs().max().item() < 1.0
+    torch.testing.assert_close(tile.algorithm.running_mean, torch.full((3, 5), 0.02))
 
 
 def test_mixed_precision_binning_quantises_x_and_d_per_vector():
@@ -442,27 +467,3 @@ def test_mixed_precision_binning_quantises_x_and_d_per_vector():
     torch.testing.assert_close(stochastic.algorithm.accumulator, -torch.outer(d[0], x[0]), atol=0.02, rtol=0.0)
     with pytest.raises(ConfigError, match="n_x_bins"):
         MixedPrecisionParameters(n_x_bins=1)
-
-
-def test_pcm_pair_refresh_reads_resets_and_rewrites_with_pulses():
-    """aihwkit's one-sided refresh: a noisy read of the pair's weight, a reset of both devices and
-    a pulsed rewrite on the device of the weight's sign (not an exact reprogramming)."""
-    from crossbar.presets import tile_preset
-
-    tile = AnalogTile(tile_preset("pcm"), 20, 30, _gen(0))
-    tile.program(torch.zeros(20, 30))
-    slot, g = tile.slot, _gen(1)
-    plus, minus = slot.arrays
-    plus.set_weights(1.55 + 0.4 * torch.rand(20, 30, generator=g), g)
-    minus.set_weights(torch.full((20, 30), 0.2), g)
-    full = plus.persistent_weights > 0.75 * plus.max_bound
-    before = slot.persistent.clone()
-    reads = tile.counters()["mvm_reads"]
-    slot._maybe_refresh(g)
-    assert slot.refreshes == int(full.sum()) > 400
-    assert tile.counters()["mvm_reads"] > reads                       # the refresh reads the pair
-    assert float(minus.persistent_weights[full].abs().max()) < 0.1    # reset (reset 0.01 ± 0.02)
-    assert torch.equal(slot.persistent[~full], before[~full])         # the others untouched
-    err = (slot.persistent - before)[full]
-    assert abs(float(err.mean())) < 0.15                               # the weight is kept on average
-    assert float(err.std()) > 0.05                                     # but rewritten noisily
