@@ -326,8 +326,12 @@ class AnalogTile:
                 counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
             else:
                 counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
-            pulses, refreshes = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, REFRESH_THRESHOLD)
-            slot.refreshes += refreshes
+            def refresh() -> int:  # the unit cell's own refresh (DeviceSlot._maybe_refresh), counted
+                before = slot.refreshes
+                slot._maybe_refresh(gen)
+                return slot.refreshes - before
+
+            pulses = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, refresh if slot.pair else None)
             self.pulse_count += pulses.to(self.pulse_count.dtype)
             return
         if up.pulse_type == "deterministic_implicit":
