@@ -30,7 +30,8 @@ from devices.response import symmetry_points
 if TYPE_CHECKING:  # pragma: no cover
     from .tile import AnalogTile, DeviceSlot
 
-__all__ = ["UpdateAlgorithm", "SGD", "MixedPrecision", "TikiTakaV2", "ChoppedTransfer", "ALGORITHM_CLASSES", "register",
+__all__ = ["UpdateAlgorithm", "SGD", "MixedPrecision", "TikiTakaV2", "ChoppedTransfer", "DynamicTransfer",
+           "ALGORITHM_CLASSES", "register",
            "make_algorithm"]
 
 ALGORITHM_CLASSES: dict[str, type["UpdateAlgorithm"]] = {}
@@ -339,9 +340,13 @@ class ChoppedTransfer(UpdateAlgorithm):
             bg *= p.auto_granularity / (tile.in_features * p.transfer_every)
         return bg
 
+    def _transfer_io(self):
+        """aihwkit's `build_config("c-ttv2")`: the forward IO with noise and bound management off."""
+        return dataclasses.replace(self.tile.config.forward, noise_management="none", bound_management="none")
+
     def _transfer(self, n_transfers: int, lr: float) -> None:
         p, tile = self.params, self.tile
-        io = dataclasses.replace(tile.config.forward, noise_management="none", bound_management="none")
+        io = self._transfer_io()
         transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
         lr_scale = abs(transfer_lr) / self._buffer_granularity()
         if p.correct_gradient_magnitudes:
@@ -404,3 +409,108 @@ class ChoppedTransfer(UpdateAlgorithm):
         self.vectors, self.count_lr = float(state["vectors"]), float(state["count_lr"])
         self.transfer_column = int(state["transfer_column"])
         self.transfer_counter = int(state["transfer_counter"])
+
+
+@register("agad")
+class DynamicTransfer(ChoppedTransfer):
+    """AGAD: aihwkit `DynamicTransferCompound` (`crossbar.config.DynamicTransferParameters`).
+
+    As `ChoppedTransfer` (fast array A, auto-scaled count_lr, choppers on A's update, transfer
+    timing, ±`transfer_desired_bl` clamp), but the buffer integrates the read *relative to a
+    dynamic reference*: per element a running mean m of the reads (weight
+    ω = min(tail_weightening/n_s, 1) per read, n_s = max(ceil(1/in_chop_prob), 2) reads per
+    chopper period) and the mean μ of the previous chopper period (set to m when column j's
+    chopper has just switched). Per read: H += s·(read − μ)·lr_scale, then the threshold and
+    clamp of c-TTv2, then m ← (1 − ω)·m + ω·read. Choppers switch regularly every n_s passes
+    over the columns (and, with `in_chop_random`, also with probability in_chop_prob per read);
+    no pulses reach C during the first n_s passes. A's fixed offsets (its symmetry point) cancel
+    in read − μ without waiting for the chopper to average them out.
+
+    Where this differs from aihwkit: as `ChoppedTransfer` (batch first, then the transfers due;
+    one batched read per pass), except the transfer read, which here as in aihwkit's
+    `build_config("agad")` uses the tile's forward IO unchanged; aihwkit's experimental
+    options (`experimental_correct_accumulation`, count-lr feedback) are not implemented.
+    """
+
+    def __init__(self, tile: "AnalogTile", generator: torch.Generator):
+        super().__init__(tile, generator)
+        self.running_mean = torch.zeros(tile.shape, device=tile.device)
+        self.past_mean = torch.zeros(tile.shape, device=tile.device)
+        self.switched = torch.zeros(tile.in_features, dtype=torch.bool, device=tile.device)
+
+    @property
+    def params(self):
+        return self.tile.config.dynamic
+
+    def program(self, w_dev: Tensor) -> None:
+        super().program(w_dev)
+        self.running_mean.zero_()
+        self.past_mean.zero_()
+        self.switched.fill_(False)
+
+    def _transfer_io(self):
+        return self.tile.config.forward
+
+    def _transfer(self, n_transfers: int, lr: float) -> None:
+        p, tile = self.params, self.tile
+        io = self._transfer_io()
+        transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
+        lr_scale = abs(transfer_lr) / self._buffer_granularity()
+        if p.correct_gradient_magnitudes:
+            lr_scale /= self.count_lr
+        max_steps = float(p.transfer_desired_bl)
+        cap = max_steps * p.buffer_cap
+        n_samples = max(math.ceil(1.0 / p.in_chop_prob), 2)
+        weight = min(p.tail_weightening / n_samples, 1.0)
+        gen = tile.update_generator
+        left = n_transfers
+        while left > 0:
+            j0 = self.transfer_column
+            k = min(left, tile.in_features - j0)
+            cols = torch.arange(j0, j0 + k, device=tile.device)
+            one_hot = torch.zeros(k, tile.in_features, device=tile.device)
+            one_hot[torch.arange(k, device=tile.device), cols] = 1.0
+            read = tile.read(self.fast.weights, one_hot, io).T          # (out, k)
+            current_sample = self.transfer_counter % n_samples + 1
+            switched = self.switched[cols].unsqueeze(0)
+            past = torch.where(switched, self.running_mean[:, cols], self.past_mean[:, cols])
+            self.past_mean[:, cols] = past
+            self.switched[cols] = False
+            omega = self.buffer[:, cols] + self._signs()[:, cols] * (read - past) * lr_scale
+            fire = omega.abs() >= 1.0
+            n = torch.where(fire, torch.trunc(omega).clamp(-max_steps, max_steps), torch.zeros_like(omega))
+            if p.forget_buffer:
+                omega = torch.where(fire, omega * p.momentum, omega)
+            else:
+                omega = omega - (1.0 - p.momentum) * n
+                if cap > 0.0:
+                    omega = omega.clamp(-cap, cap)
+            self.buffer[:, cols] = omega
+            self.running_mean[:, cols] = self.running_mean[:, cols] * (1.0 - weight) + read * weight
+            if bool(fire.any()) and self.transfer_counter > n_samples:
+                n_up = torch.zeros(tile.shape, device=tile.device)
+                n_down = torch.zeros_like(n_up)
+                n_up[:, cols] = n.clamp_min(0.0)
+                n_down[:, cols] = (-n).clamp_min(0.0)
+                tile.apply_counts(tile.slot, n_up, n_down, pulse_by_pulse=True)
+            switch = torch.full((k,), current_sample == n_samples, device=tile.device)
+            if p.in_chop_random:
+                switch |= torch.rand(k, generator=gen, device=gen.device).to(tile.device) < p.in_chop_prob
+            self.in_chopper[cols] ^= switch
+            self.switched[cols] = switch
+            self.n_transfers += k
+            left -= k
+            self.transfer_column = (j0 + k) % tile.in_features
+            if self.transfer_column == 0:
+                self.transfer_counter += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "running_mean": self.running_mean.clone(),
+                "past_mean": self.past_mean.clone(), "switched": self.switched.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        device = self.tile.device
+        self.running_mean = state["running_mean"].to(device).clone()
+        self.past_mean = state["past_mean"].to(device).clone()
+        self.switched = state["switched"].to(device).clone()

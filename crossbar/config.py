@@ -3,7 +3,7 @@
 ```toml
 [tile]
 device = "reram_sb"            # a devices preset name, or a table {model = "soft_bounds", ...}
-algorithm = "sgd"              # "sgd" | "mixed_precision" | "ttv2" | "c_ttv2" (crossbar.algorithms)
+algorithm = "sgd"              # "sgd" | "mixed_precision" | "ttv2" | "c_ttv2" | "agad" (crossbar.algorithms)
 differential = "auto"          # "single" | "pair" | "auto" (pair for one-sided devices: w_min >= 0)
 noise_mode = "fresh"           # "fresh" | "common" | "frozen" (see crossbar.tile)
 n_reads = 1                    # reads averaged per MVM
@@ -14,6 +14,7 @@ n_reads = 1                    # reads averaged per MVM
 [tile.mixed_precision]         # MixedPrecisionParameters
 [tile.transfer]                # TransferParameters (Tiki-Taka v2)
 [tile.chopped]                 # ChoppedTransferParameters (chopped TTv2, aihwkit's c-ttv2)
+[tile.dynamic]                 # DynamicTransferParameters (AGAD, aihwkit's agad)
 ```
 """
 
@@ -31,10 +32,11 @@ from .io import IOParameters
 from .update import UpdateParameters
 
 __all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "ChoppedTransferParameters",
+           "DynamicTransferParameters",
            "TileConfig", "ALGORITHMS",
            "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
 
-ALGORITHMS = ("sgd", "mixed_precision", "ttv2", "c_ttv2")
+ALGORITHMS = ("sgd", "mixed_precision", "ttv2", "c_ttv2", "agad")
 NOISE_MODES = ("fresh", "common", "frozen")
 DIFFERENTIAL = ("single", "pair", "auto")
 
@@ -175,6 +177,29 @@ class ChoppedTransferParameters:
 
 
 @dataclass(frozen=True)
+class DynamicTransferParameters(ChoppedTransferParameters):
+    """aihwkit `DynamicTransferCompound` (AGAD) as `build_config("agad")` sets it (algorithm "agad").
+
+    The `ChoppedTransferParameters` fields with AGAD's defaults (regular choppers,
+    in_chop_prob 0.1, fast_lr 0.1, auto_scale on), plus `tail_weightening` (weight of the
+    running mean's tail, 5) and `buffer_cap` (buffer clamp in units of transfer_desired_bl when
+    `forget_buffer` is off; 0: none). The transfer read uses the tile's forward periphery as is
+    (aihwkit's `build_config("agad")` keeps noise and bound management). Output choppers do not
+    exist in aihwkit's AGAD (`out_chop_prob` must stay 0). See `crossbar.algorithms.DynamicTransfer`."""
+
+    in_chop_random: bool = False
+    tail_weightening: float = 5.0
+    buffer_cap: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_finite_range("in_chop_prob", self.in_chop_prob, 0.0, 1.0, lo_open=True)
+        check_finite_range("out_chop_prob", self.out_chop_prob, 0.0, 0.0)
+        check_finite_range("tail_weightening", self.tail_weightening, 0.0, lo_open=True)
+        check_finite_range("buffer_cap", self.buffer_cap, 0.0)
+
+
+@dataclass(frozen=True)
 class TileConfig:
     """The whole tile. `device` is a devices preset name, a TOML device file, or a mapping with
     `model` and aihwkit parameters. "Perfect periphery" is `IOParameters(is_perfect=True)`."""
@@ -188,6 +213,7 @@ class TileConfig:
     mixed_precision: MixedPrecisionParameters = field(default_factory=MixedPrecisionParameters)
     transfer: TransferParameters = field(default_factory=TransferParameters)
     chopped: ChoppedTransferParameters = field(default_factory=ChoppedTransferParameters)
+    dynamic: DynamicTransferParameters = field(default_factory=DynamicTransferParameters)
     differential: str = "auto"
     noise_mode: str = "fresh"
     n_reads: int = 1
@@ -204,7 +230,7 @@ class TileConfig:
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         check_positive_int("n_reads", self.n_reads)
         check_finite_range("programming_noise", self.programming_noise, 0.0)
-        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped"):
+        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped", "dynamic"):
             expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
             if not isinstance(getattr(self, key), type(expected())):
                 raise ConfigError(key, getattr(self, key), f"a {type(expected()).__name__}")

@@ -13,10 +13,8 @@ Noise modes (`TileConfig.noise_mode`; the read generator is the tile's own):
 
 Pulsed updates: see `crossbar.update` (modes exact / fast / expected). A differential pair is
 updated as aihwkit's one-sided unit cell: up pulses potentiate G⁺, down pulses potentiate G⁻;
-when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is refreshed
-as aihwkit's `OneSidedUnitCell` does: its weight is read through the forward periphery (noisy,
-quantised), both devices are reset, and the read weight is written back with pulses
-(`DeviceSlot._maybe_refresh`; aihwkit `refresh_every=1`, our threshold rule on the devices).
+when either device of a pair passes `REFRESH_THRESHOLD` of its upper bound, the pair is
+reprogrammed to (max(W,0), max(−W,0)) (aihwkit `refresh_every=1`, our threshold rule).
 
 Time during training: after every `apply_update` (aihwkit's mini-batch update) each device
 decays toward its reset bias by its `lifetime` and diffuses by its `diffusion`, as aihwkit's
@@ -29,7 +27,7 @@ the tile holds one (`self.algorithm`) and offers it the services listed there.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +44,6 @@ from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministi
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
 REFRESH_THRESHOLD = 0.75
-REFRESH_EXACT_MAX_PULSES = 16
 
 
 def _derive_seed(generator: torch.Generator) -> int:
@@ -64,8 +61,6 @@ class DeviceSlot:
         if pair:
             self.arrays.append(DeviceArray(config, shape, generator, device=device))
         self.refreshes = 0
-        # the pair's refresh read (set by the tile: a read through its forward periphery)
-        self.reader: Callable[[Tensor], Tensor] | None = None
 
     @property
     def is_ideal(self) -> bool:
@@ -141,33 +136,16 @@ class DeviceSlot:
             arr.set_weights(arr.persistent_weights + dw, generator)
 
     def _maybe_refresh(self, generator: torch.Generator) -> None:
-        """aihwkit's one-sided refresh where either device of a pair passed `REFRESH_THRESHOLD` of
-        its upper bound: read the pair's weight (`reader`: a noisy analog read through the tile's
-        forward periphery; exact when no reader is set), reset both devices (aihwkit's reset:
-        reset bias + reset_std noise), and write the read weight back with pulses on the device
-        of its sign: round(|w|/g) pulses (g the device granularity), pulse by pulse up to
-        16 pulses, else the integrated n-pulse response."""
         plus, minus = self.arrays
         limit = REFRESH_THRESHOLD * plus.max_bound
         full = (plus.persistent_weights > limit) | (minus.persistent_weights > limit)
-        if not bool(full.any()):
-            return
-        w = plus.persistent_weights - minus.persistent_weights
-        if self.reader is not None:
-            w = self.reader(self.weights)
-        plus.reset(full, generator)
-        minus.reset(full, generator)
-        n = torch.where(full, torch.round(w.abs() / self.granularity), torch.zeros_like(w))
-        zero = torch.zeros_like(n)
-        for arr, count in ((plus, torch.where(w > 0, n, zero)), (minus, torch.where(w < 0, n, zero))):
-            n_max = int(count.max()) if count.numel() else 0
-            if n_max == 0:
-                continue
-            if n_max <= REFRESH_EXACT_MAX_PULSES:
-                arr.apply_pulses(count.long(), zero.long(), generator)
-            else:
-                arr.apply_pulses_integrated(count, zero, generator)
-        self.refreshes += int(full.sum())
+        if bool(full.any()):
+            w = plus.persistent_weights - minus.persistent_weights
+            new_plus = torch.where(full, w.clamp_min(0.0), plus.persistent_weights)
+            new_minus = torch.where(full, (-w).clamp_min(0.0), minus.persistent_weights)
+            plus.set_weights(new_plus, generator)
+            minus.set_weights(new_minus, generator)
+            self.refreshes += int(full.sum())
 
     def saturation_fraction(self) -> float:
         """Fraction of devices within half a granularity of one of their own bounds."""
@@ -204,7 +182,6 @@ class AnalogTile:
         shape = (self.out_features, self.in_features)
         self.shape = shape
         self.slot = DeviceSlot(config.device_config(), shape, generator, config.uses_pair, self.device)
-        self.slot.reader = self._refresh_read
         self.algorithm: UpdateAlgorithm = make_algorithm(self, generator)
         gen_device = self.device  # read/update noise drawn where the tile lives
         self.read_generator = torch.Generator(device=gen_device)
@@ -224,15 +201,7 @@ class AnalogTile:
 
     def new_slot(self, generator: torch.Generator) -> DeviceSlot:
         """Another array of this tile's device and unit cell (for algorithms with several arrays)."""
-        slot = DeviceSlot(self.slot.config, self.shape, generator, self.slot.pair, self.device)
-        slot.reader = self._refresh_read
-        return slot
-
-    def _refresh_read(self, w_dev: Tensor) -> Tensor:
-        """The device weights as a refresh reads them: one-hot column reads through the forward
-        periphery (aihwkit's refresh_forward; here the tile's forward IO)."""
-        eye = torch.eye(self.in_features, device=self.device)
-        return self.read(w_dev, eye, self.config.forward).T
+        return DeviceSlot(self.slot.config, self.shape, generator, self.slot.pair, self.device)
 
     # ------------------------------------------------------------------ programming
     def program(self, weight: Tensor) -> None:
@@ -357,8 +326,12 @@ class AnalogTile:
                 counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
             else:
                 counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
-            pulses, refreshes = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, REFRESH_THRESHOLD)
-            slot.refreshes += refreshes
+            def refresh() -> int:  # the unit cell's own refresh (DeviceSlot._maybe_refresh), counted
+                before = slot.refreshes
+                slot._maybe_refresh(gen)
+                return slot.refreshes - before
+
+            pulses = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen, refresh if slot.pair else None)
             self.pulse_count += pulses.to(self.pulse_count.dtype)
             return
         if up.pulse_type == "deterministic_implicit":

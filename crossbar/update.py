@@ -319,9 +319,9 @@ def _pulse_elements(arr: Any, w: Tensor, h: Mapping[str, Tensor], elems: Tensor,
 
 
 def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Callable[[slice], Tensor], plan: PulsePlan,
-                     generator: torch.Generator, refresh_threshold: float) -> tuple[Tensor, int]:
+                     generator: torch.Generator, refresh: Callable[[], int] | None = None) -> Tensor:
     """Apply the per-sample coincidence counts of `plan` to the devices sample after sample (the
-    exact mode): returns the pulses per device (out, in) and the number of pair refreshes.
+    exact mode).
 
     How it is batched: the counts of a chunk of samples come from one bulk op
     (`signed_coincidences`: one batched product of the ±1/0 slot trains, signed by direction); their non-zero entries are listed once per chunk,
@@ -336,12 +336,12 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Cal
     other order); their distribution is the same.
 
     `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
-    potentiate G⁺, down pulses G⁻; after each rank the pair devices it touched are refreshed when
-    either side passes `refresh_threshold` of G⁺'s upper bound (per device this is after each of
-    its samples; `DeviceSlot.apply_pulses` also re-checks, after every sample, devices that
-    sample did not touch). Write noise is redrawn once at the end for the devices that got
+    potentiate G⁺, down pulses G⁻, and after each rank `refresh()` (the unit cell's refresh
+    check on the arrays' current weights, returning how many devices it refreshed) runs: for
+    every device this is after each of its samples and before its next one, as a check after
+    every sample would be. Write noise is redrawn once at the end for the devices that got
     pulses (for every device after a refresh), not after every sample: the weight the next read
-    sees is the same in distribution.
+    sees is the same in distribution. Returns the pulses per device (out, in).
     """
     n = plan.bl.shape[0]
     shape = arrays[0].shape
@@ -400,8 +400,13 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Cal
                 if lo < hi:
                     _pulse_elements(arrays[k], flat[k], _Gathered(h_s[k], slice(lo, hi)), e_s[lo:hi], True,
                                     c_s[lo:hi], multi, generator)
-            if a < b:
-                refreshes += _refresh_pair(arrays, flat, hidden, e_s[a:b], refresh_threshold)
+            if a < b and refresh is not None:
+                for k, arr in enumerate(arrays):  # the arrays see the current weights
+                    arr._persistent = flat[k].view(shape)
+                n_refreshed = refresh()
+                if n_refreshed:
+                    refreshes += n_refreshed
+                    flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
     for k, arr in enumerate(arrays):
         arr._persistent = flat[k].reshape(shape)
         if arr._apparent is not None:
@@ -409,26 +414,7 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Cal
                 shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
             arr._apparent = noisy if refreshes else torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
     total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
-    return total.reshape(shape), refreshes
-
-
-def _refresh_pair(arrays: Sequence[Any], flat: list[Tensor], hidden: list[dict[str, Tensor]], elems: Tensor,
-                  threshold: float) -> int:
-    """Reprogram the pair devices `elems` to (max(W, 0), max(−W, 0)) where either side passed
-    `threshold` of G⁺'s upper bound (as `crossbar.tile.DeviceSlot` does after a pulsed update)."""
-    plus, minus = flat
-    wp, wm = plus[elems], minus[elems]
-    limit = threshold * hidden[0]["max_bound"][elems]
-    full = (wp > limit) | (wm > limit)
-    n_full = int(full.sum())
-    if n_full == 0:
-        return 0
-    sel = elems[full]
-    w = wp[full] - wm[full]
-    for side, value in ((0, w.clamp_min(0.0)), (1, (-w).clamp_min(0.0))):
-        h = hidden[side]
-        flat[side][sel] = torch.minimum(torch.maximum(value, h["min_bound"][sel]), h["max_bound"][sel])
-    return n_full
+    return total.reshape(shape)
 
 
 def _split_sums(bl: Tensor, ps: Tensor, qs: Tensor, p_abs: Tensor, q_abs: Tensor) -> tuple[Tensor, Tensor]:

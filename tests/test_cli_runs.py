@@ -87,6 +87,34 @@ def test_run_keeps_its_own_device_and_provenance_and_resumes_without_the_file(de
     assert events[-1]["event"] == "resumed" and events[-1]["step"] == 2
 
 
+def test_spec_export_reports_the_device_the_run_trained_with(dev_run, tmp_path):
+    """The device file was edited (dw_min 0.002 -> 0.05, up_down 0 -> 0.6) and moved after the run
+    started: the spec must carry the parameters the run trained with, from the run's own copy."""
+    from experiments.spec import export_spec
+
+    spec = export_spec(dev_run, tmp_path / "spec", pulse_response=False).spec
+    params = spec["device"]["parameters"]
+    assert params["dw_min"]["value"] == 0.002 and params["up_down"]["value"] == 0.0
+
+
+def test_spec_ignores_a_device_file_edited_in_place(tmp_path, text_file):
+    """Same path, new content: the fit details of the edited file must not enter the spec."""
+    from experiments.spec import export_spec
+
+    dev = tmp_path / "dev.toml"
+    dev.write_text(DEVICE + "[fit]\ntrajectory_rms = 0.01\n")
+    cfg = load_run_config("tiny", {**SMALL_CFG, "mode": "compare", "training": {**SMALL_CFG["training"], "steps": 2},
+                                   "analog": {"device": str(dev)}, "data": {"source": text_file}})
+    out = tmp_path / "run"
+    run(cfg, out)
+    before = export_spec(out, tmp_path / "spec0", pulse_response=False).spec
+    assert before["device"]["source"]["fit_error"]["value"] == 0.01
+    dev.write_text(DEVICE.replace("0.002", "0.05") + "[fit]\ntrajectory_rms = 0.5\n")
+    after = export_spec(out, tmp_path / "spec1", pulse_response=False).spec
+    assert after["device"]["parameters"]["dw_min"]["value"] == 0.002
+    assert after["device"]["source"]["fit_error"] is None
+
+
 # ------------------------------------------------------------------ 2. --out rules and the lock
 
 

@@ -203,7 +203,7 @@ def test_clear_shape_errors():
         proj.apply_update(torch.zeros(2, 3), torch.zeros(2, 4), -0.1)
 
 
-@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2", "c_ttv2"])
+@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2", "c_ttv2", "agad"])
 def test_state_dict_resumes_exactly(algorithm):
     cfg = tile_preset("reram_sb", algorithm=algorithm)
     factory = analog_factory(cfg, _gen(20))
@@ -282,3 +282,22 @@ def test_tile_parameters_refuse_non_finite_values(table, key):
         with pytest.raises(ConfigError) as err:
             tile_config_from_dict(data)
         assert key in str(err.value) and "allowed" in str(err.value)
+
+
+def test_periphery_reader_rescales_weights_that_changed():
+    """A `PeripheryReader` caches the scaled weights: a read after the weights changed (in place,
+    or a new tensor) equals a fresh `analog_read` with the same draws."""
+    from crossbar.io import PeripheryReader
+    from crossbar.presets import preset_io
+
+    io = preset_io()
+    read = PeripheryReader(io)
+    w = 0.2 * torch.randn(12, 20, generator=_gen(0))
+    x = torch.randn(30, 20, generator=_gen(1))
+    assert torch.equal(read(w, x, _gen(2)), analog_read(w, x, io, _gen(2)))
+    w.mul_(-1.5)  # in place
+    assert torch.equal(read(w, x, _gen(3)), analog_read(w, x, io, _gen(3)))
+    w2 = w + 0.05  # a new tensor; and the transposed read of it
+    assert torch.equal(read(w2, x, _gen(4)), analog_read(w2, x, io, _gen(4)))
+    d = torch.randn(30, 12, generator=_gen(5))
+    assert torch.equal(read(w2.T, d, _gen(6)), analog_read(w2.T, d, io, _gen(6)))

@@ -223,20 +223,23 @@ def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
 def test_exact_mode_applies_each_sample_in_order(pair):
     """Exact mode on a nonlinear (soft-bounds) device without cycle-to-cycle noise, with
     deterministic pulse counts: the batched sample-by-sample application equals one
-    `DeviceSlot.apply_pulses` call per sample (pair: G⁺/G⁻ and refreshes included), and differs
+    `DeviceSlot.apply_pulses` call per sample (pair: G⁺/G⁻ and the unit cell's refreshes, both
+    paths through `DeviceSlot._maybe_refresh`), and differs
     from applying the batch's summed counts at once (the device state evolves per sample)."""
     from crossbar.tile import DeviceSlot
 
     w_min = 0.0 if pair else -1.0
     device = SoftBoundsDevice(dw_min=0.02, w_max=1.0, w_min=w_min, dw_min_dtod=0.0, up_down_dtod=0.0,
-                              w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.0)
+                              w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.0, reset_std=0.0)
     up = UpdateParameters(pulse_type="deterministic_implicit", mode="exact")
     cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(), update=up,
                      differential="pair" if pair else "single")
     g = _gen(11)
     tile = AnalogTile(cfg, 6, 9, g)
-    tile.program(1.4 * (torch.rand(6, 9, generator=g) - 0.5))
+    tile.program((0.4 if pair else 1.4) * (torch.rand(6, 9, generator=g) - 0.5))
     reference = DeviceSlot(tile.slot.config, (6, 9), _gen(0), pair)
+    if hasattr(tile.slot, "reader"):  # a refresh that reads through the tile's (here perfect) periphery
+        reference.reader = tile.slot.reader
     reference.load_state_dict(tile.slot.state_dict())
     aggregated = DeviceSlot(tile.slot.config, (6, 9), _gen(0), pair)
     aggregated.load_state_dict(tile.slot.state_dict())
@@ -251,10 +254,10 @@ def test_exact_mode_applies_each_sample_in_order(pair):
     aggregated.apply_pulses(n_up.sum(0).long(), n_down.sum(0).long(), g)
     tile.apply_update(x, d, lr)
     torch.testing.assert_close(tile.slot.persistent, reference.persistent, rtol=0, atol=1e-6)
-    if pair:  # per sample, the exact mode checks the devices that sample touched (the reference:
-        # every device, so one left above the threshold after its refresh counts again)
-        assert 0 < tile.slot.refreshes <= reference.refreshes
-    assert float((aggregated.persistent - reference.persistent).abs().max()) > 0.02
+    if pair:
+        assert tile.slot.refreshes == reference.refreshes > 0
+    if not pair:  # (a pair's sides each get one direction only: the order does not matter there)
+        assert float((aggregated.persistent - reference.persistent).abs().max()) > 0.02
     torch.testing.assert_close(tile.pulse_count.float(), (n_up + n_down).sum(0))
 
 
@@ -381,12 +384,14 @@ def test_chopper_sign_flips_cancel_a_fixed_offset_of_the_fast_array():
     assert results[0.5] == 0.0
 
 
-def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
-    """SoftBounds with up_down = 0.5 (symmetry point at w = 1/3, far from 0), 3 seeds: chopped
-    TTv2 (in_chop_prob 0.02, fast_lr 0.5, auto_scale) ends at least 25 % closer to the target
-    than pulsed SGD. (With build_config's in_chop_prob 0.1 and fast_lr 0.1 it does not on this
-    8x4 case: the chopper's transient after each flip dominates; see the class docstring.)"""
-    from crossbar.config import ChoppedTransferParameters
+def test_chopped_ttv2_and_agad_beat_plain_sgd_on_asymmetric_soft_bounds():
+    """SoftBounds with up_down = 0.5 (symmetry point at w = 1/3, far from 0), mean over 3 seeds of
+    the relative weight error after 400 steps. Chopped TTv2 (in_chop_prob 0.02, fast_lr 0.5,
+    auto_scale) ends at least 25 % closer to the target than pulsed SGD, AGAD (aihwkit's agad
+    defaults but fast_lr 0.5) at least 50 %. With build_config's fast_lr 0.1 (and c-TTv2's
+    in_chop_prob 0.1) neither beats SGD on this 8x4 case: measured 0.86 (c-TTv2) and 0.54 (AGAD)
+    against 0.43 (SGD); the fast array's updates are then too small against its own drift."""
+    from crossbar.config import ChoppedTransferParameters, DynamicTransferParameters
 
     def regression(algorithm: str, seed: int) -> float:
         g = _gen(seed)
@@ -394,7 +399,8 @@ def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
                                   up_down_dtod=0.0, w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.1)
         cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
                          update=UpdateParameters(mode="fast"), algorithm=algorithm,
-                         chopped=ChoppedTransferParameters(in_chop_prob=0.02, fast_lr=0.5))
+                         chopped=ChoppedTransferParameters(in_chop_prob=0.02, fast_lr=0.5),
+                         dynamic=DynamicTransferParameters(fast_lr=0.5))
         w_star = 1.4 * (torch.rand(4, 8, generator=g) - 0.5)
         tile = AnalogTile(cfg, 4, 8, g)
         tile.program(torch.zeros(4, 8))
@@ -406,8 +412,30 @@ def test_chopped_ttv2_beats_plain_sgd_on_asymmetric_soft_bounds():
 
     sgd = sum(regression("sgd", s) for s in range(3)) / 3
     chopped = sum(regression("c_ttv2", s) for s in range(3)) / 3
+    agad = sum(regression("agad", s) for s in range(3)) / 3
     assert sgd > 0.35
     assert chopped < 0.75 * sgd
+    assert agad < 0.5 * sgd
+
+
+def test_agad_dynamic_reference_removes_a_fixed_offset_at_once():
+    """AGAD integrates read − μ, μ the mean of the previous chopper period: a fast array stuck at
+    an offset with no gradient sends nothing to C (c-TTv2 without chopper integrates it)."""
+    from crossbar.config import DynamicTransferParameters
+
+    device = ConstantStepDevice(dw_min=0.01, dw_min_std=0.0, dw_min_dtod=0.0, up_down_dtod=0.0, w_max_dtod=0.0,
+                                w_min_dtod=0.0, w_max=1.0, w_min=-1.0)
+    cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(), algorithm="agad",
+                     dynamic=DynamicTransferParameters(in_chop_prob=0.5, auto_scale=False, fast_lr=0.5))
+    tile = AnalogTile(cfg, 3, 5, _gen(0))
+    tile.program(torch.zeros(3, 5))
+    tile.algorithm.fast.set_weights(torch.full((3, 5), 0.02), tile.update_generator)
+    for _ in range(100):
+        tile.apply_update(torch.zeros(5, 5), torch.zeros(5, 3), 0.1)
+    assert tile.counters()["transfers"] == 500
+    assert tile.weight.abs().max().item() == 0.0
+    assert tile.algorithm.buffer.abs().max().item() < 1.0
+    torch.testing.assert_close(tile.algorithm.running_mean, torch.full((3, 5), 0.02))
 
 
 def test_mixed_precision_binning_quantises_x_and_d_per_vector():
@@ -440,27 +468,3 @@ def test_mixed_precision_binning_quantises_x_and_d_per_vector():
     torch.testing.assert_close(stochastic.algorithm.accumulator, -torch.outer(d[0], x[0]), atol=0.02, rtol=0.0)
     with pytest.raises(ConfigError, match="n_x_bins"):
         MixedPrecisionParameters(n_x_bins=1)
-
-
-def test_pcm_pair_refresh_reads_resets_and_rewrites_with_pulses():
-    """aihwkit's one-sided refresh: a noisy read of the pair's weight, a reset of both devices and
-    a pulsed rewrite on the device of the weight's sign (not an exact reprogramming)."""
-    from crossbar.presets import tile_preset
-
-    tile = AnalogTile(tile_preset("pcm"), 20, 30, _gen(0))
-    tile.program(torch.zeros(20, 30))
-    slot, g = tile.slot, _gen(1)
-    plus, minus = slot.arrays
-    plus.set_weights(1.55 + 0.4 * torch.rand(20, 30, generator=g), g)
-    minus.set_weights(torch.full((20, 30), 0.2), g)
-    full = plus.persistent_weights > 0.75 * plus.max_bound
-    before = slot.persistent.clone()
-    reads = tile.counters()["mvm_reads"]
-    slot._maybe_refresh(g)
-    assert slot.refreshes == int(full.sum()) > 400
-    assert tile.counters()["mvm_reads"] > reads                       # the refresh reads the pair
-    assert float(minus.persistent_weights[full].abs().max()) < 0.1    # reset (reset 0.01 ± 0.02)
-    assert torch.equal(slot.persistent[~full], before[~full])         # the others untouched
-    err = (slot.persistent - before)[full]
-    assert abs(float(err.mean())) < 0.15                               # the weight is kept on average
-    assert float(err.std()) > 0.05                                     # but rewritten noisily

@@ -12,7 +12,7 @@ import pytest
 
 from ept_hw.config import ConfigError
 from experiments.sweep import (
-    AXES, axis_slice, derive_requirements, load_records, parse_axis, plot_gaps, point_id, run_sweep,
+    ALGORITHMS, AXES, axis_slice, derive_requirements, load_records, parse_axis, plot_gaps, point_id, run_sweep,
     sweep_points, sweep_rows, write_tables,
 )
 
@@ -46,6 +46,11 @@ def test_parse_axis_types_and_errors():
     assert parse_axis("adc_bits=2, 8,8") == ("adc_bits", (2, 8))
     assert parse_axis("read_noise=0.01,0.1") == ("read_noise", (0.01, 0.1))
     assert parse_axis("algorithm=plain,tiki_taka_v2,ttv2") == ("algorithm", ("sgd", "ttv2"))
+    # every algorithm the crossbar has is a value of the axis (issue 13 item 5)
+    from crossbar.config import ALGORITHMS as TILE_ALGORITHMS
+
+    assert parse_axis("algorithm=sgd,c-ttv2,agad") == ("algorithm", ("sgd", "c_ttv2", "agad"))
+    assert set(ALGORITHMS) == set(TILE_ALGORITHMS)
     with pytest.raises(ConfigError, match="adc_bits"):
         parse_axis("adc_bits=two")
     with pytest.raises(ConfigError, match="one of"):

@@ -198,3 +198,24 @@ def test_sgd_sink_applies_minus_lr_times_the_port_sum_and_skips_frozen_groups():
     assert torch.allclose(model.projections["W_1"].weight, expected, atol=1e-6)
     assert torch.allclose(model.params[name_ln], p_ln - 0.1 * 0.5)  # lr x periphery_lr_scale
     assert torch.equal(model.params[name_emb], p_emb)  # frozen
+
+
+def test_step_cap_warns_for_a_plain_relaxation_but_not_for_a_logged_training_free_phase(caplog):
+    """A free phase with the noise-aware stop reports its residual on every metrics row: ending at
+    the step cap must not print a warning per step (the demo printed dozens); a plain relaxation
+    that ends at the cap still warns."""
+    import logging
+
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # a pure rotation: Euler never converges
+    force = lambda z: z @ rot.T  # noqa: E731
+    z0 = torch.ones(3, 2)
+    solver = SolverConfig(method="euler", eps=0.1, tol=1e-8, max_steps=20, min_steps=0)
+    with caplog.at_level(logging.INFO, logger="ept_hw.relaxation"):
+        r_window = relax(force, z0, solver, stop=WindowStop(window=3, patience=1000))
+        window_levels = [rec.levelno for rec in caplog.records]
+        caplog.clear()
+        r_plain = relax(force, z0, solver)
+        plain_levels = [rec.levelno for rec in caplog.records]
+    assert not r_window.converged and not r_window.at_floor and not r_plain.converged
+    assert window_levels == [logging.INFO]
+    assert plain_levels == [logging.WARNING]

@@ -91,6 +91,17 @@ def _figure(value: Any, unit: str, how: str, note: str | None = None) -> dict[st
     return out
 
 
+def _unchanged_since_run(path: Path, run_dir: Path | None) -> bool:
+    """Whether the device file at `path` is still the one the run was started from (its sha256 in
+    the run's `provenance.json`); a run without a recorded hash (older runs) trusts the file."""
+    from trainer.rundir import RunDirectory, file_sha256
+
+    if run_dir is None:
+        return True
+    recorded = RunDirectory(run_dir).read_provenance().get("device_source", {}).get("sha256")
+    return recorded is None or recorded == file_sha256(path)
+
+
 def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
     """Where the device description came from: a library preset (a stand-in for a real device), a
     fit to a measured trace (with its fit error, from the file's ``[fit]`` table) or a user file."""
@@ -103,7 +114,7 @@ def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
     path = Path(device)
     if not path.is_absolute() and run_dir is not None and not path.exists():
         path = run_dir / path
-    data = load_toml(path) if path.is_file() else {}
+    data = load_toml(path) if path.is_file() and _unchanged_since_run(path, run_dir) else {}
     fit = data.get("fit") if isinstance(data.get("fit"), Mapping) else None
     tile_device = data.get("tile", {}).get("device") if isinstance(data.get("tile"), Mapping) else None
     if fit is None and isinstance(tile_device, str) and tile_device in preset_names():
@@ -154,7 +165,7 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _DAC_KEYS = ("inp_res", "inp_bound", "inp_noise", "inp_sto_round")
 _ADC_KEYS = ("out_res", "out_bound", "out_sto_round", "out_scale", "bound_management", "max_bm_factor", "max_bm_res",
              "bm_test_negative_bound")
-_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer", "c_ttv2": "chopped"}
+_ALGORITHM_TABLES = {"mixed_precision": "mixed_precision", "ttv2": "transfer", "c_ttv2": "chopped", "agad": "dynamic"}
 
 
 def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,13 +209,20 @@ def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dic
             "read": groups["read"], "update": groups["update"], "algorithm": algorithm, "other": groups["other"]}
 
 
-def resolve_tile(config: Mapping[str, Any]) -> Any:
-    """The run's `TileConfig`, resolved by the trainer exactly as the run resolved it."""
+def resolve_tile(run: RunFacts) -> Any:
+    """The `TileConfig` the run trained with: its own copy (`tile.toml`, written when the run
+    started), never the device file or preset it was started from, which may have been edited or
+    moved since. Runs written before runs kept their copy are resolved from their config as they
+    were (the file as it is now)."""
     from ept_hw.config import from_dict
     from trainer.analog import resolve_tile_config
     from trainer.config import AnalogConfig
+    from trainer.rundir import RunDirectory
 
-    return resolve_tile_config(from_dict(AnalogConfig, dict(config.get("analog", {}))))
+    own = RunDirectory(run.path).tile_config()
+    if own is not None:
+        return own
+    return resolve_tile_config(from_dict(AnalogConfig, dict(run.config.get("analog", {}))))
 
 
 def derived_section(run: RunFacts, device_cfg: Any, response_figures: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -410,7 +428,7 @@ def build_spec(source: str | Path, *, tolerance: float | None = None,
     """The `device_spec.json` mapping of a run or sweep directory (validated against the schema)."""
     source = Path(source)
     sweep, run = _facts if _facts is not None else _read_source(source)
-    tile = resolve_tile(run.config)
+    tile = resolve_tile(run)
     device_cfg = tile.device_config()
     spec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -40,7 +40,7 @@ def export_spec(source: str | Path, out_dir: str | Path, *, pdf: bool = False, t
         raise ValueError(f"--out {out}: {next(p for p in out.parents if p.is_file())} is a file, not a directory")
     facts = _read_source(source)
     sweep, run = facts
-    device_cfg = resolve_tile(run.config).device_config()
+    device_cfg = resolve_tile(run).device_config()
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = []

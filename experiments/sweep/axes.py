@@ -144,9 +144,12 @@ def _bits_of(res: float) -> int | None:
 
 #: The update algorithms (crossbar's names) from the least to the most demanding periphery: plain
 #: SGD ("sgd") needs nothing beyond the array; Tiki-Taka v2 ("ttv2") a second (fast) array and a
-#: digital buffer of the columns being transferred; mixed precision a digital accumulator per weight.
-ALGORITHMS = ("sgd", "ttv2", "mixed_precision")
-ALGORITHM_ALIASES = {"plain": "sgd", "tiki_taka_v2": "ttv2", "tiki_taka": "ttv2", "tt_v2": "ttv2", "mp": "mixed_precision"}
+#: digital buffer of the columns being transferred; chopped TTv2 ("c_ttv2") adds the choppers' sign
+#: bits; AGAD ("agad") adds a digital reference per weight (its dynamic reference); mixed precision
+#: a digital accumulator per weight, updated at full precision on every step.
+ALGORITHMS = ("sgd", "ttv2", "c_ttv2", "agad", "mixed_precision")
+ALGORITHM_ALIASES = {"plain": "sgd", "tiki_taka_v2": "ttv2", "tiki_taka": "ttv2", "tt_v2": "ttv2", "mp": "mixed_precision",
+                     "c-ttv2": "c_ttv2", "chopped_ttv2": "c_ttv2"}
 
 AXES: dict[str, AxisSpec] = {
     a.name: a
