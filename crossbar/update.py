@@ -243,22 +243,16 @@ def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slic
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
                                     ) -> tuple[Tensor, Tensor]:
-    """DETERMINISTIC_IMPLICIT: nₙᵢⱼ = round(BLₙ·pᵢ·qⱼ), probabilities rounded to the implicit
-    resolutions first when those are set."""
+    """DETERMINISTIC_IMPLICIT: nₙᵢⱼ = round(BLₙ·pᵢ·qⱼ) (`deterministic_coincidences`), split by
+    sign into up and down counts."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
-    p, q = plan.p[sl], plan.q[sl]
-    if up.d_res_implicit > 0:
-        p = torch.round(p / up.d_res_implicit) * up.d_res_implicit
-    if up.x_res_implicit > 0:
-        q = torch.round(q / up.x_res_implicit) * up.x_res_implicit
-    bl = plan.bl[sl].to(p.dtype).view(-1, 1, 1)
-    counts = torch.floor(bl * p.unsqueeze(2) * q.unsqueeze(1) + 0.5)
-    return _split_by_sign(counts, plan.d_sign[sl], plan.x_sign[sl])
+    return _split_by_sign(deterministic_coincidences(plan, up, chunk), plan.d_sign[sl], plan.x_sign[sl])
 
 
 def deterministic_coincidences(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None,
                                signed: bool = False) -> Tensor:
-    """`deterministic_counts_per_sample` before the split by sign, (N, out, in); `signed`: times
+    """DETERMINISTIC_IMPLICIT coincidences nₙᵢⱼ = round(BLₙ·pᵢ·qⱼ), (N, out, in), probabilities
+    rounded to the implicit resolutions first when those are set; `signed`: times
     sign(d_i)·sign(x_j) (> 0: down pulses)."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     p, q = plan.p[sl], plan.q[sl]

@@ -65,11 +65,11 @@ def test_granularity_matches_aihwkit_values():
     assert load_device("ideal").is_ideal and math.isinf(load_device("ideal").w_max)
 
 
-def test_unknown_preset_or_missing_file():
+def test_unknown_preset_or_missing_file(tmp_path):
     with pytest.raises(ConfigError):
         load_device("reram_xx")
     with pytest.raises(ConfigError):
-        load_device("/nonexistent/dev.toml")
+        load_device(str(tmp_path / "nonexistent" / "dev.toml"))
 
 
 # ---------------------------------------------------------------- sampling
