@@ -37,7 +37,7 @@ class Projection(Protocol):
 
     def transpose(self, d: Tensor) -> Tensor: ...
 
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None: ...
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None: ...
 
     def program(self, weight: Tensor) -> None: ...
 
@@ -102,7 +102,9 @@ class DigitalProjection:
             raise ValueError(f"{self.name}.transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         return d @ self._w(d)
 
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
+        """W ← W − lr·Σ δuᵀ exactly. `task_rows` (how many leading rows are the task's input vectors,
+        which an analog tile's transfer schedule counts) does not matter to an exact matrix."""
         check_port_shapes(self.name, u, delta, self.in_features, self.out_features)
         grad = delta.reshape(-1, self.out_features).T.to(self.parameter.dtype) @ u.reshape(-1, self.in_features).to(
             self.parameter.dtype

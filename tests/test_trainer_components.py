@@ -224,3 +224,32 @@ def test_metrics_are_declared_once_and_everything_derives_from_the_declaration()
     assert fig["twin"]["val_loss"] == 29.0
     assert fig["twin"]["residual_last20"] == 2.0
     assert [name for name, _ in figure_rows()] == list(fig["twin"])
+
+
+def test_sgd_sink_tells_each_projection_how_many_leading_rows_are_the_tasks():
+    """aihwkit's transfer_every counts the task's input vectors: the EP estimate's rows lead the
+    merged ports and are counted; stabiliser rows follow and are not; a gated step has none."""
+    from types import SimpleNamespace
+
+    from trainer.optimisers import SGDSink
+    from trainer.stabilisers import PortUpdates
+
+    calls = []
+
+    class Recorder:
+        def apply_update(self, u, d, lr, task_rows=None):
+            calls.append((u.shape[0], task_rows, u[:, 0].tolist()))
+
+    model = SimpleNamespace(projections={"W_Q": Recorder()}, params={})
+    stab = (torch.full((2, 3), 2.0), torch.zeros(2, 4))
+    task = (torch.ones(5, 3), torch.zeros(5, 4))
+    ups = PortUpdates()
+    ups.add({"W_Q": stab}, {})               # a stabiliser part added first ...
+    ups.add({"W_Q": task}, {}, task=True)    # ... the task's rows still lead
+    SGDSink(model, 1.0, ()).apply(ups, {}, 0.1)
+    assert calls == [(7, 5, [1.0] * 5 + [2.0] * 2)]
+    gated = PortUpdates()
+    gated.add({"W_Q": stab}, {})
+    calls.clear()
+    SGDSink(model, 1.0, ()).apply(gated, {}, 0.1)
+    assert calls == [(2, 0, [2.0, 2.0])]

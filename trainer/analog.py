@@ -100,8 +100,8 @@ class CommonNoise:
     def transpose(self, d: Tensor) -> Tensor:
         return self._read(self.inner.transpose, d)
 
-    def apply_update(self, u: Tensor, delta: Tensor, lr: float) -> None:
-        self.inner.apply_update(u, delta, lr)
+    def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
+        self.inner.apply_update(u, delta, lr, task_rows)
 
     def program(self, weight: Tensor) -> None:
         self.inner.program(weight)

@@ -53,7 +53,7 @@ class SGDSink:
         for name, proj in self.model.projections.items():
             if name in updates.ports:
                 u, d = updates.merged(name)
-                proj.apply_update(u, d, lr)
+                proj.apply_update(u, d, lr, task_rows=updates.task_rows(name))
         plr = lr * self.periphery_lr_scale
         for name, g in updates.digital.items():
             if EquilibriumTransformer.param_group(name) in self.frozen:

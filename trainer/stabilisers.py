@@ -78,18 +78,44 @@ def update_norm(weight_grads: Mapping[str, Tensor], digital: Mapping[str, Tensor
 
 
 class PortUpdates:
-    """Per-projection lists of (u, δ) to apply in one `apply_update`, and digital gradients."""
+    """Per-projection lists of (u, δ) to apply in one `apply_update`, and digital gradients.
+
+    The task's ports (`add(..., task=True)`, the EP estimate) come first in `merged`, and
+    `task_rows` counts their rows: an analog tile's transfer schedule (aihwkit's `transfer_every`,
+    in input vectors) counts the task's tokens, not the stabilisers' rows appended after them."""
 
     def __init__(self) -> None:
         self.ports: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.digital: dict[str, Tensor] = {}
+        self._task_rows: dict[str, int] = {}
 
-    def add(self, ports: Mapping[str, tuple[Tensor, Tensor]], digital: Mapping[str, Tensor], scale: float = 1.0) -> None:
+    def add(self, ports: Mapping[str, tuple[Tensor, Tensor]], digital: Mapping[str, Tensor], scale: float = 1.0,
+            *, task: bool = False) -> None:
         for name, (u, d) in ports.items():
-            self.ports.setdefault(name, []).append((u, d if scale == 1.0 else d * scale))
+            entry = (u, d if scale == 1.0 else d * scale)
+            pairs = self.ports.setdefault(name, [])
+            if task:
+                rows = u.reshape(-1, u.shape[-1]).shape[0]
+                pairs.insert(self._n_task_entries(name), entry)
+                self._task_rows[name] = self._task_rows.get(name, 0) + rows
+            else:
+                pairs.append(entry)
         for name, g in digital.items():
             g = g if scale == 1.0 else g * scale
             self.digital[name] = g if name not in self.digital else self.digital[name] + g
+
+    def _n_task_entries(self, name: str) -> int:
+        n, rows = 0, self._task_rows.get(name, 0)
+        for u, _ in self.ports.get(name, []):
+            if rows <= 0:
+                break
+            rows -= u.reshape(-1, u.shape[-1]).shape[0]
+            n += 1
+        return n
+
+    def task_rows(self, name: str) -> int:
+        """How many leading rows of `merged(name)` are the task's (0 on a gated step)."""
+        return self._task_rows.get(name, 0)
 
     def merged(self, name: str) -> tuple[Tensor, Tensor]:
         pairs = self.ports[name]

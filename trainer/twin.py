@@ -296,7 +296,7 @@ class EPPath:
             est = self.estimate(idx, targets, fp)
             out.loss = est.loss
             out.nudge_steps = est.diagnostics.get("nudge_steps")
-            updates.add(est.ports, est.digital_grads)
+            updates.add(est.ports, est.digital_grads, task=True)
             self.last_task_norm = update_norm(est.weight_grads, est.digital_grads)
             if health and self.health_probe is not None:
                 out.set_figures(self.health_probe.probe(self, idx, targets, fp, est))
