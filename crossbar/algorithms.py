@@ -340,6 +340,34 @@ class ChoppedTransfer(UpdateAlgorithm):
             bg *= p.auto_granularity / (tile.in_features * p.transfer_every)
         return bg
 
+    def _transfer_lr_scale(self, lr: float) -> float:
+        """Buffer units per unit of A's read: |transfer_lr| (times the SGD lr with
+        `scale_transfer_lr`) over the buffer granularity, over count_lr with
+        `correct_gradient_magnitudes`."""
+        p = self.params
+        transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
+        lr_scale = abs(transfer_lr) / self._buffer_granularity()
+        if p.correct_gradient_magnitudes:
+            lr_scale /= self.count_lr
+        return lr_scale
+
+    def _read_columns(self, j0: int, k: int, io) -> tuple[Tensor, Tensor]:
+        """Columns j0 .. j0+k−1 of the fast array A, read with one-hot inputs through `io`: (cols, (out, k))."""
+        tile = self.tile
+        cols = torch.arange(j0, j0 + k, device=tile.device)
+        one_hot = torch.zeros(k, tile.in_features, device=tile.device)
+        one_hot[torch.arange(k, device=tile.device), cols] = 1.0
+        return cols, tile.read(self.fast.weights, one_hot, io).T
+
+    def _write_columns(self, cols: Tensor, n: Tensor) -> None:
+        """Signed pulse counts n (out, k) onto columns `cols` of the slow array, pulse by pulse."""
+        tile = self.tile
+        n_up = torch.zeros(tile.shape, device=tile.device)
+        n_down = torch.zeros_like(n_up)
+        n_up[:, cols] = n.clamp_min(0.0)
+        n_down[:, cols] = (-n).clamp_min(0.0)
+        tile.apply_counts(tile.slot, n_up, n_down, pulse_by_pulse=True)
+
     def _transfer_io(self):
         """aihwkit's `build_config("c-ttv2")`: the forward IO with noise and bound management off."""
         return dataclasses.replace(self.tile.config.forward, noise_management="none", bound_management="none")
@@ -347,20 +375,14 @@ class ChoppedTransfer(UpdateAlgorithm):
     def _transfer(self, n_transfers: int, lr: float) -> None:
         p, tile = self.params, self.tile
         io = self._transfer_io()
-        transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
-        lr_scale = abs(transfer_lr) / self._buffer_granularity()
-        if p.correct_gradient_magnitudes:
-            lr_scale /= self.count_lr
+        lr_scale = self._transfer_lr_scale(lr)
         max_steps = float(p.transfer_desired_bl)
         gen = tile.update_generator
         left = n_transfers
         while left > 0:
             j0 = self.transfer_column
             k = min(left, tile.in_features - j0)
-            cols = torch.arange(j0, j0 + k, device=tile.device)
-            one_hot = torch.zeros(k, tile.in_features, device=tile.device)
-            one_hot[torch.arange(k, device=tile.device), cols] = 1.0
-            read = tile.read(self.fast.weights, one_hot, io).T          # (out, k): columns of A
+            cols, read = self._read_columns(j0, k, io)                   # (out, k): columns of A
             signs = self._signs()[:, cols]
             omega = (torch.zeros_like(read) if p.no_buffer else self.buffer[:, cols]) + signs * read * lr_scale
             fire = omega.abs() >= 1.0
@@ -371,11 +393,7 @@ class ChoppedTransfer(UpdateAlgorithm):
                 omega = omega - (1.0 - p.momentum) * n
             self.buffer[:, cols] = omega
             if bool(fire.any()):
-                n_up = torch.zeros(tile.shape, device=tile.device)
-                n_down = torch.zeros_like(n_up)
-                n_up[:, cols] = n.clamp_min(0.0)
-                n_down[:, cols] = (-n).clamp_min(0.0)
-                tile.apply_counts(tile.slot, n_up, n_down, pulse_by_pulse=True)
+                self._write_columns(cols, n)
             if p.in_chop_prob > 0.0:
                 if p.in_chop_random:
                     flip = torch.rand(k, generator=gen, device=gen.device).to(tile.device) < p.in_chop_prob
@@ -454,10 +472,7 @@ class DynamicTransfer(ChoppedTransfer):
     def _transfer(self, n_transfers: int, lr: float) -> None:
         p, tile = self.params, self.tile
         io = self._transfer_io()
-        transfer_lr = p.transfer_lr * lr if p.scale_transfer_lr else p.transfer_lr
-        lr_scale = abs(transfer_lr) / self._buffer_granularity()
-        if p.correct_gradient_magnitudes:
-            lr_scale /= self.count_lr
+        lr_scale = self._transfer_lr_scale(lr)
         max_steps = float(p.transfer_desired_bl)
         cap = max_steps * p.buffer_cap
         n_samples = max(math.ceil(1.0 / p.in_chop_prob), 2)
@@ -467,10 +482,7 @@ class DynamicTransfer(ChoppedTransfer):
         while left > 0:
             j0 = self.transfer_column
             k = min(left, tile.in_features - j0)
-            cols = torch.arange(j0, j0 + k, device=tile.device)
-            one_hot = torch.zeros(k, tile.in_features, device=tile.device)
-            one_hot[torch.arange(k, device=tile.device), cols] = 1.0
-            read = tile.read(self.fast.weights, one_hot, io).T          # (out, k)
+            cols, read = self._read_columns(j0, k, io)                   # (out, k)
             current_sample = self.transfer_counter % n_samples + 1
             switched = self.switched[cols].unsqueeze(0)
             past = torch.where(switched, self.running_mean[:, cols], self.past_mean[:, cols])
@@ -488,11 +500,7 @@ class DynamicTransfer(ChoppedTransfer):
             self.buffer[:, cols] = omega
             self.running_mean[:, cols] = self.running_mean[:, cols] * (1.0 - weight) + read * weight
             if bool(fire.any()) and self.transfer_counter > n_samples:
-                n_up = torch.zeros(tile.shape, device=tile.device)
-                n_down = torch.zeros_like(n_up)
-                n_up[:, cols] = n.clamp_min(0.0)
-                n_down[:, cols] = (-n).clamp_min(0.0)
-                tile.apply_counts(tile.slot, n_up, n_down, pulse_by_pulse=True)
+                self._write_columns(cols, n)
             switch = torch.full((k,), current_sample == n_samples, device=tile.device)
             if p.in_chop_random:
                 switch |= torch.rand(k, generator=gen, device=gen.device).to(tile.device) < p.in_chop_prob
