@@ -237,20 +237,45 @@ class AnalogTile:
         if self.noise_mode in ("common", "frozen"):
             self.read_generator.manual_seed(self.noise_seed)
 
-    def read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
-        """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged)."""
+    def read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0, blocks: int = 1) -> Tensor:
+        """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged).
+        `blocks` > 1: x holds that many equal blocks read with common random numbers
+        (`PeripheryReader.__call__`; only with n_reads = 1 and outside "frozen" mode)."""
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
         # one PeripheryReader per periphery, built on first use (constants and scaled weights cached)
         read = self._readers.get(id(io))
         if read is None:
             read = self._readers[id(io)] = PeripheryReader(io)
-        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
+        if blocks > 1 and (self.config.n_reads > 1 or self.noise_mode == "frozen"):
+            raise ValueError("a read of common-noise blocks needs n_reads = 1 and a noise mode other than 'frozen'")
+        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale, blocks)
         for _ in range(self.config.n_reads - 1):
             y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         if self.config.n_reads > 1:
             y = y / self.config.n_reads
         return y
+
+    def read_common(self, v: Tensor, seed: int, blocks: int, transpose: bool = False) -> Tensor:
+        """`forward` (or `transpose`) of `blocks` equal blocks stacked along v's first dimension,
+        each read as if `set_noise_seed(seed)` came just before it: in "common" mode the blocks see
+        the same read noise (common random numbers across the nudged phases of EP). One read of
+        the stack where the periphery allows it (`PeripheryReader`'s `blocks`), else block by block;
+        both give the same numbers and leave the read generator in the same state."""
+        if blocks < 1 or v.dim() < 2 or v.shape[0] % blocks:
+            raise ValueError(f"read_common: {blocks} blocks do not divide the leading dimension of {tuple(v.shape)}")
+        read = self.transpose if transpose else self.forward
+        self.set_noise_seed(seed)
+        if blocks == 1:
+            return read(v)
+        if self.noise_mode == "common" and self.config.n_reads == 1:
+            return read(v, blocks=blocks)
+        outs = []
+        for i, chunk in enumerate(v.split(v.shape[0] // blocks, dim=0)):
+            if i:
+                self.set_noise_seed(seed)
+            outs.append(read(chunk))
+        return torch.cat(outs, dim=0)
 
     def _uniform_scale(self) -> float | None:
         key = (id(self.scale), self.scale._version)
@@ -260,26 +285,28 @@ class AnalogTile:
             self._scale_ref = self.scale
         return self._scale_value
 
-    def forward(self, u: Tensor) -> Tensor:
-        """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
+    def forward(self, u: Tensor, blocks: int = 1) -> Tensor:
+        """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype
+        (`blocks`: see `read`)."""
         if u.shape[-1] != self.in_features:
             raise ValueError(f"forward: input has last dimension {u.shape[-1]}, expected {self.in_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self.read(self.slot.weights, u, self.config.forward, uniform)
-        y = self.read(self.slot.weights, u, self.config.forward)
+            return self.read(self.slot.weights, u, self.config.forward, uniform, blocks)
+        y = self.read(self.slot.weights, u, self.config.forward, blocks=blocks)
         return y * self.scale.squeeze(1).to(y.dtype)
 
-    def transpose(self, d: Tensor) -> Tensor:
-        """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype."""
+    def transpose(self, d: Tensor, blocks: int = 1) -> Tensor:
+        """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype
+        (`blocks`: see `read`)."""
         if d.shape[-1] != self.out_features:
             raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self.read(self.slot.weights.T, d, self.config.backward, uniform)
+            return self.read(self.slot.weights.T, d, self.config.backward, uniform, blocks)
         # a per-row digital scale acts on the rows of W, i.e. on the inputs of the transposed read
         ds = d * self.scale.squeeze(1).to(d.dtype)
-        return self.read(self.slot.weights.T, ds, self.config.backward)
+        return self.read(self.slot.weights.T, ds, self.config.backward, blocks=blocks)
 
     # ------------------------------------------------------------------ updates
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
