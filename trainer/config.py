@@ -168,7 +168,10 @@ class AnalogConfig:
     ± nudged phases the same draws (common random numbers). `read_average` k averages k reads of
     each MVM. The free phase stops on a noise-aware criterion: the drift of the state over a
     window of `noise_window` Euler steps (‖z_t − z_{t−W}‖/(W‖z̄‖), the residual of the
-    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor).
+    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor),
+    or, with `stop_floor_factor` κ > 0, as soon as that drift is within κ of the read-noise level of
+    a W-step mean estimated from the window itself (`ept_hw.relaxation.WindowStop`); 0 turns that
+    rule off.
     """
 
     device: str = "ideal"
@@ -177,6 +180,7 @@ class AnalogConfig:
     read_average: int = 1
     noise_window: int = 10
     stop_patience: int = 30
+    stop_floor_factor: float = 0.0
     update_mode: str = "fast"  # crossbar update mode: "exact" | "fast" | "expected"
 
     def __post_init__(self) -> None:
@@ -187,6 +191,7 @@ class AnalogConfig:
         check_positive_int("analog.read_average", self.read_average)
         check_positive_int("analog.noise_window", self.noise_window)
         check_positive_int("analog.stop_patience", self.stop_patience)
+        check_range("analog.stop_floor_factor", self.stop_floor_factor, 0.0)
         check_choice("analog.update_mode", self.update_mode, ("exact", "fast", "expected"))
 
 
