@@ -101,7 +101,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("abs_lambda", "largest |λ| of the Euler map I + εJ", "largest |λ| of I + εJ", aggregate="last"),
     Metric("update_norm", "Frobenius norm of the applied projection updates lr·Σδuᵀ, all projections",
            "update norm"),
+    Metric("realised_ratio", "per projection: ‖realised ΔW‖/‖requested ΔW‖ of the step on the analog path "
+           "(realised = weights after − before the update, read exactly from the simulator state; requested = "
+           "−lr·Σδuᵀ)", "realised/requested ‖ΔW‖"),
+    Metric("realised_cos", "per projection: cosine of the realised and the requested ΔW of the step (analog path, "
+           "simulator-side)", "cos(realised, requested ΔW)"),
+    Metric("saturation_per_projection", "per projection: fraction of devices at a bound (analog; at health probes "
+           "and the last step)", "device saturation per projection"),
     Metric("update_cos", "per projection: cosine between the analog and the twin update", "update cosine", "cross"),
+    Metric("weight_norm_ratio", "per projection: ‖W_analog‖/‖W_twin‖ (at health probes and the last step)",
+           "analog/twin weight norm", "cross"),
+    Metric("twin_out_of_range", "per projection: fraction of the twin's weights outside the analog arrays' "
+           "representable range (mapping scale × the devices' bounds; at health probes and the last step)",
+           "twin weights outside the analog range", "cross"),
     Metric("weight_gap", "‖W_analog − W_twin‖/‖W_twin‖ over all projections", "weight gap", "cross"),
     Metric("weight_gap_per_projection", "per projection: ‖W_analog − W_twin‖/‖W_twin‖", "weight gap per projection",
            "cross"),

@@ -66,6 +66,9 @@ class StepOutcome:
     adjoint_snr: float | None = None
     eigreg_penalty: float | None = None
     eigreg_abs_lambda: float | None = None
+    # analog path: per projection, realised vs requested ΔW of this step (`trainer.fidelity`)
+    realised_ratio: dict[str, float] | None = None
+    realised_cos: dict[str, float] | None = None
 
     def set_figures(self, figures: Mapping[str, float | None]) -> None:
         """Record a probe's or a stabiliser's figures (`health_*` into `health`, the rest by name)."""
@@ -318,7 +321,14 @@ class EPPath:
         dense = {name: updates.dense(name) for name in updates.ports}
         for name, g in dense.items():
             out.updates[name] = lr * g
+        projections = self.model.projections
+        before = {n: projections[n].weight.clone() for n in out.updates if n in projections} if self.analog else None
         self.sink.apply(updates, dense, lr)
+        if before is not None:  # simulator-side: the arrays' weights read exactly (trainer.fidelity)
+            from .fidelity import realised_update
+
+            after = {n: projections[n].weight for n in before}
+            out.realised_ratio, out.realised_cos = realised_update(before, after, {n: -out.updates[n] for n in before})
         if self.ema is not None:
             self.ema.update(trainable_tensors(self.model))
 

@@ -1,0 +1,98 @@
+"""trainer.fidelity (issue 11 items 2 and 4): realised vs requested updates, analog/twin weight-norm
+ratio, the twin's weights outside the analog range, per-projection saturation, as logged by runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from crossbar import MappingParameters, TileConfig, UpdateParameters, analog_factory, perfect_io
+from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer, ModelConfig
+from ept_hw.projection import digital_factory
+from experiments.presets import load_run_config
+from trainer.config import merge
+from trainer.data import embedded_works
+from trainer.fidelity import mapping_figures, realised_update, saturation_per_projection
+from trainer.loop import run
+from trainer.metrics import read_metrics
+
+SMALL = {
+    "model": {"context": 8, "width": 16, "heads": 2, "ffn_mult": 2},
+    "training": {"steps": 3, "batch_size": 4, "seq_len": 8, "eval_interval": 3, "eval_batches": 1,
+                 "checkpoint_interval": 3, "health_interval": 2, "stability_every": 0},
+    "solver": {"max_steps": 60},
+    "estimator": {"t2": 6, "beta": 3.2},
+}
+
+
+def _cfg(**overrides):
+    src = str(embedded_works()["hamlet"][0])
+    return load_run_config("tiny", merge(merge(SMALL, {"data": {"source": src}, "mode": "compare"}), overrides))
+
+
+def _device(bound: float) -> dict:
+    return {"model": "constant_step", "dw_min": 1e-3, "dw_min_dtod": 0.0, "dw_min_std": 0.0, "up_down": 0.0,
+            "up_down_dtod": 0.0, "w_max": bound, "w_min": -bound, "w_max_dtod": 0.0, "w_min_dtod": 0.0}
+
+
+def test_ideal_arrays_realise_exactly_what_was_requested(tmp_path):
+    """Ideal devices, perfect periphery: realised = requested (ratio 1, cosine 1) every step and
+    projection; the logged probe figures: norm ratio 1, nothing outside the (unbounded) range."""
+    result = run(_cfg(analog={"device": "ideal", "periphery": "perfect"}), tmp_path / "run")
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["twin_realised_ratio"] is None and r["twin_realised_cos"] is None
+        for name in PROJECTION_NAMES:
+            assert r["analog_realised_ratio"][name] == pytest.approx(1.0, abs=1e-4), (r["step"], name)
+            assert r["analog_realised_cos"][name] == pytest.approx(1.0, abs=1e-6), (r["step"], name)
+    probed = [r for r in rows if r["weight_norm_ratio"] is not None]
+    assert [r["step"] for r in probed] == [1, 2]  # health probe at step 1, and the last step
+    for r in probed:
+        assert all(v == pytest.approx(1.0, abs=1e-4) for v in r["weight_norm_ratio"].values())
+        assert all(v == 0.0 for v in r["twin_out_of_range"].values())
+        assert all(v == 0.0 for v in r["analog_saturation_per_projection"].values())
+    assert rows[0]["weight_norm_ratio"] is None
+
+
+def test_realised_update_sees_clipping_at_the_bounds():
+    """A tile at its bound realises nothing of a request that pushes further, all of one that pulls back."""
+    cfg = TileConfig(device=_device(1.0), forward=perfect_io(), backward=perfect_io(),
+                     update=UpdateParameters(desired_bl=5000, mode="expected"),
+                     mapping=MappingParameters(weight_scaling_omega=1.0))
+    build = analog_factory(cfg, torch.Generator().manual_seed(0))
+    proj = build("W", torch.full((4, 6), 0.5))  # max rule, ω = 1: every device at its upper bound
+    u, d = torch.ones(2, 6), torch.ones(2, 4)
+    for sign, ratio in ((-1.0, 0.0), (1.0, 1.0)):  # −: pushes W up (clipped), +: pulls W down
+        before = {"W": proj.weight.clone()}
+        proj.apply_update(u, sign * d, 0.01)
+        requested = {"W": -0.01 * sign * (d.T @ u)}
+        r, c = realised_update(before, {"W": proj.weight}, requested)
+        assert r["W"] == pytest.approx(ratio, abs=2e-3)
+        if ratio > 0:
+            assert c["W"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mapping_figures_count_the_twin_weights_the_arrays_cannot_hold():
+    cfg = ModelConfig(vocab_size=12, context=4, width=8, heads=2, ffn_mult=2)
+    tile = TileConfig(device=_device(1.0), forward=perfect_io(), backward=perfect_io(),
+                      mapping=MappingParameters(weight_scaling_omega=0.6))  # the "max" rule
+    analog = EquilibriumTransformer(cfg, analog_factory(tile, torch.Generator().manual_seed(1)),
+                                    torch.Generator().manual_seed(3))
+    twin = EquilibriumTransformer(cfg, digital_factory, torch.Generator().manual_seed(3))
+    w2 = twin.projections["W_2"].weight.clone()
+    twin.projections["W_2"].program(3.0 * w2)
+    fig = mapping_figures(analog, twin)
+    # the analog W_2 can hold ±max|W_2,init|/ω (device bounds ±1): count the grown twin's entries beyond it
+    expected = float(((3.0 * w2).abs() > w2.abs().max() / 0.6).double().mean())
+    assert 0.05 < expected < 0.95
+    assert fig["twin_out_of_range"]["W_2"] == pytest.approx(expected)
+    assert fig["weight_norm_ratio"]["W_2"] == pytest.approx(1 / 3, rel=1e-5)
+    for name in PROJECTION_NAMES:
+        if name != "W_2":
+            assert fig["twin_out_of_range"][name] == 0.0
+            assert fig["weight_norm_ratio"][name] == pytest.approx(1.0, rel=1e-5)
+    assert saturation_per_projection(twin) is None
+    assert set(saturation_per_projection(analog)) == set(PROJECTION_NAMES)
