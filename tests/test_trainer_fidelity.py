@@ -55,6 +55,10 @@ def test_ideal_arrays_realise_exactly_what_was_requested(tmp_path):
         assert all(v == 0.0 for v in r["twin_out_of_range"].values())
         assert all(v == 0.0 for v in r["analog_saturation_per_projection"].values())
     assert rows[0]["weight_norm_ratio"] is None
+    # exact reads: the on-chip resreg (window-averaged force through the arrays) is the exact-weight one
+    probes = [r for r in rows if r["analog_resreg_cos"] is not None]
+    assert [r["step"] for r in probes] == [1] and rows[1]["twin_resreg_cos"] is None
+    assert probes[0]["analog_resreg_cos"] > 0.95 and 0.7 < probes[0]["analog_resreg_norm_ratio"] < 1.4, probes[0]
 
 
 def test_realised_update_sees_clipping_at_the_bounds():
@@ -96,3 +100,53 @@ def test_mapping_figures_count_the_twin_weights_the_arrays_cannot_hold():
             assert fig["weight_norm_ratio"][name] == pytest.approx(1.0, rel=1e-5)
     assert saturation_per_projection(twin) is None
     assert set(saturation_per_projection(analog)) == set(PROJECTION_NAMES)
+
+
+# ------------------------------------------------------------------------------ resreg (issue 11 item 1)
+def _digital_context(source_force_sign: float, health: bool = True):
+    from ept_hw.estimators import free_phase
+    from ept_hw.relaxation import SolverConfig, WindowStop
+    from trainer.stabilisers import StepContext
+
+    cfg = ModelConfig(vocab_size=12, context=6, width=8, heads=2, ffn_mult=2)
+    model = EquilibriumTransformer(cfg, digital_factory, torch.Generator().manual_seed(4))
+    idx = torch.randint(0, 12, (3, 6), generator=torch.Generator().manual_seed(5))
+    x_in, fp = free_phase(model, idx, SolverConfig(tol=1e-3, max_steps=12), WindowStop(4, 5))
+    f_exact = model.force(fp.z, x_in)
+    ctx = StepContext(model, lambda: model, idx, fp.z, 0.1, 1.0, torch.Generator().manual_seed(6),
+                      force=source_force_sign * f_exact, analog=True, health=health)
+    return ctx, fp
+
+
+def test_resreg_sources_and_their_agreement_figure():
+    """On exact reads with the exact force handed in as the window force, the on-chip estimate is the
+    exact-weight one (cos 1, ratio 1); a force of the wrong sign gives cos −1; "readout" is the
+    exact-weight gradient itself and its ports are what gets applied."""
+    from ept_hw.estimators import resreg_gradient
+    from trainer.stabilisers import Resreg
+
+    ctx, fp = _digital_context(1.0)
+    assert fp.force_mean is not None and fp.force_mean.shape == fp.z.shape
+    for source in ("readout", "arrays"):
+        part = Resreg(0.2, relative=False, source=source).port_update(ctx)
+        assert part.figures["resreg_cos"] == pytest.approx(1.0, abs=1e-6)
+        assert part.figures["resreg_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    ref = resreg_gradient(ctx.model, ctx.z, ctx.idx, ctx.eps)
+    part = Resreg(0.2, relative=False, source="readout").port_update(ctx)
+    for name, (u, d) in ref.ports.items():
+        torch.testing.assert_close(part.ports[name][1], d)
+    wrong, _ = _digital_context(-1.0)
+    part = Resreg(0.2, relative=False, source="arrays").port_update(wrong)
+    assert part.figures["resreg_cos"] == pytest.approx(-1.0, abs=1e-6)
+    quiet, _ = _digital_context(1.0, health=False)
+    assert Resreg(0.2, relative=False).port_update(quiet).figures == {}
+
+
+def test_window_force_is_the_drift_the_stop_rule_measures():
+    """force_mean = (z_last − z_first)/(W ε) over the window, i.e. the mean of the W forces of the
+    Euler steps: close to F at the window-mean state once the dynamics is slow."""
+    ctx, fp = _digital_context(1.0)
+    f_at_mean = ctx.model.force(fp.z, ctx.model.embed(ctx.idx))
+    ratio = float(fp.force_mean.norm() / f_at_mean.norm())
+    cos = float(torch.nn.functional.cosine_similarity(fp.force_mean.flatten(), f_at_mean.flatten(), dim=0))
+    assert cos > 0.95 and 0.7 < ratio < 1.4, (cos, ratio)

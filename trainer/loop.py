@@ -127,7 +127,10 @@ def physics_notes(cfg: RunConfig) -> list[str]:
         + f", AsymEP correction `{e.correction}`, T2 = {e.t2}, t2sel = {e.t2sel}. β is chosen against the read noise: "
         "the adjoint (z₋ − z₊)/2β divides the noise by 2β, its SNR is logged.",
         f"Stabilisers: resreg {st.resreg:g} ({'relative to the task update' if st.resreg_relative else 'absolute'}; "
-        "on-chip: port form δuᵀ through the pulses); "
+        + ("from exact weights at the free-phase state on both paths (analog: a digital assist on the read-out "
+           "weights), applied in port form δuᵀ through the pulses); " if st.resreg_source == "readout" else
+           "on-chip: from the path's own reads at the window-mean state with the window-averaged force, applied in "
+           "port form δuᵀ through the pulses); ")
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
         + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "

@@ -91,6 +91,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("jacreg_lambda", "jacreg weight λ used at this step", "jacreg λ", aggregate="last"),
     Metric("eigreg_penalty", "eigreg penalty at this step's free-phase state (before the update)",
            "eigreg penalty", aggregate="last", figure_label="eigreg penalty (digital assist on the analog path)"),
+    Metric("resreg_cos", "analog health probe: cosine of the on-chip resreg (the arrays' reads at the window-mean "
+           "state, window-averaged force) against the exact-weight resreg (read-out weights) at the same state, "
+           "projection gradients", "resreg cos(on-chip, exact)", aggregate="mean20",
+           figure_label="resreg cos(on-chip, exact weights), mean of probes"),
+    Metric("resreg_norm_ratio", "analog health probe: ‖on-chip resreg‖/‖exact-weight resreg‖ at the same state",
+           "resreg ‖on-chip‖/‖exact‖", aggregate="mean20",
+           figure_label="resreg ‖on-chip‖/‖exact weights‖, mean of probes"),
     Metric("eigreg_abs_lambda", "eigreg's leading |λ| of I + εJ (subspace iteration, worst sample)", "eigreg |λ|"),
     # Leading eigenvalues at a validation operating point (ARPACK, `training.stability_every`); on
     # the analog path on the arrays' read-out weights (a digital copy), not through noisy reads.

@@ -17,8 +17,8 @@ by the path's optimiser (SGD with lr·`periphery_lr_scale` in the twin rule).
 An `EPPath` is composed, not subclassed (`build_ep_path`): a gradient estimator
 (`ept_hw.estimators.GradientEstimator`: EP, or BPTT through the same block), a free phase (the
 path's solver and stop rule through `relax`), stabiliser objects that each return a port update
-(`trainer.stabilisers`: resreg on-chip, jacreg and eigreg as digital assists on the read-out
-weights), the validity gate (when the noise-aware residual is above its level the nudge is
+(`trainer.stabilisers`: resreg from exact weights by default (on-chip as an option), jacreg
+and eigreg as digital assists on the read-out weights), the validity gate (when the noise-aware residual is above its level the nudge is
 skipped; the stabilisers still apply), an optimiser sink (`trainer.optimisers`: SGD, AdamW; plus
 the parameter EMA) and a health probe (adjoint SNR on the analog path, the implicit gradient on
 the digital one). `readout_copy` builds the read-out digital copy of a model.
@@ -66,6 +66,8 @@ class StepOutcome:
     adjoint_snr: float | None = None
     eigreg_penalty: float | None = None
     eigreg_abs_lambda: float | None = None
+    resreg_cos: float | None = None  # analog health probe: on-chip vs exact-weight resreg
+    resreg_norm_ratio: float | None = None
     # analog path: per projection, realised vs requested ΔW of this step (`trainer.fidelity`)
     realised_ratio: dict[str, float] | None = None
     realised_cos: dict[str, float] | None = None
@@ -307,7 +309,7 @@ class EPPath:
             with torch.no_grad():
                 out.loss = float(self.model.loss(z, targets))
         ctx = StepContext(self.model, self.readout_model, idx, z, self.cfg.solver.eps, self.last_task_norm,
-                          self.probe_generator)
+                          self.probe_generator, force=fp.force_mean, analog=self.analog, health=health)
         for stabiliser in self.stabilisers:
             part = stabiliser.port_update(ctx)
             if part is not None:
@@ -403,7 +405,7 @@ def build_stabilisers(cfg: RunConfig, controller: JacregController) -> list[Stab
     st = cfg.stabilisers
     out: list[Stabiliser] = []
     if st.resreg > 0:
-        out.append(Resreg(st.resreg, st.resreg_relative, st.resreg_delta))
+        out.append(Resreg(st.resreg, st.resreg_relative, st.resreg_delta, st.resreg_source))
     if st.jacreg_on:
         out.append(Jacreg(controller, st.jacreg_fd_step, cfg.model.damping))
     if st.eigreg > 0:
