@@ -59,6 +59,12 @@ def test_ideal_arrays_realise_exactly_what_was_requested(tmp_path):
     probes = [r for r in rows if r["analog_resreg_cos"] is not None]
     assert [r["step"] for r in probes] == [1] and rows[1]["twin_resreg_cos"] is None
     assert probes[0]["analog_resreg_cos"] > 0.95 and 0.7 < probes[0]["analog_resreg_norm_ratio"] < 1.4, probes[0]
+    from experiments.report import write_report
+
+    report = write_report(result.run_dir).read_text()
+    assert "## Realised updates and mapping (analog path)" in report and "plots/realised_updates.png" in report
+    assert "| W_2 | 1.0000 | 1.0000 | 1.0000 | 0.0% | 0.0% |" in report
+    assert "collapse" not in report and "### Work per training step" in report
 
 
 def test_realised_update_sees_clipping_at_the_bounds():
@@ -150,3 +156,47 @@ def test_window_force_is_the_drift_the_stop_rule_measures():
     ratio = float(fp.force_mean.norm() / f_at_mean.norm())
     cos = float(torch.nn.functional.cosine_similarity(fp.force_mean.flatten(), f_at_mean.flatten(), dim=0))
     assert cos > 0.95 and 0.7 < ratio < 1.4, (cos, ratio)
+
+
+def test_report_shows_realised_updates_and_warns_of_a_collapse(tmp_path):
+    from experiments.report import fidelity_section
+
+    from trainer.metrics import empty_row
+
+    rows = []
+    for step in range(3):
+        r = empty_row(step)
+        r["analog_realised_ratio"] = {"W_O": 0.3, "W_2": 1.0}
+        r["analog_realised_cos"] = {"W_O": 0.8, "W_2": 0.99}
+        r["weight_norm_ratio"] = {"W_O": 0.9, "W_2": 0.45 if step == 2 else 1.0}
+        r["twin_out_of_range"] = {"W_O": 0.0, "W_2": 0.12}
+        rows.append(r)
+    text = "\n".join(fidelity_section(rows, {"free phase": (3e6, 1e6)}, 1234.0))
+    assert "Warning: weight collapse" in text and "W_2: the analog weights are 0.45×" in text
+    assert "W_O: the analog" not in text
+    assert "| W_2 | 1.0000 | 0.9900 | 0.4500 | 12.0% |" in text
+    assert "25% of all work" in text and "1,234" in text
+    rows[-1]["weight_norm_ratio"]["W_2"] = 0.55  # inside [0.5, 2]: no warning
+    assert "collapse" not in "\n".join(fidelity_section(rows))
+
+
+def test_work_per_step_counts_the_correction_and_the_readout_assists():
+    from trainer.fidelity import force_work, work_per_step
+
+    cfg = {"model": {"context": 16, "width": 32, "heads": 2, "ffn_mult": 2, "vocab_size": 65},
+           "training": {"batch_size": 16}, "estimator": {"nudge": "centered", "correction": "tracking", "jvp": "dual"},
+           "stabilisers": {"resreg": 0.2, "resreg_source": "readout", "jacreg_on": True}}
+    a1, d1 = force_work(cfg["model"], 1)
+    assert a1 == 16 * (4 * 32 * 32 + 2 * 32 * 64)  # six projection reads per token
+    assert d1 > 2 * 16 * 16 * 32  # at least attention's two activation products
+    parts = work_per_step(cfg, free_steps=50, nudge_steps=10)
+    aF, dF = force_work(cfg["model"], 16)
+    assert parts["free phase"] == (52 * aF, 52 * dF)
+    assert parts["AsymEP correction (J v, Jᵀ v)"] == (10 * 4 * aF, 10 * 5 * dF)
+    assert parts["resreg"] == (0.0, 2 * aF + 3 * dF)  # the read-out copy: all digital
+    assert parts["jacreg (read-out copy)"][0] == 0.0
+    on_chip = work_per_step({**cfg, "stabilisers": {**cfg["stabilisers"], "resreg_source": "arrays"}}, 50, 10)
+    assert on_chip["resreg"] == (2 * aF, 3 * dF)
+    twin = work_per_step(cfg, 50, 10, analog=False)
+    assert all(a == 0.0 for a, _ in twin.values())
+    assert sum(d for _, d in twin.values()) == pytest.approx(sum(a + d for a, d in parts.values()))
