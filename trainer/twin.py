@@ -10,8 +10,10 @@ schedule, the same integrator (Euler, ε of the solver) and estimator settings. 
 twin the update is exact; on the analog path `AnalogProjection.apply_update` turns lr·δuᵀ into
 pulse trains (aihwkit semantics: lr·|δ|·|u| in units of the device's dw_min sets the expected
 number of coincident pulses per device, capped by the pulse-train length BL; see `crossbar`), so
-one unit of lr means the same requested weight change on both paths and any difference is the
-devices' response. The digital periphery (embeddings, LayerNorm, biases, qknorm gains) is updated
+one unit of lr means the same requested weight change on both paths; what the arrays then realise
+is the devices' response (logged per projection as realised vs requested ΔW, `trainer.fidelity`).
+The update each path requests differs too: the analog path's EP estimate comes from noisy,
+quantised reads. The digital periphery (embeddings, LayerNorm, biases, qknorm gains) is updated
 by the path's optimiser (SGD with lr·`periphery_lr_scale` in the twin rule).
 
 An `EPPath` is composed, not subclassed (`build_ep_path`): a gradient estimator
