@@ -1,7 +1,8 @@
 """`AnalogTile`: a weight matrix held by devices, read through the periphery, trained by pulses.
 
-Model weight W (out, in) = s · W_dev, with s the fixed mapping scale (`MappingParameters`) and
-W_dev the devices' weights (one device per weight, or G⁺ − G⁻ of a differential pair).
+Model weight W (out, in) = s · W_dev, with s the digital output scale of the mapping rule
+(`MappingParameters`: fixed at programming, refit by a remap when `remap_every` > 0) and W_dev
+the devices' weights (one device per weight, or G⁺ − G⁻ of a differential pair).
 
 Noise modes (`TileConfig.noise_mode`; the read generator is the tile's own):
 - ``"fresh"``: every read draws new noise; `set_noise_seed` is ignored.
@@ -265,6 +266,7 @@ class AnalogTile:
         self._scale_ref: Tensor | None = None
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
+        self.n_remaps = 0
 
     def new_slot(self, generator: torch.Generator) -> DeviceSlot:
         """Another array of this tile's device and unit cell (for algorithms with several arrays)."""
@@ -289,21 +291,53 @@ class AnalogTile:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"program: shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
         w = weight.detach().to(device=self.device, dtype=torch.float32)
-        omega = self.config.mapping.weight_scaling_omega
-        if omega > 0.0:
-            if self.config.mapping.weight_scaling_columnwise:
-                amax = w.abs().amax(dim=1, keepdim=True)
-            else:
-                amax = w.abs().amax().expand(self.out_features, 1)
-            self.scale = torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
+        self._write(w, self.mapping_scale(w))
+
+    def mapping_scale(self, w: Tensor, rule: str | None = None) -> Tensor:
+        """The digital output scale s (out, 1) for the model weight `w` by the mapping rule
+        (`MappingParameters`; `rule` overrides the configured one, as a remap does)."""
+        m = self.config.mapping
+        omega = m.weight_scaling_omega
+        if omega <= 0.0:
+            return torch.ones(self.out_features, 1, device=self.device)
+        rule = m.weight_scaling_rule if rule is None else rule
+        if rule == "fan_in":
+            s = m.weight_scaling_fan_in_max / (omega * math.sqrt(self.in_features))
+            return torch.full((self.out_features, 1), s, device=self.device)
+        if m.weight_scaling_columnwise:
+            amax = w.abs().amax(dim=1, keepdim=True)
         else:
-            self.scale = torch.ones(self.out_features, 1, device=self.device)
+            amax = w.abs().amax().expand(self.out_features, 1)
+        return torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
+
+    def _write(self, w: Tensor, scale: Tensor) -> None:
+        """Program W/s onto the devices (with programming noise) and hand it to the algorithm."""
+        self.scale = scale
         w_dev = w / self.scale
         if self.config.programming_noise > 0.0:
             xi = torch.randn(w_dev.shape, generator=self.update_generator, device=self.update_generator.device)
             w_dev = w_dev + self.config.programming_noise * xi.to(self.device)
         self.slot.set_weights(w_dev, self.update_generator)
         self.algorithm.program(w_dev)
+
+    def remap(self) -> None:
+        """aihwkit's `remap_weights`: refit s by the "max" rule to the current weights (read
+        exactly from the simulator state) and reprogram the devices to W/s; counted in `remaps`."""
+        self._write(self.weight.clone(), self.mapping_scale(self.weight, rule="max"))
+        self.n_remaps += 1
+
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        """Per weight (out, in), the interval [lo, hi] of model weights the unit cell can hold:
+        s times the devices' own pulse range (a pair: G⁺ − G⁻ over both devices' ranges);
+        ±inf for an ideal device."""
+        if self.slot.is_ideal:
+            inf = torch.full(self.shape, math.inf, device=self.device)
+            return -inf, inf
+        lo, hi = self.slot.arrays[0].pulse_range(torch.float32)
+        if self.slot.pair:
+            lo2, hi2 = self.slot.arrays[1].pulse_range(torch.float32)
+            lo, hi = lo - hi2, hi - lo2
+        return lo * self.scale, hi * self.scale
 
     @property
     def weight(self) -> Tensor:
@@ -409,6 +443,9 @@ class AnalogTile:
         self.algorithm.update(x, d, lr, n_vectors)
         self.n_updates += 1
         self._after_update(n_vectors)
+        every = self.config.mapping.remap_every
+        if every > 0 and self.n_updates % every == 0:
+            self.remap()
 
     def _after_update(self, n_vectors: int) -> None:
         """Once per `apply_update` (aihwkit's mini-batch update): a differential pair's refresh
@@ -493,6 +530,7 @@ class AnalogTile:
             "updates": self.n_updates,
             "transfers": algo["transfers"],
             "refreshes": self.slot.refreshes + algo["refreshes"],
+            "remaps": self.n_remaps,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -507,6 +545,7 @@ class AnalogTile:
             "read_stats": self.read_stats.as_dict(),
             "pulse_count": self.pulse_count.clone(),
             "n_updates": self.n_updates,
+            "n_remaps": self.n_remaps,
             "algorithm": self.algorithm.state_dict(),
         }
         return state
@@ -524,4 +563,5 @@ class AnalogTile:
         self.read_stats.load(state["read_stats"])
         self.pulse_count = state["pulse_count"].to(self.device).clone()
         self.n_updates = int(state["n_updates"])
+        self.n_remaps = int(state.get("n_remaps", 0))  # absent in checkpoints written before remaps
         self.algorithm.load_state_dict(state["algorithm"])

@@ -127,7 +127,10 @@ def physics_notes(cfg: RunConfig) -> list[str]:
         + f", AsymEP correction `{e.correction}`, T2 = {e.t2}, t2sel = {e.t2sel}. β is chosen against the read noise: "
         "the adjoint (z₋ − z₊)/2β divides the noise by 2β, its SNR is logged.",
         f"Stabilisers: resreg {st.resreg:g} ({'relative to the task update' if st.resreg_relative else 'absolute'}; "
-        "on-chip: port form δuᵀ through the pulses); "
+        + ("from exact weights at the free-phase state on both paths (analog: a digital assist on the read-out "
+           "weights), applied in port form δuᵀ through the pulses); " if st.resreg_source == "readout" else
+           "on-chip: from the path's own reads at the window-mean state with the window-averaged force, applied in "
+           "port form δuᵀ through the pulses); ")
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
         + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "
@@ -450,7 +453,8 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     try:
         while r.step < t.steps:
             outcomes, vals, event = _train_and_evaluate(r, schedule)
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
+            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
+                            probe=_probe_due(t, r.step) or r.step + 1 == t.steps))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
@@ -477,7 +481,7 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
     t, step = r.cfg.training, r.step
     idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
     lr = schedule.lr(t.lr, step)
-    health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+    health = _probe_due(t, step)
     evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
     stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
     outcomes: dict[str, StepOutcome] = {}
@@ -495,6 +499,11 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
             vals.pop(name, None)
             return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
     return outcomes, vals, _divergence(r, outcomes, vals)
+
+
+def _probe_due(t: Any, step: int) -> bool:
+    """Whether `step` is a health-probe step (every `training.health_interval` steps)."""
+    return t.health_interval > 0 and (step + 1) % t.health_interval == 0
 
 
 def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> DivergenceEvent | None:
@@ -564,7 +573,12 @@ def _finite_update(o: StepOutcome) -> bool:
 
 
 def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: Mapping[str, StepOutcome],
-         vals: Mapping[str, float], stabs: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
+         vals: Mapping[str, float], stabs: Mapping[str, Mapping[str, Any] | None] | None = None,
+         probe: bool = False) -> dict[str, Any]:
+    """One metrics row; `probe`: also the figures logged at health probes (and the last step):
+    per-projection saturation, analog/twin weight-norm ratio, the twin's weights outside the analog range."""
+    from .fidelity import mapping_figures, saturation_per_projection
+
     row = empty_row(step)
     row["lr"] = lr
     row["wall_time"] = wall
@@ -580,6 +594,8 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
                 row[f"{name}_{key}"] = stab[key]
         if getattr(p, "analog", False):
             row.update({f"{name}_{k}": v for k, v in analog_counters(p.model).items()})
+            if probe:
+                row[f"{name}_saturation_per_projection"] = saturation_per_projection(p.model)
         if o.health:
             row.update(o.health)
     if "analog" in outcomes and "twin" in outcomes:
@@ -588,6 +604,8 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
         gap, per = weight_gap(paths["analog"].model, paths["twin"].model)
         row["weight_gap"] = gap
         row["weight_gap_per_projection"] = per
+        if probe:
+            row.update(mapping_figures(paths["analog"].model, paths["twin"].model))
     return row
 
 
