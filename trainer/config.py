@@ -66,6 +66,12 @@ class TrainingConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval_interval: int = 50
     eval_batches: int = 4
+    # The final figure: at the last step every path is evaluated on a fixed validation set of at
+    # least this many target tokens (`trainer.data.fixed_windows`: non-overlapping windows spread
+    # evenly over the validation split, the same for every run), with standard errors and the
+    # bigram table scored on the same tokens; 0 = off (the final figure is the last logged
+    # evaluation of `eval_batches` random windows).
+    final_eval_tokens: int = 0
     health_interval: int = 0  # every k steps: estimator health (twin), adjoint SNR (analog); 0 = off
     # Leading eigenvalues of the relaxation (Re mu, |Im mu| of J, largest |lambda| of I + eps J)
     # every k steps, on one validation sequence (the worst of the first validation batch);
@@ -95,6 +101,7 @@ class TrainingConfig:
         check_range("training.ema", self.ema, 0.0, 1.0, hi_open=True)
         check_positive_int("training.eval_interval", self.eval_interval)
         check_positive_int("training.eval_batches", self.eval_batches)
+        check_positive_int("training.final_eval_tokens", self.final_eval_tokens, minimum=0)
         check_positive_int("training.health_interval", self.health_interval, minimum=0)
         check_positive_int("training.stability_every", self.stability_every, minimum=-1)
         check_positive_int("training.stability_k", self.stability_k)
