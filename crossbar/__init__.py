@@ -13,7 +13,7 @@ Public API::
 AnalogProjection beyond the `Projection` protocol:
     proj.counters() -> {"pulses_max", "pulses_mean", "mvm_reads", "adc_conversions",
                         "adc_clip_fraction", "device_saturation_fraction", "updates",
-                        "transfers", "refreshes"}
+                        "transfers", "refreshes", "remaps"}
     proj.noise_mode = "fresh" | "common" | "frozen";  proj.set_noise_seed(seed)
         common: call set_noise_seed(s) at the start of each nudged phase with the same s, and
         both phases see the same read noise, read by read; frozen: every read replays the draws

@@ -34,7 +34,7 @@ from .update import UpdateParameters
 
 __all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "ChoppedTransferParameters",
            "DynamicTransferParameters", "RefreshParameters",
-           "TileConfig", "ALGORITHMS",
+           "TileConfig", "ALGORITHMS", "MAPPING_RULES",
            "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
 
 ALGORITHMS = ("sgd", "mixed_precision", "ttv2", "c_ttv2", "agad")
@@ -42,21 +42,48 @@ NOISE_MODES = ("fresh", "common", "frozen")
 DIFFERENTIAL = ("single", "pair", "auto")
 
 
+MAPPING_RULES = ("max", "fan_in")
+
+
 @dataclass(frozen=True)
 class MappingParameters:
-    """Weight <-> device scaling (aihwkit `MappingParameter`, fixed scale only).
+    """Weight <-> device scaling: the model weight W = s·W_dev, s a digital output scale per row.
 
-    With `weight_scaling_omega` ω > 0, `program(W)` stores W/s on the devices with
-    s = max|W|/ω (per output row if `weight_scaling_columnwise`), and every read is multiplied
-    by s digitally, so the model's weights fill ±ω of the device range. ω = 0: s = 1.
-    aihwkit's learned output scale (`learn_out_scaling`) is not implemented.
+    With `weight_scaling_omega` ω > 0, `program(W)` stores W/s on the devices and every read is
+    multiplied by s digitally. `weight_scaling_rule` chooses s:
+
+    - ``"max"`` (aihwkit's `weight_scaling_omega` rule, the default): s = max|W|/ω over the weight
+      being programmed (per output row if `weight_scaling_columnwise`), so that weight fills ±ω of
+      the device range. The range then depends on the matrix programmed: a matrix initialised
+      small (W_O and W_2 at `resinit`·N(0, 1/fan_in)) can only grow to about w_max/ω times its
+      initial maximum.
+    - ``"fan_in"``: s = κ/(ω·√fan_in) with κ = `weight_scaling_fan_in_max`, the same for every row
+      and independent of the weight programmed: a model weight of κ/√fan_in — about the largest
+      entry of an unshrunk N(0, 1/fan_in) matrix (√(2 ln n) ≈ 3.7 for n ≈ 10³ entries) — maps to
+      ω. Every projection's representable range is then ±(w_bound/ω)·κ/√fan_in, whatever its
+      initial scale (`weight_scaling_columnwise` has no effect).
+
+    `remap_every` > 0 (needs ω > 0 and algorithm "sgd"): after every `remap_every`-th update the
+    scale is refit by the "max" rule to the current weights and the devices are reprogrammed to
+    W/s (aihwkit's `remap_weights`; the weights are taken exactly from the simulator state, as
+    aihwkit's `get_weights`). It is digital work (a max and a division per weight, counted in the
+    tile's `remaps`) plus a reprogramming of the array. aihwkit's learned output scale
+    (`learn_out_scaling`) is not implemented. ω = 0: s = 1 and no remap.
     """
 
     weight_scaling_omega: float = 0.0
     weight_scaling_columnwise: bool = False
+    weight_scaling_rule: str = "max"
+    weight_scaling_fan_in_max: float = 4.0
+    remap_every: int = 0
 
     def __post_init__(self) -> None:
         check_finite_range("weight_scaling_omega", self.weight_scaling_omega, 0.0)
+        check_choice("weight_scaling_rule", self.weight_scaling_rule, MAPPING_RULES)
+        check_finite_range("weight_scaling_fan_in_max", self.weight_scaling_fan_in_max, 0.0, lo_open=True)
+        check_positive_int("remap_every", self.remap_every, minimum=0)
+        if self.remap_every > 0 and self.weight_scaling_omega <= 0:
+            raise ConfigError("remap_every", self.remap_every, "0 when weight_scaling_omega is 0 (no scale to refit)")
 
 
 @dataclass(frozen=True)
@@ -300,6 +327,9 @@ class TileConfig:
         dev = self.device_config()
         if self.algorithm != "sgd" and dev.is_ideal:
             raise ConfigError("algorithm", self.algorithm, "'sgd' for an ideal device")
+        if self.mapping.remap_every > 0 and self.algorithm != "sgd":
+            raise ConfigError("mapping.remap_every", self.mapping.remap_every,
+                              "0 with algorithm " + repr(self.algorithm) + " (its arrays hold state in device units)")
 
     def device_config(self) -> DeviceConfig:
         if isinstance(self.device, str):

@@ -1,7 +1,8 @@
 """`AnalogTile`: a weight matrix held by devices, read through the periphery, trained by pulses.
 
-Model weight W (out, in) = s · W_dev, with s the fixed mapping scale (`MappingParameters`) and
-W_dev the devices' weights (one device per weight, or G⁺ − G⁻ of a differential pair).
+Model weight W (out, in) = s · W_dev, with s the digital output scale of the mapping rule
+(`MappingParameters`: fixed at programming, refit by a remap when `remap_every` > 0) and W_dev
+the devices' weights (one device per weight, or G⁺ − G⁻ of a differential pair).
 
 Noise modes (`TileConfig.noise_mode`; the read generator is the tile's own):
 - ``"fresh"``: every read draws new noise; `set_noise_seed` is ignored.
@@ -265,6 +266,7 @@ class AnalogTile:
         self._scale_ref: Tensor | None = None
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
+        self.n_remaps = 0
 
     def new_slot(self, generator: torch.Generator) -> DeviceSlot:
         """Another array of this tile's device and unit cell (for algorithms with several arrays)."""
@@ -289,21 +291,53 @@ class AnalogTile:
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"program: shape {tuple(weight.shape)}, expected {(self.out_features, self.in_features)}")
         w = weight.detach().to(device=self.device, dtype=torch.float32)
-        omega = self.config.mapping.weight_scaling_omega
-        if omega > 0.0:
-            if self.config.mapping.weight_scaling_columnwise:
-                amax = w.abs().amax(dim=1, keepdim=True)
-            else:
-                amax = w.abs().amax().expand(self.out_features, 1)
-            self.scale = torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
+        self._write(w, self.mapping_scale(w))
+
+    def mapping_scale(self, w: Tensor, rule: str | None = None) -> Tensor:
+        """The digital output scale s (out, 1) for the model weight `w` by the mapping rule
+        (`MappingParameters`; `rule` overrides the configured one, as a remap does)."""
+        m = self.config.mapping
+        omega = m.weight_scaling_omega
+        if omega <= 0.0:
+            return torch.ones(self.out_features, 1, device=self.device)
+        rule = m.weight_scaling_rule if rule is None else rule
+        if rule == "fan_in":
+            s = m.weight_scaling_fan_in_max / (omega * math.sqrt(self.in_features))
+            return torch.full((self.out_features, 1), s, device=self.device)
+        if m.weight_scaling_columnwise:
+            amax = w.abs().amax(dim=1, keepdim=True)
         else:
-            self.scale = torch.ones(self.out_features, 1, device=self.device)
+            amax = w.abs().amax().expand(self.out_features, 1)
+        return torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
+
+    def _write(self, w: Tensor, scale: Tensor) -> None:
+        """Program W/s onto the devices (with programming noise) and hand it to the algorithm."""
+        self.scale = scale
         w_dev = w / self.scale
         if self.config.programming_noise > 0.0:
             xi = torch.randn(w_dev.shape, generator=self.update_generator, device=self.update_generator.device)
             w_dev = w_dev + self.config.programming_noise * xi.to(self.device)
         self.slot.set_weights(w_dev, self.update_generator)
         self.algorithm.program(w_dev)
+
+    def remap(self) -> None:
+        """aihwkit's `remap_weights`: refit s by the "max" rule to the current weights (read
+        exactly from the simulator state) and reprogram the devices to W/s; counted in `remaps`."""
+        self._write(self.weight.clone(), self.mapping_scale(self.weight, rule="max"))
+        self.n_remaps += 1
+
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        """Per weight (out, in), the interval [lo, hi] of model weights the unit cell can hold:
+        s times the devices' own pulse range (a pair: G⁺ − G⁻ over both devices' ranges);
+        ±inf for an ideal device."""
+        if self.slot.is_ideal:
+            inf = torch.full(self.shape, math.inf, device=self.device)
+            return -inf, inf
+        lo, hi = self.slot.arrays[0].pulse_range(torch.float32)
+        if self.slot.pair:
+            lo2, hi2 = self.slot.arrays[1].pulse_range(torch.float32)
+            lo, hi = lo - hi2, hi - lo2
+        return lo * self.scale, hi * self.scale
 
     @property
     def weight(self) -> Tensor:
@@ -317,20 +351,45 @@ class AnalogTile:
         if self.noise_mode in ("common", "frozen"):
             self.read_generator.manual_seed(self.noise_seed)
 
-    def read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0) -> Tensor:
-        """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged)."""
+    def read(self, w_dev: Tensor, x: Tensor, io: IOParameters, digital_scale: float = 1.0, blocks: int = 1) -> Tensor:
+        """An analog read of the device weights `w_dev` through periphery `io` (n_reads averaged).
+        `blocks` > 1: x holds that many equal blocks read with common random numbers
+        (`PeripheryReader.__call__`; only with n_reads = 1 and outside "frozen" mode)."""
         if self.noise_mode == "frozen":
             self.read_generator.manual_seed(self.noise_seed)
         # one PeripheryReader per periphery, built on first use (constants and scaled weights cached)
         read = self._readers.get(id(io))
         if read is None:
             read = self._readers[id(io)] = PeripheryReader(io)
-        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
+        if blocks > 1 and (self.config.n_reads > 1 or self.noise_mode == "frozen"):
+            raise ValueError("a read of common-noise blocks needs n_reads = 1 and a noise mode other than 'frozen'")
+        y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale, blocks)
         for _ in range(self.config.n_reads - 1):
             y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
         if self.config.n_reads > 1:
             y = y / self.config.n_reads
         return y
+
+    def read_common(self, v: Tensor, seed: int, blocks: int, transpose: bool = False) -> Tensor:
+        """`forward` (or `transpose`) of `blocks` equal blocks stacked along v's first dimension,
+        each read as if `set_noise_seed(seed)` came just before it: in "common" mode the blocks see
+        the same read noise (common random numbers across the nudged phases of EP). One read of
+        the stack where the periphery allows it (`PeripheryReader`'s `blocks`), else block by block;
+        both give the same numbers and leave the read generator in the same state."""
+        if blocks < 1 or v.dim() < 2 or v.shape[0] % blocks:
+            raise ValueError(f"read_common: {blocks} blocks do not divide the leading dimension of {tuple(v.shape)}")
+        read = self.transpose if transpose else self.forward
+        self.set_noise_seed(seed)
+        if blocks == 1:
+            return read(v)
+        if self.noise_mode == "common" and self.config.n_reads == 1:
+            return read(v, blocks=blocks)
+        outs = []
+        for i, chunk in enumerate(v.split(v.shape[0] // blocks, dim=0)):
+            if i:
+                self.set_noise_seed(seed)
+            outs.append(read(chunk))
+        return torch.cat(outs, dim=0)
 
     def _uniform_scale(self) -> float | None:
         key = (id(self.scale), self.scale._version)
@@ -340,26 +399,28 @@ class AnalogTile:
             self._scale_ref = self.scale
         return self._scale_value
 
-    def forward(self, u: Tensor) -> Tensor:
-        """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype."""
+    def forward(self, u: Tensor, blocks: int = 1) -> Tensor:
+        """y = W u through the forward periphery; u (..., in) -> (..., out), in u's dtype
+        (`blocks`: see `read`)."""
         if u.shape[-1] != self.in_features:
             raise ValueError(f"forward: input has last dimension {u.shape[-1]}, expected {self.in_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self.read(self.slot.weights, u, self.config.forward, uniform)
-        y = self.read(self.slot.weights, u, self.config.forward)
+            return self.read(self.slot.weights, u, self.config.forward, uniform, blocks)
+        y = self.read(self.slot.weights, u, self.config.forward, blocks=blocks)
         return y * self.scale.squeeze(1).to(y.dtype)
 
-    def transpose(self, d: Tensor) -> Tensor:
-        """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype."""
+    def transpose(self, d: Tensor, blocks: int = 1) -> Tensor:
+        """Wᵀ d through the backward periphery; d (..., out) -> (..., in), in d's dtype
+        (`blocks`: see `read`)."""
         if d.shape[-1] != self.out_features:
             raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self.read(self.slot.weights.T, d, self.config.backward, uniform)
+            return self.read(self.slot.weights.T, d, self.config.backward, uniform, blocks)
         # a per-row digital scale acts on the rows of W, i.e. on the inputs of the transposed read
         ds = d * self.scale.squeeze(1).to(d.dtype)
-        return self.read(self.slot.weights.T, ds, self.config.backward)
+        return self.read(self.slot.weights.T, ds, self.config.backward, blocks=blocks)
 
     # ------------------------------------------------------------------ updates
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
@@ -382,6 +443,9 @@ class AnalogTile:
         self.algorithm.update(x, d, lr, n_vectors)
         self.n_updates += 1
         self._after_update(n_vectors)
+        every = self.config.mapping.remap_every
+        if every > 0 and self.n_updates % every == 0:
+            self.remap()
 
     def _after_update(self, n_vectors: int) -> None:
         """Once per `apply_update` (aihwkit's mini-batch update): a differential pair's refresh
@@ -466,6 +530,7 @@ class AnalogTile:
             "updates": self.n_updates,
             "transfers": algo["transfers"],
             "refreshes": self.slot.refreshes + algo["refreshes"],
+            "remaps": self.n_remaps,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -480,6 +545,7 @@ class AnalogTile:
             "read_stats": self.read_stats.as_dict(),
             "pulse_count": self.pulse_count.clone(),
             "n_updates": self.n_updates,
+            "n_remaps": self.n_remaps,
             "algorithm": self.algorithm.state_dict(),
         }
         return state
@@ -497,4 +563,5 @@ class AnalogTile:
         self.read_stats.load(state["read_stats"])
         self.pulse_count = state["pulse_count"].to(self.device).clone()
         self.n_updates = int(state["n_updates"])
+        self.n_remaps = int(state.get("n_remaps", 0))  # absent in checkpoints written before remaps
         self.algorithm.load_state_dict(state["algorithm"])
