@@ -327,6 +327,9 @@ class TileConfig:
         dev = self.device_config()
         if self.algorithm != "sgd" and dev.is_ideal:
             raise ConfigError("algorithm", self.algorithm, "'sgd' for an ideal device")
+        if self.refresh != RefreshParameters() and not self.uses_pair:
+            raise ConfigError("refresh", "a non-default [tile.refresh]",
+                              "the defaults unless the tile is a differential pair (only a pair is refreshed)")
         if self.mapping.remap_every > 0 and self.algorithm != "sgd":
             raise ConfigError("mapping.remap_every", self.mapping.remap_every,
                               "0 with algorithm " + repr(self.algorithm) + " (its arrays hold state in device units)")

@@ -236,7 +236,7 @@ def test_exact_mode_applies_each_sample_in_order(pair):
     refresh = RefreshParameters(refresh_upper_thres=0.3, refresh_lower_thres=0.05, refresh_forward=perfect_io(),
                                 refresh_update=UpdateParameters(pulse_type="deterministic_implicit"))
     cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(), update=up,
-                     differential="pair" if pair else "single", refresh=refresh)
+                     differential="pair" if pair else "single", refresh=refresh if pair else RefreshParameters())
     g = _gen(11)
     tile = AnalogTile(cfg, 6, 9, g)
     tile.program((0.4 if pair else 1.4) * (torch.rand(6, 9, generator=g) - 0.5))
@@ -583,3 +583,5 @@ def test_refresh_every_counts_updates_or_vectors_as_aihwkit():
         RefreshParameters(copy_inverted=True)
     with pytest.raises(ConfigError, match="refresh_every"):
         RefreshParameters(refresh_every=-1)
+    with pytest.raises(ConfigError, match="refresh"):  # a single device is never refreshed: not silently ignored
+        TileConfig(device="reram_sb", refresh=RefreshParameters(refresh_every=3))
