@@ -50,7 +50,8 @@ def tile_file(directory: Path, algorithm: str, fast_lr: float | None = None, dev
 
 
 def cost(repeats: int, seed: int, tmp: Path) -> dict[str, float]:
-    from trainer.config import load_run_config, resolve_vocab
+    from experiments.presets import load_run_config
+    from trainer.config import resolve_vocab
     from trainer.data import sample_batch
     from trainer.loop import build_paths
 
