@@ -180,7 +180,7 @@ class AnalogConfig:
     read_average: int = 1
     noise_window: int = 10
     stop_patience: int = 30
-    stop_floor_factor: float = 0.0
+    stop_floor_factor: float = 1.0
     update_mode: str = "fast"  # crossbar update mode: "exact" | "fast" | "expected"
 
     def __post_init__(self) -> None:

@@ -114,7 +114,9 @@ def physics_notes(cfg: RunConfig) -> list[str]:
             + ("a fresh draw per read" if a.noise_mode == "fresh" else "the same draws in the + and − nudged phases")
             + ").",
             f"Noise-aware stop: the residual of the time-averaged dynamics over a window of {a.noise_window} steps "
-            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance or after {a.stop_patience} steps without improvement; "
+            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance, after {a.stop_patience} steps without improvement"
+            + (f", or once it is within {a.stop_floor_factor:g}× the read-noise level of a window mean "
+               "(estimated from the window's successive forces)" if a.stop_floor_factor > 0 else "") + "; "
             "the state handed to the nudge is the window mean; the floor is measured from two reads at that state. "
             "The gate, controller and divergence rules use this residual, never the raw one.",
             "Holomorphic nudging with N ≥ 3 is refused on the analog path (complex arithmetic); N = 2 is the centered pair.",
