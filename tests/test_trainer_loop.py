@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -197,3 +198,38 @@ def test_init_ckpt_programs_the_arrays_and_reports_a_verdict(ideal_run, tmp_path
     with pytest.raises(ConfigError, match="init_ckpt"):
         run(small_config(text_file, model={"width": 32}), tmp_path / "bad", init_ckpt=ideal_run.run_dir / "checkpoints" / "last.pt")
     assert not (tmp_path / "bad").exists()
+
+
+def test_summary_splits_the_wall_time_between_training_and_instruments(noisy_full_run):
+    """summary.json `time_split`: seconds of training, of each instrument and of checkpoints, the
+    rest, their total (set-up included) and the instruments' share of it (issue 15 item 2)."""
+    from trainer.loop import INSTRUMENT_PARTS, TIME_PARTS
+
+    _, out, result = noisy_full_run
+    split = json.loads((out / "summary.json").read_text())["time_split"]
+    assert set(split) == {*TIME_PARTS, "other", "total", "instruments_share"}
+    assert all(split[k] >= 0.0 for k in (*TIME_PARTS, "other"))
+    assert split["train"] > 0 and split["evaluation"] > 0 and split["stability"] > 0  # evaluated at steps 1, 3
+    assert split["health_probe"] == 0.0  # no probe at this config's interval
+    assert sum(split[k] for k in (*TIME_PARTS, "other")) == pytest.approx(split["total"], rel=1e-9)
+    assert split["total"] >= result.summary["wall_time"]  # set-up and the initial evaluation included
+    assert split["instruments_share"] == pytest.approx(sum(split[k] for k in INSTRUMENT_PARTS) / split["total"])
+
+
+def test_health_probe_seconds_are_the_probe_alone():
+    """`EPPath.last_probe_seconds`: the probe's own time inside a health step, 0 on other steps."""
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from trainer.twin import build_ep_path
+
+    cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8},
+                                   "training": {"seq_len": 8}})
+    model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
+    path = build_ep_path("twin", model, cfg, analog=False, probe_seed=5)
+    idx = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    out = path.train_step(idx, idx, 0.01, health=True)
+    whole = time.perf_counter() - start
+    assert out.health and 0.0 < path.last_probe_seconds < whole
+    path.train_step(idx, idx, 0.01, health=False)
+    assert path.last_probe_seconds == 0.0

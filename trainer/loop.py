@@ -12,7 +12,7 @@ written), `_resume` or `_start` (+ the first checkpoint, which names a new run),
 Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
 (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
 `summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
-counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+counters, `time_split`: seconds spent training, in each instrument and in checkpoints), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
 at start and end, for the report's histograms).
 
 Nothing is written before the configuration, the data and the device have been checked; a new
@@ -314,9 +314,38 @@ class _Run:
     last_ckpt_step: int = 0
     t0: float = 0.0
     stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
+    began: float = field(default_factory=time.perf_counter)  # this call's start (set-up included)
+    total_before: float = 0.0  # the time split's total of the calls before a resume
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
+
+    def clock(self, part: str, since: float) -> float:
+        """Add the seconds since `since` to `part` (one of `TIME_PARTS`); returns now."""
+        now = time.perf_counter()
+        self.timers[part] += now - since
+        return now
+
+
+#: Where a run's wall time goes (summary.json `time_split`): training steps, and the instruments —
+#: validation evaluation, the health probe (riding on a training step; its own seconds only), the
+#: stability monitor, the metrics row (update cosines and weight gap between the paths: the
+#: fidelity figures) — and checkpoints; "other" is the rest (set-up, data, files, the first
+#: checkpoint). The total runs from the start of `run` (set-up and the initial evaluation
+#: included, unlike `wall_time`), summed over resumed calls.
+TIME_PARTS = ("train", "evaluation", "health_probe", "stability", "metrics_row", "checkpoint")
+INSTRUMENT_PARTS = ("evaluation", "health_probe", "stability", "metrics_row")
+
+
+def time_split(timers: Mapping[str, float], total: float) -> dict[str, Any]:
+    """summary.json's `time_split`: seconds per part, the rest of the `total` seconds, the total,
+    and the instruments' share of it."""
+    out: dict[str, Any] = {k: float(timers.get(k, 0.0)) for k in TIME_PARTS}
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["total"] = float(total)
+    out["instruments_share"] = sum(out[k] for k in INSTRUMENT_PARTS) / total if total > 0 else None
+    return out
 
 
 def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
@@ -324,7 +353,9 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
     """The phases: set-up (checks; nothing written), then resume or a fresh start (a new run's
     first checkpoint gives it its name), steps until the end, a divergence, an interruption or
     `stop_after`, then finish."""
+    began = time.perf_counter()
     r = _set_up(cfg, rd, resume, init_ckpt)
+    r.began = began
     guard.open(rd, resume)  # everything checked: from here on we write (a new run into its staging folder)
     r.data_gen = torch.Generator().manual_seed(r.cfg.order_seed + 1)
     if resume:
@@ -403,6 +434,11 @@ def _resume(r: _Run) -> None:
     r.step = int(ck["step"])
     r.wall_offset = float(ck["wall_time"])
     r.summary.update(r.rd.read_summary())
+    for part, seconds in (r.summary.get("time_split") or {}).items():  # a resumed run's times add up
+        if part in r.timers and isinstance(seconds, (int, float)):
+            r.timers[part] = float(seconds)
+        elif part == "total" and isinstance(seconds, (int, float)):
+            r.total_before = float(seconds)
     r.summary.pop("divergence", None)
     r.summary.pop("interrupted", None)
     r.result.steps_completed = r.step
@@ -430,10 +466,13 @@ def _start(r: _Run) -> None:
         "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
         "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
         "physics": physics_notes(cfg),
-        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
     })
+    start = time.perf_counter()
+    r.summary["initial_val_loss"] = {n: p.evaluate(r.eval_batches) for n, p in paths.items()}
+    start = r.clock("evaluation", start)
     if cfg.training.stability_every != 0:
         r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
+        r.clock("stability", start)
     if init_info is not None:
         r.summary["init_ckpt"] = init_info
     _save_conductances(rd, paths, "start")
@@ -452,7 +491,10 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     try:
         while r.step < t.steps:
             outcomes, vals, event = _train_and_evaluate(r, schedule)
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
+            start = time.perf_counter()
+            row = _row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs)
+            r.clock("metrics_row", start)
+            log.append(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
@@ -463,7 +505,9 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
                 break
             steps_this_call += 1
             stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            start = time.perf_counter()
             _checkpoint(r, force=stop_now)
+            r.clock("checkpoint", start)
             if stop_now and r.step < t.steps:
                 _interrupted(r, interrupt.requested)
                 break
@@ -487,11 +531,18 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
     r.stabs = {}
     for name, p in r.paths.items():
         try:
+            start = time.perf_counter()
             outcomes[name] = p.train_step(idx, targets, lr, health=health)
+            probe = float(getattr(p, "last_probe_seconds", 0.0)) if health else 0.0
+            now = r.clock("train", start)
+            r.timers["train"] -= probe
+            r.timers["health_probe"] += probe
             if evaluate:
                 vals[name] = p.evaluate(r.eval_batches)
+                now = r.clock("evaluation", now)
             if stab_now:
                 r.stabs[name] = _stability(p, r.eval_batches[0])
+                r.clock("stability", now)
         except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
             outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
             vals.pop(name, None)
@@ -552,6 +603,7 @@ def _finish(r: _Run) -> RunResult:
         _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
     r.summary["wall_time"] = r.wall()
+    r.summary["time_split"] = time_split(r.timers, r.total_before + time.perf_counter() - r.began)
     r.summary["final_val_loss"] = r.rd.final_val_losses()
     if "analog" in r.paths:
         r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)

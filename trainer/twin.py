@@ -29,6 +29,7 @@ Each path returns a `StepOutcome`; `trainer.loop` puts every path on one metrics
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -282,6 +283,7 @@ class EPPath:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, idx: Tensor, targets: Tensor, lr: float, *, health: bool = False) -> StepOutcome:
+        self.last_probe_seconds = 0.0  # the health probe's own seconds in this step (the loop's time split)
         _, fp = self.free_phase(idx)
         z = fp.z.detach()
         residual = fp.residual_max
@@ -299,7 +301,9 @@ class EPPath:
             updates.add(est.ports, est.digital_grads, task=True)
             self.last_task_norm = update_norm(est.weight_grads, est.digital_grads)
             if health and self.health_probe is not None:
+                start = time.perf_counter()
                 out.set_figures(self.health_probe.probe(self, idx, targets, fp, est))
+                self.last_probe_seconds = time.perf_counter() - start
         else:
             with torch.no_grad():
                 out.loss = float(self.model.loss(z, targets))
