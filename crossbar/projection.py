@@ -1,7 +1,7 @@
 """`AnalogProjection`: the analog implementation of the `Projection` seam (DESIGN.md).
 
 Satisfies `ept_hw.projection.Projection` structurally (this module does not import it). Beyond
-the protocol it offers `counters()`, `set_noise_seed(seed)` and the `noise_mode` property
+the protocol it offers `counters()`, `representable_range()`, `set_noise_seed(seed)` and the `noise_mode` property
 ("fresh" | "common" | "frozen", see `crossbar.tile`).
 
 Complex inputs (holomorphic EP) are read as two real reads, real and imaginary parts, through
@@ -100,6 +100,10 @@ class AnalogProjection:
 
     def counters(self) -> dict[str, float]:
         return self.tile.counters()
+
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        """Per weight, [lo, hi] of the model weights the arrays can hold (`AnalogTile.representable_range`)."""
+        return self.tile.representable_range()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "analog", "name": self.name, "config": self.config.to_dict(), "tile": self.tile.state_dict()}

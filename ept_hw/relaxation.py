@@ -145,6 +145,7 @@ class RelaxResult:
     residual_raw: Tensor | None = None  # (B,) last one-step residual where `residual` is another (WindowStop)
     floor: Tensor | None = None  # (B,) one-step residual of read noise alone (WindowStop), else None
     at_floor: bool = False  # WindowStop: stopped because res_W stopped improving
+    force_mean: Tensor | None = None  # WindowStop: mean force over the window, (z_last − z_first)/(W·ε)
 
     @property
     def residual_raw_max(self) -> float:
@@ -443,6 +444,8 @@ class WindowStop:
             n_force_evals=n_evals, sim_time=n_steps * cfg.eps, n_steps=n_steps, method="euler",
             trace_steps=steps, notes=["noise-aware stop: at the floor"] if self.at_floor else [],
             residual_raw=self.raw, floor=floor_b, at_floor=self.at_floor,
+            force_mean=(self.history[-1] - self.history[0]) / (self.window * cfg.eps)
+            if len(self.history) == self.window + 1 else None,
         )
 
 

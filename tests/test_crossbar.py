@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -135,6 +136,7 @@ def test_ideal_perfect_reproduces_digital_projection():
 
 def test_mapping_scale_fills_device_range_and_reads_model_weights():
     cfg = tile_preset("gokmen_vlasov")
+    cfg = cfg.replace(mapping=dataclasses.replace(cfg.mapping, weight_scaling_rule="max"))  # aihwkit's rule
     w = 3.0 * torch.randn(10, 20, generator=_gen(11))  # far beyond the device range ±1
     tile = AnalogTile(cfg, 10, 20, _gen(12))
     tile.program(w)
@@ -249,6 +251,7 @@ def test_analog_factory_inside_the_model_matches_digital_twin():
 def test_tile_for_device_applies_the_preset_rules():
     cfg = tile_for_device({"model": "soft_bounds", "dw_min": 0.01, "w_max": 1.0, "w_min": -0.5})
     assert cfg.mapping.weight_scaling_omega == pytest.approx(0.3)  # 0.6·min(|w_min|, w_max)
+    assert cfg.mapping.weight_scaling_rule == "fan_in"  # the preset rule: independent of the programmed weight
     assert cfg.forward.out_bound == 20.0 and cfg.backward.bound_management == "none"
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")

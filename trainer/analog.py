@@ -110,6 +110,9 @@ class CommonNoise:
     def counters(self) -> dict[str, float]:
         return self.inner.counters()
 
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        return self.inner.representable_range()
+
     def state_dict(self) -> dict[str, Any]:
         return {**self.inner.state_dict(), "common_noise_generator": self.seed_generator.get_state()}
 
