@@ -235,18 +235,15 @@ class PeripheryReader:
     def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Clip y to ±bound in place. Returns y, the per-vector count of outputs at the bound
         (None when there are none) and, with `per_row`, the per-vector saturation that bound
-        management tests (the upper bound only unless `bm_test_negative_bound`)."""
+        management tests (the upper bound only unless `bm_test_negative_bound`; None when no
+        output reached the bound)."""
+        a = y.abs()
+        if not float(a.max()) >= self.bound:  # the usual case: one test, nothing clipped, nothing saturated
+            return y, None, None
+        clipped = (a >= self.bound).sum(dim=-1)
+        touched = None
         if per_row:
-            touched = y.abs().amax(dim=-1) >= self.bound
-            if not bool(touched.any()):
-                return y, None, touched
-            if not self.io.bm_test_negative_bound:
-                touched = (y >= self.bound).any(dim=-1)
-        else:
-            touched = None
-            if not float(y.abs().amax()) >= self.bound:
-                return y, None, None
-        clipped = (y.abs() >= self.bound).sum(dim=-1)  # only when some output reached the bound
+            touched = clipped > 0 if self.io.bm_test_negative_bound else (y >= self.bound).any(dim=-1)
         y.clamp_(-self.bound, self.bound)
         return y, clipped, touched
 
@@ -265,6 +262,8 @@ class PeripheryReader:
             reads += int(idx.numel())
             y[idx] = y_again * factor
             clipped[idx] = 0 if clip_again is None else clip_again
+            if sat_again is None:  # no re-read vector reached the bound: done
+                break
             saturated = torch.zeros_like(saturated)
             saturated[idx] = sat_again
         return reads
