@@ -216,8 +216,17 @@ class PeripheryReader:
         if self.inp_noise:
             xu.add_(_draw(torch.randn, xu.shape, generator, xu.dtype, xu.device, blocks), alpha=self.inp_noise)
         if self.out_noise and not self.has_w_noise:
-            noise = _draw(torch.randn, (xu.shape[0], w.shape[0]), generator, xu.dtype, xu.device, blocks)
-            y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
+            if blocks == 1:
+                noise = _draw(torch.randn, (xu.shape[0], w.shape[0]), generator, xu.dtype, xu.device, 1)
+                y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
+            else:  # one block's noise into each block's product (no repeated copy of the noise)
+                rows = xu.shape[0] // blocks
+                noise = torch.randn((rows, w.shape[0]), generator=generator, device=generator.device,
+                                    dtype=xu.dtype).to(xu.device)
+                y = torch.empty((xu.shape[0], w.shape[0]), dtype=xu.dtype, device=xu.device)
+                for b in range(blocks):
+                    torch.addmm(noise, xu[b * rows:(b + 1) * rows], w_units_t, beta=self.out_noise,
+                                out=y[b * rows:(b + 1) * rows])
         else:
             y = xu @ w_units_t
             if self.has_w_noise:
