@@ -258,3 +258,23 @@ def test_final_evaluation_on_the_fixed_validation_set(tmp_path, text_file):
     # off by default: the final figure is the last logged evaluation
     assert "final_eval" not in run(small_config(text_file, mode="ep", training={"steps": 2, "eval_interval": 2}),
                                    tmp_path / "off").summary
+
+
+def test_evaluation_stacks_batches_of_one_shape():
+    """`EPPath.evaluate` relaxes equal-shape batches as one stack: on the twin the loss equals the
+    mean of the batches' own evaluations (to the relaxation's tolerance), and it is not any one of them."""
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from trainer.twin import build_ep_path
+
+    cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8},
+                                   "training": {"seq_len": 8}})
+    model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
+    path = build_ep_path("twin", model, cfg, analog=False, probe_seed=5)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 20, (4, 8), generator=gen), torch.randint(0, 20, (4, 8), generator=gen))
+               for _ in range(3)]
+    each = [path.evaluate([b]) for b in batches]
+    stacked = path.evaluate(batches)
+    assert stacked == pytest.approx(sum(each) / 3, abs=1e-4)
+    assert min(abs(stacked - e) for e in each) > 1e-3

@@ -348,6 +348,11 @@ class EPPath:
             for k, v in trainable_tensors(self.model).items():
                 v.copy_(self.ema.shadow[k])
         try:
+            if len(batches) > 1 and len({tuple(i.shape) for i, _ in batches}) == 1:
+                # batches of one shape: one stacked relaxation (every sequence relaxes on its own;
+                # the stop waits for the slowest of all), the mean over all tokens = the mean of
+                # the batch means
+                batches = [(torch.cat([i for i, _ in batches]), torch.cat([t for _, t in batches]))]
             total = 0.0
             for idx, targets in batches:
                 _, fp = self.free_phase(idx)
