@@ -15,6 +15,7 @@ n_reads = 1                    # reads averaged per MVM
 [tile.transfer]                # TransferParameters (Tiki-Taka v2)
 [tile.chopped]                 # ChoppedTransferParameters (chopped TTv2, aihwkit's c-ttv2)
 [tile.dynamic]                 # DynamicTransferParameters (AGAD, aihwkit's agad)
+[tile.refresh]                 # RefreshParameters (a differential pair's refresh, aihwkit's OneSidedUnitCell)
 ```
 """
 
@@ -32,7 +33,7 @@ from .io import IOParameters
 from .update import UpdateParameters
 
 __all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "ChoppedTransferParameters",
-           "DynamicTransferParameters",
+           "DynamicTransferParameters", "RefreshParameters",
            "TileConfig", "ALGORITHMS", "MAPPING_RULES",
            "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
 
@@ -239,6 +240,58 @@ class DynamicTransferParameters(ChoppedTransferParameters):
         check_finite_range("buffer_cap", self.buffer_cap, 0.0)
 
 
+def _preset_io() -> IOParameters:
+    """aihwkit `PresetIOParameters` (also `crossbar.presets.preset_io`)."""
+    return IOParameters(inp_res=1.0 / 126.0, out_res=1.0 / 510.0, out_bound=20.0, out_noise=0.1,
+                        bound_management="iterative", noise_management="abs_max")
+
+
+@dataclass(frozen=True)
+class RefreshParameters:
+    """aihwkit `OneSidedUnitCell` refresh of a differential pair G⁺ − G⁻ (`DeviceSlot.refresh`).
+
+    Names and meanings are aihwkit's; defaults are those of its `PCMPresetUnitCell` (aihwkit's
+    base class has `refresh_every = 0`, i.e. never, and plain `IOParameters` for the read):
+    - `refresh_every`: a refresh check every that many mini-batch updates (`units_in_mbatch`,
+      aihwkit's m_batch units) or input vectors (`units_in_mbatch = false`; counted as
+      `transfer_every` counts them: the task's rows of an update); 0: never;
+    - a check reads every column of G⁺ and of G⁻ separately with one-hot inputs through
+      `refresh_forward` (noisy, quantised); a pair is refreshed when its larger read, over the
+      device config's |w_max|, exceeds `refresh_upper_thres` and its smaller read exceeds
+      `refresh_lower_thres`;
+    - a refreshed pair: both devices reset (the device's reset bias + `reset_std` noise), then
+      the read difference is written onto the device of its sign by a pulsed update with
+      `refresh_update` (per column, one vector update each, UBLM/UM as for any update;
+      `pulse_type = "none"` writes it exactly; `mode` is not used: at most `desired_bl`
+      pulses per device, applied pulse by pulse).
+    `copy_inverted = true` (G⁻ taking the down response of G⁺) is not supported and is refused.
+
+    Differences from aihwkit: with `units_in_mbatch = false` and `refresh_every` below the
+    number of vectors of one update, aihwkit's CPU simulator checks after each such vector
+    during the update, ours (as aihwkit's CUDA one) once after the update. The refresh read
+    and write draw from the tile's update generator, not the read generator."""
+
+    refresh_every: int = 1
+    units_in_mbatch: bool = True
+    refresh_upper_thres: float = 0.75
+    refresh_lower_thres: float = 0.25
+    refresh_forward: IOParameters = field(default_factory=_preset_io)
+    refresh_update: UpdateParameters = field(default_factory=UpdateParameters)
+    copy_inverted: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int("refresh_every", self.refresh_every, minimum=0)
+        check_finite_range("refresh_upper_thres", self.refresh_upper_thres, 0.0)
+        check_finite_range("refresh_lower_thres", self.refresh_lower_thres, 0.0)
+        if not isinstance(self.refresh_forward, IOParameters):
+            raise ConfigError("refresh_forward", self.refresh_forward, "an IOParameters table")
+        if not isinstance(self.refresh_update, UpdateParameters):
+            raise ConfigError("refresh_update", self.refresh_update, "an UpdateParameters table")
+        if self.copy_inverted:
+            raise ConfigError("copy_inverted", True, "false (G⁻ uses its own up response; aihwkit's "
+                              "copy_inverted is not implemented)")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """The whole tile. `device` is a devices preset name, a TOML device file, or a mapping with
@@ -254,6 +307,7 @@ class TileConfig:
     transfer: TransferParameters = field(default_factory=TransferParameters)
     chopped: ChoppedTransferParameters = field(default_factory=ChoppedTransferParameters)
     dynamic: DynamicTransferParameters = field(default_factory=DynamicTransferParameters)
+    refresh: RefreshParameters = field(default_factory=RefreshParameters)
     differential: str = "auto"
     noise_mode: str = "fresh"
     n_reads: int = 1
@@ -270,7 +324,8 @@ class TileConfig:
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         check_positive_int("n_reads", self.n_reads)
         check_finite_range("programming_noise", self.programming_noise, 0.0)
-        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped", "dynamic"):
+        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped", "dynamic",
+                    "refresh"):
             expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
             if not isinstance(getattr(self, key), type(expected())):
                 raise ConfigError(key, getattr(self, key), f"a {type(expected()).__name__}")

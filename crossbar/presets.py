@@ -29,7 +29,7 @@ from devices import preset_names
 
 from ept_hw.config import check_choice
 
-from .config import ALGORITHMS, MappingParameters, TileConfig
+from .config import ALGORITHMS, MappingParameters, TileConfig, _preset_io
 from .io import IOParameters
 from .update import UpdateParameters
 
@@ -38,8 +38,7 @@ __all__ = ["preset_io", "preset_update", "perfect_io", "tile_preset", "tile_pres
 
 def preset_io() -> IOParameters:
     """aihwkit `PresetIOParameters`."""
-    return IOParameters(inp_res=1.0 / 126.0, out_res=1.0 / 510.0, out_bound=20.0, out_noise=0.1,
-                        bound_management="iterative", noise_management="abs_max")
+    return _preset_io()
 
 
 def perfect_io() -> IOParameters:
@@ -77,7 +76,7 @@ def tile_for_device(device: Any, algorithm: str = "sgd", mode: str = "fast") -> 
         return TileConfig(device=probe.device, forward=fwd, backward=IOParameters(**{**fwd.__dict__, "bound_management": "none"}),
                           update=preset_update(mode), algorithm="sgd")
     pair = probe.uses_pair
-    # a pair must stay below the refresh threshold (crossbar.tile.REFRESH_THRESHOLD of w_max)
+    # a pair's weight G⁺ − G⁻ within ±w_max/2 (refresh: crossbar.config.RefreshParameters)
     omega = 0.5 * dev.w_max if pair else 0.6 * min(abs(dev.w_min), abs(dev.w_max))
     fwd = preset_io()
     bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})

@@ -402,6 +402,27 @@ def _toml_block(config: Mapping[str, Any]) -> str:
     return tomli_w.dumps(dict(config))
 
 
+def _final_eval_lines(final: Mapping[str, Any] | None, paths: list[str]) -> list[str]:
+    """The final figure on the fixed validation set (`trainer.loop.final_evaluation`), with
+    standard errors and the corpus baselines scored on the same tokens."""
+    if not final:
+        return []
+    rows = [[PATH_STYLE[p]["label"], f"{final['loss'][p]:.4f} ± {final['stderr'][p]:.4f}",
+             f"{final['bigram_loss'] - final['loss'][p]:+.4f}", f"{final['unigram_entropy'] - final['loss'][p]:+.4f}"]
+            for p in paths if p in final["loss"]]
+    out = [f"\n### On the fixed validation set ({final['tokens']} tokens, {final['windows']} windows of "
+           f"{final['seq_len']})\n",
+           "The final figure: every path evaluated once at the last step on the same non-overlapping windows "
+           "spread evenly over the validation split (± one standard error over "
+           f"{final['chunks']} chunks). Bigram table on these tokens: **{final['bigram_loss']:.4f}**, unigram "
+           f"entropy of these targets: {final['unigram_entropy']:.4f} nats/token.\n",
+           md_table(["path", "validation loss", "bigram − loss", "entropy − loss"], rows)]
+    if "gap" in final:
+        out.append(f"\nGap analog − twin on this set (paired by chunk): **{final['gap']:+.4f} ± "
+                   f"{final['gap_stderr']:.4f} nats**.")
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
     rd = RunDirectory(run_dir)
@@ -469,6 +490,7 @@ def write_report(run_dir: str | Path) -> Path:
         if cos:
             lines.append("Mean update cosine per projection over the last 20 logged steps: " + ", ".join(
                 f"{n} {_fmt(_mean_nested(rows, 'update_cos', n))}" for n in cos) + ".")
+    lines.extend(_final_eval_lines(summary.get("final_eval"), paths))
     health = [(k, _mean_last(rows, k, 5)) for k in ("health_cos", "health_norm_ratio", "health_self_coherence")]
     if any(v is not None for _, v in health):
         lines.append("\nEstimator health on the twin (last probes): " + ", ".join(f"{k} {_fmt(v)}" for k, v in health) + ".")

@@ -52,7 +52,7 @@ from ept_hw.projection import digital_factory
 from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
 from .metrics import PATH_KEYS, empty_row
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
@@ -558,13 +558,53 @@ def _finish(r: _Run) -> RunResult:
     if r.result.divergence is None:
         _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
+    if r.result.divergence is None and r.step == r.cfg.training.steps and r.cfg.training.final_eval_tokens > 0:
+        r.summary["final_eval"] = final_evaluation(r.paths, r.data, r.cfg)
     r.summary["wall_time"] = r.wall()
-    r.summary["final_val_loss"] = r.rd.final_val_losses()
+    final = r.summary.get("final_eval")
+    r.summary["final_val_loss"] = dict(final["loss"]) if final else r.rd.final_val_losses()
     if "analog" in r.paths:
         r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
     r.rd.write_summary(r.summary)
     r.result.summary = r.summary
     return r.result
+
+
+FINAL_EVAL_CHUNKS = 16
+
+
+def final_evaluation(paths: Mapping[str, Any], data: TokenData, cfg: RunConfig) -> dict[str, Any]:
+    """Every path on the fixed validation set (`training.final_eval_tokens`, `fixed_windows`):
+    the mean loss, its standard error over `FINAL_EVAL_CHUNKS` equal chunks of windows (each chunk
+    one evaluation batch), the paired analog − twin gap and its standard error (same chunks), and
+    the corpus baselines on exactly the scored tokens: the unigram entropy of the targets and the
+    add-0.05 bigram table fitted on the training split."""
+    t = cfg.training
+    idx, targets = fixed_windows(data.val, t.seq_len, t.final_eval_tokens)
+    n_chunks = min(FINAL_EVAL_CHUNKS, idx.shape[0])
+    chunks = list(zip(idx.tensor_split(n_chunks), targets.tensor_split(n_chunks)))
+    weights = torch.tensor([float(c[1].numel()) for c in chunks], dtype=torch.float64)
+    logger.info("final evaluation on the fixed validation set: %d windows, %d tokens", idx.shape[0], targets.numel())
+    per_chunk = {n: torch.tensor([p.evaluate([c]) for c in chunks], dtype=torch.float64) for n, p in paths.items()}
+
+    def mean_se(x: torch.Tensor) -> tuple[float, float]:
+        w = weights / weights.sum()
+        m = float((w * x).sum())
+        if len(x) < 2:
+            return m, math.nan
+        var = float((w * (x - m) ** 2).sum()) * len(x) / (len(x) - 1)
+        return m, math.sqrt(var / len(x))
+
+    out: dict[str, Any] = {"tokens": int(targets.numel()), "windows": int(idx.shape[0]), "chunks": n_chunks,
+                           "seq_len": t.seq_len, "loss": {}, "stderr": {}}
+    for n, x in per_chunk.items():
+        out["loss"][n], out["stderr"][n] = mean_se(x)
+    if "analog" in per_chunk and "twin" in per_chunk:
+        out["gap"], out["gap_stderr"] = mean_se(per_chunk["analog"] - per_chunk["twin"])
+    log_p = bigram_log_probs(data.train, data.vocab_size)
+    out["bigram_loss"] = float(-log_p[idx.reshape(-1).long(), targets.reshape(-1).long()].mean())
+    out["unigram_entropy"] = unigram_entropy(targets, data.vocab_size)
+    return out
 
 
 def _finite_update(o: StepOutcome) -> bool:

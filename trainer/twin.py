@@ -421,7 +421,8 @@ def build_ep_path(name: str, model: EquilibriumTransformer, cfg: RunConfig, *, a
     """The path of `cfg.mode` on `model`: EP ("compare", "ep") or BPTT ("bptt", digital only).
 
     EP: the `EPEstimator`; Euler free phases stop on the noise-aware `WindowStop` (window
-    `analog.noise_window`, patience `analog.stop_patience`) on both paths, the digital-only
+    `analog.noise_window`, patience `analog.stop_patience`, floor factor
+    `analog.stop_floor_factor`) on both paths, the digital-only
     solvers on their residual; health by adjoint SNR (analog) or against the implicit gradient
     (digital). BPTT: the `BPTTReference` through `training.bptt_steps` unrolled Euler steps, a
     free phase of exactly that many Euler steps (non-Euler solvers: to their residual), no probe.
@@ -434,7 +435,8 @@ def build_ep_path(name: str, model: EquilibriumTransformer, cfg: RunConfig, *, a
             solver = SolverConfig(method="euler", eps=s.eps, tol=0.0, min_steps=steps, max_steps=steps)
         return EPPath(name, model, cfg, analog=analog, probe_seed=probe_seed, estimator=BPTTReference(steps, s.eps),
                       free_solver=solver, free_stop=None, probe=None, extra_generators=extra_generators)
-    stop = (lambda: WindowStop(a.noise_window, a.stop_patience)) if s.method == "euler" else None
+    stop = (lambda: WindowStop(a.noise_window, a.stop_patience, floor_factor=a.stop_floor_factor)) \
+        if s.method == "euler" else None
     return EPPath(name, model, cfg, analog=analog, probe_seed=probe_seed, estimator=EPEstimator(cfg.estimator, s),
                   free_solver=s, free_stop=stop, probe=AdjointSNRProbe() if analog else ImplicitHealthProbe(),
                   extra_generators=extra_generators)
