@@ -608,8 +608,8 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         why = []
         if realised[high] > 1.2:
             why.append(f"above 1 ({high} {realised[high]:.2f}, cos {_fmt(cos[high])}) the realised step is mostly "
-                       "pulse noise: the requested change is well below one device step, which stochastic pulses "
-                       "realise only on average")
+                       "noise of the pulsed update (stochastic pulse coincidences, quantised device steps, "
+                       "cycle-to-cycle noise), not the requested direction")
         if realised[low] < 0.8:
             why.append(f"below 1 ({low} {realised[low]:.2f}) the devices lose part of every update (asymmetric "
                        "steps, bounds)")
