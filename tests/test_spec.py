@@ -32,7 +32,7 @@ def _write_run(run_dir: Path, device: str = "reram_sb", gap: float = 0.1, pulses
         "mode": "compare", "seed": 0,
         "training": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ, "lr": 0.3},
         "solver": {"method": "euler", "eps": 0.1},
-        "analog": {"device": device, "periphery": "default", "noise_mode": "common", "read_average": 2},
+        "analog": {"device": device, "periphery": "default", "tile": {"noise_mode": "common", "n_reads": 2}},
     })
     lines = []
     for step in range(steps):

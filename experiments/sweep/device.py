@@ -18,7 +18,7 @@ from ept_hw.config import ConfigError, check_range
 from experiments.runfacts import checkpoint_pulse_counts
 from trainer.rundir import RunLock, check_out_dir
 
-from .axes import AXES, PERIPHERY_AXES, analog_overrides, apply_overrides, base_values, point_id, sweep_points
+from .axes import AXES, PERIPHERY_AXES, apply_overrides, base_values, point_id, sweep_points
 from .engine import MANIFEST, RESULT_KEYS, PointFn, Task, check_backend, check_manifest, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
@@ -129,8 +129,9 @@ def point_config(overrides: Mapping[str, Any], context: Mapping[str, Any], tile_
     """The run configuration of one task: the base with the point's tile and the task's seed."""
     import dataclasses
 
-    analog = {"device": str(tile_path.resolve()), "periphery": "default", **analog_overrides(overrides)}
-    cfg = _run_config(context, analog)
+    cfg = _run_config(context, {"device": str(tile_path.resolve()), "periphery": "default"})
+    # the point's tile file is the whole tile (the base's `analog.tile` overrides are already in it)
+    cfg = dataclasses.replace(cfg, analog=dataclasses.replace(cfg.analog, tile={}))
     k = int(context.get("point_seed") or 0)
     if k:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * k, data_seed=cfg.order_seed)
