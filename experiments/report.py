@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from trainer.fidelity import COLLAPSE_BAND  # noqa: E402
 from trainer.metrics import Metric, active_paths, aggregate, column, figure_rows, final_figures, plotted  # noqa: E402
 from trainer.rundir import RunDirectory  # noqa: E402
 
@@ -83,6 +84,11 @@ def _loss_references(ax, summary: Mapping[str, Any]) -> None:
         ax.axhline(bigram, color="tab:purple", ls="-.", lw=1, label=f"bigram table {bigram:.3f}")
 
 
+def _collapse_band(ax, summary: Mapping[str, Any]) -> None:
+    for edge in COLLAPSE_BAND:
+        ax.axhline(edge, color="tab:red", ls=":", lw=1)
+
+
 #: (figure, panel) -> its axes; figures are written in this order, then any other declared by a metric.
 PANELS: dict[tuple[str, int], Panel] = {
     ("loss", 0): Panel("Loss", "cross-entropy (nats/token)", extra=_loss_references),
@@ -90,6 +96,10 @@ PANELS: dict[tuple[str, int], Panel] = {
     ("update_cosine", 0): Panel("Update agreement per projection (5-step mean)", "cos(analog update, twin update)",
                                 ylim=(-0.1, 1.05), legend_columns=4),
     ("weight_gap", 0): Panel("Weight gap", "‖W_analog − W_twin‖ / ‖W_twin‖", legend_columns=4),
+    ("realised_updates", 0): Panel("Realised updates (analog, simulator-side; 5-step mean)",
+                                   "‖ΔW realised‖ / ‖ΔW requested‖", hline=1.0, legend_columns=4),
+    ("realised_updates", 1): Panel("Weight norm, analog / twin (dotted: collapse band)", "‖W_analog‖ / ‖W_twin‖",
+                                   hline=1.0, legend_columns=4, extra=_collapse_band),
     ("estimator_health", 0): Panel("Estimator health (twin)", "cosine", ylim=(-1.05, 1.05)),
     ("estimator_health", 1): Panel("‖EP gradient‖ / ‖implicit gradient‖", "ratio", hline=1.0),
     ("stability", 0): Panel("Relaxation stability (Re μ < 0: the fixed point attracts)", "leading Re μ of J",
@@ -113,19 +123,22 @@ def _series(rows, m: Metric, paths: Sequence[str], summary: Mapping[str, Any]) -
     legend = m.legend or m.label
     out = []
     if m.scope == "path":
+        with_values = [p for p in paths if column(rows, f"{p}_{m.key}")[0]]
         for p in paths:
-            s, v = _finite(*column(rows, f"{p}_{m.key}"))
+            key = f"{p}_{m.key}"
+            names = _projection_names(rows, key) if any(isinstance(r.get(key), Mapping) for r in rows) else None
+            if names is not None:  # per projection (prefixed by the path when more than one logs it)
+                prefix = f"{PATH_STYLE[p]['label']} " if len(with_values) > 1 else ""
+                out += [(prefix + name, {"alpha": 0.8}, *_per_projection(rows, key, name)) for name in names]
+                continue
+            s, v = _finite(*column(rows, key))
             init = _initial(summary, m.initial, p)
             if init is not None:
                 s, v = [-1] + s, [init] + v  # before the first update
             out.append((f"{PATH_STYLE[p]['label']} {legend}", {"color": PATH_STYLE[p]["color"]}, s, v))
         return out
-    per_projection = next((r[m.key] for r in rows if isinstance(r.get(m.key), Mapping) and r[m.key]), None)
-    if per_projection is not None:
-        for name in per_projection:
-            s, v = _per_projection(rows, m.key, name)
-            out.append((name, {"alpha": 0.8}, s, v))
-        return out
+    if any(isinstance(r.get(m.key), Mapping) for r in rows):
+        return [(name, {"alpha": 0.8}, *_per_projection(rows, m.key, name)) for name in _projection_names(rows, m.key)]
     s, v = _finite(*column(rows, m.key))
     return [(legend, {"color": "k", "lw": 2} if m.scope == "cross" else {}, s, v)]
 
@@ -179,6 +192,73 @@ def _per_projection(rows, key: str, name: str) -> tuple[list, list]:
     """Finite (steps, values) of projection `name` in the per-projection dict column `key`."""
     hits = [r for r in rows if r.get(key) and r[key].get(name) is not None]
     return _finite([r["step"] for r in hits], [r[key][name] for r in hits])
+
+
+def _projection_names(rows, key: str) -> list[str]:
+    return next((list(r[key]) for r in rows if r.get(key)), [])
+
+
+def fidelity_section(rows: Sequence[Mapping[str, Any]], work: Mapping[str, tuple[float, float]] | None = None,
+                     adc_per_step: float | None = None) -> list[str]:
+    """Report lines: per projection realised vs requested updates, analog/twin weight-norm ratio,
+    the twin's weights outside the analog range, saturation; a collapse warning; digital work."""
+    from trainer.fidelity import COLLAPSE_BAND
+
+    names = _projection_names(rows, "analog_realised_ratio") or _projection_names(rows, "weight_norm_ratio")
+    if not names:
+        return []
+    out = ["## Realised updates and mapping (analog path)\n",
+           "Realised ΔW = the arrays' weights after − before each update, read exactly from the simulator state (a "
+           "simulator-side measurement, not something the chip reads); requested ΔW = −lr·Σδuᵀ. Means over the last "
+           "20 steps; norm ratio, out-of-range fraction and saturation at the last probe.\n"]
+    table = []
+    collapsed = []
+    lo, hi = COLLAPSE_BAND
+    for name in names:
+        ratio = _last_nested(rows, "weight_norm_ratio", name)
+        if ratio is not None and not lo <= ratio <= hi:
+            collapsed.append((name, ratio))
+        table.append([name, _fmt(_mean_nested(rows, "analog_realised_ratio", name)),
+                      _fmt(_mean_nested(rows, "analog_realised_cos", name)), _fmt(ratio),
+                      _pct(_last_nested(rows, "twin_out_of_range", name)),
+                      _pct(_last_nested(rows, "analog_saturation_per_projection", name))])
+    out.append(md_table(["projection", "‖ΔW realised‖/‖ΔW requested‖", "cos(realised, requested)",
+                         "‖W_analog‖/‖W_twin‖", "twin weights outside the analog range", "devices at a bound"], table))
+    if collapsed:
+        out.append("\n**Warning: weight collapse.** " + "; ".join(
+            f"{n}: the analog weights are {r:.2f}× the twin's norm" for n, r in collapsed)
+            + f" (outside [{lo:g}, {hi:g}]). The arrays do not hold what the twin learned there: look at the "
+            "realised/requested ratio (asymmetric or clipped pulses) and the out-of-range fraction (mapping).")
+    if work:
+        ta = sum(a for a, _ in work.values())
+        td = sum(d for _, d in work.values())
+        out.append("\n### Work per training step, analog arrays vs digital\n")
+        out.append("Estimated by formula (`trainer.fidelity.work_per_step`) from the model shape, the batch and the "
+                   "mean free-phase and nudge lengths of this run: analog = multiply-adds inside the arrays "
+                   "(projection reads); digital = every other operation (multiply-adds and element-wise operations, "
+                   "one each): attention's activation products, LayerNorm, softmax and GELU, the AsymEP correction's "
+                   "Jᵀv through them, and the stabilisers computed on the read-out weights (weights included). "
+                   "Health probes, evaluations and the stability monitor are not included."
+                   + ("" if adc_per_step is None else f" Measured ADC conversions per step (all arrays, incl. probes "
+                      f"and evaluations): {adc_per_step:,.0f}.") + "\n")
+        wrows = [[k, f"{a:.3g}", f"{d:.3g}"] for k, (a, d) in work.items()]
+        wrows.append(["**total**", f"{ta:.3g}", f"{td:.3g} ({td / (ta + td):.0%} of all work)" if ta + td else "—"])
+        out.append(md_table(["part", "analog MACs", "digital operations"], wrows))
+    out.append("")
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def _last_nested(rows, key: str, name: str) -> float | None:
+    return next((r[key][name] for r in reversed(rows) if r.get(key) and r[key].get(name) is not None), None)
+
+
+def _adc_per_step(rows) -> float | None:
+    s, v = _finite(*column(rows, "analog_adc_conversions"))
+    return (v[-1] - v[0]) / (s[-1] - s[0]) if len(s) > 1 and s[-1] > s[0] else None
 
 
 def _plot_conductances(rd: RunDirectory, out: Path) -> Path | None:
@@ -290,6 +370,27 @@ def _toml_block(config: Mapping[str, Any]) -> str:
     return tomli_w.dumps(dict(config))
 
 
+def _final_eval_lines(final: Mapping[str, Any] | None, paths: list[str]) -> list[str]:
+    """The final figure on the fixed validation set (`trainer.loop.final_evaluation`), with
+    standard errors and the corpus baselines scored on the same tokens."""
+    if not final:
+        return []
+    rows = [[PATH_STYLE[p]["label"], f"{final['loss'][p]:.4f} ± {final['stderr'][p]:.4f}",
+             f"{final['bigram_loss'] - final['loss'][p]:+.4f}", f"{final['unigram_entropy'] - final['loss'][p]:+.4f}"]
+            for p in paths if p in final["loss"]]
+    out = [f"\n### On the fixed validation set ({final['tokens']} tokens, {final['windows']} windows of "
+           f"{final['seq_len']})\n",
+           "The final figure: every path evaluated once at the last step on the same non-overlapping windows "
+           "spread evenly over the validation split (± one standard error over "
+           f"{final['chunks']} chunks). Bigram table on these tokens: **{final['bigram_loss']:.4f}**, unigram "
+           f"entropy of these targets: {final['unigram_entropy']:.4f} nats/token.\n",
+           md_table(["path", "validation loss", "bigram − loss", "entropy − loss"], rows)]
+    if "gap" in final:
+        out.append(f"\nGap analog − twin on this set (paired by chunk): **{final['gap']:+.4f} ± "
+                   f"{final['gap_stderr']:.4f} nats**.")
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
     rd = RunDirectory(run_dir)
@@ -348,6 +449,7 @@ def write_report(run_dir: str | Path) -> Path:
         if cos:
             lines.append("Mean update cosine per projection over the last 20 logged steps: " + ", ".join(
                 f"{n} {_fmt(_mean_nested(rows, 'update_cos', n))}" for n in cos) + ".")
+    lines.extend(_final_eval_lines(summary.get("final_eval"), paths))
     health = [(k, _mean_last(rows, k, 5)) for k in ("health_cos", "health_norm_ratio", "health_self_coherence")]
     if any(v is not None for _, v in health):
         lines.append("\nEstimator health on the twin (last probes): " + ", ".join(f"{k} {_fmt(v)}" for k, v in health) + ".")
@@ -358,6 +460,21 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("## Where the gap comes from\n")
         lines.extend(f"- {e}" for e in explanation)
         lines.append("")
+
+    if "analog" in paths:
+        work = None
+        fa = figures.get("analog", {})
+        if config and fa.get("free_steps_last20") is not None:
+            tile = rd.tile_config()
+            work_cfg = {**config, "tile": tile.to_dict() if tile is not None else {}}
+            nudge = _mean_last(rows, "analog_nudge_steps") or config.get("estimator", {}).get("t2", 0)
+            try:
+                from trainer.fidelity import work_per_step
+
+                work = work_per_step(work_cfg, fa["free_steps_last20"], nudge)
+            except (KeyError, TypeError, ValueError):  # a report never fails on an estimate
+                work = None
+        lines.extend(fidelity_section(rows, work, _adc_per_step(rows)))
 
     lines.extend(_attribution_section(rd))
 
@@ -441,6 +558,20 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                "comparable sizes: the gap is in the direction, not the size" if ratio > 0.8 else
                "the arrays request smaller updates (noisy, partly cancelling port quantities)")
         out.append(f"Requested update size: analog {un_a:.3g} against twin {un_t:.3g} (ratio {ratio:.2f}): {why}.")
+    names = _projection_names(rows, "analog_realised_ratio")
+    realised = {n: _mean_nested(rows, "analog_realised_ratio", n) for n in names}
+    realised = {n: v for n, v in realised.items() if v is not None}
+    if realised:
+        low = min(realised, key=realised.get)
+        out.append(f"Realised update size (simulator-side): the arrays realise on average "
+                   f"{sum(realised.values()) / len(realised):.2f} of the requested ‖ΔW‖ per step over the projections "
+                   f"(lowest {low} at {realised[low]:.2f}); below 1 the devices' steps (asymmetry, bounds, "
+                   "granularity) lose part of every update, whatever was requested.")
+    norms = {n: _last_nested(rows, "weight_norm_ratio", n) for n in _projection_names(rows, "weight_norm_ratio")}
+    norms = {n: v for n, v in norms.items() if v is not None}
+    if norms:
+        out.append("Weight norm analog/twin at the last probe: " + ", ".join(f"{n} {v:.2f}" for n, v in norms.items())
+                   + ".")
     sat = fa.get("saturation")
     if sat is not None:
         out.append(f"Device saturation: {sat:.2%} of the devices sit at a bound at the end"
