@@ -244,6 +244,22 @@ def test_endurance_and_device_count_from_the_checkpoint_counters(tmp_path):
     assert d["pulses_per_device_per_step"]["value"] == pytest.approx(500.0 * STEPS / (400 * STEPS))
 
 
+def test_the_summary_counters_are_read_and_the_checkpoint_only_for_older_runs(tmp_path):
+    """A run with the trainer's `analog_counters` summary figure is read from it; the checkpoint
+    (here with other counts) is read only when the summary predates that figure."""
+    import torch
+
+    run = _write_run(tmp_path / "r")
+    (run / "checkpoints").mkdir()
+    torch.save({"step": STEPS, "paths": {"analog": {"q": {"pulse_count": torch.full((10, 20), 999.0)}}}},
+               run / "checkpoints" / "last.pt")
+    assert build_spec(run)["derived"]["endurance"]["value"] == 37  # the summary's, not the checkpoint's 999
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["analog_counters"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert build_spec(run)["derived"]["endurance"]["value"] == 999.0
+
+
 def test_cli_export_validate_and_clear_errors(tmp_path, capsys):
     from experiments.cli import main
 

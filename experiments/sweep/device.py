@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ept_hw.config import ConfigError, check_range
-from experiments.runfacts import checkpoint_pulse_counts
 from trainer.rundir import RunLock, check_out_dir
 
 from .axes import AXES, PERIPHERY_AXES, apply_overrides, base_values, point_id, sweep_points
@@ -201,7 +200,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
         "twin_initial_val_loss": initial.get("twin"),
         "update_cos_mean": _update_cos_mean(rows),
     }
-    counts = checkpoint_pulse_counts(run_dir)
+    counts = RunDirectory(run_dir).read_summary().get("analog_counters") or {}  # the trainer's summary figure
     if counts.get("n_weights") and result.steps_completed:
         out_row["pulses_per_device"] = counts["total_pulses"] / counts["n_weights"] / result.steps_completed
         out_row["max_pulses_per_device"] = counts["max_pulses_per_device"]
