@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from devices import DeviceConfig, device_from_dict, load_device
-from ept_hw.config import ConfigError, check_choice, check_positive_int, check_finite_range, from_dict, load_toml, save_toml, to_dict
+from ept_hw.config import (
+    ConfigError, check_choice, check_finite_range, check_positive_int, from_dict, load_toml, merge, save_toml, to_dict,
+)
 
 from .io import IOParameters
 from .update import UpdateParameters
@@ -360,6 +362,14 @@ class TileConfig:
 
     def replace(self, **changes: Any) -> "TileConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Mapping[str, Any], prefix: str = "") -> "TileConfig":
+        """This tile with `overrides` applied: a partial `[tile]` table (any subset of its keys,
+        nested tables partial, e.g. ``{"noise_mode": "common", "update": {"mode": "exact"}}``).
+        A bad value raises `ConfigError` under `prefix` + its dotted key."""
+        if not overrides:
+            return self
+        return from_dict(TileConfig, merge(self.to_dict(), overrides), prefix=prefix)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

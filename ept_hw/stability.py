@@ -484,10 +484,12 @@ def detect_limit_cycle(
 
 @dataclass(frozen=True)
 class EigRegConfig:
+    """eigreg's settings (the run's `[stabilisers.eigreg]` table). The map's ε (I + εJ) is the
+    relaxation's Euler step, passed to `eigreg_penalty` / `model_eigreg` with the call."""
+
     weight: float = 1.0
     margin: float = 0.995  # on |lambda| (on="abs_lambda") or on Re mu (on="re_mu", e.g. -0.05)
     on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
-    eps: float = 0.1  # the map is I + eps J
     iters: int = 20  # subspace iterations per call (warm start with the returned basis)
     block: int = 8  # subspace dimension (Rayleigh-Ritz then picks the leading pair)
     jvp: str = "fd"  # "fd" | "forward" (both differentiable in the parameters)
@@ -500,7 +502,6 @@ class EigRegConfig:
             check_range("margin", self.margin, 0.0, None, lo_open=True)
         else:
             check_range("margin", self.margin)
-        check_range("eps", self.eps, 0.0, None, lo_open=True)
         check_positive_int("iters", self.iters, minimum=0)
         check_positive_int("block", self.block, minimum=2)
         check_choice("jvp", self.jvp, ("fd", "forward"))
@@ -538,6 +539,7 @@ def eigreg_penalty(
     z_star: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> EigRegResult:
@@ -552,6 +554,7 @@ def eigreg_penalty(
     is the largest-Re-mu pair unless eps |mu| is large.
     """
     cfg = cfg or EigRegConfig()
+    check_range("eps", eps, 0.0, None, lo_open=True)
     z = z_star.detach()
     n = z.numel()
     p = min(cfg.block, n)
@@ -565,7 +568,7 @@ def eigreg_penalty(
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
     def map_cols(qm: Tensor) -> Tensor:
-        return torch.stack([c + cfg.eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
+        return torch.stack([c + eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
 
     with torch.no_grad():
         for _ in range(cfg.iters):
@@ -594,14 +597,14 @@ def eigreg_penalty(
     jv_graph, _ = make_jvp(force, z_leaf, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     jq = torch.stack([jv_graph(c.reshape(z.shape)).reshape(-1) for c in q.T], dim=1)
     count += 2
-    h = q.T @ (q + cfg.eps * jq)
+    h = q.T @ (q + eps * jq)
     abs_lam, re_lam, im_lam = leading_pair_from_2x2(h)
-    re_mu = (re_lam - 1) / cfg.eps
+    re_mu = (re_lam - 1) / eps
     x = abs_lam if cfg.on == "abs_lambda" else re_mu
     penalty = cfg.weight * torch.relu(x - cfg.margin) ** 2
     return EigRegResult(
         penalty=penalty, lead_abs_lambda=float(abs_lam.detach()), lead_re_mu=float(re_mu.detach()),
-        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=full_basis, n_matvecs=count,
+        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / eps), basis=full_basis, n_matvecs=count,
         state_leaf=z_leaf,
     )
 
@@ -715,6 +718,7 @@ def model_eigreg(
     x_in: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     params: dict[str, Tensor] | None = None,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -732,7 +736,7 @@ def model_eigreg(
     cfg = cfg or EigRegConfig()
     recorder = PortRecorder()
     force = model_force(model, x_in.detach(), params=params, recorder=recorder)
-    result = eigreg_penalty(force, z_star, cfg, basis=basis, generator=generator)
+    result = eigreg_penalty(force, z_star, cfg, eps=eps, basis=basis, generator=generator)
     leaves = {n: t for n, t in (params or {}).items() if t.requires_grad}
     weight_grads: dict[str, Tensor] = {}
     param_grads: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}

@@ -46,7 +46,7 @@ def small_config(text_file, **overrides):
 def noisy_full_run(tmp_path_factory, text_file):
     """compare on a noisy, pulsed device: 4 uninterrupted steps."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    cfg = small_config(text_file, mode="compare", analog={"device": "ecram", "noise_mode": "common"})
+    cfg = small_config(text_file, mode="compare", analog={"device": "ecram", "tile": {"noise_mode": "common"}})
     result = run(cfg, out)
     return cfg, out, result
 
@@ -88,11 +88,11 @@ def test_resumed_run_equals_uninterrupted_run(noisy_full_run, tmp_path):
 def test_resume_refuses_a_different_config(noisy_full_run, tmp_path, text_file):
     cfg, full_dir, _ = noisy_full_run
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in full_dir.rglob("*") if p.is_file()}
-    other = small_config(text_file, mode="compare", analog={"device": "ecram", "noise_mode": "fresh"},
+    other = small_config(text_file, mode="compare", analog={"device": "ecram", "tile": {"noise_mode": "fresh"}},
                          training={"lr": 0.1})
     with pytest.raises(ConfigError) as err:
         run(other, full_dir, resume=True)
-    assert "analog.noise_mode" in str(err.value) and "training.lr" in str(err.value)
+    assert "analog.tile.noise_mode" in str(err.value) and "training.lr" in str(err.value)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in full_dir.rglob("*") if p.is_file()}
     assert after == before  # nothing touched
 

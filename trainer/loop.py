@@ -54,7 +54,7 @@ from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
 from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import PATH_KEYS, empty_row
+from .metrics import empty_row, keys_of
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
@@ -98,20 +98,22 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     return paths
 
 
-def physics_notes(cfg: RunConfig) -> list[str]:
-    """The physics choices of the run, stated for the report."""
+def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
+    """The physics choices of the run, stated for the report. `tile`: the analog path's resolved
+    `TileConfig` (its reads per MVM and noise mode)."""
     s, e, a, st, t = cfg.solver, cfg.estimator, cfg.analog, cfg.stabilisers, cfg.training
     notes = [
         f"Free and nudged phases integrate τ dz/dt = F(z) with explicit {s.method} (ε = {s.eps} τ) on every path; "
         f"free-phase tolerance {s.tol:g}, cap {s.max_steps} steps.",
     ]
-    if cfg.uses_analog:
+    if cfg.uses_analog and tile is not None:
         notes += [
             f"Analog device: `{a.device}`, periphery `{a.periphery}`; every force evaluation reads each projection once "
-            f"(noisy, quantised){'' if a.read_average == 1 else f', averaged over {a.read_average} reads'}; "
+            f"(noisy, quantised){'' if tile.n_reads == 1 else f', averaged over {tile.n_reads} reads'}; "
             "Jacobian products in the nudge are reads of the same arrays.",
-            f"Read noise: `{a.noise_mode}` ("
-            + ("a fresh draw per read" if a.noise_mode == "fresh" else "the same draws in the + and − nudged phases")
+            f"Read noise: `{tile.noise_mode}` ("
+            + {"fresh": "a fresh draw per read", "common": "the same draws in the + and − nudged phases",
+               "frozen": "one draw kept for every read"}[tile.noise_mode]
             + ").",
             f"Noise-aware stop: the residual of the time-averaged dynamics over a window of {a.noise_window} steps "
             f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance, after {a.stop_patience} steps without improvement"
@@ -135,8 +137,8 @@ def physics_notes(cfg: RunConfig) -> list[str]:
            "port form δuᵀ through the pulses); ")
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
-        + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "
-           "from read-out weights)" if st.eigreg > 0 else "; eigreg off")
+        + (f"; eigreg {st.eigreg.weight:g} on {st.eigreg.on} (margin {st.eigreg.margin:g}; digital assist on the "
+           "analog path: from read-out weights)" if st.eigreg.weight > 0 else "; eigreg off")
         + f"; validity gate {'on at ' + format(st.gate_level, 'g') if st.gate else 'off'}.",
         f"Optimiser: {t.optimizer} (lr {t.lr:g}, schedule {t.schedule.kind}); digital periphery (embeddings, LayerNorm, "
         "biases) by the same optimiser.",
@@ -468,7 +470,7 @@ def _start(r: _Run) -> None:
         "vocab_size": data.vocab_size,
         "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
         "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
-        "physics": physics_notes(cfg),
+        "physics": physics_notes(cfg, r.tile),
     })
     start = time.perf_counter()
     r.summary["initial_val_loss"] = {n: p.evaluate(r.eval_batches) for n, p in paths.items()}
@@ -680,9 +682,11 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     row["wall_time"] = wall
     for name, o in outcomes.items():
         p = paths[name]
-        for key in PATH_KEYS:  # every declared per-path metric the step outcome carries
+        for key in keys_of("path"):  # every declared per-path metric the step outcome carries
             if hasattr(o, key):
                 row[f"{name}_{key}"] = getattr(o, key)
+            elif key in o.figures:
+                row[f"{name}_{key}"] = o.figures[key]
         row[f"{name}_val_loss"] = vals.get(name)
         stab = (stabs or {}).get(name)
         if stab:
