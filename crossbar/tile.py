@@ -37,9 +37,8 @@ from devices import DeviceArray, DeviceConfig
 from .algorithms import UpdateAlgorithm, make_algorithm
 from .config import TileConfig
 from .io import IOParameters, PeripheryReader, ReadStats
-from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
-                     deterministic_counts_per_sample, expected_counts, fast_counts, plan_pulses, sample_coincidences,
-                     _chunks)
+from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_counts_per_sample,
+                     deterministic_events, expected_counts, fast_counts, plan_pulses, sample_events, _chunks)
 
 __all__ = ["AnalogTile", "DeviceSlot", "REFRESH_THRESHOLD"]
 
@@ -323,9 +322,9 @@ class AnalogTile:
         plan = plan_pulses(x, d, lr, slot.granularity, up)
         if up.mode == "exact":  # sample by sample, only the devices each sample pulses (crossbar.update)
             if up.pulse_type == "deterministic_implicit":
-                counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
+                counts = lambda sl: deterministic_events(plan, up, sl)  # noqa: E731
             else:
-                counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
+                counts = lambda sl: sample_events(plan, gen, sl)  # noqa: E731
             def refresh() -> int:  # the unit cell's own refresh (DeviceSlot._maybe_refresh), counted
                 before = slot.refreshes
                 slot._maybe_refresh(gen)

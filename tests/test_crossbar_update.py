@@ -219,14 +219,19 @@ def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
         assert 0.8 < float(fast.weights.std() / ref.weights.std()) < 1.25
 
 
-@pytest.mark.parametrize("pair", [False, True])
-def test_exact_mode_applies_each_sample_in_order(pair):
+@pytest.mark.parametrize("pair,small_chunks", [(False, False), (True, False), (False, True), (True, True)])
+def test_exact_mode_applies_each_sample_in_order(pair, small_chunks, monkeypatch):
     """Exact mode on a nonlinear (soft-bounds) device without cycle-to-cycle noise, with
     deterministic pulse counts: the batched sample-by-sample application equals one
     `DeviceSlot.apply_pulses` call per sample (pair: G⁺/G⁻ and the unit cell's refreshes, both
     paths through `DeviceSlot._maybe_refresh`), and differs
-    from applying the batch's summed counts at once (the device state evolves per sample)."""
+    from applying the batch's summed counts at once (the device state evolves per sample).
+    `small_chunks`: the samples split into many chunks (state carried across chunk borders)."""
+    import crossbar.update as update_module
     from crossbar.tile import DeviceSlot
+
+    if small_chunks:
+        monkeypatch.setattr(update_module, "_EXACT_ENTRIES", 40)
 
     w_min = 0.0 if pair else -1.0
     device = SoftBoundsDevice(dw_min=0.02, w_max=1.0, w_min=w_min, dw_min_dtod=0.0, up_down_dtod=0.0,
