@@ -15,6 +15,7 @@ n_reads = 1                    # reads averaged per MVM
 [tile.transfer]                # TransferParameters (Tiki-Taka v2)
 [tile.chopped]                 # ChoppedTransferParameters (chopped TTv2, aihwkit's c-ttv2)
 [tile.dynamic]                 # DynamicTransferParameters (AGAD, aihwkit's agad)
+[tile.refresh]                 # RefreshParameters (a differential pair's refresh, aihwkit's OneSidedUnitCell)
 ```
 """
 
@@ -32,8 +33,8 @@ from .io import IOParameters
 from .update import UpdateParameters
 
 __all__ = ["MappingParameters", "MixedPrecisionParameters", "TransferParameters", "ChoppedTransferParameters",
-           "DynamicTransferParameters",
-           "TileConfig", "ALGORITHMS",
+           "DynamicTransferParameters", "RefreshParameters",
+           "TileConfig", "ALGORITHMS", "MAPPING_RULES",
            "NOISE_MODES", "load_tile_config", "save_tile_config", "tile_config_from_dict"]
 
 ALGORITHMS = ("sgd", "mixed_precision", "ttv2", "c_ttv2", "agad")
@@ -41,21 +42,48 @@ NOISE_MODES = ("fresh", "common", "frozen")
 DIFFERENTIAL = ("single", "pair", "auto")
 
 
+MAPPING_RULES = ("max", "fan_in")
+
+
 @dataclass(frozen=True)
 class MappingParameters:
-    """Weight <-> device scaling (aihwkit `MappingParameter`, fixed scale only).
+    """Weight <-> device scaling: the model weight W = s·W_dev, s a digital output scale per row.
 
-    With `weight_scaling_omega` ω > 0, `program(W)` stores W/s on the devices with
-    s = max|W|/ω (per output row if `weight_scaling_columnwise`), and every read is multiplied
-    by s digitally, so the model's weights fill ±ω of the device range. ω = 0: s = 1.
-    aihwkit's learned output scale (`learn_out_scaling`) is not implemented.
+    With `weight_scaling_omega` ω > 0, `program(W)` stores W/s on the devices and every read is
+    multiplied by s digitally. `weight_scaling_rule` chooses s:
+
+    - ``"max"`` (aihwkit's `weight_scaling_omega` rule, the default): s = max|W|/ω over the weight
+      being programmed (per output row if `weight_scaling_columnwise`), so that weight fills ±ω of
+      the device range. The range then depends on the matrix programmed: a matrix initialised
+      small (W_O and W_2 at `resinit`·N(0, 1/fan_in)) can only grow to about w_max/ω times its
+      initial maximum.
+    - ``"fan_in"``: s = κ/(ω·√fan_in) with κ = `weight_scaling_fan_in_max`, the same for every row
+      and independent of the weight programmed: a model weight of κ/√fan_in — about the largest
+      entry of an unshrunk N(0, 1/fan_in) matrix (√(2 ln n) ≈ 3.7 for n ≈ 10³ entries) — maps to
+      ω. Every projection's representable range is then ±(w_bound/ω)·κ/√fan_in, whatever its
+      initial scale (`weight_scaling_columnwise` has no effect).
+
+    `remap_every` > 0 (needs ω > 0 and algorithm "sgd"): after every `remap_every`-th update the
+    scale is refit by the "max" rule to the current weights and the devices are reprogrammed to
+    W/s (aihwkit's `remap_weights`; the weights are taken exactly from the simulator state, as
+    aihwkit's `get_weights`). It is digital work (a max and a division per weight, counted in the
+    tile's `remaps`) plus a reprogramming of the array. aihwkit's learned output scale
+    (`learn_out_scaling`) is not implemented. ω = 0: s = 1 and no remap.
     """
 
     weight_scaling_omega: float = 0.0
     weight_scaling_columnwise: bool = False
+    weight_scaling_rule: str = "max"
+    weight_scaling_fan_in_max: float = 4.0
+    remap_every: int = 0
 
     def __post_init__(self) -> None:
         check_finite_range("weight_scaling_omega", self.weight_scaling_omega, 0.0)
+        check_choice("weight_scaling_rule", self.weight_scaling_rule, MAPPING_RULES)
+        check_finite_range("weight_scaling_fan_in_max", self.weight_scaling_fan_in_max, 0.0, lo_open=True)
+        check_positive_int("remap_every", self.remap_every, minimum=0)
+        if self.remap_every > 0 and self.weight_scaling_omega <= 0:
+            raise ConfigError("remap_every", self.remap_every, "0 when weight_scaling_omega is 0 (no scale to refit)")
 
 
 @dataclass(frozen=True)
@@ -199,6 +227,58 @@ class DynamicTransferParameters(ChoppedTransferParameters):
         check_finite_range("buffer_cap", self.buffer_cap, 0.0)
 
 
+def _preset_io() -> IOParameters:
+    """aihwkit `PresetIOParameters` (also `crossbar.presets.preset_io`)."""
+    return IOParameters(inp_res=1.0 / 126.0, out_res=1.0 / 510.0, out_bound=20.0, out_noise=0.1,
+                        bound_management="iterative", noise_management="abs_max")
+
+
+@dataclass(frozen=True)
+class RefreshParameters:
+    """aihwkit `OneSidedUnitCell` refresh of a differential pair G⁺ − G⁻ (`DeviceSlot.refresh`).
+
+    Names and meanings are aihwkit's; defaults are those of its `PCMPresetUnitCell` (aihwkit's
+    base class has `refresh_every = 0`, i.e. never, and plain `IOParameters` for the read):
+    - `refresh_every`: a refresh check every that many mini-batch updates (`units_in_mbatch`,
+      aihwkit's m_batch units) or input vectors (`units_in_mbatch = false`; counted as
+      `transfer_every` counts them: the task's rows of an update); 0: never;
+    - a check reads every column of G⁺ and of G⁻ separately with one-hot inputs through
+      `refresh_forward` (noisy, quantised); a pair is refreshed when its larger read, over the
+      device config's |w_max|, exceeds `refresh_upper_thres` and its smaller read exceeds
+      `refresh_lower_thres`;
+    - a refreshed pair: both devices reset (the device's reset bias + `reset_std` noise), then
+      the read difference is written onto the device of its sign by a pulsed update with
+      `refresh_update` (per column, one vector update each, UBLM/UM as for any update;
+      `pulse_type = "none"` writes it exactly; `mode` is not used: at most `desired_bl`
+      pulses per device, applied pulse by pulse).
+    `copy_inverted = true` (G⁻ taking the down response of G⁺) is not supported and is refused.
+
+    Differences from aihwkit: with `units_in_mbatch = false` and `refresh_every` below the
+    number of vectors of one update, aihwkit's CPU simulator checks after each such vector
+    during the update, ours (as aihwkit's CUDA one) once after the update. The refresh read
+    and write draw from the tile's update generator, not the read generator."""
+
+    refresh_every: int = 1
+    units_in_mbatch: bool = True
+    refresh_upper_thres: float = 0.75
+    refresh_lower_thres: float = 0.25
+    refresh_forward: IOParameters = field(default_factory=_preset_io)
+    refresh_update: UpdateParameters = field(default_factory=UpdateParameters)
+    copy_inverted: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int("refresh_every", self.refresh_every, minimum=0)
+        check_finite_range("refresh_upper_thres", self.refresh_upper_thres, 0.0)
+        check_finite_range("refresh_lower_thres", self.refresh_lower_thres, 0.0)
+        if not isinstance(self.refresh_forward, IOParameters):
+            raise ConfigError("refresh_forward", self.refresh_forward, "an IOParameters table")
+        if not isinstance(self.refresh_update, UpdateParameters):
+            raise ConfigError("refresh_update", self.refresh_update, "an UpdateParameters table")
+        if self.copy_inverted:
+            raise ConfigError("copy_inverted", True, "false (G⁻ uses its own up response; aihwkit's "
+                              "copy_inverted is not implemented)")
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """The whole tile. `device` is a devices preset name, a TOML device file, or a mapping with
@@ -214,6 +294,7 @@ class TileConfig:
     transfer: TransferParameters = field(default_factory=TransferParameters)
     chopped: ChoppedTransferParameters = field(default_factory=ChoppedTransferParameters)
     dynamic: DynamicTransferParameters = field(default_factory=DynamicTransferParameters)
+    refresh: RefreshParameters = field(default_factory=RefreshParameters)
     differential: str = "auto"
     noise_mode: str = "fresh"
     n_reads: int = 1
@@ -230,13 +311,17 @@ class TileConfig:
         check_choice("noise_mode", self.noise_mode, NOISE_MODES)
         check_positive_int("n_reads", self.n_reads)
         check_finite_range("programming_noise", self.programming_noise, 0.0)
-        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped", "dynamic"):
+        for key in ("forward", "backward", "update", "mapping", "mixed_precision", "transfer", "chopped", "dynamic",
+                    "refresh"):
             expected = {f.name: f for f in dataclasses.fields(self)}[key].default_factory
             if not isinstance(getattr(self, key), type(expected())):
                 raise ConfigError(key, getattr(self, key), f"a {type(expected()).__name__}")
         dev = self.device_config()
         if self.algorithm != "sgd" and dev.is_ideal:
             raise ConfigError("algorithm", self.algorithm, "'sgd' for an ideal device")
+        if self.mapping.remap_every > 0 and self.algorithm != "sgd":
+            raise ConfigError("mapping.remap_every", self.mapping.remap_every,
+                              "0 with algorithm " + repr(self.algorithm) + " (its arrays hold state in device units)")
 
     def device_config(self) -> DeviceConfig:
         if isinstance(self.device, str):

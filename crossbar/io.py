@@ -129,10 +129,21 @@ class ReadStats:
         self.adc_clipped = int(state["adc_clipped"])
 
 
-def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator) -> Tensor:
+def _draw(rand: Any, shape: torch.Size | tuple[int, ...], generator: torch.Generator, dtype: torch.dtype,
+          device: torch.device, blocks: int) -> Tensor:
+    """`rand` (torch.rand or torch.randn) of `shape` from `generator`; with `blocks` > 1 the draw is
+    made for one block of shape[0] / blocks rows and repeated down the blocks (each block sees the
+    same numbers, as if the generator were reset before each block)."""
+    if blocks == 1:
+        return rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    one = rand((shape[0] // blocks, *shape[1:]), generator=generator, device=generator.device, dtype=dtype)
+    return torch.cat(blocks * [one.to(device)])
+
+
+def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator, blocks: int = 1) -> Tensor:
     """Round in place to integers (values already in units of the step)."""
     if stochastic:
-        v.add_(torch.rand(v.shape, generator=generator, device=generator.device, dtype=v.dtype).to(v.device))
+        v.add_(_draw(torch.rand, v.shape, generator, v.dtype, v.device, blocks))
         return v.floor_()
     return v.round_()
 
@@ -191,22 +202,21 @@ class PeripheryReader:
         return self._w_units_t
 
     def _pass(self, w: Tensor, w_units_t: Tensor, x: Tensor, inv_alpha: Tensor, generator: torch.Generator,
-              per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+              per_row: bool, blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One read of the (N, in) inputs x·inv_alpha in units of the DAC and ADC steps (scalings
         folded into the weights, output noise fused into the product). Returns the clipped
-        outputs in ADC units and what `_clip_` returns."""
+        outputs in ADC units and what `_clip_` returns. With `blocks` > 1 the N rows are that many
+        equal blocks that see the same random numbers (`_draw`)."""
         io = self.io
         xu = x * (inv_alpha / self.in_unit)
         if self.quantise_in:
-            _quantise_(xu, io.inp_sto_round, generator)
+            _quantise_(xu, io.inp_sto_round, generator, blocks)
         if not self.within:
             xu.clamp_(-self.in_bound, self.in_bound)
         if self.inp_noise:
-            xu.add_(torch.randn(xu.shape, generator=generator, device=generator.device, dtype=xu.dtype)
-                    .to(xu.device), alpha=self.inp_noise)
+            xu.add_(_draw(torch.randn, xu.shape, generator, xu.dtype, xu.device, blocks), alpha=self.inp_noise)
         if self.out_noise and not self.has_w_noise:
-            noise = torch.randn((xu.shape[0], w.shape[0]), generator=generator, device=generator.device,
-                                dtype=xu.dtype).to(xu.device)
+            noise = _draw(torch.randn, (xu.shape[0], w.shape[0]), generator, xu.dtype, xu.device, blocks)
             y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
         else:
             y = xu @ w_units_t
@@ -215,37 +225,60 @@ class PeripheryReader:
                     sigma = self.w_sigma * xu.norm(dim=-1, keepdim=True)
                 else:
                     sigma = self.w_sigma * ((xu * xu) @ w.abs().T).sqrt()
-                y.add_(sigma * torch.randn(y.shape, generator=generator, device=generator.device, dtype=y.dtype)
-                       .to(y.device))
+                y.add_(sigma * _draw(torch.randn, y.shape, generator, y.dtype, y.device, blocks))
             if self.out_noise:
-                y.add_(torch.randn(y.shape, generator=generator, device=generator.device, dtype=y.dtype)
-                       .to(y.device), alpha=self.out_noise)
+                y.add_(_draw(torch.randn, y.shape, generator, y.dtype, y.device, blocks), alpha=self.out_noise)
         if self.quantise_out:
-            _quantise_(y, io.out_sto_round, generator)
+            _quantise_(y, io.out_sto_round, generator, blocks)
         return self._clip_(y, per_row)
 
     def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Clip y to ±bound in place. Returns y, the per-vector count of outputs at the bound
         (None when there are none) and, with `per_row`, the per-vector saturation that bound
         management tests (the upper bound only unless `bm_test_negative_bound`)."""
-        a = y.abs()
         if per_row:
-            touched = a.amax(dim=-1) >= self.bound
+            touched = y.abs().amax(dim=-1) >= self.bound
             if not bool(touched.any()):
                 return y, None, touched
+            if not self.io.bm_test_negative_bound:
+                touched = (y >= self.bound).any(dim=-1)
         else:
             touched = None
-            if not float(a.amax()) >= self.bound:
+            if not float(y.abs().amax()) >= self.bound:
                 return y, None, None
-        clipped = (a >= self.bound).sum(dim=-1)
-        if per_row and not self.io.bm_test_negative_bound:
-            touched = (y >= self.bound).any(dim=-1)
+        clipped = (y.abs() >= self.bound).sum(dim=-1)  # only when some output reached the bound
         y.clamp_(-self.bound, self.bound)
         return y, clipped, touched
 
+    def _bound_managed(self, w: Tensor, w_units_t: Tensor, flat: Tensor, alpha: Tensor, generator: torch.Generator,
+                       y: Tensor, clipped: Tensor, saturated: Tensor) -> int:
+        """Iterative bound management (in place on y, clipped): re-read the saturated vectors with
+        the input scaled down by 2, 4, ... until none saturates or the factors run out. Returns the
+        number of vectors re-read."""
+        reads = 0
+        for factor in self.bm_factors:
+            if not bool(saturated.any()):
+                break
+            idx = saturated.nonzero().squeeze(-1)
+            y_again, clip_again, sat_again = self._pass(w, w_units_t, flat[idx], (alpha[idx] * factor).reciprocal(),
+                                                        generator, True)
+            reads += int(idx.numel())
+            y[idx] = y_again * factor
+            clipped[idx] = 0 if clip_again is None else clip_again
+            saturated = torch.zeros_like(saturated)
+            saturated[idx] = sat_again
+        return reads
+
     def __call__(self, weights: Tensor, x: Tensor, generator: torch.Generator, stats: ReadStats | None = None,
-                 digital_scale: float = 1.0) -> Tensor:
-        """y = x Wᵀ through the periphery (see `analog_read`)."""
+                 digital_scale: float = 1.0, blocks: int = 1) -> Tensor:
+        """y = x Wᵀ through the periphery (see `analog_read`).
+
+        `blocks` > 1: the leading dimension of x holds that many equal blocks (e.g. the stacked
+        nudged phases of EP) to be read as if `generator` were reset to its present state before
+        each block, i.e. with common random numbers; the result is that of reading the blocks one
+        after the other with the reset, draw for draw, and the generator ends where the last
+        block's read leaves it. The main pass draws its noise once for a block and reads all
+        blocks in one product; only the (rare) bound-management re-reads go block by block."""
         if x.shape[-1] != weights.shape[1]:
             raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
         io = self.io
@@ -259,6 +292,8 @@ class PeripheryReader:
                 stats.mvm_reads += n_vec
             y = flat @ (w.T * digital_scale if digital_scale != 1.0 else w.T)
             return y.reshape(*lead, n_out)
+        if blocks < 1 or (blocks > 1 and (x.dim() < 2 or x.shape[0] % blocks)):
+            raise ValueError(f"analog_read: {blocks} blocks do not divide the leading dimension of {tuple(x.shape)}")
 
         nm = io.noise_management
         if nm == "none":
@@ -277,20 +312,28 @@ class PeripheryReader:
 
         w_units_t = self._scaled_weights_t(w)
         bm = bool(self.bm_factors)
-        y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm)
+        y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm, blocks)
         reads = n_vec
         if bm and clipped is not None:
-            for factor in self.bm_factors:
-                if not bool(saturated.any()):
-                    break
-                idx = saturated.nonzero().squeeze(-1)
-                y_again, clip_again, sat_again = self._pass(w, w_units_t, flat[idx],
-                                                            (alpha[idx] * factor).reciprocal(), generator, True)
-                reads += int(idx.numel())
-                y[idx] = y_again * factor
-                clipped[idx] = 0 if clip_again is None else clip_again
-                saturated = torch.zeros_like(saturated)
-                saturated[idx] = sat_again
+            if blocks == 1:
+                reads += self._bound_managed(w, w_units_t, flat, alpha, generator, y, clipped, saturated)
+            else:
+                # block by block from the state the main pass left (each block's own re-reads)
+                after_main = generator.get_state()
+                rows = n_vec // blocks
+                last = -1
+                for b in range(blocks):
+                    part = slice(b * rows, (b + 1) * rows)
+                    if not bool(saturated[part].any()):
+                        continue
+                    if last >= 0:
+                        generator.set_state(after_main)
+                    y_b, clipped_b = y[part], clipped[part]  # views: written in place
+                    reads += self._bound_managed(w, w_units_t, flat[part], alpha[part], generator, y_b, clipped_b,
+                                                 saturated[part])
+                    last = b
+                if 0 <= last < blocks - 1:
+                    generator.set_state(after_main)  # the last block drew nothing after its main pass
         if stats is not None:
             stats.mvm_reads += reads
             stats.adc_conversions += reads * n_out

@@ -9,8 +9,14 @@ PresetIOParameters` and `update = PresetUpdateParameters` (SEMANTICS §1.5). Her
 - one device per weight, a differential pair for one-sided devices (`pcm`, aihwkit's `PCMPreset`
   unit cell);
 - mapping ω = 0.6·min(|w_min|, w_max) (leaves room for the device-to-device spread of the
-  bounds; 0.5·w_max for a pair, below its refresh threshold), so a
-  model's weights fill the device range.
+  bounds; 0.5·w_max for a pair, below its refresh threshold) with the "fan_in" rule
+  (`MappingParameters`): a model weight of 4/√fan_in, about the largest entry of an unshrunk
+  N(0, 1/fan_in) matrix, maps to ω on every projection, so the residual-branch matrices
+  initialised small (W_O, W_2 at `resinit`) get the same representable range as the others
+  (±(w_bound/ω)·4/√fan_in) instead of ±w_bound/ω times their small initial maximum (aihwkit's
+  "max" rule, still selectable with `weight_scaling_rule = "max"`). Measured on the 400-step ECRAM
+  demo twin: trained max|W|·√fan_in is 3.3–4.0 for W_Q/K/V/W_1, 1.1 (W_O), 1.5 (W_2), 5.7 (W_h),
+  all inside the fan-in range (6.7 on the negative side of ECRAM).
 Names: `tile_preset(device_name, algorithm="sgd")` for any `devices` preset; "perfect_ideal" is
 the ideal device with perfect periphery (reproduces `DigitalProjection`).
 """
@@ -23,7 +29,7 @@ from devices import preset_names
 
 from ept_hw.config import check_choice
 
-from .config import ALGORITHMS, MappingParameters, TileConfig
+from .config import ALGORITHMS, MappingParameters, TileConfig, _preset_io
 from .io import IOParameters
 from .update import UpdateParameters
 
@@ -32,8 +38,7 @@ __all__ = ["preset_io", "preset_update", "perfect_io", "tile_preset", "tile_pres
 
 def preset_io() -> IOParameters:
     """aihwkit `PresetIOParameters`."""
-    return IOParameters(inp_res=1.0 / 126.0, out_res=1.0 / 510.0, out_bound=20.0, out_noise=0.1,
-                        bound_management="iterative", noise_management="abs_max")
+    return _preset_io()
 
 
 def perfect_io() -> IOParameters:
@@ -71,9 +76,10 @@ def tile_for_device(device: Any, algorithm: str = "sgd", mode: str = "fast") -> 
         return TileConfig(device=probe.device, forward=fwd, backward=IOParameters(**{**fwd.__dict__, "bound_management": "none"}),
                           update=preset_update(mode), algorithm="sgd")
     pair = probe.uses_pair
-    # a pair must stay below the refresh threshold (crossbar.tile.REFRESH_THRESHOLD of w_max)
+    # a pair's weight G⁺ − G⁻ within ±w_max/2 (refresh: crossbar.config.RefreshParameters)
     omega = 0.5 * dev.w_max if pair else 0.6 * min(abs(dev.w_min), abs(dev.w_max))
     fwd = preset_io()
     bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
     return TileConfig(device=probe.device, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,
-                      mapping=MappingParameters(weight_scaling_omega=omega), differential="auto")
+                      mapping=MappingParameters(weight_scaling_omega=omega, weight_scaling_rule="fan_in"),
+                      differential="auto")

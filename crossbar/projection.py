@@ -1,7 +1,7 @@
 """`AnalogProjection`: the analog implementation of the `Projection` seam (DESIGN.md).
 
 Satisfies `ept_hw.projection.Projection` structurally (this module does not import it). Beyond
-the protocol it offers `counters()`, `set_noise_seed(seed)` and the `noise_mode` property
+the protocol it offers `counters()`, `representable_range()`, `set_noise_seed(seed)` and the `noise_mode` property
 ("fresh" | "common" | "frozen", see `crossbar.tile`).
 
 Complex inputs (holomorphic EP) are read as two real reads, real and imaginary parts, through
@@ -56,6 +56,18 @@ class AnalogProjection:
             raise ValueError(f"{self.name}.transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         return self._real_read(self.tile.transpose, d.detach())
 
+    def read_common(self, v: Tensor, seed: int, blocks: int, transpose: bool = False) -> Tensor:
+        """`forward` (or `transpose`) of `blocks` stacked equal blocks of v, each read as if
+        `set_noise_seed(seed)` came just before it (`AnalogTile.read_common`): common read noise
+        across the blocks in "common" mode."""
+        n = self.out_features if transpose else self.in_features
+        if v.shape[-1] != n:
+            raise ValueError(f"{self.name}.read_common: input has last dimension {v.shape[-1]}, expected {n}")
+        if torch.is_complex(v):
+            raise ValueError(f"{self.name}.read_common: real inputs only")
+        with torch.no_grad():
+            return self.tile.read_common(v.detach(), seed, blocks, transpose)
+
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
         """W ← W − lr·Σ δuᵀ by pulses; `task_rows` as `AnalogTile.apply_update` (what transfer_every counts)."""
         if u.shape[-1] != self.in_features or delta.shape[-1] != self.out_features or u.shape[:-1] != delta.shape[:-1]:
@@ -88,6 +100,10 @@ class AnalogProjection:
 
     def counters(self) -> dict[str, float]:
         return self.tile.counters()
+
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        """Per weight, [lo, hi] of the model weights the arrays can hold (`AnalogTile.representable_range`)."""
+        return self.tile.representable_range()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "analog", "name": self.name, "config": self.config.to_dict(), "tile": self.tile.state_dict()}

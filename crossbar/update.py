@@ -429,7 +429,7 @@ def _chunk_ranks(element: Tensor, per_sample: Sequence[int], n_el: int) -> tuple
 
 
 def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[slice], PulseEvents], plan: PulsePlan,
-                     generator: torch.Generator, refresh: Callable[[], int] | None = None) -> Tensor:
+                     generator: torch.Generator) -> Tensor:
     """Apply the per-sample coincidences of `plan` to the devices sample after sample (the exact
     mode), every pulse through the device's own update rule.
 
@@ -449,12 +449,10 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
     other order); their distribution is the same.
 
     `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
-    potentiate G⁺, down pulses G⁻, and after each rank `refresh()` (the unit cell's refresh
-    check on the arrays' current weights, returning how many devices it refreshed) runs: for
-    every device this is after each of its samples and before its next one, as a check after
-    every sample would be. Write noise is redrawn once at the end for the devices that got
-    pulses (for every device after a refresh), not after every sample: the weight the next read
-    sees is the same in distribution. Returns the pulses per device (out, in).
+    potentiate G⁺, down pulses G⁻ (the pair's refresh is the tile's, after the update). Write
+    noise is redrawn once at the end for the devices that got pulses, not after every sample:
+    the weight the next read sees is the same in distribution. Returns the pulses per device
+    (out, in).
     """
     n = plan.bl.shape[0]
     shape = arrays[0].shape
@@ -462,7 +460,6 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
     flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
     hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
     totals = [torch.zeros(n_el, dtype=flat[0].dtype, device=flat[0].device) for _ in arrays]
-    refreshes = 0
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
         ev = events_of(sl)
@@ -515,15 +512,6 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
                 if r in multi:
                     new = _more_pulses(arr, new, torch.ones_like(mask), h, torch.where(mask, v.abs(), 1), generator)
                 w.copy_(torch.where(mask, new, w))
-            if refresh is not None:
-                for k, arr in enumerate(arrays):  # the arrays see the current weights
-                    flat[k].index_copy_(0, top[:mr], wp[k][:mr])
-                    arr._persistent = flat[k].view(shape)
-                n_refreshed = refresh()
-                if n_refreshed:
-                    refreshes += n_refreshed
-                    flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
-                    wp = [f.index_select(0, top) for f in flat]
         for k in range(len(arrays)):
             flat[k].index_copy_(0, top, wp[k])
             totals[k].index_add_(0, top, tp[k])
@@ -532,7 +520,7 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
         if arr._apparent is not None:
             noisy = arr._persistent + arr._write_noise_scale() * torch.randn(
                 shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
-            arr._apparent = noisy if refreshes else torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
+            arr._apparent = torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
     total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
     return total.reshape(shape)
 

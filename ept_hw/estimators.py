@@ -479,16 +479,19 @@ class ResregResult:
     digital_grads: dict[str, Tensor]
 
 
-def resreg_gradient(model: EquilibriumTransformer, z: Tensor, idx: Tensor, eps: float, delta: float = 1e-8) -> ResregResult:
+def resreg_gradient(model: EquilibriumTransformer, z: Tensor, idx: Tensor, eps: float, delta: float = 1e-8,
+                    force: Tensor | None = None) -> ResregResult:
     """Penalty mean_b ‖εF(z_b)‖²/(‖z_b‖² + δ) (SCIENCE §4) and its gradient in θ with z detached.
 
     d/dθ of the penalty is d/dθ ⟨c, F(z; θ)⟩ with c = 2ε² F(z)/((‖z_b‖² + δ) B), so its update
     has the same port form δ uᵀ as the EP update (W_h does not enter: no readout port).
+    `force`: F(z) as already measured (e.g. the free phase's window-averaged force,
+    `RelaxResult.force_mean`) instead of one evaluation of the model's force at z.
     """
     model.check_state(z, "z", finite=True)
     x_in = model.embed(idx)
     with torch.no_grad():
-        f = model.force(z, x_in)
+        f = model.force(z, x_in) if force is None else force.to(z.dtype)
         denom = z.reshape(z.shape[0], -1).pow(2).sum(dim=1) + delta
         per_sample = eps**2 * f.reshape(f.shape[0], -1).pow(2).sum(dim=1) / denom
         cot = (2 * eps**2 / z.shape[0]) * f / denom.view(-1, 1, 1)

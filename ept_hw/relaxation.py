@@ -45,7 +45,18 @@ the read noise. Euler then stops on
 the residual of the time-averaged dynamics (z_t − z_{t−W} = ε Σ F over the window, so res_W is the
 one-step residual of the window-mean force; read noise averages down by √W while a true drift does
 not): converged when max_b res_W ≤ tol after `min_steps`, at the floor (`at_floor`) when res_W
-has not improved for `patience` steps, or at `max_steps`. The state returned is z̄ (a low-pass
+has not improved for `patience` steps, or at `max_steps`. With `floor_factor` κ > 0 it also stops
+at the floor as soon as, for every sample, res_W ≤ κ · f̂/√W, where
+
+    f̂ = ε · sqrt(mean over the window of ‖F_t − F_{t−1}‖² / 2) / ‖z̄‖
+
+is the one-step residual that read noise alone produces, estimated from the window's successive
+forces (the same quantity as the floor measured at the end, from two reads at one state; on a
+smooth noise-free trajectory F_t − F_{t−1} = O(ε‖J‖)·F, so f̂ stays well below the drift and the
+rule does not fire): the remaining drift of the averaged state is then within κ of what the noise
+of a W-step mean alone gives, and waiting longer does not bring z̄ closer to the fixed point
+(measured on the demo's analog path: ‖z̄_t − z̄_∞‖ stops falling at the step this rule fires
+with κ = 1, while the patience rule waits ~40 more force evaluations). The state returned is z̄ (a low-pass
 filtered read-out of the circuit, the best estimate of the fixed point under noise). The floor is
 measured at the end: two independent reads of F at z̄ give floor = ε‖F₁ − F₂‖/(√2‖z̄‖), the
 one-step residual that read noise alone produces (exactly 0 on a noise-free force). The
@@ -134,6 +145,7 @@ class RelaxResult:
     residual_raw: Tensor | None = None  # (B,) last one-step residual where `residual` is another (WindowStop)
     floor: Tensor | None = None  # (B,) one-step residual of read noise alone (WindowStop), else None
     at_floor: bool = False  # WindowStop: stopped because res_W stopped improving
+    force_mean: Tensor | None = None  # WindowStop: mean force over the window, (z_last − z_first)/(W·ε)
 
     @property
     def residual_raw_max(self) -> float:
@@ -343,15 +355,19 @@ class ResidualStop:
 
 class WindowStop:
     """The noise-aware stop (module docstring): res_W over a window of `window` Euler steps,
-    converged at tol, at the floor after `patience` steps without improvement; returns the window
-    mean and, with `measure_floor`, the read-noise floor from two more reads at it."""
+    converged at tol, at the floor after `patience` steps without improvement or (`floor_factor`
+    κ > 0) once res_W is within κ of the window's own read-noise level; returns the window mean
+    and, with `measure_floor`, the read-noise floor from two more reads at it."""
 
     needs_final_force = False
 
-    def __init__(self, window: int = 10, patience: int = 30, measure_floor: bool = True):
+    def __init__(self, window: int = 10, patience: int = 30, measure_floor: bool = True, floor_factor: float = 0.0):
         check_positive_int("window", window)
         check_positive_int("patience", patience)
+        check_range("floor_factor", floor_factor, 0.0, None)
         self.window, self.patience, self.measure_floor = window, patience, measure_floor
+        # the floor rule needs at least two forces in the window
+        self.floor_factor = float(floor_factor) if window >= 2 else 0.0
 
     def start(self, z0: Tensor, cfg: SolverConfig) -> None:
         self.cfg = cfg
@@ -362,9 +378,16 @@ class WindowStop:
         self.res_w = torch.full((z0.shape[0],), math.inf, dtype=z0.dtype)
         self.raw = self.res_w
         self.converged = self.at_floor = False
+        self._last_f: Tensor | None = None
+        # per-sample ‖F_t − F_{t−1}‖² of the last W − 1 force pairs (the window's successive forces)
+        self._df2: deque[Tensor] = deque(maxlen=self.window - 1)
 
     def after_force(self, step: int, z: Tensor, f: Tensor, last: bool) -> bool:
         self.raw = one_step_residual(z, f, self.cfg.eps)
+        if self.floor_factor > 0.0:
+            if self._last_f is not None:
+                self._df2.append((f - self._last_f).reshape(f.shape[0], -1).pow(2).sum(dim=1))
+            self._last_f = f
         return False
 
     def _mean(self) -> Tensor:
@@ -377,9 +400,19 @@ class WindowStop:
         if len(h) < self.window + 1:
             return False
         floor = torch.finfo(z.dtype).eps
-        self.res_w = _sample_norm(h[-1] - h[0]) / (self.window * _sample_norm(self._mean()).clamp_min(floor))
+        mean_norm = _sample_norm(self._mean()).clamp_min(floor)
+        self.res_w = _sample_norm(h[-1] - h[0]) / (self.window * mean_norm)
         self.trace.add(step, self.res_w.clone())
-        worst = float(self.res_w.max())
+        if self.floor_factor > 0.0 and len(self._df2) == self.window - 1:
+            # res_W against κ·f̂/√W, f̂ the window's read-noise floor (class docstring): one sync
+            f_hat = self.cfg.eps * torch.sqrt(torch.stack(list(self._df2)).mean(dim=0) / 2.0) / mean_norm
+            excess = (self.res_w * math.sqrt(self.window) - self.floor_factor * f_hat).max()
+            worst, excess = torch.stack([self.res_w.max(), excess.to(self.res_w.dtype)]).tolist()
+            if step >= self.cfg.min_steps and worst > self.cfg.tol and excess <= 0.0:
+                self.at_floor = True
+                return True
+        else:
+            worst = float(self.res_w.max())
         if worst < self.best * (1.0 - 1e-3):
             self.best, self.since_best = worst, 0
         else:
@@ -411,6 +444,8 @@ class WindowStop:
             n_force_evals=n_evals, sim_time=n_steps * cfg.eps, n_steps=n_steps, method="euler",
             trace_steps=steps, notes=["noise-aware stop: at the floor"] if self.at_floor else [],
             residual_raw=self.raw, floor=floor_b, at_floor=self.at_floor,
+            force_mean=(self.history[-1] - self.history[0]) / (self.window * cfg.eps)
+            if len(self.history) == self.window + 1 else None,
         )
 
 

@@ -26,9 +26,12 @@ gap_stats`); the share of a factor is mean explained_f / mean gap_full. Writes
 ``attribution.json``, ``attribution.md`` (the table) and ``attribution.png`` (a waterfall from the
 full gap down to the gap with everything removed).
 
-Not a factor (yet): exact-weight stabilisers. The trainer has no switch that computes the analog
-path's on-chip stabiliser (resreg) from exact weights instead of the port quantities, and adding
-one touches `trainer/twin.py` beyond a small flag; it is left out.
+Most factors edit the run's tile; `exact_stabilisers` edits its configuration instead
+(`stabilisers.resreg_source` "arrays" -> "readout": resreg computed from the read-out weights,
+as jacreg and eigreg always are). It applies only to a run whose resreg was on-chip; with the
+default "readout" the stabilisers are already exact and it is left out. The twin of a seed is
+shared by every factor run and keeps the run's own setting (on its exact reads "arrays" differs
+from "readout" only by using the window-averaged force).
 
 A run diverged in a factor run is a result (its gap is null and the factor's row says so), not an
 error.
@@ -46,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ept_hw.config import ConfigError
 
-__all__ = ["FACTORS", "Factor", "AttributionResult", "attribute_run", "attribution_point", "factor_tile",
+__all__ = ["FACTORS", "Factor", "AttributionResult", "attribute_run", "attribution_point", "factor_tile", "factor_config",
            "check_run", "choose_factors", "attribution_points", "attribution_table", "markdown", "SUBDIR", "TABLE_JSON", "TABLE_MD", "PLOT"]
 
 logger = logging.getLogger(__name__)
@@ -163,15 +166,33 @@ def _d2d(tile: Any) -> Any:
     return tile.replace(device=dev.replace(**_d2d_changes(dev)).to_dict())
 
 
+def _stabilisers_na(cfg: Any) -> str | None:
+    if cfg is None:
+        return "no run configuration to read the stabiliser settings from"
+    st = cfg.stabilisers
+    if st.resreg <= 0:
+        return "resreg is off (jacreg and eigreg always use the read-out weights)"
+    if st.resreg_source == "readout":
+        return ("the stabilisers already use exact weights (stabilisers.resreg_source = 'readout'; jacreg and eigreg "
+                "always do)")
+    return None
+
+
+def _stabilisers(cfg: Any) -> Any:
+    return dataclasses.replace(cfg, stabilisers=dataclasses.replace(cfg.stabilisers, resreg_source="readout"))
+
+
 @dataclass(frozen=True)
 class Factor:
     """One non-ideality: what removing it means, when it does not apply (a reason, else None), and
-    the tile edit that removes it."""
+    the edit that removes it: of the run's tile (`target` "tile", the default) or of its
+    configuration (`target` "config": `not_applicable` and `remove` then take the `RunConfig`)."""
 
     name: str
     meaning: str
     not_applicable: Callable[[Any], str | None]
     remove: Callable[[Any], Any]
+    target: str = "tile"
 
 
 FACTORS: dict[str, Factor] = {f.name: f for f in (
@@ -186,6 +207,9 @@ FACTORS: dict[str, Factor] = {f.name: f for f in (
            _c2c_na, _c2c),
     Factor("d2d", "device-to-device spread off: every *_dtod = 0 (and soft_bounds_reference's reference_std)",
            _d2d_na, _d2d),
+    Factor("exact_stabilisers", "exact-weight stabilisers: resreg from the read-out weights "
+           "(stabilisers.resreg_source = 'readout') instead of the arrays' reads", _stabilisers_na, _stabilisers,
+           target="config"),
 )}
 
 
@@ -196,13 +220,21 @@ def factor_tile(tile: Any, remove: Sequence[str]) -> Any:
     if unknown:
         raise ConfigError("factor", ", ".join(unknown), "one of " + ", ".join(FACTORS))
     for name, factor in FACTORS.items():
-        if name in remove and factor.not_applicable(tile) is None:
+        if factor.target == "tile" and name in remove and factor.not_applicable(tile) is None:
             tile = factor.remove(tile)
     return tile
 
 
+def factor_config(cfg: Any, remove: Sequence[str]) -> Any:
+    """The run configuration with every configuration factor in `remove` removed."""
+    for name, factor in FACTORS.items():
+        if factor.target == "config" and name in remove and factor.not_applicable(cfg) is None:
+            cfg = factor.remove(cfg)
+    return cfg
+
+
 # ------------------------------------------------------------------------------ the point function
-def _task_config(context: Mapping[str, Any], path: str, device: str | None) -> Any:
+def _task_config(context: Mapping[str, Any], path: str, device: str | None, remove: Sequence[str] = ()) -> Any:
     from ept_hw.config import from_dict
     from trainer.config import RunConfig
 
@@ -213,7 +245,7 @@ def _task_config(context: Mapping[str, Any], path: str, device: str | None) -> A
     if k:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * k, data_seed=cfg.order_seed)
     analog = cfg.analog if device is None else dataclasses.replace(cfg.analog, device=device, periphery="default")
-    return dataclasses.replace(cfg, mode="ep", path=path, analog=analog)
+    return factor_config(dataclasses.replace(cfg, mode="ep", path=path, analog=analog), remove)
 
 
 def attribution_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -245,7 +277,7 @@ def attribution_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) 
         tile_path = out / "tiles" / f"{tid}.toml"
         tile_path.parent.mkdir(parents=True, exist_ok=True)
         save_tile_config(tile_path, tile)
-        cfg = _task_config(context, "analog", str(tile_path.resolve()))
+        cfg = _task_config(context, "analog", str(tile_path.resolve()), list(overrides.get("remove", [])))
         tile_rel = str(tile_path.relative_to(out))
     run_dir = out / "runs" / tid
     if run_dir.exists():  # left by an interrupted attempt at this task (it has no record): start over
@@ -294,10 +326,11 @@ def check_run(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     return cfg, tile, summary
 
 
-def choose_factors(tile: Any, factors: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+def choose_factors(tile: Any, factors: Sequence[str] | None, cfg: Any = None) -> tuple[list[str], dict[str, str]]:
     """(factors to run, {factor: why not applicable}); an explicitly requested factor that does not
-    apply is refused (`ConfigError`)."""
-    skipped = {n: why for n, f in FACTORS.items() if (why := f.not_applicable(tile)) is not None}
+    apply is refused (`ConfigError`). `cfg`: the run's `RunConfig` (the configuration factors')."""
+    skipped = {n: why for n, f in FACTORS.items()
+               if (why := f.not_applicable(cfg if f.target == "config" else tile)) is not None}
     if factors is None:
         chosen = [n for n in FACTORS if n not in skipped]
     else:
@@ -351,7 +384,7 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError("workers", workers, "an integer >= 1")
     cfg, tile, summary = check_run(run_dir)
-    chosen, skipped = choose_factors(tile, factors)
+    chosen, skipped = choose_factors(tile, factors, cfg)
     rd = RunDirectory(run_dir)
     out = rd.subdir(SUBDIR, create=False).resolve()
     context = {"config": json.loads(json.dumps(to_dict(cfg), default=str)),
@@ -445,7 +478,6 @@ def attribution_table(records: Sequence[Mapping[str, Any]], chosen: Sequence[str
         "seeds": seeds,
         "factors": list(chosen),
         "not_applicable": dict(skipped),
-        "not_a_factor": {"stabilisers": "exact-weight stabilisers: no trainer switch yet (experiments.attribution)"},
         "original_run_gap": original,
         "gap_full": full_stats,
         "full_status": status("full"),
@@ -490,7 +522,8 @@ def markdown(table: Mapping[str, Any]) -> str:
     if table.get("not_applicable"):
         lines.append("\nNot applicable to this run: " + "; ".join(
             f"`{n}` ({why})" for n, why in table["not_applicable"].items()) + ".")
-    lines.append("\nNot a factor: " + "; ".join(table.get("not_a_factor", {}).values()) + ".")
+    if table.get("not_a_factor"):  # tables written before exact_stabilisers was a factor
+        lines.append("\nNot a factor: " + "; ".join(table["not_a_factor"].values()) + ".")
     return "\n".join(lines) + "\n"
 
 

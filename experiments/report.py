@@ -149,6 +149,104 @@ def _plot_weight_gap(rows, out: Path) -> Path | None:
     return _save(fig, out / "weight_gap.png")
 
 
+def _projection_names(rows, key: str) -> list[str]:
+    return next((list(r[key]) for r in rows if r.get(key)), [])
+
+
+def _plot_realised(rows, out: Path) -> Path | None:
+    """Per projection: ‖realised ΔW‖/‖requested ΔW‖ of the analog steps (5-step mean) and the
+    analog/twin weight-norm ratio at the probes, with the collapse band."""
+    from trainer.fidelity import COLLAPSE_BAND
+
+    names = _projection_names(rows, "analog_realised_ratio")
+    if not names:
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        s, v = _per_projection(rows, "analog_realised_ratio", name)
+        ax.semilogy(s, [max(x, 1e-6) for x in _smooth(v, 5)], lw=1, label=name)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖ΔW realised‖ / ‖ΔW requested‖")
+    ax.set_title("Realised updates (analog, simulator-side; 5-step mean)")
+    ax.legend(fontsize=8, ncol=4)
+    ax.grid(alpha=0.3, which="both")
+    for name in _projection_names(rows, "weight_norm_ratio"):
+        ax2.plot(*_per_projection(rows, "weight_norm_ratio", name), "o-", ms=3, lw=1, label=name)
+    for edge in COLLAPSE_BAND:
+        ax2.axhline(edge, color="tab:red", ls=":", lw=1)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("‖W_analog‖ / ‖W_twin‖")
+    ax2.set_title("Weight norm, analog / twin (dotted: collapse band)")
+    ax2.legend(fontsize=8, ncol=4)
+    ax2.grid(alpha=0.3)
+    return _save(fig, out / "realised_updates.png")
+
+
+def fidelity_section(rows: Sequence[Mapping[str, Any]], work: Mapping[str, tuple[float, float]] | None = None,
+                     adc_per_step: float | None = None) -> list[str]:
+    """Report lines: per projection realised vs requested updates, analog/twin weight-norm ratio,
+    the twin's weights outside the analog range, saturation; a collapse warning; digital work."""
+    from trainer.fidelity import COLLAPSE_BAND
+
+    names = _projection_names(rows, "analog_realised_ratio") or _projection_names(rows, "weight_norm_ratio")
+    if not names:
+        return []
+    out = ["## Realised updates and mapping (analog path)\n",
+           "Realised ΔW = the arrays' weights after − before each update, read exactly from the simulator state (a "
+           "simulator-side measurement, not something the chip reads); requested ΔW = −lr·Σδuᵀ. Means over the last "
+           "20 steps; norm ratio, out-of-range fraction and saturation at the last probe.\n"]
+    table = []
+    collapsed = []
+    lo, hi = COLLAPSE_BAND
+    for name in names:
+        ratio = _last_nested(rows, "weight_norm_ratio", name)
+        if ratio is not None and not lo <= ratio <= hi:
+            collapsed.append((name, ratio))
+        table.append([name, _fmt(_mean_nested(rows, "analog_realised_ratio", name)),
+                      _fmt(_mean_nested(rows, "analog_realised_cos", name)), _fmt(ratio),
+                      _pct(_last_nested(rows, "twin_out_of_range", name)),
+                      _pct(_last_nested(rows, "analog_saturation_per_projection", name))])
+    out.append(md_table(["projection", "‖ΔW realised‖/‖ΔW requested‖", "cos(realised, requested)",
+                         "‖W_analog‖/‖W_twin‖", "twin weights outside the analog range", "devices at a bound"], table))
+    if collapsed:
+        out.append("\n**Warning: weight collapse.** " + "; ".join(
+            f"{n}: the analog weights are {r:.2f}× the twin's norm" for n, r in collapsed)
+            + f" (outside [{lo:g}, {hi:g}]). The arrays do not hold what the twin learned there: look at the "
+            "realised/requested ratio (asymmetric or clipped pulses) and the out-of-range fraction (mapping).")
+    if work:
+        ta = sum(a for a, _ in work.values())
+        td = sum(d for _, d in work.values())
+        out.append("\n### Work per training step, analog arrays vs digital\n")
+        out.append("Estimated by formula (`trainer.fidelity.work_per_step`) from the model shape, the batch and the "
+                   "mean free-phase and nudge lengths of this run: analog = multiply-adds inside the arrays "
+                   "(projection reads); digital = every other operation (multiply-adds and element-wise operations, "
+                   "one each): attention's activation products, LayerNorm, softmax and GELU, the AsymEP correction's "
+                   "Jᵀv through them, and the stabilisers computed on the read-out weights (weights included). "
+                   "Health probes, evaluations and the stability monitor are not included."
+                   + ("" if adc_per_step is None else f" Measured ADC conversions per step (all arrays, incl. probes "
+                      f"and evaluations): {adc_per_step:,.0f}.") + "\n")
+        wrows = [[k, f"{a:.3g}", f"{d:.3g}"] for k, (a, d) in work.items()]
+        wrows.append(["**total**", f"{ta:.3g}", f"{td:.3g} ({td / (ta + td):.0%} of all work)" if ta + td else "—"])
+        out.append(md_table(["part", "analog MACs", "digital operations"], wrows))
+    out.append("")
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def _last_nested(rows, key: str, name: str) -> float | None:
+    return next((r[key][name] for r in reversed(rows) if r.get(key) and r[key].get(name) is not None), None)
+
+
+def _adc_per_step(rows) -> float | None:
+    s, v = _finite(*column(rows, "analog_adc_conversions"))
+    return (v[-1] - v[0]) / (s[-1] - s[0]) if len(s) > 1 and s[-1] > s[0] else None
+
+
 def _plot_health(rows, out: Path) -> Path | None:
     keys = [("health_cos", "cos(EP, implicit)"), ("health_self_coherence", "half-batch self-coherence")]
     if not any(column(rows, k)[0] for k, _ in keys):
@@ -304,6 +402,27 @@ def _toml_block(config: Mapping[str, Any]) -> str:
     return tomli_w.dumps(dict(config))
 
 
+def _final_eval_lines(final: Mapping[str, Any] | None, paths: list[str]) -> list[str]:
+    """The final figure on the fixed validation set (`trainer.loop.final_evaluation`), with
+    standard errors and the corpus baselines scored on the same tokens."""
+    if not final:
+        return []
+    rows = [[PATH_STYLE[p]["label"], f"{final['loss'][p]:.4f} ± {final['stderr'][p]:.4f}",
+             f"{final['bigram_loss'] - final['loss'][p]:+.4f}", f"{final['unigram_entropy'] - final['loss'][p]:+.4f}"]
+            for p in paths if p in final["loss"]]
+    out = [f"\n### On the fixed validation set ({final['tokens']} tokens, {final['windows']} windows of "
+           f"{final['seq_len']})\n",
+           "The final figure: every path evaluated once at the last step on the same non-overlapping windows "
+           "spread evenly over the validation split (± one standard error over "
+           f"{final['chunks']} chunks). Bigram table on these tokens: **{final['bigram_loss']:.4f}**, unigram "
+           f"entropy of these targets: {final['unigram_entropy']:.4f} nats/token.\n",
+           md_table(["path", "validation loss", "bigram − loss", "entropy − loss"], rows)]
+    if "gap" in final:
+        out.append(f"\nGap analog − twin on this set (paired by chunk): **{final['gap']:+.4f} ± "
+                   f"{final['gap_stderr']:.4f} nats**.")
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write `plots/*.png` and `report.md` for the run in `run_dir`; return the report's path."""
     rd = RunDirectory(run_dir)
@@ -325,6 +444,7 @@ def write_report(run_dir: str | Path) -> Path:
         _plot_residual(rows, paths, plots_dir),
         _plot_cosines(rows, plots_dir),
         _plot_weight_gap(rows, plots_dir),
+        _plot_realised(rows, plots_dir),
         _plot_health(rows, plots_dir),
         _plot_stability(rows, paths, plots_dir, summary.get("initial_stability")),
         _plot_conductances(rd, plots_dir),
@@ -370,6 +490,7 @@ def write_report(run_dir: str | Path) -> Path:
         if cos:
             lines.append("Mean update cosine per projection over the last 20 logged steps: " + ", ".join(
                 f"{n} {_fmt(_mean_nested(rows, 'update_cos', n))}" for n in cos) + ".")
+    lines.extend(_final_eval_lines(summary.get("final_eval"), paths))
     health = [(k, _mean_last(rows, k, 5)) for k in ("health_cos", "health_norm_ratio", "health_self_coherence")]
     if any(v is not None for _, v in health):
         lines.append("\nEstimator health on the twin (last probes): " + ", ".join(f"{k} {_fmt(v)}" for k, v in health) + ".")
@@ -380,6 +501,21 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("## Where the gap comes from\n")
         lines.extend(f"- {e}" for e in explanation)
         lines.append("")
+
+    if "analog" in paths:
+        work = None
+        fa = figures.get("analog", {})
+        if config and fa.get("free_steps_last20") is not None:
+            tile = rd.tile_config()
+            work_cfg = {**config, "tile": tile.to_dict() if tile is not None else {}}
+            nudge = _mean_last(rows, "analog_nudge_steps") or config.get("estimator", {}).get("t2", 0)
+            try:
+                from trainer.fidelity import work_per_step
+
+                work = work_per_step(work_cfg, fa["free_steps_last20"], nudge)
+            except (KeyError, TypeError, ValueError):  # a report never fails on an estimate
+                work = None
+        lines.extend(fidelity_section(rows, work, _adc_per_step(rows)))
 
     lines.extend(_attribution_section(rd))
 
@@ -463,6 +599,20 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                "comparable sizes: the gap is in the direction, not the size" if ratio > 0.8 else
                "the arrays request smaller updates (noisy, partly cancelling port quantities)")
         out.append(f"Requested update size: analog {un_a:.3g} against twin {un_t:.3g} (ratio {ratio:.2f}): {why}.")
+    names = _projection_names(rows, "analog_realised_ratio")
+    realised = {n: _mean_nested(rows, "analog_realised_ratio", n) for n in names}
+    realised = {n: v for n, v in realised.items() if v is not None}
+    if realised:
+        low = min(realised, key=realised.get)
+        out.append(f"Realised update size (simulator-side): the arrays realise on average "
+                   f"{sum(realised.values()) / len(realised):.2f} of the requested ‖ΔW‖ per step over the projections "
+                   f"(lowest {low} at {realised[low]:.2f}); below 1 the devices' steps (asymmetry, bounds, "
+                   "granularity) lose part of every update, whatever was requested.")
+    norms = {n: _last_nested(rows, "weight_norm_ratio", n) for n in _projection_names(rows, "weight_norm_ratio")}
+    norms = {n: v for n, v in norms.items() if v is not None}
+    if norms:
+        out.append("Weight norm analog/twin at the last probe: " + ", ".join(f"{n} {v:.2f}" for n, v in norms.items())
+                   + ".")
     sat = fa.get("saturation")
     if sat is not None:
         out.append(f"Device saturation: {sat:.2%} of the devices sit at a bound at the end"

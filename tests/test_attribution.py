@@ -110,14 +110,44 @@ def test_each_factor_edits_what_it_says_and_nothing_else():
 
 def test_factors_that_do_not_apply_are_named_with_a_reason():
     ideal = tile_preset("perfect_ideal")
-    for f in attr.FACTORS:
-        assert attr.FACTORS[f].not_applicable(ideal), f  # an ideal device with perfect periphery: nothing to remove
+    for f in attr.FACTORS:  # an ideal device with perfect periphery: nothing to remove
+        assert attr.FACTORS[f].not_applicable(None if attr.FACTORS[f].target == "config" else ideal), f
     pcm = tile_preset("pcm")
     assert pcm.uses_pair and "pair" in attr.FACTORS["symmetric"].not_applicable(pcm)
     with pytest.raises(ConfigError, match="ideal device has no up and down"):
         attr.choose_factors(tile_preset("ideal"), ["symmetric"])
     chosen, skipped = attr.choose_factors(tile_preset("ideal"), None)
-    assert chosen == ["periphery", "quantisation", "read_noise"] and set(skipped) == {"symmetric", "c2c", "d2d"}
+    assert chosen == ["periphery", "quantisation", "read_noise"]
+    assert set(skipped) == {"symmetric", "c2c", "d2d", "exact_stabilisers"}
+
+
+def test_exact_stabilisers_factor_edits_the_configuration_not_the_tile():
+    """`exact_stabilisers` applies to a run whose resreg was on-chip ("arrays") and switches it to
+    the read-out weights; with the default ("readout") it does not apply and is refused by name."""
+    import dataclasses
+
+    from ept_hw.config import to_dict
+
+    from experiments.presets import load_run_config
+
+    tile = tile_preset("ecram")
+    default = load_run_config("tiny", {"mode": "compare"})
+    assert default.stabilisers.resreg_source == "readout"
+    chosen, skipped = attr.choose_factors(tile, None, default)
+    assert "exact_stabilisers" not in chosen and "exact weights" in skipped["exact_stabilisers"]
+    with pytest.raises(ConfigError, match="already use exact weights"):
+        attr.choose_factors(tile, ["exact_stabilisers"], default)
+    on_chip = dataclasses.replace(default, stabilisers=dataclasses.replace(default.stabilisers, resreg_source="arrays"))
+    chosen, _ = attr.choose_factors(tile, None, on_chip)
+    assert chosen[-1] == "exact_stabilisers"
+    assert attr.factor_tile(tile, ["exact_stabilisers"]) == tile
+    assert attr.factor_config(on_chip, ["exact_stabilisers"]).stabilisers.resreg_source == "readout"
+    assert attr.factor_config(on_chip, ["c2c"]).stabilisers.resreg_source == "arrays"
+    # the task configurations: the factor run switches, the full run and the twin keep the run's setting
+    context = {"config": to_dict(on_chip)}
+    assert attr._task_config(context, "analog", None, ["exact_stabilisers"]).stabilisers.resreg_source == "readout"
+    assert attr._task_config(context, "analog", None, []).stabilisers.resreg_source == "arrays"
+    assert attr._task_config(context, "twin", None).stabilisers.resreg_source == "arrays"
 
 
 def _record(overrides, seed, loss, key="analog_val_loss"):

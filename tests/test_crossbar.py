@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -135,6 +136,7 @@ def test_ideal_perfect_reproduces_digital_projection():
 
 def test_mapping_scale_fills_device_range_and_reads_model_weights():
     cfg = tile_preset("gokmen_vlasov")
+    cfg = cfg.replace(mapping=dataclasses.replace(cfg.mapping, weight_scaling_rule="max"))  # aihwkit's rule
     w = 3.0 * torch.randn(10, 20, generator=_gen(11))  # far beyond the device range ±1
     tile = AnalogTile(cfg, 10, 20, _gen(12))
     tile.program(w)
@@ -249,6 +251,7 @@ def test_analog_factory_inside_the_model_matches_digital_twin():
 def test_tile_for_device_applies_the_preset_rules():
     cfg = tile_for_device({"model": "soft_bounds", "dw_min": 0.01, "w_max": 1.0, "w_min": -0.5})
     assert cfg.mapping.weight_scaling_omega == pytest.approx(0.3)  # 0.6·min(|w_min|, w_max)
+    assert cfg.mapping.weight_scaling_rule == "fan_in"  # the preset rule: independent of the programmed weight
     assert cfg.forward.out_bound == 20.0 and cfg.backward.bound_management == "none"
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")
@@ -301,3 +304,57 @@ def test_periphery_reader_rescales_weights_that_changed():
     assert torch.equal(read(w2, x, _gen(4)), analog_read(w2, x, io, _gen(4)))
     d = torch.randn(30, 12, generator=_gen(5))
     assert torch.equal(read(w2.T, d, _gen(6)), analog_read(w2.T, d, io, _gen(6)))
+
+
+@pytest.mark.parametrize("variant", [{}, {"out_bound": 0.6}, {"out_bound": 0.6, "bm_test_negative_bound": False},
+                                     {"inp_sto_round": True, "out_sto_round": True, "inp_noise": 0.02},
+                                     {"w_noise": 0.02, "w_noise_type": "pcm_read", "out_bound": 0.6}])
+def test_common_noise_blocks_read_in_one_pass_equal_block_by_block(variant):
+    """`PeripheryReader(blocks=k)` (one product for the k stacked nudge phases, noise drawn once)
+    gives, draw for draw, what k reads with the generator reset before each give: outputs, read
+    counters (bound-management re-reads included) and the generator's final state."""
+    from dataclasses import replace
+
+    from crossbar.io import PeripheryReader, ReadStats
+    from crossbar.presets import preset_io
+
+    io = replace(preset_io(), **variant)
+    read = PeripheryReader(io)
+    w = 0.3 * torch.randn(7, 9, generator=_gen(0))
+    for k, b in ((2, 3), (3, 2)):
+        base = torch.randn(b, 4, 9, generator=_gen(k)) * (1 + 3 * torch.rand(b, 4, 1, generator=_gen(k + 1)))
+        x = torch.cat([base * (1 + 0.2 * i) for i in range(k)])
+        ref_gen, ref_stats, outs = _gen(7), ReadStats(), []
+        start = ref_gen.get_state()
+        for chunk in x.split(b):
+            ref_gen.set_state(start)
+            outs.append(read(w, chunk, ref_gen, ref_stats))
+        gen, stats = _gen(7), ReadStats()
+        got = read(w, x, gen, stats, blocks=k)
+        assert torch.equal(got, torch.cat(outs))
+        assert torch.equal(gen.get_state(), ref_gen.get_state())
+        assert stats.as_dict() == ref_stats.as_dict()
+        if "out_bound" in variant:  # the case that matters: some vectors were re-read
+            assert stats.mvm_reads > x.shape[0] * x.shape[1]
+        assert not torch.equal(got[:b], got[b:2 * b])  # different inputs, different reads
+
+
+def test_tile_read_common_matches_seeded_block_reads():
+    """`AnalogTile.read_common` in "common" mode (one fused read) equals the block-by-block reads
+    after `set_noise_seed`, forward and transposed; in "fresh" mode it reads block by block."""
+    from crossbar import AnalogProjection, tile_preset
+
+    weight = torch.randn(6, 5, generator=_gen(0)) / 3
+    x = torch.randn(4, 3, 5, generator=_gen(1)).repeat(2, 1, 1)  # two equal blocks
+    d = torch.randn(4, 3, 6, generator=_gen(2)).repeat(2, 1, 1)
+    for mode in ("common", "fresh"):
+        cfg = tile_preset("ecram").replace(noise_mode=mode)
+        a, b = AnalogProjection(weight, cfg, _gen(3)), AnalogProjection(weight, cfg, _gen(3))
+        for v, transpose in ((x, False), (d, True)):
+            got = a.read_common(v, 11, 2, transpose)
+            outs = []
+            for chunk in v.split(4):
+                b.set_noise_seed(11)
+                outs.append(b.transpose(chunk) if transpose else b.forward(chunk))
+            assert torch.equal(got, torch.cat(outs))
+            assert torch.equal(got[:4], got[4:]) == (mode == "common")  # common noise: equal blocks read alike

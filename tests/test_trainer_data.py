@@ -170,3 +170,23 @@ def test_bigram_loss_is_the_add_alpha_table_on_validation_pairs():
     cyc = torch.arange(3).repeat(200)
     assert bigram_loss(cyc, cyc, 3) < 0.001
     assert bigram_loss(cyc, cyc.flip(0), 3) > 5.0
+
+
+def test_fixed_windows_are_non_overlapping_spread_and_deterministic():
+    from trainer.data import fixed_windows
+
+    tokens = torch.arange(10_000)
+    idx, tgt = fixed_windows(tokens, 16, 1000)
+    assert idx.shape == tgt.shape == (63, 16)  # ceil(1000 / 16) windows
+    assert torch.equal(tgt[:, :-1], idx[:, 1:]) and torch.equal(tgt[:, -1], idx[:, -1] + 1)
+    starts = idx[:, 0]
+    assert int(starts[0]) == 0 and int(tgt[-1, -1]) == 9_999  # first and last token of the stream used
+    assert bool((starts.diff() >= 17).all())  # windows of 16 + 1 tokens never overlap
+    assert float(starts.diff().float().std()) < 1.0  # evenly spread
+    again, _ = fixed_windows(tokens, 16, 1000)
+    assert torch.equal(again, idx)
+    # a stream too short for the request gives every non-overlapping window it has
+    short, _ = fixed_windows(torch.arange(100), 16, 1000)
+    assert short.shape == (5, 16) and bool((short[:, 0].diff() >= 17).all())
+    with pytest.raises(ValueError, match="too short"):
+        fixed_windows(torch.arange(10), 16, 100)

@@ -197,3 +197,27 @@ def test_init_ckpt_programs_the_arrays_and_reports_a_verdict(ideal_run, tmp_path
     with pytest.raises(ConfigError, match="init_ckpt"):
         run(small_config(text_file, model={"width": 32}), tmp_path / "bad", init_ckpt=ideal_run.run_dir / "checkpoints" / "last.pt")
     assert not (tmp_path / "bad").exists()
+
+
+def test_final_evaluation_on_the_fixed_validation_set(tmp_path, text_file):
+    """The final figure is every path on the same fixed windows: the twin's equals one evaluation of
+    all windows at once, the gap is analog − twin, and the bigram is scored on exactly those pairs."""
+    from trainer.data import bigram_log_probs, fixed_windows
+    from trainer.loop import load_run
+
+    cfg = small_config(text_file, mode="compare", analog={"device": "ideal", "periphery": "perfect"},
+                       training={"steps": 2, "eval_interval": 2, "final_eval_tokens": 300})
+    result = run(cfg, tmp_path / "fe")
+    fe = result.summary["final_eval"]
+    assert fe["tokens"] == 304 and fe["windows"] == 38 and fe["chunks"] == 16  # ceil(300 / 8) windows of 8
+    assert result.summary["final_val_loss"] == fe["loss"]
+    assert fe["gap"] == pytest.approx(fe["loss"]["analog"] - fe["loss"]["twin"], abs=1e-9)
+    assert fe["stderr"]["twin"] > 0 and fe["gap_stderr"] >= 0
+    cfg2, data, paths = load_run(tmp_path / "fe")
+    idx, tgt = fixed_windows(data.val, 8, 300)
+    assert paths["twin"].evaluate([(idx, tgt)]) == pytest.approx(fe["loss"]["twin"], abs=1e-5)
+    log_p = bigram_log_probs(data.train, data.vocab_size)
+    assert fe["bigram_loss"] == pytest.approx(float(-log_p[idx.reshape(-1), tgt.reshape(-1)].mean()), rel=1e-12)
+    # off by default: the final figure is the last logged evaluation
+    assert "final_eval" not in run(small_config(text_file, mode="ep", training={"steps": 2, "eval_interval": 2}),
+                                   tmp_path / "off").summary

@@ -219,3 +219,50 @@ def test_step_cap_warns_for_a_plain_relaxation_but_not_for_a_logged_training_fre
     assert not r_window.converged and not r_window.at_floor and not r_plain.converged
     assert window_levels == [logging.INFO]
     assert plain_levels == [logging.WARNING]
+
+
+def _per_sample_error(z, target):
+    return (z - target).reshape(z.shape[0], -1).norm(dim=1) / target.reshape(z.shape[0], -1).norm(dim=1)
+
+
+def test_floor_rule_stops_when_the_drift_reaches_the_window_noise():
+    """`WindowStop(floor_factor=1)` on a noisy linear relaxation started far from its fixed point:
+    it stops long before the patience rule, once the deterministic drift ((1 − ε)^t of the start
+    offset) is below the noise, and its averaged state is as close to the fixed point."""
+    gen = torch.Generator().manual_seed(4)
+    target = torch.randn(4, 16, 32, generator=gen, dtype=torch.float64)
+    sigma, eps = 1e-2, 0.1
+    solver = SolverConfig(eps=eps, tol=1e-9, max_steps=400)
+    z0 = target + 0.5 * torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    floor = relax(_linear_force(target, sigma, gen), z0, solver, stop=WindowStop(5, 20, floor_factor=1.0))
+    patience = relax(_linear_force(target, sigma, gen), z0, solver, stop=WindowStop(5, 20))
+    assert floor.at_floor and patience.at_floor
+    assert floor.n_steps <= 0.6 * patience.n_steps
+    # the start offset has decayed below the noise of a single state (stationary spread per element
+    # sigma * sqrt(eps / (2 - eps))): stopping one window earlier would leave it above
+    spread = sigma * math.sqrt(eps / (2 - eps)) * math.sqrt(target[0].numel()) / float(target[0].norm())
+    drift = (1 - eps) ** floor.n_steps * 0.5 * math.sqrt(target[0].numel()) / float(target[0].norm())
+    assert drift < spread
+    assert (1 - eps) ** (floor.n_steps - 5) * 0.5 * math.sqrt(target[0].numel()) / float(target[0].norm()) > 0.5 * spread
+    err_floor = float(_per_sample_error(floor.z, target).max())
+    err_patience = float(_per_sample_error(patience.z, target).max())
+    assert err_floor < 1.5 * err_patience  # measured 1.3x: the rule stops once the drift is ~ the noise
+
+
+@pytest.mark.parametrize("rotation", [0.0, 3.0])
+def test_floor_rule_never_fires_on_a_noise_free_relaxation(rotation):
+    """Without read noise the window's successive forces differ only by the smooth decay (and the
+    rotation of an oscillating mode): the floor rule never fires and the relaxation is unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    target = torch.randn(3, 8, 2, generator=gen, dtype=torch.float64)
+    a = torch.tensor([[1.0, -rotation], [rotation, 1.0]], dtype=torch.float64)  # eigenvalues 1 ± i·rotation
+
+    def force(z):
+        return -(z - target) @ a.T
+
+    z0 = target + torch.randn(target.shape, generator=gen, dtype=torch.float64)
+    solver = SolverConfig(tol=1e-7, max_steps=600)
+    on = relax(force, z0, solver, stop=WindowStop(5, 20, floor_factor=1.0))
+    off = relax(force, z0, solver, stop=WindowStop(5, 20))
+    assert on.converged and not on.at_floor
+    assert on.n_steps == off.n_steps and torch.equal(on.z, off.z)

@@ -81,24 +81,25 @@ class CommonNoise:
     out_features = property(lambda self: self.inner.out_features)
     weight = property(lambda self: self.inner.weight)
 
-    def _read(self, read: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
-        if self.blocks is None:
-            return read(v)
-        k, b = self.blocks
-        if k < 2 or v.shape[0] != k * b:
-            return read(v)
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
-        outs = []
-        for chunk in v.split(b, dim=0):
-            self.inner.set_noise_seed(seed)
-            outs.append(read(chunk))
-        return torch.cat(outs, dim=0)
+    def _read(self, v: Tensor, transpose: bool) -> Tensor:
+        if self.blocks is not None:
+            k, b = self.blocks
+            if k >= 2 and v.shape[0] == k * b:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
+                if not torch.is_complex(v):
+                    return self.inner.read_common(v, seed, k, transpose)
+                outs = []  # complex: two real reads per block (AnalogProjection), block by block
+                for chunk in v.split(b, dim=0):
+                    self.inner.set_noise_seed(seed)
+                    outs.append(self.inner.transpose(chunk) if transpose else self.inner.forward(chunk))
+                return torch.cat(outs, dim=0)
+        return self.inner.transpose(v) if transpose else self.inner.forward(v)
 
     def forward(self, u: Tensor) -> Tensor:
-        return self._read(self.inner.forward, u)
+        return self._read(u, False)
 
     def transpose(self, d: Tensor) -> Tensor:
-        return self._read(self.inner.transpose, d)
+        return self._read(d, True)
 
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
         self.inner.apply_update(u, delta, lr, task_rows)
@@ -108,6 +109,9 @@ class CommonNoise:
 
     def counters(self) -> dict[str, float]:
         return self.inner.counters()
+
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        return self.inner.representable_range()
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.inner.state_dict(), "common_noise_generator": self.seed_generator.get_state()}

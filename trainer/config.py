@@ -66,6 +66,12 @@ class TrainingConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval_interval: int = 50
     eval_batches: int = 4
+    # The final figure: at the last step every path is evaluated on a fixed validation set of at
+    # least this many target tokens (`trainer.data.fixed_windows`: non-overlapping windows spread
+    # evenly over the validation split, the same for every run), with standard errors and the
+    # bigram table scored on the same tokens; 0 = off (the final figure is the last logged
+    # evaluation of `eval_batches` random windows).
+    final_eval_tokens: int = 0
     health_interval: int = 0  # every k steps: estimator health (twin), adjoint SNR (analog); 0 = off
     # Leading eigenvalues of the relaxation (Re mu, |Im mu| of J, largest |lambda| of I + eps J)
     # every k steps, on one validation sequence (the worst of the first validation batch);
@@ -95,6 +101,7 @@ class TrainingConfig:
         check_range("training.ema", self.ema, 0.0, 1.0, hi_open=True)
         check_positive_int("training.eval_interval", self.eval_interval)
         check_positive_int("training.eval_batches", self.eval_batches)
+        check_positive_int("training.final_eval_tokens", self.final_eval_tokens, minimum=0)
         check_positive_int("training.health_interval", self.health_interval, minimum=0)
         check_positive_int("training.stability_every", self.stability_every, minimum=-1)
         check_positive_int("training.stability_k", self.stability_k)
@@ -109,10 +116,13 @@ class TrainingConfig:
 class StabiliserConfig:
     """Stabilisers (SCIENCE §4). Default recipe: resreg 0.2, jacreg frozen at 0.1, gate off.
 
-    - resreg (on-chip on the analog path: its gradient has the port form δuᵀ and goes through the
-      pulses): the update of ‖εF(z*)‖²/(‖z*‖² + δ), rescaled so that its norm is `resreg` times the
-      norm of the task (EP) update (`resreg_relative`; the scalar is computed digitally from the
-      port quantities), or `resreg` times the plain gradient otherwise.
+    - resreg (its gradient has the port form δuᵀ and goes through the pulses): the update of
+      ‖εF(z*)‖²/(‖z*‖² + δ), rescaled so that its norm is `resreg` times the norm of the task (EP)
+      update (`resreg_relative`; the scalar is computed digitally), or `resreg` times the plain
+      gradient otherwise. `resreg_source`: "readout" (default; exact weights on both paths: on the
+      analog path a digital assist on the read-out weights, like jacreg) or "arrays" (on-chip: the
+      path's own reads at the window-mean state with the window-averaged force; see
+      `trainer.stabilisers.Resreg` for why it is not the default).
     - jacreg (digital assist on the analog path: computed on a digital copy programmed from the
       arrays' read-out weights, then applied through the pulses): λ·‖J_nc v‖²/‖v‖² on a Gaussian
       probe v, J_nc v by a central difference of F with step `jacreg_fd_step`; λ from the
@@ -131,6 +141,7 @@ class StabiliserConfig:
     resreg: float = 0.2
     resreg_relative: bool = True
     resreg_delta: float = 1e-8
+    resreg_source: str = "readout"  # "readout" (exact weights, both paths) | "arrays" (on-chip reads)
     jacreg: ControllerConfig = field(default_factory=ControllerConfig)
     jacreg_on: bool = True
     jacreg_fd_step: float = 1e-2
@@ -146,6 +157,7 @@ class StabiliserConfig:
         check_range("stabilisers.resreg", self.resreg, 0.0)
         check_range("stabilisers.eigreg", self.eigreg, 0.0)
         check_choice("stabilisers.eigreg_on", self.eigreg_on, ("abs_lambda", "re_mu"))
+        check_choice("stabilisers.resreg_source", self.resreg_source, ("readout", "arrays"))
         if self.eigreg_on == "abs_lambda":
             check_range("stabilisers.eigreg_margin", self.eigreg_margin, 0.0, None, lo_open=True)
         check_positive_int("stabilisers.eigreg_iters", self.eigreg_iters, minimum=0)
@@ -168,7 +180,10 @@ class AnalogConfig:
     ± nudged phases the same draws (common random numbers). `read_average` k averages k reads of
     each MVM. The free phase stops on a noise-aware criterion: the drift of the state over a
     window of `noise_window` Euler steps (‖z_t − z_{t−W}‖/(W‖z̄‖), the residual of the
-    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor).
+    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor),
+    or, with `stop_floor_factor` κ > 0, as soon as that drift is within κ of the read-noise level of
+    a W-step mean estimated from the window itself (`ept_hw.relaxation.WindowStop`); 0 turns that
+    rule off.
     """
 
     device: str = "ideal"
@@ -177,6 +192,7 @@ class AnalogConfig:
     read_average: int = 1
     noise_window: int = 10
     stop_patience: int = 30
+    stop_floor_factor: float = 0.0
     update_mode: str = "fast"  # crossbar update mode: "exact" | "fast" | "expected"
 
     def __post_init__(self) -> None:
@@ -187,6 +203,7 @@ class AnalogConfig:
         check_positive_int("analog.read_average", self.read_average)
         check_positive_int("analog.noise_window", self.noise_window)
         check_positive_int("analog.stop_patience", self.stop_patience)
+        check_range("analog.stop_floor_factor", self.stop_floor_factor, 0.0)
         check_choice("analog.update_mode", self.update_mode, ("exact", "fast", "expected"))
 
 

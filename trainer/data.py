@@ -54,6 +54,8 @@ __all__ = [
     "sample_batch",
     "unigram_entropy",
     "bigram_loss",
+    "bigram_log_probs",
+    "fixed_windows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -407,18 +409,50 @@ def unigram_entropy(tokens: Tensor, vocab_size: int | None = None) -> float:
 
 
 
-def bigram_loss(train: Tensor, val: Tensor, vocab_size: int | None = None, alpha: float = 0.05) -> float:
-    """Mean cross-entropy in nats of an add-`alpha` bigram count model fitted on the `train` token
-    stream and scored on the `val` stream: P(b | a) = (n(a, b) + alpha) / (n(a) + alpha·V), with
-    n the counts of adjacent pairs in `train`; scored on every adjacent pair of `val` (its first
-    token has no predecessor and is not scored). A model above it has learned less than a
-    table of which token follows which."""
-    if train.numel() < 2 or val.numel() < 2:
-        raise ValueError("bigram loss needs at least two training and two validation tokens")
+def bigram_log_probs(train: Tensor, vocab_size: int, alpha: float = 0.05) -> Tensor:
+    """(V, V) log P(b | a) of an add-`alpha` bigram count model fitted on the `train` token stream:
+    P(b | a) = (n(a, b) + alpha) / (n(a) + alpha·V), with n the counts of adjacent pairs."""
+    if train.numel() < 2:
+        raise ValueError("a bigram table needs at least two training tokens")
     if not alpha > 0:
         raise ValueError(f"bigram smoothing alpha must be > 0, got {alpha}")
+    train = train.reshape(-1).long()
+    v = vocab_size
+    counts = torch.bincount(train[:-1] * v + train[1:], minlength=v * v).double().view(v, v)
+    return (counts + alpha).log() - (counts.sum(dim=1, keepdim=True) + alpha * v).log()
+
+
+def bigram_loss(train: Tensor, val: Tensor, vocab_size: int | None = None, alpha: float = 0.05) -> float:
+    """Mean cross-entropy in nats of an add-`alpha` bigram count model (`bigram_log_probs`) fitted
+    on the `train` token stream and scored on every adjacent pair of the `val` stream (its first
+    token has no predecessor and is not scored). A model above it has learned less than a table
+    of which token follows which."""
+    if train.numel() < 2 or val.numel() < 2:
+        raise ValueError("bigram loss needs at least two training and two validation tokens")
     train, val = train.reshape(-1).long(), val.reshape(-1).long()
     v = vocab_size or int(max(int(train.max()), int(val.max()))) + 1
-    counts = torch.bincount(train[:-1] * v + train[1:], minlength=v * v).double().view(v, v)
-    log_p = (counts + alpha).log() - (counts.sum(dim=1, keepdim=True) + alpha * v).log()
+    log_p = bigram_log_probs(train, v, alpha)
     return float(-log_p[val[:-1], val[1:]].mean())
+
+
+def fixed_windows(tokens: Tensor, seq_len: int, n_tokens: int) -> tuple[Tensor, Tensor]:
+    """The fixed validation set: (inputs, targets), each (n_windows, seq_len), of
+    ceil(n_tokens / seq_len) non-overlapping windows of seq_len + 1 tokens spread evenly over
+    `tokens` (deterministic: the same windows for every run with the same data and seq_len). A
+    stream too short for that many holds all the non-overlapping windows it has (fewer tokens:
+    the caller reports the count it got)."""
+    tokens = tokens.reshape(-1)
+    span = seq_len + 1
+    fit = tokens.numel() // span
+    if fit < 1:
+        raise ValueError(f"token stream of length {tokens.numel()} is too short for windows of {seq_len} + 1 tokens")
+    want = max(1, -(-n_tokens // seq_len))
+    n = min(want, fit)
+    # window k starts at floor(k * (L - span) / (n - 1)): evenly spread, never overlapping since
+    # (L - span) / (n - 1) >= span when n <= L // span.
+    last = tokens.numel() - span
+    starts = torch.arange(n, dtype=torch.float64) * (last / max(n - 1, 1))
+    starts = starts.floor().long()
+    index = starts[:, None] + torch.arange(span)[None, :]
+    windows = tokens[index]
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -52,7 +52,7 @@ from ept_hw.projection import digital_factory
 from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
-from .data import TokenData, bigram_loss, prepare_data, sample_batch, unigram_entropy
+from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
 from .metrics import PATH_KEYS, empty_row
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
@@ -127,7 +127,10 @@ def physics_notes(cfg: RunConfig) -> list[str]:
         + f", AsymEP correction `{e.correction}`, T2 = {e.t2}, t2sel = {e.t2sel}. β is chosen against the read noise: "
         "the adjoint (z₋ − z₊)/2β divides the noise by 2β, its SNR is logged.",
         f"Stabilisers: resreg {st.resreg:g} ({'relative to the task update' if st.resreg_relative else 'absolute'}; "
-        "on-chip: port form δuᵀ through the pulses); "
+        + ("from exact weights at the free-phase state on both paths (analog: a digital assist on the read-out "
+           "weights), applied in port form δuᵀ through the pulses); " if st.resreg_source == "readout" else
+           "on-chip: from the path's own reads at the window-mean state with the window-averaged force, applied in "
+           "port form δuᵀ through the pulses); ")
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
         + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "
@@ -450,7 +453,8 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     try:
         while r.step < t.steps:
             outcomes, vals, event = _train_and_evaluate(r, schedule)
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs))
+            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
+                            probe=_probe_due(t, r.step) or r.step + 1 == t.steps))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
@@ -477,7 +481,7 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
     t, step = r.cfg.training, r.step
     idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
     lr = schedule.lr(t.lr, step)
-    health = t.health_interval > 0 and (step + 1) % t.health_interval == 0
+    health = _probe_due(t, step)
     evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
     stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
     outcomes: dict[str, StepOutcome] = {}
@@ -495,6 +499,11 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
             vals.pop(name, None)
             return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
     return outcomes, vals, _divergence(r, outcomes, vals)
+
+
+def _probe_due(t: Any, step: int) -> bool:
+    """Whether `step` is a health-probe step (every `training.health_interval` steps)."""
+    return t.health_interval > 0 and (step + 1) % t.health_interval == 0
 
 
 def _divergence(r: _Run, outcomes: Mapping[str, StepOutcome], vals: Mapping[str, float]) -> DivergenceEvent | None:
@@ -549,13 +558,53 @@ def _finish(r: _Run) -> RunResult:
     if r.result.divergence is None:
         _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
+    if r.result.divergence is None and r.step == r.cfg.training.steps and r.cfg.training.final_eval_tokens > 0:
+        r.summary["final_eval"] = final_evaluation(r.paths, r.data, r.cfg)
     r.summary["wall_time"] = r.wall()
-    r.summary["final_val_loss"] = r.rd.final_val_losses()
+    final = r.summary.get("final_eval")
+    r.summary["final_val_loss"] = dict(final["loss"]) if final else r.rd.final_val_losses()
     if "analog" in r.paths:
         r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
     r.rd.write_summary(r.summary)
     r.result.summary = r.summary
     return r.result
+
+
+FINAL_EVAL_CHUNKS = 16
+
+
+def final_evaluation(paths: Mapping[str, Any], data: TokenData, cfg: RunConfig) -> dict[str, Any]:
+    """Every path on the fixed validation set (`training.final_eval_tokens`, `fixed_windows`):
+    the mean loss, its standard error over `FINAL_EVAL_CHUNKS` equal chunks of windows (each chunk
+    one evaluation batch), the paired analog − twin gap and its standard error (same chunks), and
+    the corpus baselines on exactly the scored tokens: the unigram entropy of the targets and the
+    add-0.05 bigram table fitted on the training split."""
+    t = cfg.training
+    idx, targets = fixed_windows(data.val, t.seq_len, t.final_eval_tokens)
+    n_chunks = min(FINAL_EVAL_CHUNKS, idx.shape[0])
+    chunks = list(zip(idx.tensor_split(n_chunks), targets.tensor_split(n_chunks)))
+    weights = torch.tensor([float(c[1].numel()) for c in chunks], dtype=torch.float64)
+    logger.info("final evaluation on the fixed validation set: %d windows, %d tokens", idx.shape[0], targets.numel())
+    per_chunk = {n: torch.tensor([p.evaluate([c]) for c in chunks], dtype=torch.float64) for n, p in paths.items()}
+
+    def mean_se(x: torch.Tensor) -> tuple[float, float]:
+        w = weights / weights.sum()
+        m = float((w * x).sum())
+        if len(x) < 2:
+            return m, math.nan
+        var = float((w * (x - m) ** 2).sum()) * len(x) / (len(x) - 1)
+        return m, math.sqrt(var / len(x))
+
+    out: dict[str, Any] = {"tokens": int(targets.numel()), "windows": int(idx.shape[0]), "chunks": n_chunks,
+                           "seq_len": t.seq_len, "loss": {}, "stderr": {}}
+    for n, x in per_chunk.items():
+        out["loss"][n], out["stderr"][n] = mean_se(x)
+    if "analog" in per_chunk and "twin" in per_chunk:
+        out["gap"], out["gap_stderr"] = mean_se(per_chunk["analog"] - per_chunk["twin"])
+    log_p = bigram_log_probs(data.train, data.vocab_size)
+    out["bigram_loss"] = float(-log_p[idx.reshape(-1).long(), targets.reshape(-1).long()].mean())
+    out["unigram_entropy"] = unigram_entropy(targets, data.vocab_size)
+    return out
 
 
 def _finite_update(o: StepOutcome) -> bool:
@@ -564,7 +613,12 @@ def _finite_update(o: StepOutcome) -> bool:
 
 
 def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: Mapping[str, StepOutcome],
-         vals: Mapping[str, float], stabs: Mapping[str, Mapping[str, Any] | None] | None = None) -> dict[str, Any]:
+         vals: Mapping[str, float], stabs: Mapping[str, Mapping[str, Any] | None] | None = None,
+         probe: bool = False) -> dict[str, Any]:
+    """One metrics row; `probe`: also the figures logged at health probes (and the last step):
+    per-projection saturation, analog/twin weight-norm ratio, the twin's weights outside the analog range."""
+    from .fidelity import mapping_figures, saturation_per_projection
+
     row = empty_row(step)
     row["lr"] = lr
     row["wall_time"] = wall
@@ -580,6 +634,8 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
                 row[f"{name}_{key}"] = stab[key]
         if getattr(p, "analog", False):
             row.update({f"{name}_{k}": v for k, v in analog_counters(p.model).items()})
+            if probe:
+                row[f"{name}_saturation_per_projection"] = saturation_per_projection(p.model)
         if o.health:
             row.update(o.health)
     if "analog" in outcomes and "twin" in outcomes:
@@ -588,6 +644,8 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
         gap, per = weight_gap(paths["analog"].model, paths["twin"].model)
         row["weight_gap"] = gap
         row["weight_gap_per_projection"] = per
+        if probe:
+            row.update(mapping_figures(paths["analog"].model, paths["twin"].model))
     return row
 
 

@@ -91,6 +91,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("jacreg_lambda", "jacreg weight λ used at this step", "jacreg λ", aggregate="last"),
     Metric("eigreg_penalty", "eigreg penalty at this step's free-phase state (before the update)",
            "eigreg penalty", aggregate="last", figure_label="eigreg penalty (digital assist on the analog path)"),
+    Metric("resreg_cos", "analog health probe: cosine of the on-chip resreg (the arrays' reads at the window-mean "
+           "state, window-averaged force) against the exact-weight resreg (read-out weights) at the same state, "
+           "projection gradients", "resreg cos(on-chip, exact)", aggregate="mean20",
+           figure_label="resreg cos(on-chip, exact weights), mean of probes"),
+    Metric("resreg_norm_ratio", "analog health probe: ‖on-chip resreg‖/‖exact-weight resreg‖ at the same state",
+           "resreg ‖on-chip‖/‖exact‖", aggregate="mean20",
+           figure_label="resreg ‖on-chip‖/‖exact weights‖, mean of probes"),
     Metric("eigreg_abs_lambda", "eigreg's leading |λ| of I + εJ (subspace iteration, worst sample)", "eigreg |λ|"),
     # Leading eigenvalues at a validation operating point (ARPACK, `training.stability_every`); on
     # the analog path on the arrays' read-out weights (a digital copy), not through noisy reads.
@@ -101,7 +108,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("abs_lambda", "largest |λ| of the Euler map I + εJ", "largest |λ| of I + εJ", aggregate="last"),
     Metric("update_norm", "Frobenius norm of the applied projection updates lr·Σδuᵀ, all projections",
            "update norm"),
+    Metric("realised_ratio", "per projection: ‖realised ΔW‖/‖requested ΔW‖ of the step on the analog path "
+           "(realised = weights after − before the update, read exactly from the simulator state; requested = "
+           "−lr·Σδuᵀ)", "realised/requested ‖ΔW‖"),
+    Metric("realised_cos", "per projection: cosine of the realised and the requested ΔW of the step (analog path, "
+           "simulator-side)", "cos(realised, requested ΔW)"),
+    Metric("saturation_per_projection", "per projection: fraction of devices at a bound (analog; at health probes "
+           "and the last step)", "device saturation per projection"),
     Metric("update_cos", "per projection: cosine between the analog and the twin update", "update cosine", "cross"),
+    Metric("weight_norm_ratio", "per projection: ‖W_analog‖/‖W_twin‖ (at health probes and the last step)",
+           "analog/twin weight norm", "cross"),
+    Metric("twin_out_of_range", "per projection: fraction of the twin's weights outside the analog arrays' "
+           "representable range (mapping scale × the devices' bounds; at health probes and the last step)",
+           "twin weights outside the analog range", "cross"),
     Metric("weight_gap", "‖W_analog − W_twin‖/‖W_twin‖ over all projections", "weight gap", "cross"),
     Metric("weight_gap_per_projection", "per projection: ‖W_analog − W_twin‖/‖W_twin‖", "weight gap per projection",
            "cross"),

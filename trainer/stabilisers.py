@@ -8,9 +8,20 @@ and gradients of the digital parameters. The path appends them to the task updat
 Adding a stabiliser = one class here with `port_update(ctx)` (+ its line in
 `trainer.twin.build_stabilisers` and its test).
 
-- `Resreg` (on-chip: computed through the path's own reads, pulsed like the task update): the
-  gradient of ‖εF(z)‖²/(‖z‖² + δ) (`ept_hw.estimators.resreg_gradient`), scaled to `weight` times
-  the task update's norm (`relative`) or by `weight`.
+- `Resreg`: the gradient of ‖εF(z)‖²/(‖z‖² + δ) (`ept_hw.estimators.resreg_gradient`), scaled
+  to `weight` times the task update's norm (`relative`) or by `weight`, pulsed like the task
+  update. `source` says from what it is computed:
+  - ``"readout"`` (default): exact weights at the free-phase state: the read-out digital copy on
+    the analog path (a digital assist, like jacreg), the model itself on the twin, so both paths
+    compute it the same way;
+  - ``"arrays"`` (on-chip): the path's own reads at the window-mean state, with the free phase's
+    window-averaged force (`RelaxResult.force_mean`: W reads averaged by the dynamics) as F.
+    Measured at the demo's operating point it is not the exact-weight resreg (cosine well
+    below 0.9: at the analog fixed point the exact-weight force is the periphery's systematic
+    error, which no averaging of the chip's own reads sees), hence the default; the attribution
+    factor `exact_stabilisers` measures what it costs.
+  At health probes on the analog path it logs `resreg_cos` and `resreg_norm_ratio`: the on-chip
+  estimate against the exact-weight one at the same state (projection weights only).
 - `Jacreg` (digital assist on the analog path: on the read-out weights): λ·‖J_nc v‖²/‖v‖², J_nc v by
   a central difference of F along a Gaussian probe v; λ from the path's `JacregController`.
 - `Eigreg` (digital assist on the analog path: on the read-out weights): the penalty on the leading
@@ -36,7 +47,8 @@ from ept_hw.references import dense_ports
 
 from .controllers import JacregController
 
-__all__ = ["StepContext", "PortUpdate", "PortUpdates", "Stabiliser", "Resreg", "Jacreg", "Eigreg", "update_norm"]
+__all__ = ["StepContext", "PortUpdate", "PortUpdates", "Stabiliser", "Resreg", "Jacreg", "Eigreg", "update_norm",
+           "RESREG_SOURCES", "resreg_agreement"]
 
 Ports = dict[str, tuple[Tensor, Tensor]]
 
@@ -52,6 +64,9 @@ class StepContext:
     eps: float
     task_norm: float | None  # norm of the latest task update (this step's unless gated)
     generator: torch.Generator  # the path's probe generator (jacreg's v, eigreg's start)
+    force: Tensor | None = None  # the free phase's window-averaged force at z (WindowStop), if any
+    analog: bool = False  # the path reads analog arrays
+    health: bool = False  # a health-probe step (diagnostic figures are due)
 
 
 @dataclass
@@ -128,21 +143,49 @@ class PortUpdates:
         return outer_product_sum(u, d)
 
 
+RESREG_SOURCES = ("readout", "arrays")
+
+
 class Resreg:
     name = "resreg"
 
-    def __init__(self, weight: float, relative: bool = True, delta: float = 1e-8):
-        self.weight, self.relative, self.delta = weight, relative, delta
+    def __init__(self, weight: float, relative: bool = True, delta: float = 1e-8, source: str = "readout"):
+        if source not in RESREG_SOURCES:
+            raise ValueError(f"resreg source must be one of {RESREG_SOURCES}, got {source!r}")
+        self.weight, self.relative, self.delta, self.source = weight, relative, delta, source
+
+    def estimate(self, ctx: StepContext, source: str) -> Any:
+        """`ResregResult` from exact weights ("readout") or from the path's reads with the
+        window-averaged force ("arrays"; one force read at z when the free phase has none)."""
+        if source == "readout":
+            return resreg_gradient(ctx.readout(), ctx.z, ctx.idx, ctx.eps, self.delta)
+        return resreg_gradient(ctx.model, ctx.z, ctx.idx, ctx.eps, self.delta, force=ctx.force)
 
     def port_update(self, ctx: StepContext) -> PortUpdate | None:
-        rr = resreg_gradient(ctx.model, ctx.z, ctx.idx, ctx.eps, self.delta)
+        rr = self.estimate(ctx, self.source)
+        figures: dict[str, float | None] = {}
+        if ctx.health and ctx.analog:
+            chip = rr if self.source == "arrays" else self.estimate(ctx, "arrays")
+            exact = rr if self.source == "readout" else self.estimate(ctx, "readout")
+            figures = resreg_agreement(chip.weight_grads, exact.weight_grads)
         scale = self.weight
         if self.relative:
             res_norm = update_norm(rr.weight_grads, rr.digital_grads)
             scale = self.weight * ctx.task_norm / res_norm if (ctx.task_norm and res_norm > 0) else 0.0
         if scale <= 0:
-            return None
-        return PortUpdate(rr.ports, rr.digital_grads, scale)
+            return PortUpdate(figures=figures) if figures else None
+        return PortUpdate(rr.ports, rr.digital_grads, scale, figures=figures)
+
+
+def resreg_agreement(chip: Mapping[str, Tensor], exact: Mapping[str, Tensor]) -> dict[str, float]:
+    """{"resreg_cos", "resreg_norm_ratio"}: the on-chip resreg's projection gradients against the
+    exact-weight ones, all projections as one vector."""
+    names = sorted(exact)
+    a = torch.cat([chip[n].reshape(-1).double() for n in names])
+    b = torch.cat([exact[n].reshape(-1).double() for n in names])
+    na, nb = float(a.norm()), float(b.norm())
+    cos = float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
+    return {"resreg_cos": cos, "resreg_norm_ratio": na / nb if nb > 0 else math.nan}
 
 
 class Jacreg:

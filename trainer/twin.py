@@ -10,15 +10,17 @@ schedule, the same integrator (Euler, ε of the solver) and estimator settings. 
 twin the update is exact; on the analog path `AnalogProjection.apply_update` turns lr·δuᵀ into
 pulse trains (aihwkit semantics: lr·|δ|·|u| in units of the device's dw_min sets the expected
 number of coincident pulses per device, capped by the pulse-train length BL; see `crossbar`), so
-one unit of lr means the same requested weight change on both paths and any difference is the
-devices' response. The digital periphery (embeddings, LayerNorm, biases, qknorm gains) is updated
+one unit of lr means the same requested weight change on both paths; what the arrays then realise
+is the devices' response (logged per projection as realised vs requested ΔW, `trainer.fidelity`).
+The update each path requests differs too: the analog path's EP estimate comes from noisy,
+quantised reads. The digital periphery (embeddings, LayerNorm, biases, qknorm gains) is updated
 by the path's optimiser (SGD with lr·`periphery_lr_scale` in the twin rule).
 
 An `EPPath` is composed, not subclassed (`build_ep_path`): a gradient estimator
 (`ept_hw.estimators.GradientEstimator`: EP, or BPTT through the same block), a free phase (the
 path's solver and stop rule through `relax`), stabiliser objects that each return a port update
-(`trainer.stabilisers`: resreg on-chip, jacreg and eigreg as digital assists on the read-out
-weights), the validity gate (when the noise-aware residual is above its level the nudge is
+(`trainer.stabilisers`: resreg from exact weights by default (on-chip as an option), jacreg
+and eigreg as digital assists on the read-out weights), the validity gate (when the noise-aware residual is above its level the nudge is
 skipped; the stabilisers still apply), an optimiser sink (`trainer.optimisers`: SGD, AdamW; plus
 the parameter EMA) and a health probe (adjoint SNR on the analog path, the implicit gradient on
 the digital one). `readout_copy` builds the read-out digital copy of a model.
@@ -66,6 +68,11 @@ class StepOutcome:
     adjoint_snr: float | None = None
     eigreg_penalty: float | None = None
     eigreg_abs_lambda: float | None = None
+    resreg_cos: float | None = None  # analog health probe: on-chip vs exact-weight resreg
+    resreg_norm_ratio: float | None = None
+    # analog path: per projection, realised vs requested ΔW of this step (`trainer.fidelity`)
+    realised_ratio: dict[str, float] | None = None
+    realised_cos: dict[str, float] | None = None
 
     def set_figures(self, figures: Mapping[str, float | None]) -> None:
         """Record a probe's or a stabiliser's figures (`health_*` into `health`, the rest by name)."""
@@ -304,7 +311,7 @@ class EPPath:
             with torch.no_grad():
                 out.loss = float(self.model.loss(z, targets))
         ctx = StepContext(self.model, self.readout_model, idx, z, self.cfg.solver.eps, self.last_task_norm,
-                          self.probe_generator)
+                          self.probe_generator, force=fp.force_mean, analog=self.analog, health=health)
         for stabiliser in self.stabilisers:
             part = stabiliser.port_update(ctx)
             if part is not None:
@@ -318,7 +325,14 @@ class EPPath:
         dense = {name: updates.dense(name) for name in updates.ports}
         for name, g in dense.items():
             out.updates[name] = lr * g
+        projections = self.model.projections
+        before = {n: projections[n].weight.clone() for n in out.updates if n in projections} if self.analog else None
         self.sink.apply(updates, dense, lr)
+        if before is not None:  # simulator-side: the arrays' weights read exactly (trainer.fidelity)
+            from .fidelity import realised_update
+
+            after = {n: projections[n].weight for n in before}
+            out.realised_ratio, out.realised_cos = realised_update(before, after, {n: -out.updates[n] for n in before})
         if self.ema is not None:
             self.ema.update(trainable_tensors(self.model))
 
@@ -393,7 +407,7 @@ def build_stabilisers(cfg: RunConfig, controller: JacregController) -> list[Stab
     st = cfg.stabilisers
     out: list[Stabiliser] = []
     if st.resreg > 0:
-        out.append(Resreg(st.resreg, st.resreg_relative, st.resreg_delta))
+        out.append(Resreg(st.resreg, st.resreg_relative, st.resreg_delta, st.resreg_source))
     if st.jacreg_on:
         out.append(Jacreg(controller, st.jacreg_fd_step, cfg.model.damping))
     if st.eigreg > 0:
@@ -407,7 +421,8 @@ def build_ep_path(name: str, model: EquilibriumTransformer, cfg: RunConfig, *, a
     """The path of `cfg.mode` on `model`: EP ("compare", "ep") or BPTT ("bptt", digital only).
 
     EP: the `EPEstimator`; Euler free phases stop on the noise-aware `WindowStop` (window
-    `analog.noise_window`, patience `analog.stop_patience`) on both paths, the digital-only
+    `analog.noise_window`, patience `analog.stop_patience`, floor factor
+    `analog.stop_floor_factor`) on both paths, the digital-only
     solvers on their residual; health by adjoint SNR (analog) or against the implicit gradient
     (digital). BPTT: the `BPTTReference` through `training.bptt_steps` unrolled Euler steps, a
     free phase of exactly that many Euler steps (non-Euler solvers: to their residual), no probe.
@@ -420,7 +435,8 @@ def build_ep_path(name: str, model: EquilibriumTransformer, cfg: RunConfig, *, a
             solver = SolverConfig(method="euler", eps=s.eps, tol=0.0, min_steps=steps, max_steps=steps)
         return EPPath(name, model, cfg, analog=analog, probe_seed=probe_seed, estimator=BPTTReference(steps, s.eps),
                       free_solver=solver, free_stop=None, probe=None, extra_generators=extra_generators)
-    stop = (lambda: WindowStop(a.noise_window, a.stop_patience)) if s.method == "euler" else None
+    stop = (lambda: WindowStop(a.noise_window, a.stop_patience, floor_factor=a.stop_floor_factor)) \
+        if s.method == "euler" else None
     return EPPath(name, model, cfg, analog=analog, probe_seed=probe_seed, estimator=EPEstimator(cfg.estimator, s),
                   free_solver=s, free_stop=stop, probe=AdjointSNRProbe() if analog else ImplicitHealthProbe(),
                   extra_generators=extra_generators)

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.config import load_run_config, merge, resolve_vocab
+from experiments.presets import load_run_config
+from trainer.config import resolve_vocab
 from trainer.data import sample_batch
 from trainer.loop import build_paths
 
@@ -61,9 +62,12 @@ class _Instrumented:
             return force(*args, **kwargs)
 
         model.force = counted  # instance attribute: every `model.force(...)` goes through it
-        for attr, key in (("free_phase", "free"), ("_task_gradient", "nudge"), ("_apply", "update"),
-                          ("_probe", "probe")):
+        for attr, key in (("free_phase", "free"), ("estimate", "nudge"), ("_apply", "update")):
             setattr(path, attr, _timed(self.record, key, getattr(path, attr)))
+        if path.health_probe is not None:
+            # the probe's own nudges go through `estimate` too: its total is timed on its own key
+            probe = path.health_probe
+            probe.probe = _timed(self.record, "probe", probe.probe)
 
     def step(self, idx: torch.Tensor, targets: torch.Tensor, lr: float) -> dict[str, float]:
         self.record.clear()

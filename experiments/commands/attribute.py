@@ -46,8 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        _, tile, _ = check_run(args.run_dir)
-        chosen, _ = choose_factors(tile, factors)
+        cfg, tile, _ = check_run(args.run_dir)
+        chosen, _ = choose_factors(tile, factors, cfg)
         bar = tqdm(total=len(attribution_points(chosen)) * max(args.seeds, 0), desc=f"attribute {args.run_dir}", unit="run",
                    dynamic_ncols=True)
 
