@@ -211,8 +211,8 @@ def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk:
                              ) -> tuple[Tensor, Tensor]:
     """Exact stochastic-compressed trains: per-sample (n_up, n_down), each (N, out, in), float.
 
-    Row and column Bernoulli trains are drawn for every slot of every sample (`sample_events`);
-    counts are the number of slots in which both fire.
+    Row and column Bernoulli trains are drawn for every slot of every sample; counts are the
+    number of slots in which both fire (a batched product of the 0/1 trains).
     """
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     return _split_by_sign(sample_coincidences(plan, generator, sl), plan.d_sign[sl], plan.x_sign[sl])
@@ -221,11 +221,31 @@ def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk:
 def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None,
                         signed: bool = False) -> Tensor:
     """The coincidence counts of `sample_counts_per_sample` before the split by sign, (N, out, in):
-    `sample_events` made dense. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses)."""
+    the same draws in the same order. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses).
+
+    Dense: the (N, BL, out) and (N, BL, in) trains in one batched product, for small batches
+    (a pair's refresh, the reference tests). The exact mode lists the same trains sparsely
+    (`sample_events`: the same distribution, other draws)."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
-    events = sample_events(plan, generator, sl)
-    dense = events.dense((plan.p.shape[1], plan.q.shape[1]), plan.p.dtype)
-    return dense if signed else dense.abs_()
+    bl, p, q = plan.bl[sl], plan.p[sl], plan.q[sl]
+    n, n_out, n_in = p.shape[0], p.shape[1], q.shape[1]
+    if n == 0:
+        z = torch.zeros(0, n_out, n_in, dtype=p.dtype, device=p.device)
+        return z, z.clone()
+    bl_max = int(bl.max())
+    slot_on = (torch.arange(bl_max, device=p.device).unsqueeze(0) < bl.unsqueeze(1)).to(p.dtype)  # (N, BL)
+
+    def draw(probs: Tensor) -> Tensor:
+        u = torch.rand((n, bl_max, probs.shape[1]), generator=generator, device=generator.device,
+                       dtype=probs.dtype).to(probs.device)
+        return (u < probs.unsqueeze(1)).to(probs.dtype) * slot_on.unsqueeze(2)
+
+    rows = draw(p)  # (N, BL, out)
+    cols = draw(q)  # (N, BL, in)
+    if signed:  # a sign per row and per column: fold it into the trains (exact: ±1 times 0/1)
+        rows.mul_(plan.d_sign[sl].unsqueeze(1))
+        cols.mul_(plan.x_sign[sl].unsqueeze(1))
+    return torch.bmm(rows.transpose(1, 2), cols)
 
 
 class PulseEvents:
