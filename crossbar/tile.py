@@ -41,8 +41,8 @@ from .algorithms import UpdateAlgorithm, make_algorithm
 from .config import RefreshParameters, TileConfig
 from .io import IOParameters, PeripheryReader, ReadStats
 from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
-                     deterministic_counts_per_sample, expected_counts, fast_counts, plan_pulses, sample_coincidences,
-                     _chunks)
+                     deterministic_counts_per_sample, deterministic_events, expected_counts, fast_counts, plan_pulses,
+                     sample_coincidences, sample_events, _chunks)
 
 __all__ = ["AnalogTile", "DeviceSlot"]
 
@@ -475,9 +475,9 @@ class AnalogTile:
         plan = plan_pulses(x, d, lr, slot.granularity, up)
         if up.mode == "exact":  # sample by sample, only the devices each sample pulses (crossbar.update)
             if up.pulse_type == "deterministic_implicit":
-                counts = lambda sl: deterministic_coincidences(plan, up, sl, signed=True)  # noqa: E731
+                counts = lambda sl: deterministic_events(plan, up, sl)  # noqa: E731
             else:
-                counts = lambda sl: sample_coincidences(plan, gen, sl, signed=True)  # noqa: E731
+                counts = lambda sl: sample_events(plan, gen, sl)  # noqa: E731
             # a pair's refresh runs after the update (`_after_update`), as in the other modes
             pulses = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen)
             self.pulse_count += pulses.to(self.pulse_count.dtype)

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ept_hw.config import ConfigError, to_dict
+from ept_hw.config import ConfigError, resolve_torch_device, to_dict
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
 
@@ -83,17 +83,20 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     `tile`: the analog path's resolved `TileConfig` (default: resolved from `cfg.analog`)."""
     dtype = cfg.torch_dtype
     seed = cfg.seed
+    device = resolve_torch_device("torch_device", cfg.torch_device)  # refused here if it is not available
     if cfg.mode == "bp":
-        return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed))}
+        return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed), device)}
     paths: dict[str, Any] = {}
     if cfg.uses_analog:
         from .analog import build_analog_factory
 
         factory, generators = build_analog_factory(cfg.analog, seed, tile=tile)
-        model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype,
+                                       device=device)
         paths["analog"] = build_ep_path("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
     if cfg.mode != "ep" or cfg.path == "twin":
-        model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype,
+                                       device=device)
         paths["twin"] = build_ep_path("twin", model, cfg, analog=False, probe_seed=seed + 7)
     return paths
 

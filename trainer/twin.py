@@ -166,7 +166,8 @@ def readout_copy(model: EquilibriumTransformer, cache: EquilibriumTransformer | 
     is re-programmed instead of building a new one."""
     copy = cache
     if copy is None:
-        copy = EquilibriumTransformer(model.cfg, digital_factory, torch.Generator().manual_seed(0), dtype=model.dtype)
+        copy = EquilibriumTransformer(model.cfg, digital_factory, torch.Generator().manual_seed(0), dtype=model.dtype,
+                                      device=model.device)
     for name, proj in model.projections.items():
         copy.projections[name].program(proj.weight)
     copy.params = model.params  # the periphery is digital: share it
@@ -457,13 +458,15 @@ class BPPath:
     """A standard pre-LN transformer of matched width (same C, heads, FFN width, context, blocks = 1),
     trained by backprop with AdamW (or SGD): the non-equilibrium reference."""
 
-    def __init__(self, cfg: RunConfig, generator: torch.Generator):
+    def __init__(self, cfg: RunConfig, generator: torch.Generator, device: torch.device | None = None):
         from .bp_reference import BPTransformer
 
         self.name = "twin"
         self.cfg = cfg
         self.analog = False
-        self.net = BPTransformer(cfg.model, generator)
+        self.net = BPTransformer(cfg.model, generator)  # drawn on the CPU, then moved
+        if device is not None:
+            self.net.to(device)
         t = cfg.training
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
