@@ -11,6 +11,11 @@ Conventions
   the key, the value and the allowed range. `from_dict` re-keys a dataclass's own check by the
   full dotted path of the table it loaded (a bad `floor` in `[stabilisers.jacreg]` is reported as
   `stabilisers.jacreg.floor`, whatever name the check used).
+- A nested table given in part keeps the defaults of the table its container declares: with
+  `solver: SolverConfig = field(default_factory=lambda: SolverConfig(max_steps=300))`, a
+  `[solver]` table without `max_steps` gets 300, not the class default.
+- Overrides of a table (a partial table applied later to a whole one) are checked for keys and
+  types by `check_partial` and applied with `merge`.
 - TOML has no null: `to_dict` drops `None` values, and loading leaves those fields at their
   defaults.
 """
@@ -21,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -36,8 +42,12 @@ __all__ = [
     "check_range",
     "check_finite_range",
     "check_choice",
+    "check_torch_device",
+    "resolve_torch_device",
     "check_positive_int",
     "from_dict",
+    "check_partial",
+    "merge",
     "to_dict",
     "load_toml",
     "save_toml",
@@ -113,6 +123,34 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
         raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+_TORCH_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def check_torch_device(key: str, value: Any) -> None:
+    """Raise `ConfigError` unless `value` names a torch device this project runs on: "cpu",
+    "cuda" or "cuda:N" (the format only; `resolve_torch_device` checks that it exists)."""
+    if not isinstance(value, str) or not _TORCH_DEVICE.fullmatch(value):
+        raise ConfigError(key, value, "'cpu', 'cuda' or 'cuda:N'")
+
+
+def resolve_torch_device(key: str, value: str):
+    """The `torch.device` named by `value` (`check_torch_device`), refused with a `ConfigError`
+    when it is a CUDA device that this machine's torch cannot use."""
+    check_torch_device(key, value)
+    import torch  # lazily: this module imports no heavy dependency at import time
+
+    if value == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(key, value, "'cpu': CUDA is not available here (torch.cuda.is_available() is False; "
+                          f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    index = int(value.split(":")[1]) if ":" in value else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(key, value, f"one of cuda:0..cuda:{count - 1} ({count} CUDA device(s))")
+    return torch.device("cuda", index)
+
+
 def _strip_optional(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -157,12 +195,58 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(prefix + key, value, f"a key of {cls.__name__}: " + ", ".join(sorted(fields)))
+            raise _unknown_key(cls, fields, prefix + key, value)
+        default = _default_table(fields[key])
+        if default is not None and isinstance(value, Mapping):
+            value = merge(to_dict(default), value)  # a partial table keeps the container's defaults
         kwargs[key] = _coerce(prefix + key, hints[key], value)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise _located(exc, fields, prefix) from None
+
+
+def _default_table(f: dataclasses.Field) -> Any:
+    """The default of a nested-table field (a dataclass instance), or None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
+def _unknown_key(cls: type, fields: Iterable[str], key: str, value: Any) -> ConfigError:
+    return ConfigError(key, value, f"a key of {cls.__name__}: " + ", ".join(sorted(fields)))
+
+
+def check_partial(cls: type, data: Any, prefix: str = "") -> None:
+    """Check a partial table of dataclass `cls` (overrides: any subset of its keys, nested tables
+    partial too) without building it: unknown keys and values of the wrong type raise
+    `ConfigError` under the full dotted key. Ranges are checked when the overrides are applied
+    to a whole table (`merge` then `from_dict`)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip("."), data, f"a table of {cls.__name__} keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, fields, prefix + key, value)
+        tp = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            check_partial(tp, value, prefix + key + ".")
+        else:
+            _coerce(prefix + key, hints[key], value)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (override wins; nested tables merge)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 def _located(exc: ConfigError, fields: Iterable[str], prefix: str) -> ConfigError:

@@ -34,6 +34,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
@@ -70,6 +71,11 @@ JvpMode = Literal["auto", "forward", "fd"]
 # ------------------------------------------------------------------------- Jacobian products
 
 
+
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where a random draw is made: the generator's device, or `like`'s with the default generator."""
+    return generator.device if generator is not None else like.device
+
 def _fd_step(z: Tensor, rel_step: float | None, abs_floor: float) -> float:
     """Central-difference step: rel_step * max(||z||_rms, floor); rel_step ~ cbrt(machine eps)."""
     if rel_step is None:
@@ -92,6 +98,14 @@ def _forward_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(force, (z,), (v,))[1]
 
 
+def _dual_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
+    """J v by forward-mode dual numbers (`torch.autograd.forward_ad`): the same derivative as
+    `torch.func.jvp` without its transform machinery (a few F per product instead of ~10 at the
+    demo size), for callers that need no graph through the product."""
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(force(fwAD.make_dual(z, v))).tangent
+
+
 def make_jvp(
     force: Force,
     z: Tensor,
@@ -100,8 +114,11 @@ def make_jvp(
     fd_rel_step: float | None = None,
     fd_abs_floor: float = 1e-3,
     generator: torch.Generator | None = None,
+    differentiable: bool = True,
 ) -> tuple[Callable[[Tensor], Tensor], str]:
-    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way.
+    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way,
+    unless `differentiable=False`: forward mode then uses dual numbers (`_dual_jvp`, cheaper; for
+    products taken under no_grad, such as the eigenvalue monitor's).
 
     "auto": forward mode, checked against finite differences on one random probe; if forward mode
     raises or disagrees by more than 1e-2 (relative; e.g. it returns 0 through detached code),
@@ -115,13 +132,13 @@ def make_jvp(
         return _fd_jvp(force, z, v, h)
 
     def fwd(v: Tensor) -> Tensor:
-        return _forward_jvp(force, z, v)
+        return _forward_jvp(force, z, v) if differentiable else _dual_jvp(force, z, v)
 
     if mode == "fd":
         return fd, "fd"
     if mode == "forward":
         return fwd, "forward"
-    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     try:
         with torch.no_grad():
             a = fwd(probe)
@@ -202,7 +219,7 @@ def leading_eigenvalues(
     if z.dtype.is_complex:
         raise ValueError("leading_eigenvalues needs a real state")
     z = z.detach()
-    jv, mode = make_jvp(force, z, jvp, generator=generator)
+    jv, mode = make_jvp(force, z, jvp, generator=generator, differentiable=False)  # products under no_grad
     n = z.numel()
     count = [0]
     notes: list[str] = []
@@ -402,7 +419,7 @@ def detect_limit_cycle(
     check_range("tail_fraction", tail_fraction, 0.0, 1.0, lo_open=True)
     z = z0.detach().clone()
     batch = z.shape[0]
-    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     w = w / torch.linalg.vector_norm(w.reshape(batch, -1), dim=1).reshape((batch,) + (1,) * (z.ndim - 1))
     norm0 = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max().clamp_min(1e-30))
     res_rows: list[np.ndarray] = []
@@ -472,10 +489,12 @@ def detect_limit_cycle(
 
 @dataclass(frozen=True)
 class EigRegConfig:
+    """eigreg's settings (the run's `[stabilisers.eigreg]` table). The map's ε (I + εJ) is the
+    relaxation's Euler step, passed to `eigreg_penalty` / `model_eigreg` with the call."""
+
     weight: float = 1.0
     margin: float = 0.995  # on |lambda| (on="abs_lambda") or on Re mu (on="re_mu", e.g. -0.05)
     on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
-    eps: float = 0.1  # the map is I + eps J
     iters: int = 20  # subspace iterations per call (warm start with the returned basis)
     block: int = 8  # subspace dimension (Rayleigh-Ritz then picks the leading pair)
     jvp: str = "fd"  # "fd" | "forward" (both differentiable in the parameters)
@@ -488,7 +507,6 @@ class EigRegConfig:
             check_range("margin", self.margin, 0.0, None, lo_open=True)
         else:
             check_range("margin", self.margin)
-        check_range("eps", self.eps, 0.0, None, lo_open=True)
         check_positive_int("iters", self.iters, minimum=0)
         check_positive_int("block", self.block, minimum=2)
         check_choice("jvp", self.jvp, ("fd", "forward"))
@@ -526,6 +544,7 @@ def eigreg_penalty(
     z_star: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> EigRegResult:
@@ -540,20 +559,22 @@ def eigreg_penalty(
     is the largest-Re-mu pair unless eps |mu| is large.
     """
     cfg = cfg or EigRegConfig()
+    check_range("eps", eps, 0.0, None, lo_open=True)
     z = z_star.detach()
     n = z.numel()
     p = min(cfg.block, n)
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
     if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
-        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=z.device)
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     elif basis.shape[1] < p:
-        extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype, device=z.device)
+        extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype,
+                            device=_draw_device(generator, z)).to(z.device)
         basis = torch.cat([basis.to(z.dtype), extra], dim=1)
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
     def map_cols(qm: Tensor) -> Tensor:
-        return torch.stack([c + cfg.eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
+        return torch.stack([c + eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
 
     with torch.no_grad():
         for _ in range(cfg.iters):
@@ -582,14 +603,14 @@ def eigreg_penalty(
     jv_graph, _ = make_jvp(force, z_leaf, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     jq = torch.stack([jv_graph(c.reshape(z.shape)).reshape(-1) for c in q.T], dim=1)
     count += 2
-    h = q.T @ (q + cfg.eps * jq)
+    h = q.T @ (q + eps * jq)
     abs_lam, re_lam, im_lam = leading_pair_from_2x2(h)
-    re_mu = (re_lam - 1) / cfg.eps
+    re_mu = (re_lam - 1) / eps
     x = abs_lam if cfg.on == "abs_lambda" else re_mu
     penalty = cfg.weight * torch.relu(x - cfg.margin) ** 2
     return EigRegResult(
         penalty=penalty, lead_abs_lambda=float(abs_lam.detach()), lead_re_mu=float(re_mu.detach()),
-        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=full_basis, n_matvecs=count,
+        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / eps), basis=full_basis, n_matvecs=count,
         state_leaf=z_leaf,
     )
 
@@ -703,6 +724,7 @@ def model_eigreg(
     x_in: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     params: dict[str, Tensor] | None = None,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -720,7 +742,7 @@ def model_eigreg(
     cfg = cfg or EigRegConfig()
     recorder = PortRecorder()
     force = model_force(model, x_in.detach(), params=params, recorder=recorder)
-    result = eigreg_penalty(force, z_star, cfg, basis=basis, generator=generator)
+    result = eigreg_penalty(force, z_star, cfg, eps=eps, basis=basis, generator=generator)
     leaves = {n: t for n, t in (params or {}).items() if t.requires_grad}
     weight_grads: dict[str, Tensor] = {}
     param_grads: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}

@@ -204,7 +204,7 @@ class Jacreg:
     def ports(self, ctx: StepContext, lam: float) -> tuple[Ports, dict[str, Tensor]]:
         """Ports of λ·‖J_nc v‖²/‖v‖² (central difference of F), on the read-out copy."""
         model, z, idx = ctx.readout(), ctx.z, ctx.idx
-        v = torch.randn(z.shape, generator=ctx.generator, dtype=z.dtype)
+        v = torch.randn(z.shape, generator=ctx.generator, dtype=z.dtype, device=ctx.generator.device).to(z.device)
         v_norm2 = float(v.pow(2).sum())
         h = self.fd_step * float(z.norm()) / math.sqrt(v_norm2)
         x_in = model.embed(idx)
@@ -237,7 +237,8 @@ class Eigreg:
         b, _ = worst_sample(model_force(model, x_in), z, ctx.eps)
         params = {n: t.detach().clone().requires_grad_(True) for n, t in model.params.items()}
         result, weight_grads, param_grads = model_eigreg(
-            model, z[b : b + 1], x_in[b : b + 1], self.cfg, params=params, basis=self.basis, generator=ctx.generator,
+            model, z[b : b + 1], x_in[b : b + 1], self.cfg, eps=ctx.eps, params=params, basis=self.basis,
+            generator=ctx.generator,
         )
         self.basis = result.basis.detach().clone()
         penalty = float(result.penalty.detach())
