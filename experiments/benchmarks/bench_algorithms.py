@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cost")
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--tmp", default="/tmp/bench_algorithms_tiles")
+    c.add_argument("--tmp", default=None, help="folder for the tile files (default: a temporary one)")
     g = sub.add_parser("gap")
     g.add_argument("--out", required=True)
     g.add_argument("--steps", type=int, default=150)
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "cost":
-        res = cost(args.repeats, args.seed, Path(args.tmp))
+        import tempfile
+
+        res = cost(args.repeats, args.seed, Path(args.tmp or tempfile.mkdtemp(prefix="bench_algorithms_")))
         print(f"reram_sb, preset periphery, demo model; median s/step over {args.repeats} steps, alternating")
         for algo, s in res.items():
             print(f"{algo:<16} {s:7.3f} s/step   x{s / res['sgd']:.2f} of sgd")
