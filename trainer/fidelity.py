@@ -119,7 +119,7 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
     - ports: one F forward and one backward (vjp of ⟨a, F⟩), plus the W_h read of the readout;
     - resreg: one F and one backward (digital on the read-out copy with source "readout");
     - jacreg: two forces and two F + backward (central difference), on the read-out copy;
-    - eigreg: `eigreg_iters`·`eigreg_block` (J v + Jᵀ v) on one sequence, on the read-out copy;
+    - eigreg: iters·block (J v + Jᵀ v) on one sequence (`[stabilisers.eigreg]`), on the read-out copy;
     - remap: one operation per weight every `remap_every` updates (digital; absent unless set).
     Not counted: health probes, evaluations and the stability monitor (not every step)."""
     m, t, e, st = config["model"], config["training"], config["estimator"], config.get("stabilisers", {})
@@ -153,9 +153,12 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
         parts["resreg"] = split(2 * aF, 3 * dF, st.get("resreg_source", "readout") == "arrays")
     if st.get("jacreg_on", True):
         parts["jacreg (read-out copy)"] = split(6 * aF, 8 * dF, False)
-    if float(st.get("eigreg", 0.0)) > 0:
+    eig = st.get("eigreg", 0.0)
+    if not isinstance(eig, Mapping):  # configurations written before the [stabilisers.eigreg] table
+        eig = {"weight": eig, "iters": st.get("eigreg_iters", 10), "block": st.get("eigreg_block", 6)}
+    if float(eig.get("weight", 0.0)) > 0:
         a1, d1 = force_work(m, 1)
-        n = int(st.get("eigreg_iters", 10)) * int(st.get("eigreg_block", 6))
+        n = int(eig.get("iters", 10)) * int(eig.get("block", 6))
         parts["eigreg (read-out copy)"] = split(n * 4 * a1, n * 5 * d1, False)
     remap = int(((config.get("tile") or {}).get("mapping") or {}).get("remap_every", 0))
     if analog and remap > 0:
