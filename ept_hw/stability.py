@@ -93,6 +93,11 @@ def _forward_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(force, (z,), (v,))[1]
 
 
+def _draw_device(generator: torch.Generator | None, z: Tensor) -> torch.device:
+    """Where a random draw is made: on its generator's device, or on z's without a generator."""
+    return z.device if generator is None else generator.device
+
+
 def _dual_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     """J v by forward-mode dual numbers (`torch.autograd.forward_ad`): the same derivative as
     `torch.func.jvp` without its transform machinery (a few F per product instead of ~10 at the
@@ -133,7 +138,7 @@ def make_jvp(
         return fd, "fd"
     if mode == "forward":
         return fwd, "forward"
-    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     try:
         with torch.no_grad():
             a = fwd(probe)
@@ -414,7 +419,7 @@ def detect_limit_cycle(
     check_range("tail_fraction", tail_fraction, 0.0, 1.0, lo_open=True)
     z = z0.detach().clone()
     batch = z.shape[0]
-    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     w = w / torch.linalg.vector_norm(w.reshape(batch, -1), dim=1).reshape((batch,) + (1,) * (z.ndim - 1))
     norm0 = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max().clamp_min(1e-30))
     res_rows: list[np.ndarray] = []
@@ -561,10 +566,10 @@ def eigreg_penalty(
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
     if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
-        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     elif basis.shape[1] < p:
         extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype,
-                            device=generator.device).to(z.device)
+                            device=_draw_device(generator, z)).to(z.device)
         basis = torch.cat([basis.to(z.dtype), extra], dim=1)
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
