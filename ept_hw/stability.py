@@ -71,6 +71,11 @@ JvpMode = Literal["auto", "forward", "fd"]
 # ------------------------------------------------------------------------- Jacobian products
 
 
+
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where a random draw is made: the generator's device, or `like`'s with the default generator."""
+    return generator.device if generator is not None else like.device
+
 def _fd_step(z: Tensor, rel_step: float | None, abs_floor: float) -> float:
     """Central-difference step: rel_step * max(||z||_rms, floor); rel_step ~ cbrt(machine eps)."""
     if rel_step is None:
