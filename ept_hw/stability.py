@@ -98,11 +98,6 @@ def _forward_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(force, (z,), (v,))[1]
 
 
-def _draw_device(generator: torch.Generator | None, z: Tensor) -> torch.device:
-    """Where a random draw is made: on its generator's device, or on z's without a generator."""
-    return z.device if generator is None else generator.device
-
-
 def _dual_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     """J v by forward-mode dual numbers (`torch.autograd.forward_ad`): the same derivative as
     `torch.func.jvp` without its transform machinery (a few F per product instead of ~10 at the
