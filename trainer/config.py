@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import logging
+import torch
 
 from crossbar.config import TileConfig
 from ept_hw.config import (
-    ConfigError, check_choice, check_partial, check_positive_int, check_range, from_dict, load_toml, merge, to_dict,
+    ConfigError, check_choice, check_partial, check_positive_int, check_range, from_dict, load_toml, merge,
+    to_dict,
 )
 from ept_hw.estimators import EstimatorConfig
 from ept_hw.model import ModelConfig
@@ -271,8 +273,6 @@ class RunConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
