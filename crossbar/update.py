@@ -16,9 +16,11 @@ Per sample n (SEMANTICS §1.2, aihwkit `calculateBlAB`, `performUpdateManagement
 
 Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 - ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
-  devices sample after sample (the reference). Batched as `apply_per_sample` describes: the
-  counts of a chunk of samples in one bulk product, then only the pulsed devices are stepped,
-  grouped by how many earlier samples pulsed them, so each device sees its pulses in sample order.
+  devices sample after sample, pulse by pulse, through the device's own rule (the reference;
+  exact in distribution for every device model). Batched as `apply_per_sample` describes: the
+  coincidences of a chunk of samples listed sparsely (`sample_events`: work ∝ pulses, not
+  samples × devices), each device's pulses ranked by sample, the devices sorted by their number
+  of pulsing samples so that each rank is a contiguous prefix, then stepped rank after rank.
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
   from a binomial with the exact mean and variance of the sum of the per-sample counts (see
   `fast_counts`); applied in one `DeviceArray.apply_pulses` call (the device's own order:
@@ -50,18 +52,19 @@ from torch import Tensor
 
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
-__all__ = ["UpdateParameters", "PulsePlan", "plan_pulses", "sample_counts_per_sample", "sample_coincidences",
-           "expected_counts", "fast_counts", "deterministic_counts_per_sample", "deterministic_coincidences",
-           "apply_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
+__all__ = ["UpdateParameters", "PulsePlan", "PulseEvents", "plan_pulses", "sample_counts_per_sample",
+           "sample_coincidences", "sample_events", "expected_counts", "fast_counts", "deterministic_counts_per_sample",
+           "deterministic_coincidences", "deterministic_events", "apply_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
 
 PULSE_TYPES = ("stochastic_compressed", "deterministic_implicit", "none")
 UPDATE_MODES = ("exact", "fast", "expected")
 
 # Largest number of (sample, row, column) count entries materialised at once.
 _CHUNK_ELEMENTS = 1 << 23
-# The exact mode's chunk: larger, since its cost per chunk grows with the number of ranks (the
-# most pulsed device's number of samples), which grows more slowly than the chunk.
-_EXACT_CHUNK_ELEMENTS = 1 << 25
+# Padded coincidence entries `sample_events` materialises at once, and coincidence entries one
+# chunk of `apply_per_sample` handles (its fixed cost per chunk is a sort of the array's devices).
+_GEN_ELEMENTS = 1 << 20
+_EXACT_ENTRIES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,11 @@ def sample_counts_per_sample(plan: PulsePlan, generator: torch.Generator, chunk:
 def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None,
                         signed: bool = False) -> Tensor:
     """The coincidence counts of `sample_counts_per_sample` before the split by sign, (N, out, in):
-    the same draws in the same order. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses)."""
+    the same draws in the same order. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses).
+
+    Dense: the (N, BL, out) and (N, BL, in) trains in one batched product, for small batches
+    (a pair's refresh, the reference tests). The exact mode lists the same trains sparsely
+    (`sample_events`: the same distribution, other draws)."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     bl, p, q = plan.bl[sl], plan.p[sl], plan.q[sl]
     n, n_out, n_in = p.shape[0], p.shape[1], q.shape[1]
@@ -239,6 +246,110 @@ def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slic
         rows.mul_(plan.d_sign[sl].unsqueeze(1))
         cols.mul_(plan.x_sign[sl].unsqueeze(1))
     return torch.bmm(rows.transpose(1, 2), cols)
+
+
+class PulseEvents:
+    """The coincidences of a run of consecutive samples, sample after sample, as a sparse list.
+
+    `per_sample`: the number of entries of each sample (a list of ints, in sample order);
+    `element` (E,) int32: the flat device index i·n_in + j; `signed` (E,) int16: the entry's pulse
+    count, times +1 for down pulses and −1 for up pulses (sign(d_i)·sign(x_j) > 0 is down). A
+    device may have several entries in one sample (stochastic trains: one per slot in which its
+    row and its column both fired), always with the same sign."""
+
+    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor):
+        self.per_sample, self.element, self.signed = per_sample, element, signed
+
+    def sample_index(self) -> Tensor:
+        """(E,) the sample (counted from the run's first) of each entry."""
+        dev = self.element.device
+        counts = torch.tensor(self.per_sample, dtype=torch.long, device=dev)
+        return torch.repeat_interleave(torch.arange(len(self.per_sample), device=dev), counts)
+
+    def dense(self, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """(S, out, in) signed counts: the entries summed per sample and device."""
+        n_el = shape[0] * shape[1]
+        out = torch.zeros(len(self.per_sample) * n_el, dtype=dtype, device=self.element.device)
+        out.index_add_(0, self.sample_index() * n_el + self.element.long(), self.signed.to(dtype))
+        return out.view(len(self.per_sample), *shape)
+
+    @staticmethod
+    def concat(parts: Sequence["PulseEvents"]) -> "PulseEvents":
+        return PulseEvents([c for p in parts for c in p.per_sample], torch.cat([p.element for p in parts]),
+                           torch.cat([p.signed for p in parts]))
+
+
+def _slices_by(weights: Tensor, budget: float, start: int = 0) -> list[slice]:
+    """Consecutive slices (from `start`) whose `weights` sum to about `budget`, at least one item each."""
+    out: list[slice] = []
+    first, acc = start, 0.0
+    for k, wk in enumerate(weights.tolist(), start):
+        if acc > 0.0 and acc + wk > budget:
+            out.append(slice(first, k))
+            first, acc = k, 0.0
+        acc += wk
+    if weights.numel():
+        out.append(slice(first, start + weights.numel()))
+    return out
+
+
+def sample_events(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None) -> PulseEvents:
+    """Exact stochastic-compressed trains of the samples in `chunk`, as sparse coincidences.
+
+    For every slot of every sample (BLₙ slots), each row fires with probability pᵢ and each column
+    with qⱼ (one uniform draw each); the coincidences of a slot are all pairs of a fired row and a
+    fired column. Built without an (N, out, in) tensor: the fired columns of each slot, padded to
+    the longest slot, are gathered once per fired row and offset by the row (entries ∝ the
+    coincidences, not the array). Entries come in sample order (slot, row, column within it)."""
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    lo, hi, _ = sl.indices(plan.bl.shape[0])
+    if hi <= lo:
+        return PulseEvents([], torch.zeros(0, dtype=torch.int32, device=plan.p.device),
+                           torch.zeros(0, dtype=torch.int16, device=plan.p.device))
+    p, q = plan.p[lo:hi], plan.q[lo:hi]
+    # padded entries of a sample: fired rows times the longest slot's fired columns (estimated)
+    q_sum = q.sum(1)
+    padded = plan.bl[lo:hi].to(p.dtype) * (p.sum(1) + 1.0) * (q_sum + 4.0 * q_sum.sqrt() + 1.0)
+    parts = [_draw_events(plan, generator, s.start, s.stop) for s in _slices_by(padded, _GEN_ELEMENTS, lo)]
+    return parts[0] if len(parts) == 1 else PulseEvents.concat(parts)
+
+
+def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) -> PulseEvents:
+    p, q = plan.p[lo:hi], plan.q[lo:hi]
+    dev = p.device
+    n_s, n_out, n_in = hi - lo, p.shape[1], q.shape[1]
+    slot_sample = torch.repeat_interleave(torch.arange(n_s, device=dev), plan.bl[lo:hi])  # (T,)
+    n_t = slot_sample.numel()
+
+    def uniform(shape: tuple[int, int]) -> Tensor:
+        return torch.rand(shape, generator=generator, device=generator.device, dtype=p.dtype).to(dev)
+
+    rows = uniform((n_t, n_out)) < p.index_select(0, slot_sample)  # (T, out) fired rows per slot
+    cols = uniform((n_t, n_in)) < q.index_select(0, slot_sample)    # (T, in) fired columns
+    n_cols = cols.sum(1)
+    per_slot = rows.sum(1) * n_cols
+    per_sample = torch.zeros(n_s, dtype=torch.long, device=dev).index_add_(0, slot_sample, per_slot)
+    nc_max = int(n_cols.max()) if n_t else 0
+    if nc_max == 0 or not bool(per_slot.any()):
+        return PulseEvents([0] * n_s, torch.zeros(0, dtype=torch.int32, device=dev),
+                           torch.zeros(0, dtype=torch.int16, device=dev))
+    # code of an entry: 2·(i·n_in + j) + [sign(d_i)·sign(x_j) < 0] (low bit 1: an up pulse)
+    t_c, j_c = cols.nonzero(as_tuple=True)
+    pos = cols.to(torch.int32).cumsum(1)[t_c, j_c] - 1  # place of the column within its slot
+    x_neg = plan.x_sign[lo:hi] < 0
+    col_code = (j_c * 2 + x_neg[slot_sample[t_c], j_c]).to(torch.int32)
+    sentinel = -2 * (n_out * n_in + 1)  # stays negative after any row offset: marks padding
+    pad = torch.full((n_t, 2, nc_max), sentinel, dtype=torch.int32, device=dev)
+    pad[t_c, 0, pos] = col_code
+    pad[t_c, 1, pos] = col_code ^ 1  # the same columns seen from a row with d_i < 0
+    t_r, i_r = rows.nonzero(as_tuple=True)
+    d_neg = (plan.d_sign[lo:hi] < 0)[slot_sample[t_r], i_r]
+    entries = pad.view(2 * n_t, nc_max).index_select(0, t_r * 2 + d_neg)
+    entries += (i_r * (2 * n_in)).to(torch.int32).unsqueeze(1)
+    entries = entries.view(-1)
+    codes = entries.index_select(0, (entries >= 0).nonzero().squeeze(1))  # (faster than masked_select)
+    signed = (codes & 1).to(torch.int16).mul_(-2).add_(1)
+    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed)
 
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
@@ -267,6 +378,39 @@ def deterministic_coincidences(plan: PulsePlan, up: UpdateParameters, chunk: sli
     return counts
 
 
+def deterministic_events(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None) -> PulseEvents:
+    """`deterministic_coincidences` as sparse entries (one per sample and pulsed device)."""
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    dense = deterministic_coincidences(plan, up, sl, signed=True)
+    flat = dense.reshape(dense.shape[0], -1)
+    s_idx, e_idx = flat.nonzero(as_tuple=True)
+    per_sample = torch.bincount(s_idx, minlength=flat.shape[0]).tolist()
+    return PulseEvents(per_sample, e_idx.to(torch.int32), flat[s_idx, e_idx].to(torch.int16))
+
+
+def _more_pulses(arr: Any, w: Tensor, up: Tensor, h: Mapping[str, Tensor], counts: Tensor,
+                 generator: torch.Generator) -> Tensor:
+    """`w` (one pulse already applied) after the remaining counts − 1 pulses of each device, in
+    the same direction, one after the other (c2c noise per pulse, clipped after each)."""
+    sel = (counts > 1).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return w
+    w = w.clone()
+    idx, c, d, hs = sel, counts.index_select(0, sel), up.index_select(0, sel), _Gathered(h, sel)
+    we = w.index_select(0, idx)
+    for t in range(1, int(c.max())):
+        if t > 1:
+            keep = (c > t).nonzero().squeeze(1)
+            w.index_copy_(0, idx, we)
+            idx, c, d, we = idx.index_select(0, keep), c.index_select(0, keep), d.index_select(0, keep), \
+                we.index_select(0, keep)
+            hs = _Gathered(h, idx)
+        xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
+        we = arr._clip(we + arr._step(we, d, xi, hs), hs)
+    w.index_copy_(0, idx, we)
+    return w
+
+
 class _Gathered(dict):
     """A view of a dict of tensors at an index, each entry gathered on first use (the hidden
     parameters an update rule reads)."""
@@ -287,126 +431,116 @@ class _Gathered(dict):
             return default
 
 
-def _pulse_elements(arr: Any, w: Tensor, h: Mapping[str, Tensor], elems: Tensor, up: Tensor | bool,
-                    counts: Tensor, multi: bool, generator: torch.Generator) -> None:
-    """`counts` pulses (same direction per element) on the elements `elems` of the flat weights
-    `w` (in place), one after the other, c2c noise drawn per pulse. `h`: the hidden parameters
-    at `elems`."""
-    idx = elems
-    we = w.index_select(0, idx)
-    xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
-    we = arr._clip(we + arr._step(we, up, xi, h), h)
-    if multi:
-        n_max = int(counts.max())
-        h0, keep = h, None
-        for t in range(1, n_max):
-            sel = (counts > t).nonzero().squeeze(1)
-            w.index_copy_(0, idx, we)
-            keep = sel if keep is None else keep.index_select(0, sel)
-            counts, we, idx = counts.index_select(0, sel), we.index_select(0, sel), elems.index_select(0, keep)
-            h = _Gathered(h0, keep)
-            if not isinstance(up, bool):
-                up = up.index_select(0, sel)
-            xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
-            we = arr._clip(we + arr._step(we, up, xi, h), h)
-    w.index_copy_(0, idx, we)
+def _chunk_ranks(element: Tensor, per_sample: Sequence[int], n_el: int) -> tuple[Tensor, Tensor]:
+    """(rank, hits): each entry's rank, the number of earlier samples of the run that pulsed the
+    same device (entries of one device in one sample share it), and each device's number of
+    pulsing samples. One gather and one scatter per sample on that sample's entries."""
+    seen = torch.zeros(n_el, dtype=torch.int32, device=element.device)
+    rank = torch.empty_like(element)
+    a = 0
+    for cnt in per_sample:
+        if cnt:
+            b = a + cnt
+            seg = element[a:b]
+            r = torch.index_select(seen, 0, seg, out=rank[a:b])
+            seen.index_put_((seg,), r + 1)  # repeated devices of one sample write the same value
+            a = b
+    return rank, seen
 
 
-def apply_per_sample(arrays: Sequence[Any], pair: bool, signed_coincidences: Callable[[slice], Tensor], plan: PulsePlan,
-                     generator: torch.Generator, refresh: Callable[[], int] | None = None) -> Tensor:
-    """Apply the per-sample coincidence counts of `plan` to the devices sample after sample (the
-    exact mode).
+def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[slice], PulseEvents], plan: PulsePlan,
+                     generator: torch.Generator) -> Tensor:
+    """Apply the per-sample coincidences of `plan` to the devices sample after sample (the exact
+    mode), every pulse through the device's own update rule.
 
-    How it is batched: the counts of a chunk of samples come from one bulk op
-    (`signed_coincidences`: one batched product of the ±1/0 slot trains, signed by direction); their non-zero entries are listed once per chunk,
-    each with its direction (sign(d_i)·sign(x_j) > 0 is down) and its **rank**: how many earlier
-    samples of the chunk pulsed the same device. Entries of equal rank touch distinct devices, so
-    they are applied together, rank after rank: the devices' weights are gathered, stepped by the
-    device's own update rule once per coincidence (c2c noise drawn per pulse, clipped to the
-    device's bounds after each pulse) and scattered back. Every device thus sees its pulses in
-    sample order, exactly as one `DeviceArray.apply_pulses` call per sample would apply them
-    (within one sample a device gets pulses of one direction only), at the cost of one pass per
-    rank instead of one per sample. Random draws differ from a per-sample loop (other shapes,
+    How it is batched, per chunk of consecutive samples (about `_EXACT_ENTRIES` coincidences):
+    `events_of(chunk)` lists the coincidences sparsely in sample order (`PulseEvents`); each entry
+    gets its **rank**, the number of earlier samples of the chunk that pulsed the same device
+    (`_chunk_ranks`); the devices are sorted by how many samples pulsed them (most first), so
+    that the devices with a rank-r pulse are a prefix of that order, and the signed counts are
+    laid out rank after rank, each rank's prefix contiguous. Then, rank after rank, the prefix
+    of the permuted weights and hidden parameters (slices, no gathers) takes one pulse per
+    device (a device's count > 1: its further pulses follow, `_more_pulses`), with the
+    device's own step, per-pulse cycle-to-cycle noise and clip. Every device thus sees its
+    pulses in sample order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
+    would apply them (within one sample a device's pulses all go one way), so the device state
+    evolves sample by sample for every device model; the work is proportional to the number of
+    pulses, not to samples × devices. Random draws differ from a per-sample loop (other shapes,
     other order); their distribution is the same.
 
     `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
-    potentiate G⁺, down pulses G⁻, and after each rank `refresh()` (the unit cell's refresh
-    check on the arrays' current weights, returning how many devices it refreshed) runs: for
-    every device this is after each of its samples and before its next one, as a check after
-    every sample would be. Write noise is redrawn once at the end for the devices that got
-    pulses (for every device after a refresh), not after every sample: the weight the next read
-    sees is the same in distribution. Returns the pulses per device (out, in).
+    potentiate G⁺, down pulses G⁻ (the pair's refresh is the tile's, after the update). Write
+    noise is redrawn once at the end for the devices that got pulses, not after every sample:
+    the weight the next read sees is the same in distribution. Returns the pulses per device
+    (out, in).
     """
     n = plan.bl.shape[0]
     shape = arrays[0].shape
-    n_out, n_in = shape
-    n_el = n_out * n_in
+    n_el = shape[0] * shape[1]
     flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
     hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
     totals = [torch.zeros(n_el, dtype=flat[0].dtype, device=flat[0].device) for _ in arrays]
-    refreshes = 0
-    for sl in _chunks(n, n_el, _EXACT_CHUNK_ELEMENTS):
-        signed = signed_coincidences(sl)  # (S, out, in), sign(d_i)·sign(x_j)·count: > 0 is down
-        n_chunk = signed.shape[0]
-        signed = signed.reshape(-1)
-        where = signed.nonzero().squeeze(1)
-        if where.numel() == 0:
+    entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
+    for sl in _slices_by(entries, _EXACT_ENTRIES):
+        ev = events_of(sl)
+        if ev.element.numel() == 0:
             continue
-        val = signed.index_select(0, where)
-        del signed
-        s_idx = torch.div(where, n_el, rounding_mode="floor")
-        e_idx = where - s_idx * n_el
-        down = val > 0
-        cnt = val.abs()
-        # rank of each entry: earlier samples of the chunk that pulsed the same device
-        rank = torch.empty_like(e_idx)
-        seen = torch.zeros(n_el, dtype=e_idx.dtype, device=e_idx.device)
-        offsets = [0] + torch.bincount(s_idx, minlength=n_chunk).cumsum(0).tolist()
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            if a < b:
-                seg = e_idx[a:b]  # distinct devices within one sample
-                r = seen.index_select(0, seg)
-                rank[a:b] = r
-                seen.index_copy_(0, seg, r + 1)
-        multi = bool((cnt > 1).any())
-        if pair:
-            totals[0].index_add_(0, e_idx, torch.where(down, 0.0, cnt).to(totals[0].dtype))
-            totals[1].index_add_(0, e_idx, torch.where(down, cnt, 0.0).to(totals[1].dtype))
-            key = rank * 2 + down  # per rank: G⁺'s entries (up pulses), then G⁻'s (down pulses)
-        else:
-            totals[0].index_add_(0, e_idx, cnt.to(totals[0].dtype))
-            key = rank
-        key, order = torch.sort(key, stable=True)
-        e_s, c_s = e_idx.index_select(0, order), cnt.index_select(0, order)
-        bounds = [0] + torch.bincount(key).cumsum(0).tolist()
-        h_s = [_Gathered(h, e_s) for h in hidden]  # gathered once per chunk, sliced per rank
-        if not pair:
-            up_s = ~down.index_select(0, order)
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                if a < b:
-                    _pulse_elements(arrays[0], flat[0], _Gathered(h_s[0], slice(a, b)), e_s[a:b], up_s[a:b],
-                                    c_s[a:b], multi, generator)
-            continue
-        if len(bounds) % 2 == 0:
-            bounds.append(bounds[-1])
-        for a, m, b in zip(bounds[:-2:2], bounds[1:-1:2], bounds[2::2]):
-            for k, (lo, hi) in enumerate(((a, m), (m, b))):  # both as potentiation of their side
-                if lo < hi:
-                    _pulse_elements(arrays[k], flat[k], _Gathered(h_s[k], slice(lo, hi)), e_s[lo:hi], True,
-                                    c_s[lo:hi], multi, generator)
-            if a < b and refresh is not None:
-                for k, arr in enumerate(arrays):  # the arrays see the current weights
-                    arr._persistent = flat[k].view(shape)
-                n_refreshed = refresh()
-                if n_refreshed:
-                    refreshes += n_refreshed
-                    flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
+        element, signed = ev.element, ev.signed
+        rank, hits = _chunk_ranks(element, ev.per_sample, n_el)
+        k_max = int(hits.max())
+        order = torch.argsort(hits, descending=True)
+        m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r samples
+        offsets = torch.cumsum(m, 0) - m
+        where = torch.empty_like(order)
+        where[order] = torch.arange(n_el, device=order.device)
+        cell = offsets.index_select(0, rank).add_(where.index_select(0, element))
+        queue = torch.zeros(int(offsets[-1] + m[-1]), dtype=torch.int16, device=signed.device)
+        queue.index_add_(0, cell, signed)  # a device's entries of one sample add up to its count
+        multi = set()
+        big = (queue.abs() > 1).nonzero().squeeze(1)
+        if big.numel():
+            multi = set((torch.searchsorted(offsets, big, right=True) - 1).unique().tolist())
+        del rank, cell
+        m_list, off_list = m.tolist(), offsets.tolist()
+        top = order[: m_list[0]]
+        wp = [f.index_select(0, top) for f in flat]
+        tp = [torch.zeros_like(w) for w in wp]  # pulses per device (permuted), per array
+        hp = [{k: v.index_select(0, top) for k, v in h.items()} for h in hidden]
+        for r in range(k_max):
+            mr, o = m_list[r], off_list[r]
+            v = queue[o:o + mr]
+            up = v < 0
+            if pair:
+                tp[0][:mr] -= v.clamp(max=0)
+                tp[1][:mr] += v.clamp(min=0)
+            else:
+                tp[0][:mr] += v.abs()
+            if not pair:
+                arr, w = arrays[0], wp[0][:mr]
+                h = {k: t[:mr] for k, t in hp[0].items()}
+                xi = torch.randn((mr,), generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
+                new = arr._clip(w + arr._step(w, up, xi, h), h)
+                if r in multi:
+                    new = _more_pulses(arr, new, up, h, v.abs(), generator)
+                w.copy_(new)
+                continue
+            for k, mask in ((0, up), (1, ~up)):  # both as potentiation of their side
+                arr, w = arrays[k], wp[k][:mr]
+                h = {key: t[:mr] for key, t in hp[k].items()}
+                xi = torch.randn((mr,), generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
+                new = arr._clip(w + arr._step(w, True, xi, h), h)
+                if r in multi:
+                    new = _more_pulses(arr, new, torch.ones_like(mask), h, torch.where(mask, v.abs(), 1), generator)
+                w.copy_(torch.where(mask, new, w))
+        for k in range(len(arrays)):
+            flat[k].index_copy_(0, top, wp[k])
+            totals[k].index_add_(0, top, tp[k])
     for k, arr in enumerate(arrays):
         arr._persistent = flat[k].reshape(shape)
         if arr._apparent is not None:
             noisy = arr._persistent + arr._write_noise_scale() * torch.randn(
                 shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
-            arr._apparent = noisy if refreshes else torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
+            arr._apparent = torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
     total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
     return total.reshape(shape)
 

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -41,6 +42,8 @@ __all__ = [
     "check_range",
     "check_finite_range",
     "check_choice",
+    "check_torch_device",
+    "resolve_torch_device",
     "check_positive_int",
     "from_dict",
     "check_partial",
@@ -110,6 +113,34 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+_TORCH_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def check_torch_device(key: str, value: Any) -> None:
+    """Raise `ConfigError` unless `value` names a torch device this project runs on: "cpu",
+    "cuda" or "cuda:N" (the format only; `resolve_torch_device` checks that it exists)."""
+    if not isinstance(value, str) or not _TORCH_DEVICE.fullmatch(value):
+        raise ConfigError(key, value, "'cpu', 'cuda' or 'cuda:N'")
+
+
+def resolve_torch_device(key: str, value: str):
+    """The `torch.device` named by `value` (`check_torch_device`), refused with a `ConfigError`
+    when it is a CUDA device that this machine's torch cannot use."""
+    check_torch_device(key, value)
+    import torch  # lazily: this module imports no heavy dependency at import time
+
+    if value == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(key, value, "'cpu': CUDA is not available here (torch.cuda.is_available() is False; "
+                          f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    index = int(value.split(":")[1]) if ":" in value else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(key, value, f"one of cuda:0..cuda:{count - 1} ({count} CUDA device(s))")
+    return torch.device("cuda", index)
 
 
 def _strip_optional(tp: Any) -> Any:

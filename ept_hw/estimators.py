@@ -354,7 +354,7 @@ class EPEstimator:
         state_dtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype] if holo_complex else dtype
 
         def per_state(values: list[complex]) -> Tensor:
-            t = torch.tensor(values, dtype=state_dtype if holo_complex else dtype)
+            t = torch.tensor(values, dtype=state_dtype if holo_complex else dtype, device=z_star.device)
             return t.repeat_interleave(B).view(K * B, 1, 1)
 
         beta_vec = per_state(betas)

@@ -87,16 +87,20 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float | Tensor, center: bool = True) -> Tensor:
-    """LayerNorm (center=True) or RMSNorm (center=False) over the last dim.
-
-    The variance is mean((x − μ)²) without conjugation, so the complex extension is holomorphic;
-    real inputs use torch's fused kernels of the same formula.
-    """
+def normalise(x: Tensor, eps: float | Tensor, center: bool = True) -> Tensor:
+    """(x − μ)·rsqrt(var + eps) over the last dim (μ = 0 without `center`): LayerNorm/RMSNorm
+    before their gain and bias. The variance is mean((x − μ)²) without conjugation, so the
+    complex extension is holomorphic."""
     if center:
         x = x - x.mean(dim=-1, keepdim=True)
     var = (x * x).mean(dim=-1, keepdim=True)
-    y = x * torch.rsqrt(var + eps) * gain
+    return x * torch.rsqrt(var + eps)
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float | Tensor, center: bool = True) -> Tensor:
+    """LayerNorm (center=True) or RMSNorm (center=False) over the last dim: `normalise`, times
+    `gain`, plus `bias`."""
+    y = normalise(x, eps, center) * gain
     return y if bias is None else y + bias
 
 
@@ -141,15 +145,20 @@ class EquilibriumTransformer:
         projection_factory: ProjectionFactory,
         generator: torch.Generator,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ):
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError("dtype", str(dtype), "torch.float32 or torch.float64")
         self.cfg = cfg
         self.dtype = dtype
+        # where the parameters live (the projections get their weights there); the initial values
+        # are drawn on the CPU from `generator`, so every device starts from the same numbers
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         C, V, T, Hd = cfg.width, cfg.vocab_size, cfg.context, cfg.hidden
 
         def draw(*shape: int, std: float) -> Tensor:
-            return torch.randn(*shape, generator=generator, dtype=torch.float64).mul_(std).to(dtype)
+            return torch.randn(*shape, generator=generator, dtype=torch.float64).mul_(std).to(dtype=dtype,
+                                                                                            device=self.device)
 
         tok = draw(V, C, std=cfg.embed_std)
         pos = draw(T, C, std=cfg.embed_std)
@@ -166,8 +175,8 @@ class EquilibriumTransformer:
         for name in PROJECTION_NAMES:
             out_f, in_f, scale = shapes[name]
             self.projections[name] = projection_factory(name, draw(out_f, in_f, std=scale / math.sqrt(in_f)))
-        ones = lambda n: torch.ones(n, dtype=dtype)  # noqa: E731
-        zeros = lambda n: torch.zeros(n, dtype=dtype)  # noqa: E731
+        ones = lambda n: torch.ones(n, dtype=dtype, device=self.device)  # noqa: E731
+        zeros = lambda n: torch.zeros(n, dtype=dtype, device=self.device)  # noqa: E731
         self.params: dict[str, Tensor] = {
             "tok_emb": tok,
             "pos_emb": pos,
@@ -216,7 +225,7 @@ class EquilibriumTransformer:
             if tuple(t.shape) != tuple(self.params[name].shape):
                 raise ValueError(f"checkpoint {name}: shape {tuple(t.shape)}, expected {tuple(self.params[name].shape)}")
         for name, t in state["params"].items():
-            self.params[name] = t.detach().to(self.dtype).clone()
+            self.params[name] = t.detach().to(dtype=self.dtype, device=self.device).clone()
         for name, s in state["projections"].items():
             self.projections[name].load_state_dict(s)
 
@@ -253,17 +262,17 @@ class EquilibriumTransformer:
         """x_in = tok[idx] + pos, shape (B, T, C)."""
         self._check_idx(idx)
         p = self.params if params is None else params
-        return p["tok_emb"][idx.long()] + p["pos_emb"][: idx.shape[1]]
+        return p["tok_emb"][idx.to(device=self.device, dtype=torch.long)] + p["pos_emb"][: idx.shape[1]]
 
     def _mask(self, T: int) -> Tensor:
         if T not in self._masks:
-            self._masks[T] = torch.ones(T, T, dtype=torch.bool).tril()
+            self._masks[T] = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
         return self._masks[T]
 
     def _mask_bias(self, T: int, dtype: torch.dtype) -> Tensor:
         key = (T, dtype)
         if key not in self._mask_biases:
-            self._mask_biases[key] = torch.zeros(T, T, dtype=dtype).masked_fill(~self._mask(T), float("-inf"))
+            self._mask_biases[key] = torch.zeros(T, T, dtype=dtype, device=self.device).masked_fill(~self._mask(T), float("-inf"))
         return self._mask_biases[key]
 
     def force(
@@ -298,7 +307,7 @@ class EquilibriumTransformer:
             if not dual:
                 return t
             if not isinstance(t, Tensor):
-                t = torch.tensor(t, dtype=real_dtype)
+                t = torch.tensor(t, dtype=real_dtype, device=z.device)
             if fwAD.unpack_dual(t).tangent is not None:
                 return t
             return fwAD.make_dual(t, torch.zeros_like(t))
@@ -308,7 +317,15 @@ class EquilibriumTransformer:
             x_in = const(x_in)
         ln_eps = const(cfg.ln_eps)
 
-        h = layer_norm(z, p["ln1_g"], p["ln1_b"], ln_eps)
+        # LN1 and LN2 normalise the same z: without a backward to come, one normalisation serves
+        # both (the same arithmetic as two `layer_norm` calls, bit for bit); under autograd they stay
+        # two, so that the backward still sums their contributions at z (bit-identical Jᵀv)
+        z_hat = None if torch.is_grad_enabled() else normalise(z, ln_eps)
+
+        def ln(gain: Tensor, bias: Tensor) -> Tensor:
+            return layer_norm(z, gain, bias, ln_eps) if z_hat is None else z_hat * gain + bias
+
+        h = ln(p["ln1_g"], p["ln1_b"])
         q = project(P["W_Q"], h, "W_Q", recorder).view(B, T, H, d).transpose(1, 2)
         k = project(P["W_K"], h, "W_K", recorder).view(B, T, H, d).transpose(1, 2)
         v = project(P["W_V"], h, "W_V", recorder).view(B, T, H, d).transpose(1, 2)
@@ -324,7 +341,7 @@ class EquilibriumTransformer:
         mixed = (att @ v).transpose(1, 2).reshape(B, T, C)
         attn_out = project(P["W_O"], mixed, "W_O", recorder)
 
-        h2 = layer_norm(z, p["ln2_g"], p["ln2_b"], ln_eps)
+        h2 = ln(p["ln2_g"], p["ln2_b"])
         hidden = gelu_tanh(project(P["W_1"], h2, "W_1", recorder) + p["b_1"])
         ffn_out = project(P["W_2"], hidden, "W_2", recorder) + p["b_2"]
 
@@ -344,7 +361,8 @@ class EquilibriumTransformer:
         """Mean cross-entropy over all B·T tokens (real z)."""
         self._check_targets(z, targets)
         logits = self.logits(z)
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1).to(device=logits.device, dtype=torch.long))
 
     def readout_error(self, z: Tensor, targets: Tensor, n_tokens: int | None = None) -> Tensor:
         """δ_h = (softmax(logits) − onehot)/n_tokens: the cotangent of the mean CE at the logits.
@@ -355,7 +373,8 @@ class EquilibriumTransformer:
         self._check_targets(z, targets)
         logits = self.logits(z)
         prob = softmax_ratio(logits, None)
-        onehot = torch.nn.functional.one_hot(targets.long(), self.cfg.vocab_size).to(prob.dtype)
+        onehot = torch.nn.functional.one_hot(targets.to(device=prob.device, dtype=torch.long),
+                                             self.cfg.vocab_size).to(prob.dtype)
         return (prob - onehot) / (targets.numel() if n_tokens is None else n_tokens)
 
     def loss_grad(self, z: Tensor, targets: Tensor, n_tokens: int | None = None) -> Tensor:

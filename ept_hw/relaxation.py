@@ -375,7 +375,7 @@ class WindowStop:
         self.history.append(z0)
         self.best, self.since_best = math.inf, 0
         self.trace = _Trace()
-        self.res_w = torch.full((z0.shape[0],), math.inf, dtype=z0.dtype)
+        self.res_w = torch.full((z0.shape[0],), math.inf, dtype=z0.dtype, device=z0.device)
         self.raw = self.res_w
         self.converged = self.at_floor = False
         self._last_f: Tensor | None = None
@@ -429,7 +429,7 @@ class WindowStop:
     def finish(self, force: Force, z: Tensor, n_evals: int, n_steps: int) -> RelaxResult:
         cfg = self.cfg
         z_out = self._mean() if len(self.history) == self.window + 1 else z
-        floor_b = torch.zeros(z.shape[0], dtype=z.dtype)
+        floor_b = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         if self.measure_floor:
             f1, f2 = force(z_out), force(z_out)
             n_evals += 2
@@ -629,7 +629,7 @@ def dopri5_trajectory(force: Force, z0: Tensor, t_eval: Sequence[float] | Tensor
                 if dt < 1e-14 * max(1.0, t):
                     raise FloatingPointError(f"dopri5 step size underflow at t = {t:g}")
             out.append(z.clone())
-    return torch.stack(out) if out else torch.empty(0, *z0.shape, dtype=z0.dtype)
+    return torch.stack(out) if out else torch.empty(0, *z0.shape, dtype=z0.dtype, device=z0.device)
 
 
 # ------------------------------------------------------------------------------------ Anderson

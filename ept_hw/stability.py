@@ -34,6 +34,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
@@ -71,6 +72,11 @@ JvpMode = Literal["auto", "forward", "fd"]
 # ------------------------------------------------------------------------- Jacobian products
 
 
+
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where a random draw is made: the generator's device, or `like`'s with the default generator."""
+    return generator.device if generator is not None else like.device
+
 def _fd_step(z: Tensor, rel_step: float | None, abs_floor: float) -> float:
     """Central-difference step: rel_step * max(||z||_rms, floor); rel_step ~ cbrt(machine eps)."""
     if rel_step is None:
@@ -93,6 +99,14 @@ def _forward_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(force, (z,), (v,))[1]
 
 
+def _dual_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
+    """J v by forward-mode dual numbers (`torch.autograd.forward_ad`): the same derivative as
+    `torch.func.jvp` without its transform machinery (a few F per product instead of ~10 at the
+    demo size), for callers that need no graph through the product."""
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(force(fwAD.make_dual(z, v))).tangent
+
+
 def make_jvp(
     force: Force,
     z: Tensor,
@@ -101,8 +115,11 @@ def make_jvp(
     fd_rel_step: float | None = None,
     fd_abs_floor: float = 1e-3,
     generator: torch.Generator | None = None,
+    differentiable: bool = True,
 ) -> tuple[Callable[[Tensor], Tensor], str]:
-    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way.
+    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way,
+    unless `differentiable=False`: forward mode then uses dual numbers (`_dual_jvp`, cheaper; for
+    products taken under no_grad, such as the eigenvalue monitor's).
 
     "auto": forward mode, checked against finite differences on one random probe; if forward mode
     raises or disagrees by more than 1e-2 (relative; e.g. it returns 0 through detached code),
@@ -116,13 +133,13 @@ def make_jvp(
         return _fd_jvp(force, z, v, h)
 
     def fwd(v: Tensor) -> Tensor:
-        return _forward_jvp(force, z, v)
+        return _forward_jvp(force, z, v) if differentiable else _dual_jvp(force, z, v)
 
     if mode == "fd":
         return fd, "fd"
     if mode == "forward":
         return fwd, "forward"
-    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     try:
         with torch.no_grad():
             a = fwd(probe)
@@ -203,7 +220,7 @@ def leading_eigenvalues(
     if z.dtype.is_complex:
         raise ValueError("leading_eigenvalues needs a real state")
     z = z.detach()
-    jv, mode = make_jvp(force, z, jvp, generator=generator)
+    jv, mode = make_jvp(force, z, jvp, generator=generator, differentiable=False)  # products under no_grad
     n = z.numel()
     count = [0]
     notes: list[str] = []
@@ -403,7 +420,7 @@ def detect_limit_cycle(
     check_range("tail_fraction", tail_fraction, 0.0, 1.0, lo_open=True)
     z = z0.detach().clone()
     batch = z.shape[0]
-    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     w = w / torch.linalg.vector_norm(w.reshape(batch, -1), dim=1).reshape((batch,) + (1,) * (z.ndim - 1))
     norm0 = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max().clamp_min(1e-30))
     res_rows: list[np.ndarray] = []
@@ -550,9 +567,10 @@ def eigreg_penalty(
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
     if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
-        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=z.device)
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     elif basis.shape[1] < p:
-        extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype, device=z.device)
+        extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype,
+                            device=_draw_device(generator, z)).to(z.device)
         basis = torch.cat([basis.to(z.dtype), extra], dim=1)
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 

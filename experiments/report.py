@@ -554,11 +554,19 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     realised = {n: _mean_nested(rows, "analog_realised_ratio", n) for n in names}
     realised = {n: v for n, v in realised.items() if v is not None}
     if realised:
-        low = min(realised, key=realised.get)
-        out.append(f"Realised update size (simulator-side): the arrays realise on average "
-                   f"{sum(realised.values()) / len(realised):.2f} of the requested ‖ΔW‖ per step over the projections "
-                   f"(lowest {low} at {realised[low]:.2f}); below 1 the devices' steps (asymmetry, bounds, "
-                   "granularity) lose part of every update, whatever was requested.")
+        low, high = min(realised, key=realised.get), max(realised, key=realised.get)
+        cos = {n: _mean_nested(rows, "analog_realised_cos", n) for n in realised}
+        why = []
+        if realised[high] > 1.2:
+            why.append(f"above 1 ({high} {realised[high]:.2f}, cos {_fmt(cos[high])}) the realised step is mostly "
+                       "noise of the pulsed update (stochastic pulse coincidences, quantised device steps, "
+                       "cycle-to-cycle noise), not the requested direction")
+        if realised[low] < 0.8:
+            why.append(f"below 1 ({low} {realised[low]:.2f}) the devices lose part of every update (asymmetric "
+                       "steps, bounds)")
+        out.append("Realised vs requested update per step (simulator-side): ‖ΔW realised‖/‖ΔW requested‖ ranges "
+                   f"from {realised[low]:.2f} ({low}) to {realised[high]:.2f} ({high})"
+                   + ("; " + "; ".join(why) if why else ", close to what was requested") + ".")
     norms = {n: _last_nested(rows, "weight_norm_ratio", n) for n in _projection_names(rows, "weight_norm_ratio")}
     norms = {n: v for n, v in norms.items() if v is not None}
     if norms:

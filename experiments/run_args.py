@@ -44,6 +44,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> Non
     p.add_argument("--lr", type=float, help=f"learning rate ({PRESET_VALUE})")
     p.add_argument("--beta", type=float, help=f"nudge strength β (or radius r) ({PRESET_VALUE})")
     p.add_argument("--seed", type=int, help=f"seed of every random draw ({PRESET_VALUE})")
+    p.add_argument("--torch-device", metavar="cpu|cuda|cuda:N",
+                   help="where the run's tensors live (default: cpu; a CUDA device must be available)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="any config key, TOML value, e.g. --set training.eval_interval=10 --set stabilisers.gate=true "
@@ -100,7 +102,7 @@ FLAG_KEYS = {
     "device": "analog.device", "periphery": "analog.periphery", "noise_mode": "analog.tile.noise_mode",
     "tokenizer": "data.tokenizer", "vocab_size": "data.vocab_size", "steps": "training.steps",
     "batch_size": "training.batch_size", "seq_len": "training.seq_len", "lr": "training.lr",
-    "beta": "estimator.beta", "seed": "seed", "data": "data.source",
+    "beta": "estimator.beta", "seed": "seed", "data": "data.source", "torch_device": "torch_device",
 }
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 
 from crossbar import (AnalogTile, RefreshParameters, TileConfig, TransferParameters, UpdateParameters, expected_counts, perfect_io,
                       plan_pulses, sample_counts_per_sample)
-from crossbar.update import deterministic_counts_per_sample
+from crossbar.update import deterministic_counts_per_sample, sample_events
 from devices import ConstantStepDevice, SoftBoundsDevice
 from ept_hw.config import ConfigError
 
@@ -30,8 +30,12 @@ def _reference() -> dict:
     return json.loads(REFERENCE.read_text())
 
 
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("setting", ["bl31_um_ublm", "bl31_no_management", "bl5_um_ublm_large_lr", "bl31_um_only"])
-def test_exact_pulse_trains_match_aihwkit_update_stats(setting):
+def test_exact_pulse_trains_match_aihwkit_update_stats(setting, sparse):
+    """The trains' per-element update statistics against aihwkit's (measured): the dense
+    per-sample counts (`sample_counts_per_sample`) and the exact mode's sparse coincidences
+    (`sample_events`, with their own up/down signs)."""
     ref = _reference()
     s = ref["settings"][setting]
     trials, dw_min = ref["trials"], 0.001
@@ -40,7 +44,11 @@ def test_exact_pulse_trains_match_aihwkit_update_stats(setting):
     up = UpdateParameters(desired_bl=s["desired_bl"], update_management=s["update_management"],
                           update_bl_management=s["update_bl_management"], mode="exact")
     plan = plan_pulses(x, d, s["lr"], dw_min, up)
-    n_up, n_down = sample_counts_per_sample(plan, _gen(hash(setting) % 1000))
+    if sparse:
+        signed = sample_events(plan, _gen(hash(setting) % 1000)).dense((d.shape[1], x.shape[1]), torch.float64)
+        n_up, n_down = (-signed).clamp_min(0.0), signed.clamp_min(0.0)  # signed > 0: down pulses
+    else:
+        n_up, n_down = sample_counts_per_sample(plan, _gen(hash(setting) % 1000))
     dw = ((n_up - n_down) * dw_min).numpy()
     mean, var = dw.mean(0), dw.var(0, ddof=1)
     ref_mean, ref_var = np.array(s["mean"]), np.array(s["var"])
@@ -219,15 +227,20 @@ def test_integrated_n_pulse_response_matches_interleaved_pulses(preset):
         assert 0.8 < float(fast.weights.std() / ref.weights.std()) < 1.25
 
 
-@pytest.mark.parametrize("pair", [False, True])
-def test_exact_mode_applies_each_sample_in_order(pair):
+@pytest.mark.parametrize("pair,small_chunks", [(False, False), (True, False), (False, True), (True, True)])
+def test_exact_mode_applies_each_sample_in_order(pair, small_chunks, monkeypatch):
     """Exact mode on a nonlinear (soft-bounds) device without cycle-to-cycle noise, with
     deterministic pulse counts: the batched sample-by-sample application equals one
     `DeviceSlot.apply_pulses` call per sample (pair: G⁺/G⁻, then the unit cell's refresh after
     the update, `DeviceSlot.finish_update`, deterministic here: perfect read, no reset noise,
     deterministic rewrite), and differs
-    from applying the batch's summed counts at once (the device state evolves per sample)."""
+    from applying the batch's summed counts at once (the device state evolves per sample).
+    `small_chunks`: the samples split into many chunks (state carried across chunk borders)."""
+    import crossbar.update as update_module
     from crossbar.tile import DeviceSlot
+
+    if small_chunks:
+        monkeypatch.setattr(update_module, "_EXACT_ENTRIES", 40)
 
     w_min = 0.0 if pair else -1.0
     device = SoftBoundsDevice(dw_min=0.02, w_max=1.0, w_min=w_min, dw_min_dtod=0.0, up_down_dtod=0.0,

@@ -49,7 +49,7 @@ class BPTransformer(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         H, d = cfg.heads, cfg.head_dim
-        x = self.tok[idx] + self.pos[:T]
+        x = self.tok[idx.to(self.tok.device)] + self.pos[:T]
         h = self.ln1(x)
         q = (h @ self.w_q.T).view(B, T, H, d).transpose(1, 2)
         k = (h @ self.w_k.T).view(B, T, H, d).transpose(1, 2)
@@ -64,4 +64,4 @@ class BPTransformer(nn.Module):
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
         logits = self(idx)
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device))

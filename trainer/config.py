@@ -27,8 +27,8 @@ import torch
 
 from crossbar.config import TileConfig
 from ept_hw.config import (
-    ConfigError, check_choice, check_partial, check_positive_int, check_range, from_dict, load_toml, merge,
-    to_dict,
+    ConfigError, check_choice, check_partial, check_positive_int, check_range, check_torch_device, from_dict,
+    load_toml, merge, to_dict,
 )
 from ept_hw.estimators import EstimatorConfig
 from ept_hw.model import ModelConfig
@@ -196,7 +196,7 @@ class AnalogConfig:
     periphery: str = "default"  # "default" | "perfect"
     noise_window: int = 10
     stop_patience: int = 30
-    stop_floor_factor: float = 0.0
+    stop_floor_factor: float = 1.0
     tile: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -221,6 +221,9 @@ class RunConfig:
     # streams) on the same data order. None (the default) is dropped from config.toml.
     data_seed: int | None = None
     dtype: str = "float32"
+    # Where the run's tensors live: "cpu", "cuda" or "cuda:N" (`--torch-device`); checked against
+    # the machine when a run starts (`ept_hw.config.resolve_torch_device`), not when a config loads.
+    torch_device: str = "cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(min_steps=0, tol=1e-4, max_steps=300))
@@ -237,6 +240,7 @@ class RunConfig:
         if self.data_seed is not None:
             check_positive_int("data_seed", self.data_seed, minimum=0)
         check_choice("dtype", self.dtype, ("float32", "float64"))
+        check_torch_device("torch_device", self.torch_device)
         if self.training.seq_len > self.model.context:
             raise ConfigError(
                 "training.seq_len", self.training.seq_len, f"at most model.context = {self.model.context}"

@@ -12,7 +12,7 @@ written), `_resume` or `_start` (+ the first checkpoint, which names a new run),
 Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
 (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
 `summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
-counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+counters, `time_split`: seconds spent training, in each instrument and in checkpoints), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
 at start and end, for the report's histograms).
 
 Nothing is written before the configuration, the data and the device have been checked; a new
@@ -46,8 +46,8 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from ept_hw.config import ConfigError, to_dict
-from ept_hw.model import EquilibriumTransformer, PROJECTION_NAMES
+from ept_hw.config import ConfigError, resolve_torch_device, to_dict
+from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
 from ept_hw.stability import detect_limit_cycle
 
@@ -87,15 +87,18 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     `tile`: the analog path's resolved `TileConfig` (default: resolved from `cfg.analog`)."""
     dtype = cfg.torch_dtype
     seed = cfg.seed
+    device = resolve_torch_device("torch_device", cfg.torch_device)  # refused here if it is not available
     if cfg.mode == "bp":
-        return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed))}
+        return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed), device)}
     paths: dict[str, Any] = {}
     if cfg.uses_analog:
         factory, generators = build_analog_factory(cfg.analog, seed, tile=tile)
-        model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype,
+                                       device=device)
         paths["analog"] = build_ep_path("analog", model, cfg, analog=True, probe_seed=seed + 7, extra_generators=generators)
     if cfg.mode != "ep" or cfg.path == "twin":
-        model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype)
+        model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype,
+                                       device=device)
         paths["twin"] = build_ep_path("twin", model, cfg, analog=False, probe_seed=seed + 7)
     return paths
 
@@ -118,7 +121,9 @@ def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
                "frozen": "one draw kept for every read"}[tile.noise_mode]
             + ").",
             f"Noise-aware stop: the residual of the time-averaged dynamics over a window of {a.noise_window} steps "
-            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance or after {a.stop_patience} steps without improvement; "
+            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance, after {a.stop_patience} steps without improvement"
+            + (f", or once it is within {a.stop_floor_factor:g}× the read-noise level of a window mean "
+               "(estimated from the window's successive forces)" if a.stop_floor_factor > 0 else "") + "; "
             "the state handed to the nudge is the window mean; the floor is measured from two reads at that state. "
             "The gate, controller and divergence rules use this residual, never the raw one.",
             "Holomorphic nudging with N ≥ 3 is refused on the analog path (complex arithmetic); N = 2 is the centered pair.",
@@ -317,9 +322,38 @@ class _Run:
     last_ckpt_step: int = 0
     t0: float = 0.0
     stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
+    began: float = field(default_factory=time.perf_counter)  # this call's start (set-up included)
+    total_before: float = 0.0  # the time split's total of the calls before a resume
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
+
+    def clock(self, part: str, since: float) -> float:
+        """Add the seconds since `since` to `part` (one of `TIME_PARTS`); returns now."""
+        now = time.perf_counter()
+        self.timers[part] += now - since
+        return now
+
+
+#: Where a run's wall time goes (summary.json `time_split`): training steps, and the instruments —
+#: validation evaluation, the health probe (riding on a training step; its own seconds only), the
+#: stability monitor, the metrics row (update cosines and weight gap between the paths: the
+#: fidelity figures), the final evaluation on the fixed validation set — and checkpoints; "other" is the rest (set-up, data, files, the first
+#: checkpoint). The total runs from the start of `run` (set-up and the initial evaluation
+#: included, unlike `wall_time`), summed over resumed calls.
+TIME_PARTS = ("train", "evaluation", "health_probe", "stability", "metrics_row", "final_evaluation", "checkpoint")
+INSTRUMENT_PARTS = ("evaluation", "health_probe", "stability", "metrics_row", "final_evaluation")
+
+
+def time_split(timers: Mapping[str, float], total: float) -> dict[str, Any]:
+    """summary.json's `time_split`: seconds per part, the rest of the `total` seconds, the total,
+    and the instruments' share of it."""
+    out: dict[str, Any] = {k: float(timers.get(k, 0.0)) for k in TIME_PARTS}
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["total"] = float(total)
+    out["instruments_share"] = sum(out[k] for k in INSTRUMENT_PARTS) / total if total > 0 else None
+    return out
 
 
 def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
@@ -327,7 +361,9 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
     """The phases: set-up (checks; nothing written), then resume or a fresh start (a new run's
     first checkpoint gives it its name), steps until the end, a divergence, an interruption or
     `stop_after`, then finish."""
+    began = time.perf_counter()
     r = _set_up(cfg, rd, resume, init_ckpt)
+    r.began = began
     guard.open(rd, resume)  # everything checked: from here on we write (a new run into its staging folder)
     r.data_gen = torch.Generator().manual_seed(r.cfg.order_seed + 1)
     if resume:
@@ -405,6 +441,11 @@ def _resume(r: _Run) -> None:
     r.step = int(ck["step"])
     r.wall_offset = float(ck["wall_time"])
     r.summary.update(r.rd.read_summary())
+    for part, seconds in (r.summary.get("time_split") or {}).items():  # a resumed run's times add up
+        if part in r.timers and isinstance(seconds, (int, float)):
+            r.timers[part] = float(seconds)
+        elif part == "total" and isinstance(seconds, (int, float)):
+            r.total_before = float(seconds)
     r.summary.pop("divergence", None)
     r.summary.pop("interrupted", None)
     r.result.steps_completed = r.step
@@ -432,10 +473,13 @@ def _start(r: _Run) -> None:
         "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
         "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
         "physics": physics_notes(cfg, r.tile),
-        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
     })
+    start = time.perf_counter()
+    r.summary["initial_val_loss"] = {n: p.evaluate(r.eval_batches) for n, p in paths.items()}
+    start = r.clock("evaluation", start)
     if cfg.training.stability_every != 0:
         r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
+        r.clock("stability", start)
     if init_info is not None:
         r.summary["init_ckpt"] = init_info
     _save_conductances(rd, paths, "start")
@@ -452,8 +496,11 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     try:
         while r.step < t.steps:
             outcomes, vals, event = _train_and_evaluate(r, schedule)
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
-                            probe=_probe_due(t, r.step) or r.step + 1 == t.steps))
+            start = time.perf_counter()
+            row = _row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
+                       probe=_probe_due(t, r.step) or r.step + 1 == t.steps)
+            r.clock("metrics_row", start)
+            log.append(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
@@ -464,7 +511,9 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
                 break
             steps_this_call += 1
             stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            start = time.perf_counter()
             _checkpoint(r, force=stop_now)
+            r.clock("checkpoint", start)
             if stop_now and r.step < t.steps:
                 _interrupted(r, interrupt.requested)
                 break
@@ -488,11 +537,18 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
     r.stabs = {}
     for name, p in r.paths.items():
         try:
+            start = time.perf_counter()
             outcomes[name] = p.train_step(idx, targets, lr, health=health)
+            probe = float(getattr(p, "last_probe_seconds", 0.0)) if health else 0.0
+            now = r.clock("train", start)
+            r.timers["train"] -= probe
+            r.timers["health_probe"] += probe
             if evaluate:
                 vals[name] = p.evaluate(r.eval_batches)
+                now = r.clock("evaluation", now)
             if stab_now:
                 r.stabs[name] = _stability(p, r.eval_batches[0])
+                r.clock("stability", now)
         except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
             outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
             vals.pop(name, None)
@@ -558,10 +614,13 @@ def _finish(r: _Run) -> RunResult:
         _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
     if r.result.divergence is None and r.step == r.cfg.training.steps and r.cfg.training.final_eval_tokens > 0:
+        start = time.perf_counter()
         r.summary["final_eval"] = final_evaluation(r.paths, r.data, r.cfg)
+        r.clock("final_evaluation", start)
     r.summary["wall_time"] = r.wall()
     final = r.summary.get("final_eval")
     r.summary["final_val_loss"] = dict(final["loss"]) if final else r.rd.final_val_losses()
+    r.summary["time_split"] = time_split(r.timers, r.total_before + time.perf_counter() - r.began)
     if "analog" in r.paths:
         r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
     r.rd.write_summary(r.summary)

@@ -205,7 +205,7 @@ class Jacreg:
     def ports(self, ctx: StepContext, lam: float) -> tuple[Ports, dict[str, Tensor]]:
         """Ports of λ·‖J_nc v‖²/‖v‖² (central difference of F), on the read-out copy."""
         model, z, idx = ctx.readout(), ctx.z, ctx.idx
-        v = torch.randn(z.shape, generator=ctx.generator, dtype=z.dtype)
+        v = torch.randn(z.shape, generator=ctx.generator, dtype=z.dtype, device=ctx.generator.device).to(z.device)
         v_norm2 = float(v.pow(2).sum())
         h = self.fd_step * float(z.norm()) / math.sqrt(v_norm2)
         x_in = model.embed(idx)

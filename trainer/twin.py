@@ -31,6 +31,7 @@ Each path returns a `StepOutcome`; `trainer.loop` puts every path on one metrics
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -168,7 +169,8 @@ def readout_copy(model: EquilibriumTransformer, cache: EquilibriumTransformer | 
     is re-programmed instead of building a new one."""
     copy = cache
     if copy is None:
-        copy = EquilibriumTransformer(model.cfg, digital_factory, torch.Generator().manual_seed(0), dtype=model.dtype)
+        copy = EquilibriumTransformer(model.cfg, digital_factory, torch.Generator().manual_seed(0), dtype=model.dtype,
+                                      device=model.device)
     for name, proj in model.projections.items():
         copy.projections[name].program(proj.weight)
     copy.params = model.params  # the periphery is digital: share it
@@ -295,6 +297,7 @@ class EPPath:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, idx: Tensor, targets: Tensor, lr: float, *, health: bool = False) -> StepOutcome:
+        self.last_probe_seconds = 0.0  # the health probe's own seconds in this step (the loop's time split)
         _, fp = self.free_phase(idx)
         z = fp.z.detach()
         residual = fp.residual_max
@@ -312,7 +315,9 @@ class EPPath:
             updates.add(est.ports, est.digital_grads, task=True)
             self.last_task_norm = update_norm(est.weight_grads, est.digital_grads)
             if health and self.health_probe is not None:
+                start = time.perf_counter()
                 out.set_figures(self.health_probe.probe(self, idx, targets, fp, est))
+                self.last_probe_seconds = time.perf_counter() - start
         else:
             with torch.no_grad():
                 out.loss = float(self.model.loss(z, targets))
@@ -349,6 +354,11 @@ class EPPath:
             for k, v in trainable_tensors(self.model).items():
                 v.copy_(self.ema.shadow[k])
         try:
+            if len(batches) > 1 and len({tuple(i.shape) for i, _ in batches}) == 1:
+                # batches of one shape: one stacked relaxation (every sequence relaxes on its own;
+                # the stop waits for the slowest of all), the mean over all tokens = the mean of
+                # the batch means
+                batches = [(torch.cat([i for i, _ in batches]), torch.cat([t for _, t in batches]))]
             total = 0.0
             for idx, targets in batches:
                 _, fp = self.free_phase(idx)
@@ -448,11 +458,13 @@ class BPPath:
     """A standard pre-LN transformer of matched width (same C, heads, FFN width, context, blocks = 1),
     trained by backprop with AdamW (or SGD): the non-equilibrium reference."""
 
-    def __init__(self, cfg: RunConfig, generator: torch.Generator):
+    def __init__(self, cfg: RunConfig, generator: torch.Generator, device: torch.device | None = None):
         self.name = "twin"
         self.cfg = cfg
         self.analog = False
-        self.net = BPTransformer(cfg.model, generator)
+        self.net = BPTransformer(cfg.model, generator)  # drawn on the CPU, then moved
+        if device is not None:
+            self.net.to(device)
         t = cfg.training
         if t.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
