@@ -27,6 +27,8 @@ import torch
 
 from crossbar.io import PeripheryReader
 from crossbar.presets import preset_io
+from ept_hw.model import EquilibriumTransformer, ModelConfig
+from ept_hw.projection import digital_factory
 
 
 def _best(fns: dict, repeats: int, inner: int) -> dict:
@@ -76,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<13} compile {t_compile:7.1f} s   eager {t['eager'] * 1e6:8.1f} us   compiled "
               f"{t['compiled'] * 1e6:8.1f} us   compiled/eager {t['compiled'] / t['eager']:5.2f}   bit-identical {same}")
 
-    from ept_hw.model import EquilibriumTransformer, ModelConfig
-    from ept_hw.projection import digital_factory
 
     model = EquilibriumTransformer(ModelConfig(width=args.width, heads=2, context=16, ffn_mult=2), digital_factory,
                                    torch.Generator().manual_seed(0))
