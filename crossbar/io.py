@@ -216,8 +216,17 @@ class PeripheryReader:
         if self.inp_noise:
             xu.add_(_draw(torch.randn, xu.shape, generator, xu.dtype, xu.device, blocks), alpha=self.inp_noise)
         if self.out_noise and not self.has_w_noise:
-            noise = _draw(torch.randn, (xu.shape[0], w.shape[0]), generator, xu.dtype, xu.device, blocks)
-            y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
+            if blocks == 1:
+                noise = _draw(torch.randn, (xu.shape[0], w.shape[0]), generator, xu.dtype, xu.device, 1)
+                y = torch.addmm(noise, xu, w_units_t, beta=self.out_noise)
+            else:  # one block's noise into each block's product (no repeated copy of the noise)
+                rows = xu.shape[0] // blocks
+                noise = torch.randn((rows, w.shape[0]), generator=generator, device=generator.device,
+                                    dtype=xu.dtype).to(xu.device)
+                y = torch.empty((xu.shape[0], w.shape[0]), dtype=xu.dtype, device=xu.device)
+                for b in range(blocks):
+                    torch.addmm(noise, xu[b * rows:(b + 1) * rows], w_units_t, beta=self.out_noise,
+                                out=y[b * rows:(b + 1) * rows])
         else:
             y = xu @ w_units_t
             if self.has_w_noise:
@@ -235,18 +244,15 @@ class PeripheryReader:
     def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Clip y to ±bound in place. Returns y, the per-vector count of outputs at the bound
         (None when there are none) and, with `per_row`, the per-vector saturation that bound
-        management tests (the upper bound only unless `bm_test_negative_bound`)."""
+        management tests (the upper bound only unless `bm_test_negative_bound`; None when no
+        output reached the bound)."""
+        a = y.abs()
+        if not float(a.max()) >= self.bound:  # the usual case: one test, nothing clipped, nothing saturated
+            return y, None, None
+        clipped = (a >= self.bound).sum(dim=-1)
+        touched = None
         if per_row:
-            touched = y.abs().amax(dim=-1) >= self.bound
-            if not bool(touched.any()):
-                return y, None, touched
-            if not self.io.bm_test_negative_bound:
-                touched = (y >= self.bound).any(dim=-1)
-        else:
-            touched = None
-            if not float(y.abs().amax()) >= self.bound:
-                return y, None, None
-        clipped = (y.abs() >= self.bound).sum(dim=-1)  # only when some output reached the bound
+            touched = clipped > 0 if self.io.bm_test_negative_bound else (y >= self.bound).any(dim=-1)
         y.clamp_(-self.bound, self.bound)
         return y, clipped, touched
 
@@ -265,6 +271,8 @@ class PeripheryReader:
             reads += int(idx.numel())
             y[idx] = y_again * factor
             clipped[idx] = 0 if clip_again is None else clip_again
+            if sat_again is None:  # no re-read vector reached the bound: done
+                break
             saturated = torch.zeros_like(saturated)
             saturated[idx] = sat_again
         return reads

@@ -301,13 +301,15 @@ class AnalogTile:
         if omega <= 0.0:
             return torch.ones(self.out_features, 1, device=self.device)
         rule = m.weight_scaling_rule if rule is None else rule
+        fan_in_max = m.weight_scaling_fan_in_max / math.sqrt(self.in_features)
         if rule == "fan_in":
-            s = m.weight_scaling_fan_in_max / (omega * math.sqrt(self.in_features))
-            return torch.full((self.out_features, 1), s, device=self.device)
+            return torch.full((self.out_features, 1), fan_in_max / omega, device=self.device)
         if m.weight_scaling_columnwise:
             amax = w.abs().amax(dim=1, keepdim=True)
         else:
             amax = w.abs().amax().expand(self.out_features, 1)
+        if rule == "max_fan_in":
+            return (amax.clamp_min(fan_in_max) / omega).clone()
         return torch.where(amax > 0, amax / omega, torch.ones_like(amax)).clone()
 
     def _write(self, w: Tensor, scale: Tensor) -> None:
@@ -321,9 +323,10 @@ class AnalogTile:
         self.algorithm.program(w_dev)
 
     def remap(self) -> None:
-        """aihwkit's `remap_weights`: refit s by the "max" rule to the current weights (read
+        """aihwkit's `remap_weights`: refit s by the mapping rule to the current weights (read
         exactly from the simulator state) and reprogram the devices to W/s; counted in `remaps`."""
-        self._write(self.weight.clone(), self.mapping_scale(self.weight, rule="max"))
+        w = self.weight.clone()
+        self._write(w, self.mapping_scale(w))
         self.n_remaps += 1
 
     def representable_range(self) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,11 @@ Conventions
   the key, the value and the allowed range. `from_dict` re-keys a dataclass's own check by the
   full dotted path of the table it loaded (a bad `floor` in `[stabilisers.jacreg]` is reported as
   `stabilisers.jacreg.floor`, whatever name the check used).
+- A nested table given in part keeps the defaults of the table its container declares: with
+  `solver: SolverConfig = field(default_factory=lambda: SolverConfig(max_steps=300))`, a
+  `[solver]` table without `max_steps` gets 300, not the class default.
+- Overrides of a table (a partial table applied later to a whole one) are checked for keys and
+  types by `check_partial` and applied with `merge`.
 - TOML has no null: `to_dict` drops `None` values, and loading leaves those fields at their
   defaults.
 """
@@ -41,6 +46,8 @@ __all__ = [
     "resolve_torch_device",
     "check_positive_int",
     "from_dict",
+    "check_partial",
+    "merge",
     "to_dict",
     "load_toml",
     "save_toml",
@@ -188,12 +195,58 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(prefix + key, value, f"a key of {cls.__name__}: " + ", ".join(sorted(fields)))
+            raise _unknown_key(cls, fields, prefix + key, value)
+        default = _default_table(fields[key])
+        if default is not None and isinstance(value, Mapping):
+            value = merge(to_dict(default), value)  # a partial table keeps the container's defaults
         kwargs[key] = _coerce(prefix + key, hints[key], value)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise _located(exc, fields, prefix) from None
+
+
+def _default_table(f: dataclasses.Field) -> Any:
+    """The default of a nested-table field (a dataclass instance), or None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
+def _unknown_key(cls: type, fields: Iterable[str], key: str, value: Any) -> ConfigError:
+    return ConfigError(key, value, f"a key of {cls.__name__}: " + ", ".join(sorted(fields)))
+
+
+def check_partial(cls: type, data: Any, prefix: str = "") -> None:
+    """Check a partial table of dataclass `cls` (overrides: any subset of its keys, nested tables
+    partial too) without building it: unknown keys and values of the wrong type raise
+    `ConfigError` under the full dotted key. Ranges are checked when the overrides are applied
+    to a whole table (`merge` then `from_dict`)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip("."), data, f"a table of {cls.__name__} keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, fields, prefix + key, value)
+        tp = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            check_partial(tp, value, prefix + key + ".")
+        else:
+            _coerce(prefix + key, hints[key], value)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (override wins; nested tables merge)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 def _located(exc: ConfigError, fields: Iterable[str], prefix: str) -> ConfigError:

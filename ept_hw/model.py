@@ -87,16 +87,20 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)))
 
 
-def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float | Tensor, center: bool = True) -> Tensor:
-    """LayerNorm (center=True) or RMSNorm (center=False) over the last dim.
-
-    The variance is mean((x − μ)²) without conjugation, so the complex extension is holomorphic;
-    real inputs use torch's fused kernels of the same formula.
-    """
+def normalise(x: Tensor, eps: float | Tensor, center: bool = True) -> Tensor:
+    """(x − μ)·rsqrt(var + eps) over the last dim (μ = 0 without `center`): LayerNorm/RMSNorm
+    before their gain and bias. The variance is mean((x − μ)²) without conjugation, so the
+    complex extension is holomorphic."""
     if center:
         x = x - x.mean(dim=-1, keepdim=True)
     var = (x * x).mean(dim=-1, keepdim=True)
-    y = x * torch.rsqrt(var + eps) * gain
+    return x * torch.rsqrt(var + eps)
+
+
+def layer_norm(x: Tensor, gain: Tensor, bias: Tensor | None, eps: float | Tensor, center: bool = True) -> Tensor:
+    """LayerNorm (center=True) or RMSNorm (center=False) over the last dim: `normalise`, times
+    `gain`, plus `bias`."""
+    y = normalise(x, eps, center) * gain
     return y if bias is None else y + bias
 
 
@@ -313,7 +317,15 @@ class EquilibriumTransformer:
             x_in = const(x_in)
         ln_eps = const(cfg.ln_eps)
 
-        h = layer_norm(z, p["ln1_g"], p["ln1_b"], ln_eps)
+        # LN1 and LN2 normalise the same z: without a backward to come, one normalisation serves
+        # both (the same arithmetic as two `layer_norm` calls, bit for bit); under autograd they stay
+        # two, so that the backward still sums their contributions at z (bit-identical Jᵀv)
+        z_hat = None if torch.is_grad_enabled() else normalise(z, ln_eps)
+
+        def ln(gain: Tensor, bias: Tensor) -> Tensor:
+            return layer_norm(z, gain, bias, ln_eps) if z_hat is None else z_hat * gain + bias
+
+        h = ln(p["ln1_g"], p["ln1_b"])
         q = project(P["W_Q"], h, "W_Q", recorder).view(B, T, H, d).transpose(1, 2)
         k = project(P["W_K"], h, "W_K", recorder).view(B, T, H, d).transpose(1, 2)
         v = project(P["W_V"], h, "W_V", recorder).view(B, T, H, d).transpose(1, 2)
@@ -329,7 +341,7 @@ class EquilibriumTransformer:
         mixed = (att @ v).transpose(1, 2).reshape(B, T, C)
         attn_out = project(P["W_O"], mixed, "W_O", recorder)
 
-        h2 = layer_norm(z, p["ln2_g"], p["ln2_b"], ln_eps)
+        h2 = ln(p["ln2_g"], p["ln2_b"])
         hidden = gelu_tanh(project(P["W_1"], h2, "W_1", recorder) + p["b_1"])
         ffn_out = project(P["W_2"], hidden, "W_2", recorder) + p["b_2"]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .projection import Projection
@@ -122,7 +123,11 @@ class _ProjectionReadCtx(torch.autograd.Function):
 
 
 def project(proj: Projection, u: Tensor, name: str, recorder: PortRecorder | None = None) -> Tensor:
-    """Read `proj` at `u` (y = u Wᵀ) so that autograd uses the projection's own transposed read."""
+    """Read `proj` at `u` (y = u Wᵀ) so that autograd uses the projection's own transposed read.
+    Where no derivative can be asked for (grad mode off, no forward-mode tangent on u, no
+    torch.func transform: the free phase) the read is made directly, without the Function."""
     if torch._C._are_functorch_transforms_active():
         return _ProjectionRead.apply(u, proj, name, recorder)
+    if not torch.is_grad_enabled() and fwAD.unpack_dual(u).tangent is None:
+        return forward_read(proj, u)
     return _ProjectionReadCtx.apply(u, proj, name, recorder)

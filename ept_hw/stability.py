@@ -34,6 +34,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
@@ -98,6 +99,14 @@ def _forward_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
     return torch.func.jvp(force, (z,), (v,))[1]
 
 
+def _dual_jvp(force: Force, z: Tensor, v: Tensor) -> Tensor:
+    """J v by forward-mode dual numbers (`torch.autograd.forward_ad`): the same derivative as
+    `torch.func.jvp` without its transform machinery (a few F per product instead of ~10 at the
+    demo size), for callers that need no graph through the product."""
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(force(fwAD.make_dual(z, v))).tangent
+
+
 def make_jvp(
     force: Force,
     z: Tensor,
@@ -106,8 +115,11 @@ def make_jvp(
     fd_rel_step: float | None = None,
     fd_abs_floor: float = 1e-3,
     generator: torch.Generator | None = None,
+    differentiable: bool = True,
 ) -> tuple[Callable[[Tensor], Tensor], str]:
-    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way.
+    """Return (v -> J v at z, mode used). Differentiable in the force's parameters either way,
+    unless `differentiable=False`: forward mode then uses dual numbers (`_dual_jvp`, cheaper; for
+    products taken under no_grad, such as the eigenvalue monitor's).
 
     "auto": forward mode, checked against finite differences on one random probe; if forward mode
     raises or disagrees by more than 1e-2 (relative; e.g. it returns 0 through detached code),
@@ -121,7 +133,7 @@ def make_jvp(
         return _fd_jvp(force, z, v, h)
 
     def fwd(v: Tensor) -> Tensor:
-        return _forward_jvp(force, z, v)
+        return _forward_jvp(force, z, v) if differentiable else _dual_jvp(force, z, v)
 
     if mode == "fd":
         return fd, "fd"
@@ -208,7 +220,7 @@ def leading_eigenvalues(
     if z.dtype.is_complex:
         raise ValueError("leading_eigenvalues needs a real state")
     z = z.detach()
-    jv, mode = make_jvp(force, z, jvp, generator=generator)
+    jv, mode = make_jvp(force, z, jvp, generator=generator, differentiable=False)  # products under no_grad
     n = z.numel()
     count = [0]
     notes: list[str] = []
@@ -478,10 +490,12 @@ def detect_limit_cycle(
 
 @dataclass(frozen=True)
 class EigRegConfig:
+    """eigreg's settings (the run's `[stabilisers.eigreg]` table). The map's ε (I + εJ) is the
+    relaxation's Euler step, passed to `eigreg_penalty` / `model_eigreg` with the call."""
+
     weight: float = 1.0
     margin: float = 0.995  # on |lambda| (on="abs_lambda") or on Re mu (on="re_mu", e.g. -0.05)
     on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
-    eps: float = 0.1  # the map is I + eps J
     iters: int = 20  # subspace iterations per call (warm start with the returned basis)
     block: int = 8  # subspace dimension (Rayleigh-Ritz then picks the leading pair)
     jvp: str = "fd"  # "fd" | "forward" (both differentiable in the parameters)
@@ -494,7 +508,6 @@ class EigRegConfig:
             check_range("margin", self.margin, 0.0, None, lo_open=True)
         else:
             check_range("margin", self.margin)
-        check_range("eps", self.eps, 0.0, None, lo_open=True)
         check_positive_int("iters", self.iters, minimum=0)
         check_positive_int("block", self.block, minimum=2)
         check_choice("jvp", self.jvp, ("fd", "forward"))
@@ -532,6 +545,7 @@ def eigreg_penalty(
     z_star: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> EigRegResult:
@@ -546,6 +560,7 @@ def eigreg_penalty(
     is the largest-Re-mu pair unless eps |mu| is large.
     """
     cfg = cfg or EigRegConfig()
+    check_range("eps", eps, 0.0, None, lo_open=True)
     z = z_star.detach()
     n = z.numel()
     p = min(cfg.block, n)
@@ -560,7 +575,7 @@ def eigreg_penalty(
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
     def map_cols(qm: Tensor) -> Tensor:
-        return torch.stack([c + cfg.eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
+        return torch.stack([c + eps * jv_nograd(c.reshape(z.shape)).reshape(-1) for c in qm.T], dim=1)
 
     with torch.no_grad():
         for _ in range(cfg.iters):
@@ -589,14 +604,14 @@ def eigreg_penalty(
     jv_graph, _ = make_jvp(force, z_leaf, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     jq = torch.stack([jv_graph(c.reshape(z.shape)).reshape(-1) for c in q.T], dim=1)
     count += 2
-    h = q.T @ (q + cfg.eps * jq)
+    h = q.T @ (q + eps * jq)
     abs_lam, re_lam, im_lam = leading_pair_from_2x2(h)
-    re_mu = (re_lam - 1) / cfg.eps
+    re_mu = (re_lam - 1) / eps
     x = abs_lam if cfg.on == "abs_lambda" else re_mu
     penalty = cfg.weight * torch.relu(x - cfg.margin) ** 2
     return EigRegResult(
         penalty=penalty, lead_abs_lambda=float(abs_lam.detach()), lead_re_mu=float(re_mu.detach()),
-        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / cfg.eps), basis=full_basis, n_matvecs=count,
+        lead_mu=complex(float(re_mu.detach()), float(im_lam.detach()) / eps), basis=full_basis, n_matvecs=count,
         state_leaf=z_leaf,
     )
 
@@ -710,6 +725,7 @@ def model_eigreg(
     x_in: Tensor,
     cfg: EigRegConfig | None = None,
     *,
+    eps: float,
     params: dict[str, Tensor] | None = None,
     basis: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -727,7 +743,7 @@ def model_eigreg(
     cfg = cfg or EigRegConfig()
     recorder = PortRecorder()
     force = model_force(model, x_in.detach(), params=params, recorder=recorder)
-    result = eigreg_penalty(force, z_star, cfg, basis=basis, generator=generator)
+    result = eigreg_penalty(force, z_star, cfg, eps=eps, basis=basis, generator=generator)
     leaves = {n: t for n, t in (params or {}).items() if t.requires_grad}
     weight_grads: dict[str, Tensor] = {}
     param_grads: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}

@@ -235,16 +235,16 @@ def factor_config(cfg: Any, remove: Sequence[str]) -> Any:
 
 # ------------------------------------------------------------------------------ the point function
 def _task_config(context: Mapping[str, Any], path: str, device: str | None, remove: Sequence[str] = ()) -> Any:
-    from ept_hw.config import from_dict
-    from trainer.config import RunConfig
+    from trainer.config import run_config_from_dict
 
     from experiments.sweep.device import SEED_STRIDE
 
-    cfg = from_dict(RunConfig, context["config"])
+    cfg = run_config_from_dict(context["config"])
     k = int(context.get("point_seed") or 0)
     if k:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * k, data_seed=cfg.order_seed)
-    analog = cfg.analog if device is None else dataclasses.replace(cfg.analog, device=device, periphery="default")
+    # a tile file written for the task is the whole tile: the run's overrides are already in it
+    analog = cfg.analog if device is None else dataclasses.replace(cfg.analog, device=device, periphery="default", tile={})
     return factor_config(dataclasses.replace(cfg, mode="ep", path=path, analog=analog), remove)
 
 

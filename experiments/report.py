@@ -1,9 +1,10 @@
 """Run report: PNG plots and `report.md` from a run directory (`config.toml`, `metrics.jsonl`,
 `summary.json`, `conductances.pt`).
 
-Plots (matplotlib, Agg backend, written under `plots/`): train/val loss of both paths, free-phase
-residual with its noise floor, update cosine per projection, weight gap, estimator health, device
-conductance (weight) histograms at start and end. `report.md` states the configuration, the
+Plots (matplotlib, Agg backend, written under `plots/`): one figure per `Metric.plot` declared in
+`trainer.metrics.METRICS` (loss, residual with its noise floor, update cosine per projection,
+weight gap, estimator health, stability; panel titles in `PANELS`), and the device conductance
+(weight) histograms at start and end. `report.md` states the configuration, the
 physics choices of the analog relaxation, the final figures side by side, the validation
 text's unigram entropy and the device and periphery parameters the analog path trained with (a
 table from the run's own `tile.toml`), and the gap-attribution table and waterfall of
@@ -13,8 +14,9 @@ table from the run's own `tile.toml`), and the gap-attribution table and waterfa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 
@@ -22,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.metrics import active_paths, aggregate, column, figure_rows, final_figures  # noqa: E402
+from trainer.fidelity import COLLAPSE_BAND  # noqa: E402
+from trainer.metrics import Metric, active_paths, aggregate, column, figure_rows, final_figures, plotted  # noqa: E402
 from trainer.rundir import RunDirectory  # noqa: E402
 
 from .markdown import table as md_table  # noqa: E402
@@ -56,70 +59,133 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _plot_losses(rows, paths, out: Path, entropy: float | None, initial: Mapping[str, float] | None = None,
-                 bigram: float | None = None) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for p in paths:
-        st = PATH_STYLE[p]
-        s, v = _finite(*column(rows, f"{p}_loss"))
-        if s:
-            ax.plot(s, _smooth(v, 10), color=st["color"], alpha=0.6, lw=1, label=f"{st['label']} train (10-step mean)")
-        s, v = _finite(*column(rows, f"{p}_val_loss"))
-        if initial and initial.get(p) is not None:
-            s, v = [-1] + s, [initial[p]] + v  # before the first update
-        if s:
-            ax.plot(s, v, "o-", color=st["color"], lw=2, ms=4, label=f"{st['label']} validation")
+@dataclass(frozen=True)
+class Panel:
+    """The axes of one report plot panel (which metrics it draws is declared by the metrics
+    themselves: `Metric.plot` / `Metric.panel` in `trainer.metrics.METRICS`). A panel that is not
+    declared here gets its first metric's label as title and y label. `extra` draws what is not a
+    metric (reference lines from the summary)."""
+
+    title: str
+    ylabel: str
+    ylim: tuple[float, float] | None = None
+    hline: float | None = None
+    xlabel: str = "step"
+    legend_columns: int = 1
+    extra: Callable[[Any, Mapping[str, Any]], None] | None = None
+
+
+def _loss_references(ax, summary: Mapping[str, Any]) -> None:
+    entropy, bigram = summary.get("unigram_entropy"), summary.get("bigram_loss")
     if entropy is not None:
         ax.axhline(entropy, color="k", ls="--", lw=1, label=f"unigram entropy {entropy:.3f}")
         ax.axhline(entropy - 0.3, color="gray", ls=":", lw=1, label="entropy − 0.3 nats")
     if bigram is not None:
         ax.axhline(bigram, color="tab:purple", ls="-.", lw=1, label=f"bigram table {bigram:.3f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "loss.png")
 
 
-def _plot_residual(rows, paths, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for p in paths:
-        st = PATH_STYLE[p]
-        s, v = _finite(*column(rows, f"{p}_residual"))
-        v_pos = [max(x, 1e-12) for x in v]
-        if s:
-            ax.semilogy(s, v_pos, color=st["color"], lw=1, label=f"{st['label']} residual (noise-aware)")
-        s, v = _finite(*column(rows, f"{p}_residual_floor"))
-        if s and any(x > 0 for x in v):
-            ax.semilogy(s, [max(x, 1e-12) for x in v], color=st["color"], ls="--", lw=1, label=f"{st['label']} noise floor")
-    ax.set_xlabel("step")
-    ax.set_ylabel("one-step relative residual")
-    ax.set_title("Free-phase residual")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return _save(fig, out / "residual.png")
+def _collapse_band(ax, summary: Mapping[str, Any]) -> None:
+    for edge in COLLAPSE_BAND:
+        ax.axhline(edge, color="tab:red", ls=":", lw=1)
 
 
-def _plot_cosines(rows, out: Path) -> Path | None:
-    names: list[str] = []
-    for r in rows:
-        if r.get("update_cos"):
-            names = list(r["update_cos"])
-            break
-    if not names:
+#: (figure, panel) -> its axes; figures are written in this order, then any other declared by a metric.
+PANELS: dict[tuple[str, int], Panel] = {
+    ("loss", 0): Panel("Loss", "cross-entropy (nats/token)", extra=_loss_references),
+    ("residual", 0): Panel("Free-phase residual", "one-step relative residual"),
+    ("update_cosine", 0): Panel("Update agreement per projection (5-step mean)", "cos(analog update, twin update)",
+                                ylim=(-0.1, 1.05), legend_columns=4),
+    ("weight_gap", 0): Panel("Weight gap", "‖W_analog − W_twin‖ / ‖W_twin‖", legend_columns=4),
+    ("realised_updates", 0): Panel("Realised updates (analog, simulator-side; 5-step mean)",
+                                   "‖ΔW realised‖ / ‖ΔW requested‖", hline=1.0, legend_columns=4),
+    ("realised_updates", 1): Panel("Weight norm, analog / twin (dotted: collapse band)", "‖W_analog‖ / ‖W_twin‖",
+                                   hline=1.0, legend_columns=4, extra=_collapse_band),
+    ("estimator_health", 0): Panel("Estimator health (twin)", "cosine", ylim=(-1.05, 1.05)),
+    ("estimator_health", 1): Panel("‖EP gradient‖ / ‖implicit gradient‖", "ratio", hline=1.0),
+    ("stability", 0): Panel("Relaxation stability (Re μ < 0: the fixed point attracts)", "leading Re μ of J",
+                            hline=0.0, xlabel="step (−1: initial weights; analog: read-out weights)"),
+}
+
+
+def _initial(summary: Mapping[str, Any], key: str | None, path: str) -> Any:
+    """`summary[head][path][rest...]` for a dotted `Metric.initial` key, or None."""
+    if key is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in names:
-        s, v = _per_projection(rows, "update_cos", name)
-        ax.plot(s, _smooth(v, 5), lw=1, label=name)
-    ax.set_ylim(-0.1, 1.05)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cos(analog update, twin update)")
-    ax.set_title("Update agreement per projection (5-step mean)")
-    ax.legend(fontsize=8, ncol=4)
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "update_cosine.png")
+    head, *rest = key.split(".")
+    value = (summary.get(head) or {}).get(path)
+    for part in rest:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _series(rows, m: Metric, paths: Sequence[str], summary: Mapping[str, Any]) -> list[tuple[str, dict, list, list]]:
+    """(legend, matplotlib style, steps, values) of every line metric `m` draws."""
+    legend = m.legend or m.label
+    out = []
+    if m.scope == "path":
+        with_values = [p for p in paths if column(rows, f"{p}_{m.key}")[0]]
+        for p in paths:
+            key = f"{p}_{m.key}"
+            names = _projection_names(rows, key) if any(isinstance(r.get(key), Mapping) for r in rows) else None
+            if names is not None:  # per projection (prefixed by the path when more than one logs it)
+                prefix = f"{PATH_STYLE[p]['label']} " if len(with_values) > 1 else ""
+                out += [(prefix + name, {"alpha": 0.8}, *_per_projection(rows, key, name)) for name in names]
+                continue
+            s, v = _finite(*column(rows, key))
+            init = _initial(summary, m.initial, p)
+            if init is not None:
+                s, v = [-1] + s, [init] + v  # before the first update
+            out.append((f"{PATH_STYLE[p]['label']} {legend}", {"color": PATH_STYLE[p]["color"]}, s, v))
+        return out
+    if any(isinstance(r.get(m.key), Mapping) for r in rows):
+        return [(name, {"alpha": 0.8}, *_per_projection(rows, m.key, name)) for name in _projection_names(rows, m.key)]
+    s, v = _finite(*column(rows, m.key))
+    return [(legend, {"color": "k", "lw": 2} if m.scope == "cross" else {}, s, v)]
+
+
+_STYLES = {"line": {"lw": 1}, "points": {"marker": "o", "ms": 3, "lw": 1}, "dashed": {"ls": "--", "lw": 1}}
+
+
+def _plot_figure(name: str, panels: Mapping[int, Sequence[Metric]], rows, paths, summary, out: Path) -> Path | None:
+    """One report figure from its declared metrics; None when none of them has a logged value."""
+    drawn = {i: [(m, ser) for m in ms for ser in _series(rows, m, paths, summary)] for i, ms in sorted(panels.items())}
+    if not any(ser[2] for series in drawn.values() for _, ser in series):
+        return None
+    n = len(drawn)
+    fig, axes = plt.subplots(1, n, figsize=(7, 4.2) if n == 1 else (5 * n, 4), squeeze=False)
+    for ax, (i, series) in zip(axes.flat, drawn.items()):
+        ms = panels[i]
+        panel = PANELS.get((name, i)) or Panel(ms[0].label, ms[0].label)
+        log = any(m.scale == "log" for m in ms)
+        for m, (label, style, s, v) in series:
+            if log:
+                if not any(x > 0 for x in v):
+                    continue  # nothing to draw on a log axis (a digital path's zero noise floor)
+                v = [max(x, 1e-12) for x in v]
+            if s:
+                ax.plot(s, _smooth(v, m.smooth), label=label, **{**_STYLES[m.style], **style})
+        if log:
+            ax.set_yscale("log")
+        if panel.hline is not None:
+            ax.axhline(panel.hline, color="k", lw=0.8)
+        if panel.extra is not None:
+            panel.extra(ax, summary)
+        if panel.ylim is not None:
+            ax.set_ylim(*panel.ylim)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=panel.legend_columns)
+        ax.grid(alpha=0.3, which="both" if log else "major")
+    return _save(fig, out / f"{name}.png")
+
+
+def _plot_metrics(rows, paths, summary: Mapping[str, Any], out: Path) -> list[Path | None]:
+    """Every figure the metrics declare (`trainer.metrics.plotted`), the `PANELS` order first."""
+    figures = plotted()
+    order = list(dict.fromkeys([f for f, _ in PANELS if f in figures] + list(figures)))
+    return [_plot_figure(name, figures[name], rows, paths, summary, out) for name in order]
 
 
 def _per_projection(rows, key: str, name: str) -> tuple[list, list]:
@@ -128,60 +194,8 @@ def _per_projection(rows, key: str, name: str) -> tuple[list, list]:
     return _finite([r["step"] for r in hits], [r[key][name] for r in hits])
 
 
-def _plot_weight_gap(rows, out: Path) -> Path | None:
-    s, v = _finite(*column(rows, "weight_gap"))
-    if not s:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(s, v, color="k", lw=2, label="all projections")
-    names: list[str] = []
-    for r in rows:
-        if r.get("weight_gap_per_projection"):
-            names = list(r["weight_gap_per_projection"])
-            break
-    for name in names:
-        ax.plot(*_per_projection(rows, "weight_gap_per_projection", name), lw=1, alpha=0.7, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("‖W_analog − W_twin‖ / ‖W_twin‖")
-    ax.set_title("Weight gap")
-    ax.legend(fontsize=8, ncol=4)
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "weight_gap.png")
-
-
 def _projection_names(rows, key: str) -> list[str]:
     return next((list(r[key]) for r in rows if r.get(key)), [])
-
-
-def _plot_realised(rows, out: Path) -> Path | None:
-    """Per projection: ‖realised ΔW‖/‖requested ΔW‖ of the analog steps (5-step mean) and the
-    analog/twin weight-norm ratio at the probes, with the collapse band."""
-    from trainer.fidelity import COLLAPSE_BAND
-
-    names = _projection_names(rows, "analog_realised_ratio")
-    if not names:
-        return None
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in names:
-        s, v = _per_projection(rows, "analog_realised_ratio", name)
-        ax.semilogy(s, [max(x, 1e-6) for x in _smooth(v, 5)], lw=1, label=name)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("‖ΔW realised‖ / ‖ΔW requested‖")
-    ax.set_title("Realised updates (analog, simulator-side; 5-step mean)")
-    ax.legend(fontsize=8, ncol=4)
-    ax.grid(alpha=0.3, which="both")
-    for name in _projection_names(rows, "weight_norm_ratio"):
-        ax2.plot(*_per_projection(rows, "weight_norm_ratio", name), "o-", ms=3, lw=1, label=name)
-    for edge in COLLAPSE_BAND:
-        ax2.axhline(edge, color="tab:red", ls=":", lw=1)
-    ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("‖W_analog‖ / ‖W_twin‖")
-    ax2.set_title("Weight norm, analog / twin (dotted: collapse band)")
-    ax2.legend(fontsize=8, ncol=4)
-    ax2.grid(alpha=0.3)
-    return _save(fig, out / "realised_updates.png")
 
 
 def fidelity_section(rows: Sequence[Mapping[str, Any]], work: Mapping[str, tuple[float, float]] | None = None,
@@ -245,52 +259,6 @@ def _last_nested(rows, key: str, name: str) -> float | None:
 def _adc_per_step(rows) -> float | None:
     s, v = _finite(*column(rows, "analog_adc_conversions"))
     return (v[-1] - v[0]) / (s[-1] - s[0]) if len(s) > 1 and s[-1] > s[0] else None
-
-
-def _plot_health(rows, out: Path) -> Path | None:
-    keys = [("health_cos", "cos(EP, implicit)"), ("health_self_coherence", "half-batch self-coherence")]
-    if not any(column(rows, k)[0] for k, _ in keys):
-        return None
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for k, label in keys:
-        ax.plot(*_finite(*column(rows, k)), "o-", ms=3, label=label)
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("step")
-    ax.set_title("Estimator health (twin)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    s, v = _finite(*column(rows, "health_norm_ratio"))
-    if s:
-        ax2.semilogy(s, [max(x, 1e-12) for x in v], "o-", ms=3, color="tab:green")
-    ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set_xlabel("step")
-    ax2.set_title("‖EP gradient‖ / ‖implicit gradient‖")
-    ax2.grid(alpha=0.3, which="both")
-    return _save(fig, out / "estimator_health.png")
-
-
-def _plot_stability(rows, paths, out: Path, initial: Mapping[str, Any] | None = None) -> Path | None:
-    """Leading Re μ over steps for each path (analog: on the arrays' read-out weights), with the
-    initial point from the summary; Re μ = 0 is where the fixed point stops attracting."""
-    if not any(column(rows, f"{p}_re_mu")[0] for p in paths):
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for p in paths:
-        st = PATH_STYLE[p]
-        s, v = _finite(*column(rows, f"{p}_re_mu"))
-        init = (initial or {}).get(p) or {}
-        if init.get("re_mu") is not None:
-            s, v = [-1] + s, [init["re_mu"]] + v
-        if s:
-            label = st["label"] + (" (read-out weights)" if p == "analog" else "")
-            ax.plot(s, v, "o-", ms=3, color=st["color"], lw=1, label=label)
-    ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xlabel("step (−1: initial weights)")
-    ax.set_ylabel("leading Re μ of J")
-    ax.set_title("Relaxation stability (Re μ < 0: the fixed point attracts)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, out / "stability.png")
 
 
 def _plot_conductances(rd: RunDirectory, out: Path) -> Path | None:
@@ -439,16 +407,7 @@ def write_report(run_dir: str | Path) -> Path:
     paths = active_paths(rows)
     plots_dir = rd.plots_dir
     plots_dir.mkdir(exist_ok=True)
-    plots = [
-        _plot_losses(rows, paths, plots_dir, entropy, summary.get("initial_val_loss"), bigram),
-        _plot_residual(rows, paths, plots_dir),
-        _plot_cosines(rows, plots_dir),
-        _plot_weight_gap(rows, plots_dir),
-        _plot_realised(rows, plots_dir),
-        _plot_health(rows, plots_dir),
-        _plot_stability(rows, paths, plots_dir, summary.get("initial_stability")),
-        _plot_conductances(rd, plots_dir),
-    ]
+    plots = [*_plot_metrics(rows, paths, summary, plots_dir), _plot_conductances(rd, plots_dir)]
     figures = final_figures(rows)
 
     lines: list[str] = []
@@ -603,11 +562,19 @@ def gap_explanation(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     realised = {n: _mean_nested(rows, "analog_realised_ratio", n) for n in names}
     realised = {n: v for n, v in realised.items() if v is not None}
     if realised:
-        low = min(realised, key=realised.get)
-        out.append(f"Realised update size (simulator-side): the arrays realise on average "
-                   f"{sum(realised.values()) / len(realised):.2f} of the requested ‖ΔW‖ per step over the projections "
-                   f"(lowest {low} at {realised[low]:.2f}); below 1 the devices' steps (asymmetry, bounds, "
-                   "granularity) lose part of every update, whatever was requested.")
+        low, high = min(realised, key=realised.get), max(realised, key=realised.get)
+        cos = {n: _mean_nested(rows, "analog_realised_cos", n) for n in realised}
+        why = []
+        if realised[high] > 1.2:
+            why.append(f"above 1 ({high} {realised[high]:.2f}, cos {_fmt(cos[high])}) the realised step is mostly "
+                       "noise of the pulsed update (stochastic pulse coincidences, quantised device steps, "
+                       "cycle-to-cycle noise), not the requested direction")
+        if realised[low] < 0.8:
+            why.append(f"below 1 ({low} {realised[low]:.2f}) the devices lose part of every update (asymmetric "
+                       "steps, bounds)")
+        out.append("Realised vs requested update per step (simulator-side): ‖ΔW realised‖/‖ΔW requested‖ ranges "
+                   f"from {realised[low]:.2f} ({low}) to {realised[high]:.2f} ({high})"
+                   + ("; " + "; ".join(why) if why else ", close to what was requested") + ".")
     norms = {n: _last_nested(rows, "weight_norm_ratio", n) for n in _projection_names(rows, "weight_norm_ratio")}
     norms = {n: v for n, v in norms.items() if v is not None}
     if norms:

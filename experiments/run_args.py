@@ -100,7 +100,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 #: options that set a config key (attribute -> dotted key)
 FLAG_KEYS = {
-    "device": "analog.device", "periphery": "analog.periphery", "noise_mode": "analog.noise_mode",
+    "device": "analog.device", "periphery": "analog.periphery", "noise_mode": "analog.tile.noise_mode",
     "tokenizer": "data.tokenizer", "vocab_size": "data.vocab_size", "steps": "training.steps",
     "batch_size": "training.batch_size", "seq_len": "training.seq_len", "lr": "training.lr",
     "beta": "estimator.beta", "seed": "seed", "data": "data.source", "torch_device": "torch_device",

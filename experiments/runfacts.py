@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from ept_hw.config import ConfigError, config_hash
 from trainer.rundir import RunDirectory
 
-__all__ = ["IncompleteRunError", "RunFacts", "check_run_dir", "read_run", "checkpoint_pulse_counts", "read_json"]
+__all__ = ["IncompleteRunError", "RunFacts", "check_run_dir", "read_run", "read_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,16 @@ def check_run_dir(run_dir: str | Path) -> RunFacts:
     if missing:
         raise IncompleteRunError(run_dir, missing)
     facts = RunFacts(run_dir, config or {}, rows, summary or {})
-    facts.counters = dict(facts.summary.get("analog_counters") or {})
-    facts.counters.update({k: v for k, v in checkpoint_pulse_counts(run_dir).items() if k not in facts.counters})
+    # the trainer writes the pulse counters into summary.json (`trainer.loop.pulse_counters`); only
+    # runs written before it did are read from their last checkpoint
+    facts.counters = dict(facts.summary.get("analog_counters") or {}) or _legacy_checkpoint_pulse_counts(run_dir)
     facts.n_weights = _count_weights(run_dir, facts)
     return facts
 
 
-def checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
-    """Per-device pulse counters of the analog path found in the last checkpoint.
+def _legacy_checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
+    """Per-device pulse counters of the analog path found in the last checkpoint, for runs whose
+    `summary.json` predates the `analog_counters` figure.
 
     The crossbar keeps a `pulse_count` tensor per tile (one entry per unit cell: the device of a
     weight, or the pair G+/G- of a differential cell); every such tensor in the analog path's state

@@ -94,3 +94,54 @@ def test_a_check_inside_a_nested_table_reports_the_full_dotted_key():
     with pytest.raises(ConfigError) as err:
         from_dict(Outer, {"inner": {"eps": 2.0}})
     assert err.value.key == "inner.eps"
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(steps=7))
+
+
+def test_a_partial_nested_table_keeps_the_containers_defaults():
+    assert from_dict(Holder, {"inner": {"eps": 0.2}}) == Holder(Inner(eps=0.2, steps=7))
+    assert from_dict(Outer, {"inner": {"eps": 0.2}}).inner.steps == 150  # a plain default_factory: the class's
+
+
+def test_each_tile_setting_has_one_home_and_old_keys_move_there(tmp_path):
+    """`noise_mode`, `n_reads` and `update.mode` are the tile's (analog.tile overrides); older
+    files' analog.noise_mode / read_average / update_mode and flat stabilisers.eigreg_* migrate."""
+    from trainer.analog import resolve_tile_config
+    from trainer.config import AnalogConfig, run_config_from, run_config_from_dict
+
+    assert not {"noise_mode", "read_average", "n_reads", "update_mode"} & {f.name for f in dataclasses.fields(AnalogConfig)}
+    old = {"analog": {"device": "reram_sb", "noise_mode": "common", "read_average": 3, "update_mode": "exact"},
+           "stabilisers": {"eigreg": 0.5, "eigreg_margin": 0.9, "eigreg_iters": 4}}
+    cfg = run_config_from_dict(old)
+    assert cfg.analog.tile == {"noise_mode": "common", "n_reads": 3, "update": {"mode": "exact"}}
+    assert (cfg.stabilisers.eigreg.weight, cfg.stabilisers.eigreg.margin, cfg.stabilisers.eigreg.iters) == (0.5, 0.9, 4)
+    assert old["analog"]["noise_mode"] == "common"  # the caller's mapping is not changed
+    tile = resolve_tile_config(cfg.analog)
+    assert (tile.noise_mode, tile.n_reads, tile.update.mode) == ("common", 3, "exact")
+    # defaults: the tile's own (preset: fast update, fresh noise, one read)
+    plain = resolve_tile_config(run_config_from_dict({"analog": {"device": "reram_sb"}}).analog)
+    assert (plain.noise_mode, plain.n_reads, plain.update.mode) == ("fresh", 1, "fast")
+    # a tile file's own setting is kept (no run-level copy overwrites it)
+    (tmp_path / "t.toml").write_text('[tile]\ndevice = "reram_sb"\nn_reads = 2\n')
+    assert resolve_tile_config(run_config_from_dict({"analog": {"device": str(tmp_path / "t.toml")}}).analog).n_reads == 2
+    # a later layer's old key overrides an earlier layer's new key; both names in one layer is refused
+    (tmp_path / "preset.toml").write_text('[analog.tile]\nn_reads = 2\n')
+    assert run_config_from(tmp_path / "preset.toml", {"analog": {"read_average": 5}}).analog.tile == {"n_reads": 5}
+    with pytest.raises(ConfigError, match=r"analog\.read_average"):
+        run_config_from_dict({"analog": {"read_average": 2, "tile": {"n_reads": 3}}})
+    # overrides are checked by key and type at load, by range when applied, under the full key
+    with pytest.raises(ConfigError) as err:
+        run_config_from_dict({"analog": {"tile": {"update": {"mdoe": "exact"}}}})
+    assert err.value.key == "analog.tile.update.mdoe"
+    with pytest.raises(ConfigError) as err:
+        run_config_from_dict({"analog": {"tile": {"n_reads": "two"}}})
+    assert err.value.key == "analog.tile.n_reads"
+    with pytest.raises(ConfigError) as err:
+        resolve_tile_config(run_config_from_dict({"analog": {"device": "reram_sb", "tile": {"n_reads": 0}}}).analog)
+    assert err.value.key == "analog.tile.n_reads"
+    with pytest.raises(ConfigError) as err:
+        run_config_from_dict({"analog": {"tile": {"device": "ecram"}}})
+    assert err.value.key == "analog.tile.device"

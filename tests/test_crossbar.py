@@ -251,7 +251,8 @@ def test_analog_factory_inside_the_model_matches_digital_twin():
 def test_tile_for_device_applies_the_preset_rules():
     cfg = tile_for_device({"model": "soft_bounds", "dw_min": 0.01, "w_max": 1.0, "w_min": -0.5})
     assert cfg.mapping.weight_scaling_omega == pytest.approx(0.3)  # 0.6·min(|w_min|, w_max)
-    assert cfg.mapping.weight_scaling_rule == "fan_in"  # the preset rule: independent of the programmed weight
+    # the preset rule: a small programmed matrix maps by the fan-in floor, not by its own maximum
+    assert cfg.mapping.weight_scaling_rule == "max_fan_in" and cfg.mapping.weight_scaling_fan_in_max == 1.5
     assert cfg.forward.out_bound == 20.0 and cfg.backward.bound_management == "none"
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")

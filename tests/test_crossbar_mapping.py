@@ -132,3 +132,19 @@ def test_mapping_parameters_refuse_bad_values():
     with pytest.raises(ConfigError, match="remap_every"):
         TileConfig(device="reram_sb", algorithm="mixed_precision",
                    mapping=MappingParameters(weight_scaling_omega=0.6, remap_every=5))
+
+
+def test_max_fan_in_rule_floors_the_max_rule_at_the_fan_in_scale():
+    kappa, omega = 1.5, 0.6
+    floor = kappa / (omega * math.sqrt(16))
+    cfg = TileConfig(device=_device(), forward=perfect_io(), backward=perfect_io(),
+                     mapping=MappingParameters(weight_scaling_omega=omega, weight_scaling_rule="max_fan_in",
+                                               weight_scaling_fan_in_max=kappa))
+    small, big = AnalogTile(cfg, 8, 16, _gen(1)), AnalogTile(cfg, 8, 16, _gen(1))
+    small.program(_init(0.1))  # max|W|·√16 ≈ 0.25 < κ: the floor
+    big.program(_init(1.0))  # max|W|·√16 ≈ 2.5 > κ: aihwkit's max rule
+    assert torch.allclose(small.scale, torch.full_like(small.scale, floor), rtol=1e-6)
+    assert float(big.scale.max()) == pytest.approx(float(_init(1.0).abs().max()) / omega, rel=1e-6)
+    assert float(big.scale.max()) > 1.2 * floor
+    with pytest.raises(ConfigError, match="remap_every"):
+        MappingParameters(weight_scaling_omega=0.6, weight_scaling_rule="fan_in", remap_every=5)

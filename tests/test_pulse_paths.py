@@ -205,7 +205,8 @@ def parity_run(tmp_path_factory):
     save_tile_config(out / "device.toml", tile)
     cfg = load_run_config("tiny", {
         "mode": "compare", "data": {"source": str(embedded_works()["hamlet"][0])},
-        "analog": {"device": str(out / "device.toml"), "periphery": "perfect", "update_mode": "expected"},
+        "analog": {"device": str(out / "device.toml"), "periphery": "perfect",
+                   "tile": {"update": {"mode": "expected"}}},
         "training": {"eval_interval": 20, "stability_every": 0},
     })
     initial = build_paths(cfg)["twin"].model

@@ -32,7 +32,7 @@ def _write_run(run_dir: Path, device: str = "reram_sb", gap: float = 0.1, pulses
         "mode": "compare", "seed": 0,
         "training": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ, "lr": 0.3},
         "solver": {"method": "euler", "eps": 0.1},
-        "analog": {"device": device, "periphery": "default", "noise_mode": "common", "read_average": 2},
+        "analog": {"device": device, "periphery": "default", "tile": {"noise_mode": "common", "n_reads": 2}},
     })
     lines = []
     for step in range(steps):
@@ -242,6 +242,22 @@ def test_endurance_and_device_count_from_the_checkpoint_counters(tmp_path):
     assert d["endurance"]["value"] == 123.0 and "note" not in d["endurance"]
     # 400 unit cells; all pulses of the last metrics row (500 * STEPS) over cells and steps
     assert d["pulses_per_device_per_step"]["value"] == pytest.approx(500.0 * STEPS / (400 * STEPS))
+
+
+def test_the_summary_counters_are_read_and_the_checkpoint_only_for_older_runs(tmp_path):
+    """A run with the trainer's `analog_counters` summary figure is read from it; the checkpoint
+    (here with other counts) is read only when the summary predates that figure."""
+    import torch
+
+    run = _write_run(tmp_path / "r")
+    (run / "checkpoints").mkdir()
+    torch.save({"step": STEPS, "paths": {"analog": {"q": {"pulse_count": torch.full((10, 20), 999.0)}}}},
+               run / "checkpoints" / "last.pt")
+    assert build_spec(run)["derived"]["endurance"]["value"] == 37  # the summary's, not the checkpoint's 999
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["analog_counters"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert build_spec(run)["derived"]["endurance"]["value"] == 999.0
 
 
 def test_cli_export_validate_and_clear_errors(tmp_path, capsys):

@@ -201,7 +201,7 @@ def test_eigreg_matches_arpack_and_lowers_the_leading_eigenvalue():
     assert op.converged
     ref = leading_eigenvalues(force, op.z, EPS, jvp="forward")
     cfg = EigRegConfig(weight=1e3, margin=0.995, iters=200)
-    out = eigreg_penalty(force, op.z, cfg, generator=_gen(10))
+    out = eigreg_penalty(force, op.z, cfg, eps=EPS, generator=_gen(10))
     assert abs(out.lead_abs_lambda - ref.lead_abs_lambda) / ref.lead_abs_lambda < 1e-3
     start = out.lead_abs_lambda
     assert 0.995 < start < 1.0  # stable, but above the margin
@@ -210,7 +210,7 @@ def test_eigreg_matches_arpack_and_lowers_the_leading_eigenvalue():
     basis = out.basis
     z = op.z
     for _ in range(5):
-        res = eigreg_penalty(force, z, EigRegConfig(weight=1e3, iters=20), basis=basis)
+        res = eigreg_penalty(force, z, EigRegConfig(weight=1e3, iters=20), eps=EPS, basis=basis)
         opt.zero_grad()
         res.penalty.backward()
         opt.step()
@@ -323,7 +323,7 @@ def test_model_eigreg_lowers_the_leading_eigenvalue():
     seen = []
     for step in range(2):
         x_in = model.embed(idx, params={n: t.detach() for n, t in params.items()})
-        result, wgrads, pgrads = model_eigreg(model, z, x_in, cfg, params=params, basis=basis, generator=_gen(17))
+        result, wgrads, pgrads = model_eigreg(model, z, x_in, cfg, eps=EPS, params=params, basis=basis, generator=_gen(17))
         seen.append(result.lead_abs_lambda)
         if step == 0:
             assert abs(result.lead_abs_lambda - before.lead_abs_lambda) < 2e-3  # subspace iteration found it
@@ -347,9 +347,11 @@ def test_eigreg_on_re_mu_tracks_the_leading_real_part():
     force, w = _param_system()
     op = find_operating_point(force, torch.zeros(1, 12, dtype=torch.float64) + 0.1, SolverConfig(tol=1e-10, max_steps=20000))
     ref = leading_eigenvalues(force, op.z, EPS, jvp="forward")
-    out = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=-0.2, weight=1.0, iters=100), generator=_gen(18))
+    out = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=-0.2, weight=1.0, iters=100), eps=EPS,
+                         generator=_gen(18))
     assert out.lead_re_mu == pytest.approx(ref.lead_re_mu, rel=1e-3)
     # one-sided: Re mu ~ -0.1 is above the margin -0.2 by ~0.1, so the penalty is ~(0.1)^2
     assert float(out.penalty.detach()) == pytest.approx((ref.lead_re_mu + 0.2) ** 2, rel=1e-2)
-    under = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=0.0, iters=100), generator=_gen(18))
+    under = eigreg_penalty(force, op.z, EigRegConfig(on="re_mu", margin=0.0, iters=100), eps=EPS,
+                           generator=_gen(18))
     assert float(under.penalty.detach()) == 0.0

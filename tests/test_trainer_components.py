@@ -207,7 +207,7 @@ def test_metrics_are_declared_once_and_everything_derives_from_the_declaration()
     assert set(ROW_KEYS) == {k for m in METRICS for k in m.row_keys()}
     assert ROW_KEYS[:3] == ("step", "lr", "wall_time") and "twin_loss" in ROW_KEYS and "analog_re_mu" in ROW_KEYS
     # every per-path figure a training step reports is declared (the loop copies them by name)
-    outcome_figures = {k for k in StepOutcome.__dataclass_fields__ if k not in ("updates", "health")} | {"update_norm"}
+    outcome_figures = {k for k in StepOutcome.__dataclass_fields__ if k not in ("updates", "health", "figures")} | {"update_norm"}
     assert outcome_figures <= set(PATH_KEYS)
     # aggregation as declared: last value, mean of the last 20 finite, count of true rows
     rows = [empty_row(s) for s in range(30)]

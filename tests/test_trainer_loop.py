@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def small_config(text_file, **overrides):
 def noisy_full_run(tmp_path_factory, text_file):
     """compare on a noisy, pulsed device: 4 uninterrupted steps."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    cfg = small_config(text_file, mode="compare", analog={"device": "ecram", "noise_mode": "common"})
+    cfg = small_config(text_file, mode="compare", analog={"device": "ecram", "tile": {"noise_mode": "common"}})
     result = run(cfg, out)
     return cfg, out, result
 
@@ -87,11 +88,11 @@ def test_resumed_run_equals_uninterrupted_run(noisy_full_run, tmp_path):
 def test_resume_refuses_a_different_config(noisy_full_run, tmp_path, text_file):
     cfg, full_dir, _ = noisy_full_run
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in full_dir.rglob("*") if p.is_file()}
-    other = small_config(text_file, mode="compare", analog={"device": "ecram", "noise_mode": "fresh"},
+    other = small_config(text_file, mode="compare", analog={"device": "ecram", "tile": {"noise_mode": "fresh"}},
                          training={"lr": 0.1})
     with pytest.raises(ConfigError) as err:
         run(other, full_dir, resume=True)
-    assert "analog.noise_mode" in str(err.value) and "training.lr" in str(err.value)
+    assert "analog.tile.noise_mode" in str(err.value) and "training.lr" in str(err.value)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in full_dir.rglob("*") if p.is_file()}
     assert after == before  # nothing touched
 
@@ -199,6 +200,41 @@ def test_init_ckpt_programs_the_arrays_and_reports_a_verdict(ideal_run, tmp_path
     assert not (tmp_path / "bad").exists()
 
 
+def test_summary_splits_the_wall_time_between_training_and_instruments(noisy_full_run):
+    """summary.json `time_split`: seconds of training, of each instrument and of checkpoints, the
+    rest, their total (set-up included) and the instruments' share of it (issue 15 item 2)."""
+    from trainer.loop import INSTRUMENT_PARTS, TIME_PARTS
+
+    _, out, result = noisy_full_run
+    split = json.loads((out / "summary.json").read_text())["time_split"]
+    assert set(split) == {*TIME_PARTS, "other", "total", "instruments_share"}
+    assert all(split[k] >= 0.0 for k in (*TIME_PARTS, "other"))
+    assert split["train"] > 0 and split["evaluation"] > 0 and split["stability"] > 0  # evaluated at steps 1, 3
+    assert split["health_probe"] == 0.0  # no probe at this config's interval
+    assert sum(split[k] for k in (*TIME_PARTS, "other")) == pytest.approx(split["total"], rel=1e-9)
+    assert split["total"] >= result.summary["wall_time"]  # set-up and the initial evaluation included
+    assert split["instruments_share"] == pytest.approx(sum(split[k] for k in INSTRUMENT_PARTS) / split["total"])
+
+
+def test_health_probe_seconds_are_the_probe_alone():
+    """`EPPath.last_probe_seconds`: the probe's own time inside a health step, 0 on other steps."""
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from trainer.twin import build_ep_path
+
+    cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8},
+                                   "training": {"seq_len": 8}})
+    model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
+    path = build_ep_path("twin", model, cfg, analog=False, probe_seed=5)
+    idx = torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    out = path.train_step(idx, idx, 0.01, health=True)
+    whole = time.perf_counter() - start
+    assert out.health and 0.0 < path.last_probe_seconds < whole
+    path.train_step(idx, idx, 0.01, health=False)
+    assert path.last_probe_seconds == 0.0
+
+
 def test_final_evaluation_on_the_fixed_validation_set(tmp_path, text_file):
     """The final figure is every path on the same fixed windows: the twin's equals one evaluation of
     all windows at once, the gap is analog − twin, and the bigram is scored on exactly those pairs."""
@@ -209,6 +245,7 @@ def test_final_evaluation_on_the_fixed_validation_set(tmp_path, text_file):
                        training={"steps": 2, "eval_interval": 2, "final_eval_tokens": 300})
     result = run(cfg, tmp_path / "fe")
     fe = result.summary["final_eval"]
+    assert result.summary["time_split"]["final_evaluation"] > 0  # an instrument in the time split
     assert fe["tokens"] == 304 and fe["windows"] == 38 and fe["chunks"] == 16  # ceil(300 / 8) windows of 8
     assert result.summary["final_val_loss"] == fe["loss"]
     assert fe["gap"] == pytest.approx(fe["loss"]["analog"] - fe["loss"]["twin"], abs=1e-9)
@@ -221,3 +258,23 @@ def test_final_evaluation_on_the_fixed_validation_set(tmp_path, text_file):
     # off by default: the final figure is the last logged evaluation
     assert "final_eval" not in run(small_config(text_file, mode="ep", training={"steps": 2, "eval_interval": 2}),
                                    tmp_path / "off").summary
+
+
+def test_evaluation_stacks_batches_of_one_shape():
+    """`EPPath.evaluate` relaxes equal-shape batches as one stack: on the twin the loss equals the
+    mean of the batches' own evaluations (to the relaxation's tolerance), and it is not any one of them."""
+    from ept_hw.model import EquilibriumTransformer
+    from ept_hw.projection import digital_factory
+    from trainer.twin import build_ep_path
+
+    cfg = load_run_config("tiny", {"mode": "ep", "model": {"vocab_size": 20, "width": 16, "heads": 2, "context": 8},
+                                   "training": {"seq_len": 8}})
+    model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0))
+    path = build_ep_path("twin", model, cfg, analog=False, probe_seed=5)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 20, (4, 8), generator=gen), torch.randint(0, 20, (4, 8), generator=gen))
+               for _ in range(3)]
+    each = [path.evaluate([b]) for b in batches]
+    stacked = path.evaluate(batches)
+    assert stacked == pytest.approx(sum(each) / 3, abs=1e-4)
+    assert min(abs(stacked - e) for e in each) > 1e-3

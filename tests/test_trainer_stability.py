@@ -33,7 +33,7 @@ def eigreg_run(tmp_path_factory):
     text = str(embedded_works()["hamlet"][0])
     cfg = load_run_config("tiny", merge(SMALL, {
         "data": {"source": text}, "mode": "compare", "analog": {"device": "ideal", "periphery": "perfect"},
-        "stabilisers": {"eigreg": 0.05, "eigreg_margin": 0.5},
+        "stabilisers": {"eigreg": {"weight": 0.05, "margin": 0.5}},
     }))
     out = tmp_path_factory.mktemp("runs") / "eig"
     return cfg, run(cfg, out), read_metrics(out / "metrics.jsonl")
@@ -74,7 +74,7 @@ def test_eigreg_update_lowers_leading_abs_lambda():
     cfg = from_dict(RunConfig, {
         "model": {"context": 8, "width": 16, "heads": 2, "ffn_mult": 2, "vocab_size": 64},
         "training": {"batch_size": 4, "seq_len": 8, "stability_tol": 1e-8}, "solver": {"max_steps": 60}, "mode": "ep", "path": "twin",
-        "stabilisers": {"eigreg": 1.0, "eigreg_margin": 0.5, "eigreg_iters": 30},
+        "stabilisers": {"eigreg": {"weight": 1.0, "margin": 0.5, "iters": 30}},
     })
     path = build_paths(cfg)["twin"]
     idx = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
@@ -100,12 +100,15 @@ def test_eigreg_update_lowers_leading_abs_lambda():
 
 def test_eigreg_config_is_checked():
     with pytest.raises(ConfigError):
-        load_run_config("tiny", {"stabilisers": {"eigreg_on": "trace"}})
-    with pytest.raises(ConfigError):
-        load_run_config("tiny", {"stabilisers": {"eigreg": -1.0}})
+        load_run_config("tiny", {"stabilisers": {"eigreg": {"on": "trace"}}})
+    with pytest.raises(ConfigError, match=r"stabilisers\.eigreg\.weight"):
+        load_run_config("tiny", {"stabilisers": {"eigreg": {"weight": -1.0}}})
     with pytest.raises(ConfigError):
         load_run_config("tiny", {"training": {"stability_every": -2}})
-    assert math.isclose(load_run_config("tiny").stabilisers.eigreg, 0.0)  # off by default
+    assert math.isclose(load_run_config("tiny").stabilisers.eigreg.weight, 0.0)  # off by default
+    # a partial table keeps the run's defaults (10 iterations of a 6-vector basis), not EigRegConfig's
+    part = load_run_config("tiny", {"stabilisers": {"eigreg": {"weight": 0.1}}}).stabilisers.eigreg
+    assert (part.weight, part.iters, part.block) == (0.1, 10, 6)
 
 
 def test_report_plots_re_mu_of_both_paths(eigreg_run):

@@ -6,8 +6,9 @@
 - a TOML file with a `[tile]` table (a whole tile: device, periphery, update, algorithm);
 - a TOML file with a `[device]` table (a device alone: it gets the preset periphery and update,
   and the mapping rule of `crossbar.tile_preset`).
-Then `periphery = "perfect"` replaces both read peripheries by ideal ones, `noise_mode`,
-`read_average` (aihwkit-free `n_reads`) and `update_mode` are set on the tile.
+Then `periphery = "perfect"` replaces both read peripheries by ideal ones, and the run's
+`analog.tile` overrides (any of the tile's own settings: `noise_mode`, `n_reads`, `update.mode`,
+...) are applied.
 
 Common random numbers ("common" noise mode): the EP estimator runs the K nudged phases in
 lockstep as one stacked batch of K·B states, so one array read serves all phases. `CommonNoise`
@@ -39,7 +40,7 @@ def resolve_tile_config(cfg: AnalogConfig):
 
     name = cfg.device
     if name in tile_preset_names():
-        tile = tile_preset(name, mode=cfg.update_mode)
+        tile = tile_preset(name)
     else:
         path = Path(name)
         if not path.is_file():
@@ -52,13 +53,12 @@ def resolve_tile_config(cfg: AnalogConfig):
             tile = tile_config_from_dict(data["tile"])
         elif "device" in data:
             # the crossbar's preset rules (periphery, update, mapping omega, pair handling) for any device
-            tile = tile_for_device(dict(data["device"]), "sgd", cfg.update_mode)
+            tile = tile_for_device(dict(data["device"]), "sgd")
         else:
             raise ConfigError("analog.device", name, "a TOML file with a [tile] or a [device] table")
     if cfg.periphery == "perfect":
         tile = tile.replace(forward=perfect_io(), backward=perfect_io())
-    update = tile.update.__class__(**{**tile.update.__dict__, "mode": cfg.update_mode})
-    return tile.replace(noise_mode=cfg.noise_mode, n_reads=cfg.read_average, update=update)
+    return tile.with_overrides(cfg.tile, prefix="analog.tile.")
 
 
 def self_contained_tile(tile):
@@ -141,7 +141,7 @@ def build_analog_factory(cfg: AnalogConfig, seed: int, tile: Any = None) -> tupl
         tile = resolve_tile_config(cfg)
     device_generator = torch.Generator().manual_seed(seed + 1000)
     inner = analog_factory(tile, device_generator)
-    if cfg.noise_mode != "common":
+    if tile.noise_mode != "common":
         return inner, {}
     counter = [0]
 

@@ -16,16 +16,23 @@ Modes:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ept_hw.config import (ConfigError, check_choice, check_positive_int, check_range, check_torch_device, from_dict,
-                           load_toml, to_dict)
+import logging
+
+from crossbar.config import TileConfig
+from ept_hw.config import (
+    ConfigError, check_choice, check_partial, check_positive_int, check_range, check_torch_device, from_dict,
+    load_toml, merge, to_dict,
+)
 from ept_hw.estimators import EstimatorConfig
 from ept_hw.model import ModelConfig
 from ept_hw.relaxation import SolverConfig
+from ept_hw.stability import EigRegConfig
 
 from .controllers import ControllerConfig, ScheduleConfig
 from .data import DataConfig
@@ -37,9 +44,13 @@ __all__ = [
     "AnalogConfig",
     "RunConfig",
     "run_config_from",
+    "run_config_from_dict",
+    "migrate_legacy_keys",
     "resolve_vocab",
     "merge",
 ]
+
+logger = logging.getLogger(__name__)
 
 MODES = ("compare", "ep", "bptt", "bp")
 
@@ -129,12 +140,14 @@ class StabiliserConfig:
       probe v, J_nc v by a central difference of F with step `jacreg_fd_step`; λ from the
       controller (`jacreg`, frozen unless enabled).
     - eigreg (digital assist on the analog path, like jacreg: computed on the read-out weights):
-      `eigreg`·relu(x − `eigreg_margin`)² on the leading eigenvalue pair of I + εJ at the free-phase
-      state of the worst sample of the batch, x = |λ| (`eigreg_on = "abs_lambda"`) or Re μ
+      the `[stabilisers.eigreg]` table (`ept_hw.stability.EigRegConfig`; ε is the solver's):
+      `weight`·relu(x − `margin`)² on the leading eigenvalue pair of I + εJ at the free-phase
+      state of the worst sample of the batch, x = |λ| (`on = "abs_lambda"`) or Re μ
       (`"re_mu"`: set the margin on Re μ then, e.g. −0.05), by subspace iteration
-      (`ept_hw.stability.model_eigreg`, `eigreg_iters` iterations of a `eigreg_block` basis, warm
-      started from the previous step's). Its dense projection gradients go through `apply_update`
-      in port form (u = identity rows, δ = gradient columns), pulsed on the analog path. Off by default.
+      (`ept_hw.stability.model_eigreg`, `iters` iterations of a `block` basis, warm started from
+      the previous step's). Its dense projection gradients go through `apply_update` in port form
+      (u = identity rows, δ = gradient columns), pulsed on the analog path. Off by default
+      (`weight = 0`).
     - the validity gate skips the EP nudge when the noise-aware residual exceeds `gate_level`;
       the stabilisers are still applied on a gated step.
     """
@@ -148,21 +161,11 @@ class StabiliserConfig:
     jacreg_fd_step: float = 1e-2
     gate: bool = False
     gate_level: float = 1e-2
-    eigreg: float = 0.0  # weight; 0 = off
-    eigreg_margin: float = 0.995
-    eigreg_on: str = "abs_lambda"  # "abs_lambda" | "re_mu"
-    eigreg_iters: int = 10
-    eigreg_block: int = 6
+    eigreg: EigRegConfig = field(default_factory=lambda: EigRegConfig(weight=0.0, iters=10, block=6))
 
     def __post_init__(self) -> None:
         check_range("stabilisers.resreg", self.resreg, 0.0)
-        check_range("stabilisers.eigreg", self.eigreg, 0.0)
-        check_choice("stabilisers.eigreg_on", self.eigreg_on, ("abs_lambda", "re_mu"))
         check_choice("stabilisers.resreg_source", self.resreg_source, ("readout", "arrays"))
-        if self.eigreg_on == "abs_lambda":
-            check_range("stabilisers.eigreg_margin", self.eigreg_margin, 0.0, None, lo_open=True)
-        check_positive_int("stabilisers.eigreg_iters", self.eigreg_iters, minimum=0)
-        check_positive_int("stabilisers.eigreg_block", self.eigreg_block, minimum=2)
         check_range("stabilisers.resreg_delta", self.resreg_delta, 0.0, None, lo_open=True)
         check_range("stabilisers.jacreg_fd_step", self.jacreg_fd_step, 0.0, 1.0, lo_open=True)
         check_range("stabilisers.gate_level", self.gate_level, 0.0, None, lo_open=True)
@@ -177,35 +180,34 @@ class AnalogConfig:
 
     `device` is a device preset name (`devices.presets`) or a TOML file. `periphery = "perfect"`
     replaces the preset's IO (DAC/ADC, noise, bounds) by ideal periphery; "default" keeps the
-    preset's own. `noise_mode`: "fresh" draws new read noise at every read; "common" gives the
-    ± nudged phases the same draws (common random numbers). `read_average` k averages k reads of
-    each MVM. The free phase stops on a noise-aware criterion: the drift of the state over a
-    window of `noise_window` Euler steps (‖z_t − z_{t−W}‖/(W‖z̄‖), the residual of the
-    time-averaged dynamics), or when it has not improved for `stop_patience` steps (at the floor),
-    or, with `stop_floor_factor` κ > 0, as soon as that drift is within κ of the read-noise level of
-    a W-step mean estimated from the window itself (`ept_hw.relaxation.WindowStop`); 0 turns that
-    rule off.
+    preset's own. `tile` overrides the resolved tile's own settings (`crossbar.config.TileConfig`,
+    declared there, e.g. `noise_mode = "common"`: the ± nudged phases read the same noise draws;
+    `n_reads`: reads averaged per MVM; `[analog.tile.update] mode = "exact"`); it is applied
+    after `periphery`, and `device` is set by `analog.device`, not here. The free phase stops on
+    a noise-aware criterion: the drift of the state over a window of `noise_window` Euler steps
+    (‖z_t − z_{t−W}‖/(W‖z̄‖), the residual of the time-averaged dynamics), or when it has not
+    improved for `stop_patience` steps (at the floor), or, with `stop_floor_factor` κ > 0, as soon
+    as that drift is within κ of the read-noise level of a W-step mean estimated from the window
+    itself (`ept_hw.relaxation.WindowStop`); 0 turns that rule off.
     """
 
     device: str = "ideal"
     periphery: str = "default"  # "default" | "perfect"
-    noise_mode: str = "fresh"  # "fresh" | "common"
-    read_average: int = 1
     noise_window: int = 10
     stop_patience: int = 30
-    stop_floor_factor: float = 0.0
-    update_mode: str = "fast"  # crossbar update mode: "exact" | "fast" | "expected"
+    stop_floor_factor: float = 1.0
+    tile: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError("analog.device", self.device, "a device preset name or a TOML file")
         check_choice("analog.periphery", self.periphery, ("default", "perfect"))
-        check_choice("analog.noise_mode", self.noise_mode, ("fresh", "common"))
-        check_positive_int("analog.read_average", self.read_average)
         check_positive_int("analog.noise_window", self.noise_window)
         check_positive_int("analog.stop_patience", self.stop_patience)
         check_range("analog.stop_floor_factor", self.stop_floor_factor, 0.0)
-        check_choice("analog.update_mode", self.update_mode, ("exact", "fast", "expected"))
+        check_partial(TileConfig, self.tile, "analog.tile.")
+        if "device" in self.tile:
+            raise ConfigError("analog.tile.device", self.tile["device"], "not set here (set analog.device)")
 
 
 @dataclass(frozen=True)
@@ -282,27 +284,62 @@ class RunConfig:
         return to_dict(self)
 
 
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge (override wins; nested tables merge)."""
-    out = dict(base)
-    for k, v in override.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
+#: Keys that moved (older config files and `--set` lines): old dotted key -> its one home now.
+#: `stabilisers.eigreg` as a number is the weight of the `[stabilisers.eigreg]` table.
+LEGACY_KEYS = {
+    "analog.noise_mode": "analog.tile.noise_mode",
+    "analog.read_average": "analog.tile.n_reads",
+    "analog.update_mode": "analog.tile.update.mode",
+    "stabilisers.eigreg": "stabilisers.eigreg.weight",
+    "stabilisers.eigreg_margin": "stabilisers.eigreg.margin",
+    "stabilisers.eigreg_on": "stabilisers.eigreg.on",
+    "stabilisers.eigreg_iters": "stabilisers.eigreg.iters",
+    "stabilisers.eigreg_block": "stabilisers.eigreg.block",
+}
+
+
+def migrate_legacy_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` (nested tables of `RunConfig`) with the keys of `LEGACY_KEYS` moved to their home;
+    a value given under both names is refused. Runs written before the move (their
+    `config.toml`) and `--set analog.update_mode=exact` keep working."""
+    out = copy.deepcopy(dict(data))
+    for old, new in LEGACY_KEYS.items():
+        table_key, _, leaf = old.rpartition(".")
+        table = out.get(table_key)
+        if not isinstance(table, dict) or leaf not in table:
+            continue
+        value = table[leaf]
+        if old == "stabilisers.eigreg" and isinstance(value, Mapping):
+            continue  # already the new table
+        del table[leaf]
+        logger.info("config key %s is now %s", old, new)
+        node = out
+        *heads, last = new.split(".")
+        for head in heads:
+            node = node.setdefault(head, {})
+            if not isinstance(node, dict):
+                raise ConfigError(old, value, f"moved to {new}, which is not a table here")
+        if last in node and node[last] != value:
+            raise ConfigError(old, value, f"one value: it moved to {new}, which is also given ({node[last]!r})")
+        node[last] = value
     return out
+
+
+def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """`RunConfig` from nested tables (a `config.toml`), keys of older files migrated."""
+    return from_dict(RunConfig, migrate_legacy_keys(data))
 
 
 def run_config_from(preset_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults < preset file (a TOML file of `RunConfig` tables) < overrides (nested tables)."""
     data: dict[str, Any] = {}
     if preset_file is not None:
-        data = load_toml(preset_file)
+        data = migrate_legacy_keys(load_toml(preset_file))
         if "vocab_size" in data.get("model", {}):
             raise ConfigError("model.vocab_size", data["model"]["vocab_size"], "not set in a preset (it comes from the tokenizer)")
     if overrides:
-        data = merge(data, overrides)
-    return from_dict(RunConfig, data)
+        data = merge(data, migrate_legacy_keys(overrides))
+    return run_config_from_dict(data)
 
 
 def resolve_vocab(cfg: RunConfig, vocab_size: int) -> RunConfig:

@@ -12,7 +12,7 @@ written), `_resume` or `_start` (+ the first checkpoint, which names a new run),
 Run directory (DESIGN §3), written through `trainer.rundir.RunDirectory`: `config.toml`
 (resolved), `tokenizer.json`, `metrics.jsonl`, `checkpoints/` (the two latest, atomic),
 `summary.json` (final figures, divergence event, physics choices, the analog arrays' pulse
-counters), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
+counters, `time_split`: seconds spent training, in each instrument and in checkpoints), `events.jsonl` (divergence and interruption events), `conductances.pt` (analog weights
 at start and end, for the report's histograms).
 
 Nothing is written before the configuration, the data and the device have been checked; a new
@@ -54,7 +54,7 @@ from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
 from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
-from .metrics import PATH_KEYS, empty_row
+from .metrics import empty_row, keys_of
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
@@ -101,23 +101,27 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     return paths
 
 
-def physics_notes(cfg: RunConfig) -> list[str]:
-    """The physics choices of the run, stated for the report."""
+def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
+    """The physics choices of the run, stated for the report. `tile`: the analog path's resolved
+    `TileConfig` (its reads per MVM and noise mode)."""
     s, e, a, st, t = cfg.solver, cfg.estimator, cfg.analog, cfg.stabilisers, cfg.training
     notes = [
         f"Free and nudged phases integrate τ dz/dt = F(z) with explicit {s.method} (ε = {s.eps} τ) on every path; "
         f"free-phase tolerance {s.tol:g}, cap {s.max_steps} steps.",
     ]
-    if cfg.uses_analog:
+    if cfg.uses_analog and tile is not None:
         notes += [
             f"Analog device: `{a.device}`, periphery `{a.periphery}`; every force evaluation reads each projection once "
-            f"(noisy, quantised){'' if a.read_average == 1 else f', averaged over {a.read_average} reads'}; "
+            f"(noisy, quantised){'' if tile.n_reads == 1 else f', averaged over {tile.n_reads} reads'}; "
             "Jacobian products in the nudge are reads of the same arrays.",
-            f"Read noise: `{a.noise_mode}` ("
-            + ("a fresh draw per read" if a.noise_mode == "fresh" else "the same draws in the + and − nudged phases")
+            f"Read noise: `{tile.noise_mode}` ("
+            + {"fresh": "a fresh draw per read", "common": "the same draws in the + and − nudged phases",
+               "frozen": "one draw kept for every read"}[tile.noise_mode]
             + ").",
             f"Noise-aware stop: the residual of the time-averaged dynamics over a window of {a.noise_window} steps "
-            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance or after {a.stop_patience} steps without improvement; "
+            f"(‖z_t − z_t−W‖/(W‖z̄‖)), stop at the tolerance, after {a.stop_patience} steps without improvement"
+            + (f", or once it is within {a.stop_floor_factor:g}× the read-noise level of a window mean "
+               "(estimated from the window's successive forces)" if a.stop_floor_factor > 0 else "") + "; "
             "the state handed to the nudge is the window mean; the floor is measured from two reads at that state. "
             "The gate, controller and divergence rules use this residual, never the raw one.",
             "Holomorphic nudging with N ≥ 3 is refused on the analog path (complex arithmetic); N = 2 is the centered pair.",
@@ -136,8 +140,8 @@ def physics_notes(cfg: RunConfig) -> list[str]:
            "port form δuᵀ through the pulses); ")
         + (f"jacreg λ = {st.jacreg.initial:g} ({'controller on' if st.jacreg.enabled else 'frozen'}; digital assist on the "
            "analog path: from read-out weights)" if st.jacreg_on else "jacreg off")
-        + (f"; eigreg {st.eigreg:g} on {st.eigreg_on} (margin {st.eigreg_margin:g}; digital assist on the analog path: "
-           "from read-out weights)" if st.eigreg > 0 else "; eigreg off")
+        + (f"; eigreg {st.eigreg.weight:g} on {st.eigreg.on} (margin {st.eigreg.margin:g}; digital assist on the "
+           "analog path: from read-out weights)" if st.eigreg.weight > 0 else "; eigreg off")
         + f"; validity gate {'on at ' + format(st.gate_level, 'g') if st.gate else 'off'}.",
         f"Optimiser: {t.optimizer} (lr {t.lr:g}, schedule {t.schedule.kind}); digital periphery (embeddings, LayerNorm, "
         "biases) by the same optimiser.",
@@ -318,9 +322,38 @@ class _Run:
     last_ckpt_step: int = 0
     t0: float = 0.0
     stabs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # this step's stability monitor
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PARTS, 0.0))
+    began: float = field(default_factory=time.perf_counter)  # this call's start (set-up included)
+    total_before: float = 0.0  # the time split's total of the calls before a resume
 
     def wall(self) -> float:
         return time.perf_counter() - self.t0
+
+    def clock(self, part: str, since: float) -> float:
+        """Add the seconds since `since` to `part` (one of `TIME_PARTS`); returns now."""
+        now = time.perf_counter()
+        self.timers[part] += now - since
+        return now
+
+
+#: Where a run's wall time goes (summary.json `time_split`): training steps, and the instruments —
+#: validation evaluation, the health probe (riding on a training step; its own seconds only), the
+#: stability monitor, the metrics row (update cosines and weight gap between the paths: the
+#: fidelity figures), the final evaluation on the fixed validation set — and checkpoints; "other" is the rest (set-up, data, files, the first
+#: checkpoint). The total runs from the start of `run` (set-up and the initial evaluation
+#: included, unlike `wall_time`), summed over resumed calls.
+TIME_PARTS = ("train", "evaluation", "health_probe", "stability", "metrics_row", "final_evaluation", "checkpoint")
+INSTRUMENT_PARTS = ("evaluation", "health_probe", "stability", "metrics_row", "final_evaluation")
+
+
+def time_split(timers: Mapping[str, float], total: float) -> dict[str, Any]:
+    """summary.json's `time_split`: seconds per part, the rest of the `total` seconds, the total,
+    and the instruments' share of it."""
+    out: dict[str, Any] = {k: float(timers.get(k, 0.0)) for k in TIME_PARTS}
+    out["other"] = max(0.0, total - sum(out.values()))
+    out["total"] = float(total)
+    out["instruments_share"] = sum(out[k] for k in INSTRUMENT_PARTS) / total if total > 0 else None
+    return out
 
 
 def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
@@ -328,7 +361,9 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
     """The phases: set-up (checks; nothing written), then resume or a fresh start (a new run's
     first checkpoint gives it its name), steps until the end, a divergence, an interruption or
     `stop_after`, then finish."""
+    began = time.perf_counter()
     r = _set_up(cfg, rd, resume, init_ckpt)
+    r.began = began
     guard.open(rd, resume)  # everything checked: from here on we write (a new run into its staging folder)
     r.data_gen = torch.Generator().manual_seed(r.cfg.order_seed + 1)
     if resume:
@@ -407,6 +442,11 @@ def _resume(r: _Run) -> None:
     r.step = int(ck["step"])
     r.wall_offset = float(ck["wall_time"])
     r.summary.update(r.rd.read_summary())
+    for part, seconds in (r.summary.get("time_split") or {}).items():  # a resumed run's times add up
+        if part in r.timers and isinstance(seconds, (int, float)):
+            r.timers[part] = float(seconds)
+        elif part == "total" and isinstance(seconds, (int, float)):
+            r.total_before = float(seconds)
     r.summary.pop("divergence", None)
     r.summary.pop("interrupted", None)
     r.result.steps_completed = r.step
@@ -433,11 +473,14 @@ def _start(r: _Run) -> None:
         "vocab_size": data.vocab_size,
         "unigram_entropy": unigram_entropy(data.val, data.vocab_size),
         "bigram_loss": bigram_loss(data.train, data.val, data.vocab_size),
-        "physics": physics_notes(cfg),
-        "initial_val_loss": {n: p.evaluate(r.eval_batches) for n, p in paths.items()},
+        "physics": physics_notes(cfg, r.tile),
     })
+    start = time.perf_counter()
+    r.summary["initial_val_loss"] = {n: p.evaluate(r.eval_batches) for n, p in paths.items()}
+    start = r.clock("evaluation", start)
     if cfg.training.stability_every != 0:
         r.summary["initial_stability"] = {n: _stability(p, r.eval_batches[0]) for n, p in paths.items()}
+        r.clock("stability", start)
     if init_info is not None:
         r.summary["init_ckpt"] = init_info
     _save_conductances(rd, paths, "start")
@@ -456,8 +499,11 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     try:
         while r.step < t.steps:
             outcomes, vals, event = _train_and_evaluate(r, schedule)
-            log.append(_row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
-                            probe=_probe_due(t, r.step) or r.step + 1 == t.steps))
+            start = time.perf_counter()
+            row = _row(r.step, schedule.lr(t.lr, r.step), r.wall(), r.paths, outcomes, vals, r.stabs,
+                       probe=_probe_due(t, r.step) or r.step + 1 == t.steps)
+            r.clock("metrics_row", start)
+            log.append(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({f"{n}": f"{o.loss:.3f}" for n, o in outcomes.items()}
@@ -468,7 +514,9 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
                 break
             steps_this_call += 1
             stop_now = interrupt.requested or (stop_after is not None and steps_this_call >= stop_after)
+            start = time.perf_counter()
             _checkpoint(r, force=stop_now)
+            r.clock("checkpoint", start)
             if stop_now and r.step < t.steps:
                 _interrupted(r, interrupt.requested)
                 break
@@ -492,11 +540,18 @@ def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOu
     r.stabs = {}
     for name, p in r.paths.items():
         try:
+            start = time.perf_counter()
             outcomes[name] = p.train_step(idx, targets, lr, health=health)
+            probe = float(getattr(p, "last_probe_seconds", 0.0)) if health else 0.0
+            now = r.clock("train", start)
+            r.timers["train"] -= probe
+            r.timers["health_probe"] += probe
             if evaluate:
                 vals[name] = p.evaluate(r.eval_batches)
+                now = r.clock("evaluation", now)
             if stab_now:
                 r.stabs[name] = _stability(p, r.eval_batches[0])
+                r.clock("stability", now)
         except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
             outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
             vals.pop(name, None)
@@ -562,10 +617,13 @@ def _finish(r: _Run) -> RunResult:
         _save_conductances(r.rd, r.paths, "end")
     r.summary["steps_completed"] = r.step
     if r.result.divergence is None and r.step == r.cfg.training.steps and r.cfg.training.final_eval_tokens > 0:
+        start = time.perf_counter()
         r.summary["final_eval"] = final_evaluation(r.paths, r.data, r.cfg)
+        r.clock("final_evaluation", start)
     r.summary["wall_time"] = r.wall()
     final = r.summary.get("final_eval")
     r.summary["final_val_loss"] = dict(final["loss"]) if final else r.rd.final_val_losses()
+    r.summary["time_split"] = time_split(r.timers, r.total_before + time.perf_counter() - r.began)
     if "analog" in r.paths:
         r.summary["analog_counters"] = pulse_counters(r.paths["analog"].model, r.step)
     r.rd.write_summary(r.summary)
@@ -627,9 +685,11 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
     row["wall_time"] = wall
     for name, o in outcomes.items():
         p = paths[name]
-        for key in PATH_KEYS:  # every declared per-path metric the step outcome carries
+        for key in keys_of("path"):  # every declared per-path metric the step outcome carries
             if hasattr(o, key):
                 row[f"{name}_{key}"] = getattr(o, key)
+            elif key in o.figures:
+                row[f"{name}_{key}"] = o.figures[key]
         row[f"{name}_val_loss"] = vals.get(name)
         stab = (stabs or {}).get(name)
         if stab:

@@ -8,8 +8,10 @@ Non-finite floats are written as JSON's `NaN`/`Infinity` tokens (Python's `json`
 diverged step is recorded as it was.
 
 Each figure is declared once in `METRICS` (key, meaning, label, scope, how the report aggregates
-it); `ROW_KEYS`, the report's final figures (`final_figures`) and its table (`figure_rows`) derive
-from that list, so a new metric is one `Metric(...)` line here plus the code that measures it.
+it, which report plot draws it and how); the row schema (`row_keys()`), the report's final
+figures (`final_figures`), its table (`figure_rows`) and its plots (`plotted`) derive from that
+list, so a new metric is one `Metric(...)` line here plus the code that measures it (a
+`StepOutcome` field of the same name, or a stabiliser's or probe's `figures`).
 
 On resume the log is cut back to the checkpoint's step (rows logged after the last checkpoint by
 the interrupted run are dropped), so the resumed rows follow on without duplicates. A torn last
@@ -26,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["Metric", "METRICS", "PATHS", "PATH_KEYS", "ROW_KEYS", "empty_row", "MetricsLog", "read_metrics", "column",
-           "final_figures", "figure_rows",
-           "aggregate", "active_paths"]
+__all__ = ["Metric", "METRICS", "PATHS", "PATH_KEYS", "ROW_KEYS", "keys_of", "row_keys", "empty_row", "MetricsLog",
+           "read_metrics", "column", "final_figures", "figure_rows", "plotted", "aggregate", "active_paths"]
 
 PATHS = ("analog", "twin")
+SCOPES = ("common", "path", "cross", "health")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,16 @@ class Metric:
     final figure is formed from the logged values ("last": the last logged value, "mean20": the
     mean of the last 20 finite values, "count": the number of rows where it is true); `figure` is
     that final figure's name and `figure_label` its label (default `label`). A metric with no
-    `aggregate` is logged and plotted but has no final figure.
+    `aggregate` is logged (and plotted if it names a `plot`) but has no final figure.
+
+    Plotting (`experiments.report` draws every metric that names a `plot`): `plot` is the figure
+    (`plots/<plot>.png`) and `panel` its panel, left to right; `scale` "log" makes the panel
+    logarithmic; `style` "line", "points" (markers joined: sparse figures such as evaluations) or
+    "dashed"; `smooth` a running mean over that many logged values; `legend` the series' name
+    (default `label`; path-scoped series are prefixed by the path); `initial` the summary key of
+    the per-path value before the first update, plotted at step −1 (`"initial_val_loss"`, or a
+    dotted key such as `"initial_stability.re_mu"`: `summary[initial_stability][path][re_mu]`).
+    A cross metric whose value is a per-projection mapping is drawn one series per projection.
     """
 
     key: str
@@ -53,6 +64,21 @@ class Metric:
     aggregate: str | None = None
     figure: str | None = None
     figure_label: str | None = None
+    plot: str | None = None
+    panel: int = 0
+    scale: str = "linear"
+    style: str = "line"
+    smooth: int = 1
+    legend: str | None = None
+    initial: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"metric {self.key}: scope {self.scope!r} is not one of {SCOPES}")
+        if self.aggregate not in (None, "last", "mean20", "count"):
+            raise ValueError(f"metric {self.key}: unknown aggregation {self.aggregate!r}")
+        if self.scale not in ("linear", "log") or self.style not in ("line", "points", "dashed"):
+            raise ValueError(f"metric {self.key}: scale {self.scale!r} / style {self.style!r}")
 
     @property
     def figure_name(self) -> str:
@@ -67,17 +93,21 @@ METRICS: tuple[Metric, ...] = (
     Metric("lr", "learning rate of the step (schedule applied)", "learning rate", "common"),
     Metric("wall_time", "seconds since the run started (resumes included)", "wall time (s)", "common"),
     Metric("loss", "training loss of the batch at the free-phase state (mean CE over tokens)", "train loss",
-           aggregate="mean20", figure="train_loss_last20", figure_label="train loss, mean of last 20 logged steps"),
+           aggregate="mean20", figure="train_loss_last20", figure_label="train loss, mean of last 20 logged steps",
+           plot="loss", smooth=10, legend="train (10-step mean)"),
     Metric("val_loss", "validation loss (mean CE over the fixed validation batches), at evaluations",
-           "validation loss (nats/token)", aggregate="last"),
+           "validation loss (nats/token)", aggregate="last",
+           plot="loss", style="points", legend="validation", initial="initial_val_loss"),
     Metric("residual", "free-phase residual used by the gate/controller (noise-aware on the Euler paths)",
            "free-phase residual (noise-aware)", aggregate="mean20", figure="residual_last20",
-           figure_label="free-phase residual (noise-aware), last 20"),
+           figure_label="free-phase residual (noise-aware), last 20",
+           plot="residual", scale="log", legend="residual (noise-aware)"),
     Metric("residual_raw", "last one-step residual of the free phase (analog: includes the read noise)",
            "raw one-step residual"),
     Metric("residual_floor", "one-step residual of read noise alone at the free-phase state (0 on the digital path)",
            "residual noise floor", aggregate="mean20", figure="residual_floor_last20",
-           figure_label="residual noise floor, last 20"),
+           figure_label="residual noise floor, last 20", plot="residual", scale="log", style="dashed",
+           legend="noise floor"),
     Metric("free_steps", "integrator steps of the free phase", "free-phase steps", aggregate="mean20",
            figure="free_steps_last20", figure_label="free-phase steps, last 20"),
     Metric("nudge_steps", "Euler steps of each nudged phase", "nudge steps"),
@@ -102,7 +132,8 @@ METRICS: tuple[Metric, ...] = (
     # Leading eigenvalues at a validation operating point (ARPACK, `training.stability_every`); on
     # the analog path on the arrays' read-out weights (a digital copy), not through noisy reads.
     Metric("re_mu", "largest Re μ of J (μ < 0: the fixed point attracts)", "leading Re μ of J", aggregate="last",
-           figure_label="leading Re μ of J (analog: read-out weights)"),
+           figure_label="leading Re μ of J (analog: read-out weights)",
+           plot="stability", style="points", legend="leading Re μ", initial="initial_stability.re_mu"),
     Metric("im_mu", "|Im μ| of that eigenvalue (a pair crossing Re μ = 0 with Im ≠ 0: Hopf)", "|Im μ|",
            aggregate="last", figure_label="|Im μ| of that eigenvalue"),
     Metric("abs_lambda", "largest |λ| of the Euler map I + εJ", "largest |λ| of I + εJ", aggregate="last"),
@@ -110,42 +141,55 @@ METRICS: tuple[Metric, ...] = (
            "update norm"),
     Metric("realised_ratio", "per projection: ‖realised ΔW‖/‖requested ΔW‖ of the step on the analog path "
            "(realised = weights after − before the update, read exactly from the simulator state; requested = "
-           "−lr·Σδuᵀ)", "realised/requested ‖ΔW‖"),
+           "−lr·Σδuᵀ)", "realised/requested ‖ΔW‖", plot="realised_updates", scale="log", smooth=5),
     Metric("realised_cos", "per projection: cosine of the realised and the requested ΔW of the step (analog path, "
            "simulator-side)", "cos(realised, requested ΔW)"),
     Metric("saturation_per_projection", "per projection: fraction of devices at a bound (analog; at health probes "
            "and the last step)", "device saturation per projection"),
-    Metric("update_cos", "per projection: cosine between the analog and the twin update", "update cosine", "cross"),
+    Metric("update_cos", "per projection: cosine between the analog and the twin update", "update cosine", "cross",
+           plot="update_cosine", smooth=5),
     Metric("weight_norm_ratio", "per projection: ‖W_analog‖/‖W_twin‖ (at health probes and the last step)",
-           "analog/twin weight norm", "cross"),
+           "analog/twin weight norm", "cross", plot="realised_updates", panel=1, style="points"),
     Metric("twin_out_of_range", "per projection: fraction of the twin's weights outside the analog arrays' "
            "representable range (mapping scale × the devices' bounds; at health probes and the last step)",
            "twin weights outside the analog range", "cross"),
-    Metric("weight_gap", "‖W_analog − W_twin‖/‖W_twin‖ over all projections", "weight gap", "cross"),
+    Metric("weight_gap", "‖W_analog − W_twin‖/‖W_twin‖ over all projections", "weight gap", "cross",
+           plot="weight_gap", legend="all projections"),
     Metric("weight_gap_per_projection", "per projection: ‖W_analog − W_twin‖/‖W_twin‖", "weight gap per projection",
-           "cross"),
+           "cross", plot="weight_gap"),
     Metric("health_cos", "cosine of the twin's EP gradient against the implicit gradient", "cos(EP, implicit)",
-           "health"),
-    Metric("health_norm_ratio", "‖EP gradient‖/‖implicit gradient‖ on the twin", "‖EP‖/‖implicit‖", "health"),
+           "health", plot="estimator_health", style="points"),
+    Metric("health_norm_ratio", "‖EP gradient‖/‖implicit gradient‖ on the twin", "‖EP‖/‖implicit‖", "health",
+           plot="estimator_health", panel=1, scale="log", style="points"),
     Metric("health_self_coherence", "cosine between two half-batch EP estimates on the twin",
-           "half-batch self-coherence", "health"),
+           "half-batch self-coherence", "health", plot="estimator_health", style="points"),
 )
-
-_BY_SCOPE = {scope: tuple(m.key for m in METRICS if m.scope == scope) for scope in ("common", "path", "cross", "health")}
-
-#: Figures logged for each path (prefixed by the path name).
-PATH_KEYS = _BY_SCOPE["path"]
-COMMON_KEYS = _BY_SCOPE["common"]
-CROSS_KEYS = _BY_SCOPE["cross"]
-HEALTH_KEYS = _BY_SCOPE["health"]
 
 logger = logging.getLogger(__name__)
 
-ROW_KEYS = COMMON_KEYS + tuple(f"{p}_{k}" for p in PATHS for k in PATH_KEYS) + CROSS_KEYS + HEALTH_KEYS
+
+def keys_of(scope: str) -> tuple[str, ...]:
+    """The declared keys of one scope ("path" keys are unprefixed), in declaration order."""
+    return tuple(m.key for m in METRICS if m.scope == scope)
+
+
+def row_keys() -> tuple[str, ...]:
+    """Every key of a `metrics.jsonl` row: common, each path's (prefixed), cross, health."""
+    return (keys_of("common") + tuple(f"{p}_{k}" for p in PATHS for k in keys_of("path"))
+            + keys_of("cross") + keys_of("health"))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    # ROW_KEYS and PATH_KEYS are read from `METRICS` when asked for, never a stale copy of it
+    if name == "ROW_KEYS":
+        return row_keys()
+    if name == "PATH_KEYS":
+        return keys_of("path")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def empty_row(step: int) -> dict[str, Any]:
-    row: dict[str, Any] = {k: None for k in ROW_KEYS}
+    row: dict[str, Any] = {k: None for k in row_keys()}
     row["step"] = int(step)
     return row
 
@@ -166,11 +210,12 @@ class MetricsLog:
         self._fh = self.path.open("a")
 
     def append(self, row: Mapping[str, Any]) -> None:
-        extra = set(row) - set(ROW_KEYS)
-        missing = set(ROW_KEYS) - set(row)
+        keys = row_keys()
+        extra = set(row) - set(keys)
+        missing = set(keys) - set(row)
         if extra or missing:
             raise KeyError(f"metrics row keys differ from the schema: extra {sorted(extra)}, missing {sorted(missing)}")
-        self._fh.write(json.dumps({k: row[k] for k in ROW_KEYS}) + "\n")
+        self._fh.write(json.dumps({k: row[k] for k in keys}) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -252,3 +297,12 @@ def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]
 def figure_rows() -> list[tuple[str, str]]:
     """(figure name, label) of every per-path final figure, in declaration order (the report table)."""
     return [(m.figure_name, m.figure_label or m.label) for m in METRICS if m.scope == "path" and m.aggregate]
+
+
+def plotted() -> dict[str, dict[int, list[Metric]]]:
+    """The report's plots as declared: figure name -> panel -> its metrics, in declaration order."""
+    out: dict[str, dict[int, list[Metric]]] = {}
+    for m in METRICS:
+        if m.plot is not None:
+            out.setdefault(m.plot, {}).setdefault(m.panel, []).append(m)
+    return out

@@ -202,12 +202,10 @@ class RunDirectory:
         return load_toml(self.config_path)
 
     def config(self):
-        """The saved `RunConfig`."""
-        from ept_hw.config import from_dict
+        """The saved `RunConfig` (keys of older runs migrated)."""
+        from .config import run_config_from_dict
 
-        from .config import RunConfig
-
-        return from_dict(RunConfig, self.read_config_dict())
+        return run_config_from_dict(self.read_config_dict())
 
     def write_config(self, cfg: Any) -> Path:
         import tomli_w

@@ -237,7 +237,8 @@ class Eigreg:
         b, _ = worst_sample(model_force(model, x_in), z, ctx.eps)
         params = {n: t.detach().clone().requires_grad_(True) for n, t in model.params.items()}
         result, weight_grads, param_grads = model_eigreg(
-            model, z[b : b + 1], x_in[b : b + 1], self.cfg, params=params, basis=self.basis, generator=ctx.generator,
+            model, z[b : b + 1], x_in[b : b + 1], self.cfg, eps=ctx.eps, params=params, basis=self.basis,
+            generator=ctx.generator,
         )
         self.basis = result.basis.detach().clone()
         penalty = float(result.penalty.detach())

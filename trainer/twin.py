@@ -31,6 +31,7 @@ Each path returns a `StepOutcome`; `trainer.loop` puts every path on one metrics
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
@@ -43,9 +44,11 @@ from ept_hw.projection import digital_factory
 from ept_hw.references import BPTTReference, ImplicitReference
 from ept_hw.relaxation import RelaxResult, SolverConfig, StopRule, WindowStop
 
+from .analog import CommonNoise, set_common_blocks
 from .config import RunConfig
 from .controllers import JacregController, ParameterEMA, ValidityGate
 from .divergence import DivergenceMonitor
+from .metrics import keys_of
 from .optimisers import build_sink, trainable_tensors
 from .stabilisers import Eigreg, Jacreg, PortUpdates, Resreg, Stabiliser, StepContext, update_norm
 
@@ -73,16 +76,20 @@ class StepOutcome:
     # analog path: per projection, realised vs requested ΔW of this step (`trainer.fidelity`)
     realised_ratio: dict[str, float] | None = None
     realised_cos: dict[str, float] | None = None
+    figures: dict[str, Any] = field(default_factory=dict)  # other declared per-path metrics, by key
 
     def set_figures(self, figures: Mapping[str, float | None]) -> None:
-        """Record a probe's or a stabiliser's figures (`health_*` into `health`, the rest by name)."""
+        """Record a probe's or a stabiliser's figures (`health_*` into `health`, the rest by name:
+        a field of this class, or any per-path metric declared in `trainer.metrics.METRICS`)."""
         for key, value in figures.items():
             if key.startswith("health_"):
                 self.health[key] = value
             elif hasattr(self, key):
                 setattr(self, key, value)
+            elif key in keys_of("path"):
+                self.figures[key] = value
             else:
-                raise KeyError(f"StepOutcome has no figure {key!r}")
+                raise KeyError(f"StepOutcome has no figure {key!r} (declare it in trainer.metrics.METRICS)")
 
     @property
     def update_norm(self) -> float | None:
@@ -228,7 +235,8 @@ class EPPath:
         self.estimator = estimator
         self.free_solver, self.free_stop = free_solver, free_stop
         self.health_probe = probe
-        self.common_noise = analog and cfg.analog.noise_mode == "common"
+        # common random numbers: the analog factory wrapped the projections (tile noise_mode "common")
+        self.common_noise = analog and any(isinstance(p, CommonNoise) for p in model.projections.values())
         st = cfg.stabilisers
         self.controller = JacregController(st.jacreg)
         self.gate = ValidityGate(st.gate, st.gate_level)
@@ -263,8 +271,6 @@ class EPPath:
         nudged phases (`estimator.phases`) read the same noise."""
         if not self.common_noise:
             return self.estimator.compute(self.model, idx, targets, free=fp)
-        from .analog import set_common_blocks
-
         set_common_blocks(self.model.projections, (self.estimator.phases, idx.shape[0]))
         try:
             return self.estimator.compute(self.model, idx, targets, free=fp)
@@ -290,6 +296,7 @@ class EPPath:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, idx: Tensor, targets: Tensor, lr: float, *, health: bool = False) -> StepOutcome:
+        self.last_probe_seconds = 0.0  # the health probe's own seconds in this step (the loop's time split)
         _, fp = self.free_phase(idx)
         z = fp.z.detach()
         residual = fp.residual_max
@@ -307,7 +314,9 @@ class EPPath:
             updates.add(est.ports, est.digital_grads, task=True)
             self.last_task_norm = update_norm(est.weight_grads, est.digital_grads)
             if health and self.health_probe is not None:
+                start = time.perf_counter()
                 out.set_figures(self.health_probe.probe(self, idx, targets, fp, est))
+                self.last_probe_seconds = time.perf_counter() - start
         else:
             with torch.no_grad():
                 out.loss = float(self.model.loss(z, targets))
@@ -345,6 +354,11 @@ class EPPath:
             for k, v in trainable_tensors(self.model).items():
                 v.copy_(self.ema.shadow[k])
         try:
+            if len(batches) > 1 and len({tuple(i.shape) for i, _ in batches}) == 1:
+                # batches of one shape: one stacked relaxation (every sequence relaxes on its own;
+                # the stop waits for the slowest of all), the mean over all tokens = the mean of
+                # the batch means
+                batches = [(torch.cat([i for i, _ in batches]), torch.cat([t for _, t in batches]))]
             total = 0.0
             for idx, targets in batches:
                 _, fp = self.free_phase(idx)
@@ -403,17 +417,14 @@ class EPPath:
 
 def build_stabilisers(cfg: RunConfig, controller: JacregController) -> list[Stabiliser]:
     """The stabilisers of `cfg.stabilisers`, in the order their updates are applied (resreg, jacreg, eigreg)."""
-    from ept_hw.stability import EigRegConfig
-
     st = cfg.stabilisers
     out: list[Stabiliser] = []
     if st.resreg > 0:
         out.append(Resreg(st.resreg, st.resreg_relative, st.resreg_delta, st.resreg_source))
     if st.jacreg_on:
         out.append(Jacreg(controller, st.jacreg_fd_step, cfg.model.damping))
-    if st.eigreg > 0:
-        out.append(Eigreg(EigRegConfig(weight=st.eigreg, margin=st.eigreg_margin, on=st.eigreg_on, eps=cfg.solver.eps,
-                                       iters=st.eigreg_iters, block=st.eigreg_block)))
+    if st.eigreg.weight > 0:
+        out.append(Eigreg(st.eigreg))
     return out
 
 

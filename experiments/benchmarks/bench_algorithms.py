@@ -75,7 +75,8 @@ def cost(repeats: int, seed: int, tmp: Path) -> dict[str, float]:
     return {a: statistics.median(r) for a, r in rows.items()}
 
 
-def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int) -> list[dict]:
+def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
+        only: list[str] | None = None) -> list[dict]:
     """`ept-hw compare --model demo --device TILE.toml --steps N` per algorithm (a run directory
     that already has its summary.json is read, not re-run)."""
     import subprocess
@@ -86,6 +87,9 @@ def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int) -
         runs.append((algo, algo, None))
         if algo in ("c_ttv2", "agad"):
             runs.append((f"{algo}@fast_lr={tuned:g}", algo, tuned))
+    if only:  # run these labels, in this order
+        by_label = {r[0]: r for r in runs}
+        runs = [by_label[label] for label in only]
     results = []
     for label, algo, fast_lr in runs:
         run_dir = out / label.replace("@", "_").replace("=", "")
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--algorithms", default=",".join(ALGOS))
     g.add_argument("--tuned-fast-lr", type=float, default=0.5)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--runs", default="", help="comma-separated labels to run, in this order (e.g. "
+                   "'c_ttv2@fast_lr=0.5,agad'; default: every algorithm, tuned after default)")
     r = sub.add_parser("retention")
     r.add_argument("run_dir")
     r.add_argument("--seeds", type=int, default=3)
@@ -142,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for algo, s in res.items():
             print(f"{algo:<16} {s:7.3f} s/step   x{s / res['sgd']:.2f} of sgd")
     elif args.what == "gap":
-        gap(Path(args.out), args.steps, args.algorithms.split(","), args.tuned_fast_lr, args.seed)
+        gap(Path(args.out), args.steps, args.algorithms.split(","), args.tuned_fast_lr, args.seed,
+            [r for r in args.runs.split(",") if r])
     else:
         res = retention(Path(args.run_dir), args.seeds)
         print(json.dumps(res, indent=1, default=str))

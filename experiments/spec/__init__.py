@@ -30,7 +30,7 @@ by `experiments.runfacts`.
 
 from __future__ import annotations
 
-from experiments.runfacts import IncompleteRunError, RunFacts, check_run_dir, checkpoint_pulse_counts, read_run
+from experiments.runfacts import IncompleteRunError, RunFacts, check_run_dir, read_run
 
 from .build import (
     PARAMETER_UNITS, UNITS_CONVENTION, SweepFacts, build_spec, check_sweep_dir, derived_section, device_source,
@@ -42,6 +42,6 @@ from .schema import SCHEMA_VERSION, SpecValidationError, load_schema, validate_s
 __all__ = [
     "SCHEMA_VERSION", "IncompleteRunError", "SpecValidationError", "load_schema", "validate_spec", "RunFacts",
     "read_run", "check_run_dir", "check_sweep_dir", "device_source", "build_spec", "ExportResult", "export_spec",
-    "PARAMETER_UNITS", "checkpoint_pulse_counts", "periphery_section", "resolve_tile", "is_sweep_dir",
+    "PARAMETER_UNITS", "periphery_section", "resolve_tile", "is_sweep_dir",
     "UNITS_CONVENTION", "SweepFacts", "derived_section", "requirements_section", "training_section",
 ]

@@ -201,10 +201,10 @@ def periphery_section(tile: Mapping[str, Any], analog: Mapping[str, Any]) -> dic
             entry["meaning"] = (f"{bits:.2f} bits (2^bits - 2 = {steps:.0f} steps)" if bits is not None
                                 else "no quantisation")
         groups[group][key] = entry
-    groups["read"]["read_average"] = _parameter("read_average", analog.get("read_average", 1))
-    groups["read"]["noise_mode"] = {"value": analog.get("noise_mode", tile.get("noise_mode", "fresh")), "unit": "-",
+    groups["read"]["read_average"] = _parameter("read_average", tile.get("n_reads", 1))
+    groups["read"]["noise_mode"] = {"value": tile.get("noise_mode", "fresh"), "unit": "-",
                                     "meaning": "fresh: new read noise at every read; common: the same draws in the ± nudged phases"}
-    groups["read"].pop("n_reads", None)  # the trainer sets it from read_average
+    groups["read"].pop("n_reads", None)  # stated once, as read_average
     return {"mode": analog.get("periphery", "default"), "dac": groups["dac"], "adc": groups["adc"],
             "read": groups["read"], "update": groups["update"], "algorithm": algorithm, "other": groups["other"]}
 
@@ -214,15 +214,14 @@ def resolve_tile(run: RunFacts) -> Any:
     started), never the device file or preset it was started from, which may have been edited or
     moved since. Runs written before runs kept their copy are resolved from their config as they
     were (the file as it is now)."""
-    from ept_hw.config import from_dict
     from trainer.analog import resolve_tile_config
-    from trainer.config import AnalogConfig
+    from trainer.config import run_config_from_dict
     from trainer.rundir import RunDirectory
 
     own = RunDirectory(run.path).tile_config()
     if own is not None:
         return own
-    return resolve_tile_config(from_dict(AnalogConfig, dict(run.config.get("analog", {}))))
+    return resolve_tile_config(run_config_from_dict({"analog": dict(run.config.get("analog", {}))}).analog)
 
 
 def derived_section(run: RunFacts, device_cfg: Any, response_figures: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Gap convention: gap = analog − twin final validation loss (nats).
 """
 
 from .axes import (
-    ALGORITHM_ALIASES, ALGORITHMS, AXES, PERIPHERY_AXES, AxisSpec, TileEdit, analog_overrides, apply_overrides,
+    ALGORITHM_ALIASES, ALGORITHMS, AXES, PERIPHERY_AXES, AxisSpec, TileEdit, apply_overrides,
     axis_table, base_values, bits_to_res, parse_axis, point_id, res_to_bits, sweep_points,
 )
 from .device import SEED_STRIDE, SweepOptions, SweepResult, base_tile, compare_point, leading_re_mu, run_device_sweep
@@ -27,7 +27,7 @@ from .tables import ROW_COLUMNS, axis_slice, plot_gaps, sweep_rows, write_tables
 
 __all__ = [
     "AxisSpec", "TileEdit", "AXES", "ALGORITHMS", "ALGORITHM_ALIASES", "PERIPHERY_AXES", "axis_table", "parse_axis",
-    "sweep_points", "point_id", "apply_overrides", "analog_overrides", "base_values", "bits_to_res", "res_to_bits",
+    "sweep_points", "point_id", "apply_overrides", "base_values", "bits_to_res", "res_to_bits",
     "PointFn", "RESULT_KEYS", "POINTS_DIR", "MANIFEST", "Task", "run_sweep", "load_records", "atomic_write_json",
     "ROW_COLUMNS", "sweep_rows", "write_tables", "axis_slice", "plot_gaps", "Requirement", "derive_requirements",
     "SweepOptions", "SweepResult", "run_device_sweep", "compare_point", "base_tile", "leading_re_mu", "SEED_STRIDE",

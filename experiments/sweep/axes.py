@@ -23,7 +23,7 @@ from ept_hw.config import ConfigError
 
 __all__ = [
     "AxisSpec", "TileEdit", "AXES", "ALGORITHMS", "ALGORITHM_ALIASES", "PERIPHERY_AXES", "axis_table", "parse_axis",
-    "sweep_points", "point_id", "apply_overrides", "analog_overrides", "base_values", "bits_to_res", "res_to_bits",
+    "sweep_points", "point_id", "apply_overrides", "base_values", "bits_to_res", "res_to_bits",
 ]
 
 
@@ -37,9 +37,8 @@ class TileEdit:
     """The changes that a point's axis values make, collected before the tile is rebuilt once.
 
     `device` (aihwkit device parameters), `tile` (TileConfig fields), `io` (the same IO field on
-    the forward and the transposed read), `update` (UpdateParameters fields), `analog` (the run's
-    `analog` table, e.g. `read_average`). `device_cfg` is the base device, for rules that scale
-    from it.
+    the forward and the transposed read), `update` (UpdateParameters fields). `device_cfg` is the
+    base device, for rules that scale from it.
     """
 
     device_cfg: Any
@@ -47,7 +46,6 @@ class TileEdit:
     tile: dict[str, Any] = field(default_factory=dict)
     io: dict[str, Any] = field(default_factory=dict)
     update: dict[str, Any] = field(default_factory=dict)
-    analog: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,6 @@ def _d2d(edit: TileEdit, value: Any) -> None:
 
 def _reads(edit: TileEdit, value: Any) -> None:
     edit.tile["n_reads"] = int(value)
-    edit.analog["read_average"] = int(value)  # the trainer sets tile.n_reads from it
 
 
 def _n_states_of(tile: Any, device: Any) -> Any:
@@ -184,7 +181,7 @@ AXES: dict[str, AxisSpec] = {
                  apply=lambda e, v: e.io.__setitem__("out_noise", float(v)),
                  read=lambda t, d: t.forward.out_noise, scope="periphery", minimum=0),
         AxisSpec("reads_averaged", "int", "higher", "reads", "reads averaged per MVM",
-                 "analog.read_average (the trainer sets tile.n_reads from it)",
+                 "tile.n_reads",
                  apply=_reads, read=lambda t, d: t.n_reads, minimum=1),
         AxisSpec("pulse_length", "int", "higher", "pulses", "update pulse-train length BL",
                  "tile.update.desired_bl",
@@ -235,16 +232,6 @@ def apply_overrides(tile: Any, overrides: Mapping[str, Any]) -> Any:
     if edit.update:
         changes["update"] = dataclasses.replace(tile.update, **edit.update)
     return dataclasses.replace(tile, **changes) if changes else tile
-
-
-def analog_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's `analog` table entries that a point's axis values set (e.g. ``read_average``)."""
-    edit = TileEdit(None)
-    for name, value in overrides.items():
-        spec = _check_name(name)
-        if spec.scope != "device":  # device rules need the base device and never touch the run's table
-            spec.apply(edit, value)
-    return edit.analog
 
 
 def base_values(tile: Any) -> dict[str, Any]:

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ept_hw.config import ConfigError, check_range
-from experiments.runfacts import checkpoint_pulse_counts
 from trainer.rundir import RunLock, check_out_dir
 
-from .axes import AXES, PERIPHERY_AXES, analog_overrides, apply_overrides, base_values, point_id, sweep_points
+from .axes import AXES, PERIPHERY_AXES, apply_overrides, base_values, point_id, sweep_points
 from .engine import MANIFEST, RESULT_KEYS, PointFn, Task, check_backend, check_manifest, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
@@ -129,8 +128,9 @@ def point_config(overrides: Mapping[str, Any], context: Mapping[str, Any], tile_
     """The run configuration of one task: the base with the point's tile and the task's seed."""
     import dataclasses
 
-    analog = {"device": str(tile_path.resolve()), "periphery": "default", **analog_overrides(overrides)}
-    cfg = _run_config(context, analog)
+    cfg = _run_config(context, {"device": str(tile_path.resolve()), "periphery": "default"})
+    # the point's tile file is the whole tile (the base's `analog.tile` overrides are already in it)
+    cfg = dataclasses.replace(cfg, analog=dataclasses.replace(cfg.analog, tile={}))
     k = int(context.get("point_seed") or 0)
     if k:
         cfg = dataclasses.replace(cfg, seed=cfg.seed + SEED_STRIDE * k, data_seed=cfg.order_seed)
@@ -200,7 +200,7 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
         "twin_initial_val_loss": initial.get("twin"),
         "update_cos_mean": _update_cos_mean(rows),
     }
-    counts = checkpoint_pulse_counts(run_dir)
+    counts = RunDirectory(run_dir).read_summary().get("analog_counters") or {}  # the trainer's summary figure
     if counts.get("n_weights") and result.steps_completed:
         out_row["pulses_per_device"] = counts["total_pulses"] / counts["n_weights"] / result.steps_completed
         out_row["max_pulses_per_device"] = counts["max_pulses_per_device"]
