@@ -72,10 +72,9 @@ JvpMode = Literal["auto", "forward", "fd"]
 
 
 
-def _gen_device(generator: torch.Generator | None) -> torch.device:
-    """Where a draw from `generator` is made (then moved to the state's device): the generator's
-    own device, the CPU for torch's default generator."""
-    return torch.device("cpu") if generator is None else generator.device
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where a random draw is made: the generator's device, or `like`'s with the default generator."""
+    return generator.device if generator is not None else like.device
 
 def _fd_step(z: Tensor, rel_step: float | None, abs_floor: float) -> float:
     """Central-difference step: rel_step * max(||z||_rms, floor); rel_step ~ cbrt(machine eps)."""
@@ -139,7 +138,7 @@ def make_jvp(
         return fd, "fd"
     if mode == "forward":
         return fwd, "forward"
-    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_gen_device(generator)).to(z.device)
+    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     try:
         with torch.no_grad():
             a = fwd(probe)
@@ -420,7 +419,7 @@ def detect_limit_cycle(
     check_range("tail_fraction", tail_fraction, 0.0, 1.0, lo_open=True)
     z = z0.detach().clone()
     batch = z.shape[0]
-    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_gen_device(generator)).to(z.device)
+    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     w = w / torch.linalg.vector_norm(w.reshape(batch, -1), dim=1).reshape((batch,) + (1,) * (z.ndim - 1))
     norm0 = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max().clamp_min(1e-30))
     res_rows: list[np.ndarray] = []
@@ -567,10 +566,10 @@ def eigreg_penalty(
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
     if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
-        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_gen_device(generator)).to(z.device)
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     elif basis.shape[1] < p:
         extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype,
-                            device=_gen_device(generator)).to(z.device)
+                            device=_draw_device(generator, z)).to(z.device)
         basis = torch.cat([basis.to(z.dtype), extra], dim=1)
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
