@@ -39,6 +39,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
 from ept_hw.config import check_choice, check_positive_int, check_range
+from ept_hw.ops import PortRecorder
 from ept_hw.relaxation import NonFiniteStateError, SolverConfig, one_step_residual, relax
 
 __all__ = [
@@ -737,8 +738,6 @@ def model_eigreg(
     require grad (the model's own `params` are used otherwise, with no gradient). Gradients are
     of the penalty itself (weight included); all zero when the leading eigenvalue is under the margin.
     """
-    from ept_hw.ops import PortRecorder  # the model layer; stability itself stays generic
-
     cfg = cfg or EigRegConfig()
     recorder = PortRecorder()
     force = model_force(model, x_in.detach(), params=params, recorder=recorder)

@@ -64,7 +64,7 @@ def test_ideal_arrays_realise_exactly_what_was_requested(tmp_path):
     report = write_report(result.run_dir).read_text()
     assert "## Realised updates and mapping (analog path)" in report and "plots/realised_updates.png" in report
     assert "| W_2 | 1.0000 | 1.0000 | 1.0000 | 0.0% | 0.0% |" in report
-    assert "collapse" not in report and "### Work per training step" in report
+    assert "Warning: weight collapse" not in report and "### Work per training step" in report
 
 
 def test_realised_update_sees_clipping_at_the_bounds():
@@ -197,6 +197,10 @@ def test_work_per_step_counts_the_correction_and_the_readout_assists():
     assert parts["jacreg (read-out copy)"][0] == 0.0
     on_chip = work_per_step({**cfg, "stabilisers": {**cfg["stabilisers"], "resreg_source": "arrays"}}, 50, 10)
     assert on_chip["resreg"] == (2 * aF, 3 * dF)
+    with_eig = work_per_step({**cfg, "stabilisers": {**cfg["stabilisers"], "eigreg": {"weight": 0.1, "iters": 2,
+                                                                                      "block": 3}}}, 50, 10)
+    a1, d1 = force_work(cfg["model"], 1)
+    assert with_eig["eigreg (read-out copy)"] == (0.0, 6 * (4 * a1 + 5 * d1))
     twin = work_per_step(cfg, 50, 10, analog=False)
     assert all(a == 0.0 for a, _ in twin.values())
     assert sum(d for _, d in twin.values()) == pytest.approx(sum(a + d for a, d in parts.values()))
