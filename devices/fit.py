@@ -52,6 +52,7 @@ from ept_hw.config import check_choice
 
 from .array import DeviceArray
 from .configs import DeviceConfig, device_from_dict
+from .response import default_n_steps, protocol_directions
 
 __all__ = ["Trace", "FitResult", "FitRefused", "FIT_MODELS", "MAX_TRAJECTORY_RMS", "RANGE_SLACK", "read_traces",
            "write_traces", "generate_traces", "fit_device", "neurosim_label", "fit_nonlinearity"]
@@ -168,8 +169,6 @@ def write_traces(path: str | Path, traces: list[Trace]) -> None:
 def generate_traces(config: DeviceConfig, *, n_traces: int = 4, n_steps: int | None = None,
                     n_loops: int = 2, seed: int = 0) -> list[Trace]:
     """Pulse-response traces of `n_traces` devices of `config` (starting at w_min): test data."""
-    from .response import default_n_steps, protocol_directions
-
     n_steps = default_n_steps(config) if n_steps is None else n_steps
     g = torch.Generator().manual_seed(seed)
     arr = DeviceArray(config, (n_traces,), g, dtype=torch.float64)

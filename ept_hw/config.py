@@ -81,12 +81,14 @@ def check_range(
     *,
     lo_open: bool = False,
     hi_open: bool = False,
+    finite: bool = False,
 ) -> None:
-    """Raise `ConfigError` unless `value` is a finite number in the given interval."""
-    allowed = "a number in " + _fmt_interval(lo, hi, lo_open, hi_open)
+    """Raise `ConfigError` unless `value` is a number in the given interval: finite where the
+    interval is bounded on both sides, or everywhere with `finite` (±inf refused)."""
+    allowed = ("a finite number in " if finite else "a number in ") + _fmt_interval(lo, hi, lo_open, hi_open)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(key, value, allowed)
-    if math.isnan(value) or (math.isinf(value) and not (lo is None or hi is None)):
+    if math.isnan(value) or (math.isinf(value) and (finite or not (lo is None or hi is None))):
         raise ConfigError(key, value, allowed)
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(key, value, allowed)
@@ -94,20 +96,10 @@ def check_range(
         raise ConfigError(key, value, allowed)
 
 
-def check_finite_range(
-    key: str,
-    value: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> None:
+def check_finite_range(key: str, value: Any, lo: float | None = None, hi: float | None = None, **bounds: bool) -> None:
     """`check_range` that also refuses ±inf when the interval is unbounded on that side (device
-    and tile parameters are always finite numbers)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isinf(value):
-        raise ConfigError(key, value, "a finite number in " + _fmt_interval(lo, hi, lo_open, hi_open))
-    check_range(key, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    and tile parameters are always finite numbers); `bounds`: `lo_open`, `hi_open`."""
+    check_range(key, value, lo, hi, finite=True, **bounds)
 
 
 def check_positive_int(key: str, value: Any, minimum: int = 1) -> None:

@@ -39,6 +39,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
 from ept_hw.config import check_choice, check_positive_int, check_range
+from ept_hw.ops import PortRecorder
 from ept_hw.relaxation import NonFiniteStateError, SolverConfig, one_step_residual, relax
 
 __all__ = [
@@ -70,6 +71,11 @@ JvpMode = Literal["auto", "forward", "fd"]
 
 # ------------------------------------------------------------------------- Jacobian products
 
+
+
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where a random draw is made: the generator's device, or `like`'s with the default generator."""
+    return generator.device if generator is not None else like.device
 
 def _fd_step(z: Tensor, rel_step: float | None, abs_floor: float) -> float:
     """Central-difference step: rel_step * max(||z||_rms, floor); rel_step ~ cbrt(machine eps)."""
@@ -133,7 +139,7 @@ def make_jvp(
         return fd, "fd"
     if mode == "forward":
         return fwd, "forward"
-    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+    probe = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     try:
         with torch.no_grad():
             a = fwd(probe)
@@ -414,7 +420,7 @@ def detect_limit_cycle(
     check_range("tail_fraction", tail_fraction, 0.0, 1.0, lo_open=True)
     z = z0.detach().clone()
     batch = z.shape[0]
-    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+    w = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     w = w / torch.linalg.vector_norm(w.reshape(batch, -1), dim=1).reshape((batch,) + (1,) * (z.ndim - 1))
     norm0 = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max().clamp_min(1e-30))
     res_rows: list[np.ndarray] = []
@@ -561,10 +567,10 @@ def eigreg_penalty(
     jv_nograd, _ = make_jvp(force, z, cfg.jvp, fd_rel_step=cfg.fd_rel_step)
     count = 0
     if basis is None or basis.shape[0] != n or basis.shape[1] < 2:
-        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=generator.device).to(z.device)
+        basis = torch.randn(n, p, generator=generator, dtype=z.dtype, device=_draw_device(generator, z)).to(z.device)
     elif basis.shape[1] < p:
         extra = torch.randn(n, p - basis.shape[1], generator=generator, dtype=z.dtype,
-                            device=generator.device).to(z.device)
+                            device=_draw_device(generator, z)).to(z.device)
         basis = torch.cat([basis.to(z.dtype), extra], dim=1)
     q = torch.linalg.qr(basis[:, :p].to(z.dtype))[0]
 
@@ -732,8 +738,6 @@ def model_eigreg(
     require grad (the model's own `params` are used otherwise, with no gradient). Gradients are
     of the penalty itself (weight included); all zero when the leading eigenvalue is under the margin.
     """
-    from ept_hw.ops import PortRecorder  # the model layer; stability itself stays generic
-
     cfg = cfg or EigRegConfig()
     recorder = PortRecorder()
     force = model_force(model, x_in.detach(), params=params, recorder=recorder)

@@ -43,11 +43,25 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ept_hw.config import ConfigError
+import torch
+
+from crossbar.config import save_tile_config, tile_config_from_dict
+from crossbar.presets import perfect_io
+from devices.symmetric import symmetric_device
+from ept_hw.config import ConfigError, to_dict
+from experiments.markdown import table as md_table
+from experiments.sweep.axes import point_id
+from experiments.sweep.device import SEED_STRIDE
+from experiments.sweep.engine import run_sweep
+from experiments.sweep.stats import gap_stats
+from trainer.config import run_config_from_dict
+from trainer.loop import EXIT_INTERRUPTED, run
+from trainer.rundir import RunDirectory, RunLock, atomic_write, atomic_write_json
 
 __all__ = ["FACTORS", "Factor", "AttributionResult", "attribute_run", "attribution_point", "factor_tile", "factor_config",
            "check_run", "choose_factors", "attribution_points", "attribution_table", "markdown", "SUBDIR", "TABLE_JSON", "TABLE_MD", "PLOT"]
@@ -76,8 +90,6 @@ def _periphery_na(tile: Any) -> str | None:
 
 
 def _periphery(tile: Any) -> Any:
-    from crossbar.presets import perfect_io
-
     return tile.replace(forward=perfect_io(), backward=perfect_io())
 
 
@@ -109,8 +121,6 @@ def _noise(tile: Any) -> Any:
 
 
 def _symmetric_na(tile: Any) -> str | None:
-    from devices.symmetric import symmetric_device
-
     dev = tile.device_config()
     if dev.is_ideal:
         return "an ideal device has no up and down steps"
@@ -123,8 +133,6 @@ def _symmetric_na(tile: Any) -> str | None:
 
 
 def _symmetric(tile: Any) -> Any:
-    from devices.symmetric import symmetric_device
-
     return tile.replace(device=symmetric_device(tile.device_config()).to_dict())
 
 
@@ -235,10 +243,6 @@ def factor_config(cfg: Any, remove: Sequence[str]) -> Any:
 
 # ------------------------------------------------------------------------------ the point function
 def _task_config(context: Mapping[str, Any], path: str, device: str | None, remove: Sequence[str] = ()) -> Any:
-    from trainer.config import run_config_from_dict
-
-    from experiments.sweep.device import SEED_STRIDE
-
     cfg = run_config_from_dict(context["config"])
     k = int(context.get("point_seed") or 0)
     if k:
@@ -255,16 +259,6 @@ def attribution_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) 
     [factors]}`` (the analog path alone with those factors removed from the run's tile). The
     task's tile is written to ``tiles/<task>.toml`` and its run to ``runs/<task>/``.
     """
-    import shutil
-
-    import torch
-
-    from crossbar.config import save_tile_config, tile_config_from_dict
-    from trainer.loop import EXIT_INTERRUPTED, run
-    from trainer.rundir import RunDirectory
-
-    from experiments.sweep.axes import point_id
-
     torch.set_num_threads(int(context.get("_threads", 1)))
     out = Path(context["_out_dir"])
     k = context.get("point_seed")
@@ -303,8 +297,6 @@ def attribution_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) 
 def check_run(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """The run's (`RunConfig`, `TileConfig`, summary), or a clear error (the CLI's exit 2) when it
     cannot be attributed: not a run, not a `compare` run, incomplete, interrupted or diverged."""
-    from trainer.rundir import RunDirectory
-
     rd = RunDirectory(run_dir)
     if not rd.path.is_dir() or not rd.config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {rd.CONFIG}): train one with `ept-hw compare`")
@@ -374,11 +366,6 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
     bad seed count or a factor that does not apply raise, and nothing is written; afterwards only
     ``RUN/attribution/`` is written, under its lock (`trainer.rundir.RunLock`: a second attribution
     of the same run at the same time is refused)."""
-    from ept_hw.config import to_dict
-    from trainer.rundir import RunDirectory, RunLock
-
-    from experiments.sweep.engine import run_sweep
-
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
         raise ConfigError("seeds", seeds, "an integer >= 2 (a mean and its spread)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -402,8 +389,6 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
 
 # ------------------------------------------------------------------------------ the table
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
-    from experiments.sweep.stats import gap_stats
-
     s = gap_stats([v for v in values if v is not None])
     return {"mean": s.mean, "se": s.se, "lo": s.lo, "hi": s.hi, "n": s.n}
 
@@ -501,8 +486,6 @@ def _pm(st: Mapping[str, Any]) -> str:
 
 def markdown(table: Mapping[str, Any]) -> str:
     """The attribution table as Markdown (the run report includes it)."""
-    from experiments.markdown import table as md_table
-
     g = table["gap_full"]
     lines = [f"Gap = analog − twin final validation loss (nats), mean ± standard error over {table['seeds']} seeds "
              f"(each seed's twin shared by its analog runs). Full re-run gap: **{_pm(g)}** "
@@ -567,7 +550,6 @@ def plot_waterfall(table: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("analog − twin validation loss [nats]")
     ax.set_title(f"Gap attribution ({table['seeds']} seeds; green: removing the factor narrows the gap, red: widens it)")
     fig.tight_layout()
-    from trainer.rundir import atomic_write
 
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
@@ -576,8 +558,6 @@ def plot_waterfall(table: Mapping[str, Any], path: Path) -> Path | None:
 
 def write_attribution(out: Path, table: Mapping[str, Any]) -> tuple[Path, Path, Path | None]:
     """``attribution.json``, ``attribution.md`` and ``attribution.png`` under `out` (atomic writes)."""
-    from trainer.rundir import atomic_write, atomic_write_json
-
     json_path = atomic_write_json(out / TABLE_JSON, dict(table), allow_nan=False)
     md_path = atomic_write(out / TABLE_MD, "# Gap attribution\n\n" + markdown(table))
     plot_path = plot_waterfall(table, out / PLOT)

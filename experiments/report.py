@@ -13,6 +13,7 @@ table from the run's own `tile.toml`), and the gap-attribution table and waterfa
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import tomli_w  # noqa: E402
 import torch  # noqa: E402
 
-from trainer.fidelity import COLLAPSE_BAND  # noqa: E402
+from trainer.analog import resolve_tile_config  # noqa: E402
+from trainer.config import run_config_from_dict  # noqa: E402
+from trainer.fidelity import COLLAPSE_BAND, work_per_step  # noqa: E402
 from trainer.metrics import Metric, active_paths, aggregate, column, figure_rows, final_figures, plotted  # noqa: E402
 from trainer.rundir import RunDirectory  # noqa: E402
 
+from .attribution import PLOT, SUBDIR, TABLE_JSON, markdown  # noqa: E402
 from .markdown import table as md_table  # noqa: E402
 
 __all__ = ["write_report", "final_figures"]
@@ -202,8 +207,6 @@ def fidelity_section(rows: Sequence[Mapping[str, Any]], work: Mapping[str, tuple
                      adc_per_step: float | None = None) -> list[str]:
     """Report lines: per projection realised vs requested updates, analog/twin weight-norm ratio,
     the twin's weights outside the analog range, saturation; a collapse warning; digital work."""
-    from trainer.fidelity import COLLAPSE_BAND
-
     names = _projection_names(rows, "analog_realised_ratio") or _projection_names(rows, "weight_norm_ratio")
     if not names:
         return []
@@ -326,12 +329,9 @@ def device_table(rd: RunDirectory, config: Mapping[str, Any]) -> list[list[Any]]
         mode, path = config.get("mode"), config.get("path")
         if not config or not (mode == "compare" or (mode == "ep" and path == "analog")):
             return []
-        from ept_hw.config import from_dict
-        from trainer.analog import resolve_tile_config
-        from trainer.config import AnalogConfig
 
         try:
-            tile = resolve_tile_config(from_dict(AnalogConfig, config.get("analog", {})))
+            tile = resolve_tile_config(run_config_from_dict({"analog": config.get("analog", {})}).analog)
         except Exception:  # noqa: BLE001 - a report never fails on the device section
             return []
     rows: list[list[Any]] = []
@@ -365,8 +365,6 @@ def _fmt_param(v: Any) -> str:
 
 
 def _toml_block(config: Mapping[str, Any]) -> str:
-    import tomli_w
-
     return tomli_w.dumps(dict(config))
 
 
@@ -469,8 +467,6 @@ def write_report(run_dir: str | Path) -> Path:
             work_cfg = {**config, "tile": tile.to_dict() if tile is not None else {}}
             nudge = _mean_last(rows, "analog_nudge_steps") or config.get("estimator", {}).get("t2", 0)
             try:
-                from trainer.fidelity import work_per_step
-
                 work = work_per_step(work_cfg, fa["free_steps_last20"], nudge)
             except (KeyError, TypeError, ValueError):  # a report never fails on an estimate
                 work = None
@@ -508,10 +504,6 @@ def write_report(run_dir: str | Path) -> Path:
 
 def _attribution_section(rd: RunDirectory) -> list[str]:
     """The gap-attribution table and waterfall of `ept-hw attribute`, when the run has one."""
-    import json
-
-    from .attribution import PLOT, SUBDIR, TABLE_JSON, markdown
-
     path = rd.path / SUBDIR / TABLE_JSON
     if not path.is_file():
         return []

@@ -10,8 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ept_hw.config import ConfigError
+import torch
 
+from ept_hw.config import ConfigError
 from experiments.presets import load_run_config, preset_names
 from trainer.config import RunConfig, merge
 
@@ -68,8 +69,6 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> None:
-    import torch
-
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:

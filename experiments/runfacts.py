@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from ept_hw.config import ConfigError, config_hash
 from trainer.rundir import RunDirectory
 
@@ -131,8 +133,6 @@ def _legacy_checkpoint_pulse_counts(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        import torch
-
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - the export goes on without the counters, and says so
         logger.warning("cannot read checkpoint %s: %s", path, exc)
@@ -174,8 +174,6 @@ def _count_weights(run_dir: Path, facts: RunFacts) -> int | None:
     path = run_dir / "conductances.pt"
     if path.is_file():
         try:
-            import torch
-
             data = torch.load(path, weights_only=False, map_location="cpu")
             weights = data.get("start") or data.get("end") or {}
             total = sum(int(w.numel()) for w in weights.values())

@@ -64,7 +64,7 @@ def test_ideal_arrays_realise_exactly_what_was_requested(tmp_path):
     report = write_report(result.run_dir).read_text()
     assert "## Realised updates and mapping (analog path)" in report and "plots/realised_updates.png" in report
     assert "| W_2 | 1.0000 | 1.0000 | 1.0000 | 0.0% | 0.0% |" in report
-    assert "collapse" not in report and "### Work per training step" in report
+    assert "Warning: weight collapse" not in report and "### Work per training step" in report
 
 
 def test_realised_update_sees_clipping_at_the_bounds():

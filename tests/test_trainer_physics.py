@@ -91,6 +91,33 @@ def test_common_noise_gives_the_nudge_blocks_identical_draws():
     assert not torch.equal(other, common)  # a fresh seed per read
 
 
+def test_the_runs_tile_noise_mode_gives_the_estimate_common_draws():
+    """`analog.tile.noise_mode = "common"` (the tile's own setting, overridden by the run) wraps the
+    arrays in `CommonNoise` and the EP estimate reads its K stacked phases as K blocks of the same
+    draws; "fresh" wraps nothing."""
+    from experiments.presets import load_run_config
+    from trainer.analog import CommonNoise
+    from trainer.config import resolve_vocab
+    from trainer.loop import build_paths
+
+    small = {"mode": "compare", "model": {"context": 8, "width": 16, "heads": 2, "ffn_mult": 2},
+             "training": {"batch_size": 2, "seq_len": 8}, "solver": {"max_steps": 20}, "estimator": {"t2": 3}}
+    for mode in ("common", "fresh"):
+        cfg = resolve_vocab(load_run_config("tiny", {**small, "analog": {"device": "ecram", "tile": {"noise_mode": mode}}}), 16)
+        path = build_paths(cfg)["analog"]
+        proj = path.model.projections["W_O"]
+        assert isinstance(proj, CommonNoise) == (mode == "common") == path.common_noise
+        if mode == "fresh":
+            continue
+        seen = []
+        read = proj.forward
+        proj.forward = lambda u: (seen.append(proj.blocks), read(u))[1]
+        idx = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(0))
+        _, fp = path.free_phase(idx)
+        path.estimate(idx, idx, fp)
+        assert (path.estimator.phases, 2) in seen and None in seen  # nudge blocks set, free phase not
+
+
 def test_jacreg_update_lowers_the_penalty():
     from ept_hw.model import EquilibriumTransformer
     from ept_hw.projection import digital_factory

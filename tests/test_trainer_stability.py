@@ -82,13 +82,14 @@ def test_eigreg_update_lowers_leading_abs_lambda():
     z = fp.z.detach()
     before = path.stability(idx)["abs_lambda"]
     eigreg = next(s for s in path.stabilisers if s.name == "eigreg")
-    penalties = []
+    penalties, lams = [], []
     for _ in range(5):
         out = StepOutcome(loss=0.0, residual=0.0)
         ctx = StepContext(path.model, path.readout_model, idx, z, cfg.solver.eps, None, path.probe_generator)
         part = eigreg.port_update(ctx)
         out.set_figures(part.figures)
         penalties.append(out.eigreg_penalty)
+        lams.append(out.eigreg_abs_lambda)
         assert set(part.ports) >= {"W_O", "W_1", "W_2"}
         acc = PortUpdates()
         acc.add(part.ports, part.digital, part.scale)
@@ -96,6 +97,8 @@ def test_eigreg_update_lowers_leading_abs_lambda():
     after = path.stability(idx)["abs_lambda"]
     assert after < before - 0.002, (before, after)
     assert penalties[-1] < penalties[0]
+    # eigreg's own |λ| of I + εJ (ε the solver's) matches ARPACK's at the start
+    assert abs(lams[0] - before) < 0.01, (lams[0], before)
 
 
 def test_eigreg_config_is_checked():

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from crossbar import analog_factory, perfect_io, tile_config_from_dict, tile_for_device, tile_preset, tile_preset_names
 from ept_hw.config import ConfigError, load_toml
 
 from .config import AnalogConfig
@@ -36,8 +37,6 @@ __all__ = ["resolve_tile_config", "self_contained_tile", "build_analog_factory",
 
 
 def resolve_tile_config(cfg: AnalogConfig):
-    from crossbar import perfect_io, tile_config_from_dict, tile_for_device, tile_preset, tile_preset_names
-
     name = cfg.device
     if name in tile_preset_names():
         tile = tile_preset(name)
@@ -135,8 +134,6 @@ def build_analog_factory(cfg: AnalogConfig, seed: int, tile: Any = None) -> tupl
     samples, the tiles' read and update seeds) is seeded from the run seed; the tiles keep their
     own read/update generators in their state_dicts. `tile`: an already resolved `TileConfig`
     (a run's own copy, `RunDirectory.tile_config()`); default: resolved from `cfg`."""
-    from crossbar import analog_factory
-
     if tile is None:
         tile = resolve_tile_config(cfg)
     device_generator = torch.Generator().manual_seed(seed + 1000)

@@ -1,7 +1,7 @@
 """Atomic checkpoints and the resume check.
 
 A checkpoint is one `torch.save` payload (a dict) written with the project's one atomic write
-(`trainer.rundir.atomic_write`: temporary file in the same directory, fsync, rename, fsync of the
+(`trainer.files.atomic_write`: temporary file in the same directory, fsync, rename, fsync of the
 directory). A reader therefore sees either the previous checkpoint or the new one, never a torn
 file; a file torn by other means (a copy cut short) raises `CorruptCheckpointError` naming it. A run
 keeps its two latest checkpoints (`RunDirectory.save_checkpoint`).
@@ -20,7 +20,9 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "config_differences", "latest_checkpoint", "CHECKPOINT_NAME",
+from .files import atomic_write
+
+__all__ = ["save_checkpoint", "load_checkpoint", "config_differences", "CHECKPOINT_NAME",
            "CorruptCheckpointError"]
 
 CHECKPOINT_NAME = "last.pt"
@@ -31,10 +33,8 @@ class CorruptCheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` atomically to `path` (`trainer.rundir.atomic_write`: temp file, fsync,
+    """Write `payload` atomically to `path` (`trainer.files.atomic_write`: temp file, fsync,
     rename, fsync of the directory)."""
-    from .rundir import atomic_write
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda fh: torch.save(dict(payload), fh))
@@ -56,14 +56,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise CorruptCheckpointError(f"checkpoint {path} is not an ept-hw checkpoint (not a dict)")
     return payload
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest kept checkpoint file of a run, or None."""
-    from .rundir import RunDirectory
-
-    files = RunDirectory(run_dir).checkpoints()
-    return files[0] if files else None
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import logging
+import torch
 
 from crossbar.config import TileConfig
 from ept_hw.config import (
@@ -276,8 +277,6 @@ class RunConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
         return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:

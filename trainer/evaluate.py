@@ -23,15 +23,19 @@ the other setting adds its entry, the same setting replaces its own) and
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
+from crossbar.inference import PCMInferenceModel, PCMInferenceParameters, ProgrammedWeights
 from ept_hw.config import ConfigError
 
+from .analog import resolve_tile_config
 from .loop import _eval_batches, load_run
 from .rundir import RunDirectory, atomic_write
 
@@ -68,7 +72,6 @@ def _check_run(rd: RunDirectory, any_device: bool) -> tuple[Any, str]:
     if not cfg.uses_analog:
         raise ConfigError("mode", cfg.mode if cfg.mode != "ep" else f"ep (path = {cfg.path})",
                           "a run with analog weights: mode 'compare', or 'ep' with path 'analog'")
-    from .analog import resolve_tile_config
 
     tile = resolve_tile_config(cfg.analog)
     if tile.uses_pair:
@@ -88,7 +91,6 @@ def read_evaluation(run_dir: str | Path) -> dict[str, Any] | None:
     path = RunDirectory(run_dir).path / EVALUATION_DIR / EVALUATION_FILE
     if not path.is_file():
         return None
-    import json
 
     return json.loads(path.read_text())
 
@@ -102,8 +104,6 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
                        params: Any = None, progress: bool = False) -> dict[str, Any]:
     """Validation loss of the analog path at each time (module docstring); returns the entry
     written under its compensation key in `RUN/evaluation/evaluation.json`."""
-    from crossbar.inference import PCMInferenceModel, PCMInferenceParameters, ProgrammedWeights
-
     rd = RunDirectory(run_dir)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError("seeds", seeds, "a number of noise seeds >= 1")
@@ -119,8 +119,6 @@ def evaluate_retention(run_dir: str | Path, times: Sequence[float] = DEFAULT_TIM
 
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=seeds * len(t_list), desc="evaluate", unit="eval")
     losses: list[list[float]] = []
     for k in range(seeds):

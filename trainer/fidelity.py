@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from .config import run_config_from_dict
+
 __all__ = ["realised_update", "mapping_figures", "saturation_per_projection", "norm_ratio_and_cos", "force_work", "work_per_step",
            "COLLAPSE_BAND"]
 
@@ -119,10 +121,12 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
     - ports: one F forward and one backward (vjp of ⟨a, F⟩), plus the W_h read of the readout;
     - resreg: one F and one backward (digital on the read-out copy with source "readout");
     - jacreg: two forces and two F + backward (central difference), on the read-out copy;
-    - eigreg: `eigreg_iters`·`eigreg_block` (J v + Jᵀ v) on one sequence, on the read-out copy;
+    - eigreg: `iters`·`block` of `[stabilisers.eigreg]` (J v + Jᵀ v) on one sequence, on the read-out copy;
     - remap: one operation per weight every `remap_every` updates (digital; absent unless set).
     Not counted: health probes, evaluations and the stability monitor (not every step)."""
-    m, t, e, st = config["model"], config["training"], config["estimator"], config.get("stabilisers", {})
+    m, t, e = config["model"], config["training"], config["estimator"]
+    # the stabilisers as the run resolved them (their defaults declared once, older keys migrated)
+    st = run_config_from_dict({"stabilisers": config.get("stabilisers", {})}).stabilisers
     B = int(t["batch_size"])
     T = int(m["context"])
     C, V = int(m["width"]), int(m.get("vocab_size", 65))
@@ -149,13 +153,13 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
         ca, cd = (jv + fwd + 1.0) * aF, (jv + fwd + 2.0) * dF
     parts["AsymEP correction (J v, Jᵀ v)"] = split(nudge_steps * ca, nudge_steps * cd, True)
     parts["ports (vjp of ⟨a, F⟩, readout)"] = split(2 * aF + readout_a, 3 * dF + readout_d, True)
-    if float(st.get("resreg", 0.2)) > 0:
-        parts["resreg"] = split(2 * aF, 3 * dF, st.get("resreg_source", "readout") == "arrays")
-    if st.get("jacreg_on", True):
+    if st.resreg > 0:
+        parts["resreg"] = split(2 * aF, 3 * dF, st.resreg_source == "arrays")
+    if st.jacreg_on:
         parts["jacreg (read-out copy)"] = split(6 * aF, 8 * dF, False)
-    if float(st.get("eigreg", 0.0)) > 0:
+    if st.eigreg.weight > 0:
         a1, d1 = force_work(m, 1)
-        n = int(st.get("eigreg_iters", 10)) * int(st.get("eigreg_block", 6))
+        n = st.eigreg.iters * st.eigreg.block
         parts["eigreg (read-out copy)"] = split(n * 4 * a1, n * 5 * d1, False)
     remap = int(((config.get("tile") or {}).get("mapping") or {}).get("remap_every", 0))
     if analog and remap > 0:

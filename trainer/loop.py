@@ -44,16 +44,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from tqdm import tqdm
 
 from ept_hw.config import ConfigError, resolve_torch_device, to_dict
 from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
 from ept_hw.projection import digital_factory
+from ept_hw.stability import detect_limit_cycle
 
+from .analog import build_analog_factory, resolve_tile_config, self_contained_tile
 from .checkpoint import config_differences, load_checkpoint
 from .config import RunConfig, resolve_vocab
 from .controllers import LRSchedule
 from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepare_data, sample_batch, unigram_entropy
 from .divergence import DivergenceEvent
+from .fidelity import mapping_figures, saturation_per_projection
 from .metrics import empty_row, keys_of
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
@@ -88,8 +92,6 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
         return {"twin": BPPath(cfg, torch.Generator().manual_seed(seed), device)}
     paths: dict[str, Any] = {}
     if cfg.uses_analog:
-        from .analog import build_analog_factory
-
         factory, generators = build_analog_factory(cfg.analog, seed, tile=tile)
         model = EquilibriumTransformer(cfg.model, factory, torch.Generator().manual_seed(seed), dtype=dtype,
                                        device=device)
@@ -218,8 +220,6 @@ def _verdict(path: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, A
     _, fp = path.free_phase(idx)
     out = {"residual": fp.residual_max, "floor": fp.floor_max, "steps": fp.n_steps, "converged": fp.converged}
     try:
-        from ept_hw.stability import detect_limit_cycle
-
         # On the read-out weights (the analog arrays' effective weights): a verdict through noisy
         # reads would only ever see the noise floor.
         model = path.readout_model()
@@ -418,7 +418,6 @@ def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: st
     tile = None
     if cfg.uses_analog:
         # the run's own copy on resume (never the file or preset it came from); else resolved now
-        from .analog import resolve_tile_config, self_contained_tile
 
         tile = rd.tile_config() if resume else self_contained_tile(resolve_tile_config(cfg.analog))
         if tile is None:  # a run written before runs kept their own copy: as it was built then
@@ -492,8 +491,6 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
     schedule = LRSchedule(t.schedule, t.steps)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=t.steps, initial=r.step, desc=f"{r.cfg.mode} {r.rd.path.name}", unit="step", dynamic_ncols=True)
     steps_this_call = 0
     try:
@@ -678,8 +675,6 @@ def _row(step: int, lr: float, wall: float, paths: Mapping[str, Any], outcomes: 
          probe: bool = False) -> dict[str, Any]:
     """One metrics row; `probe`: also the figures logged at health probes (and the last step):
     per-projection saturation, analog/twin weight-norm ratio, the twin's weights outside the analog range."""
-    from .fidelity import mapping_figures, saturation_per_projection
-
     row = empty_row(step)
     row["lr"] = lr
     row["wall_time"] = wall

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .files import atomic_write
+
 __all__ = ["Metric", "METRICS", "PATHS", "PATH_KEYS", "ROW_KEYS", "keys_of", "row_keys", "empty_row", "MetricsLog",
            "read_metrics", "column", "final_figures", "figure_rows", "plotted", "aggregate", "active_paths"]
 
@@ -203,8 +205,6 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         else:
-            from .rundir import atomic_write
-
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = self.path.open("a")

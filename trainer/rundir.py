@@ -36,60 +36,23 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
+
+import tomli_w
+import torch
+
+from crossbar import load_tile_config
+from ept_hw.config import config_hash, load_toml, to_dict
+
+from .checkpoint import CorruptCheckpointError, load_checkpoint, save_checkpoint
+from .config import run_config_from_dict
+from .files import atomic_write, atomic_write_json, fsync_dir
+from .metrics import MetricsLog, PATHS, read_metrics
 
 __all__ = ["RunDirectory", "RunLock", "RunLockedError", "atomic_write", "atomic_write_json", "fsync_dir", "provenance",
            "check_out_dir"]
 
 logger = logging.getLogger(__name__)
-
-
-def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (where the filesystem allows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, data: str | bytes | Callable[[Any], None], *, binary: bool | None = None) -> Path:
-    """Write `data` to `path` atomically: a temporary file in the same folder, flushed and fsynced,
-    renamed over `path`, then the folder fsynced. `data` is text, bytes, or a callable that writes
-    into the open file object (binary unless `binary=False`). The folder must exist. On any error
-    the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    if binary is None:
-        binary = not isinstance(data, str)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | Path, data: Any, **dumps: Any) -> Path:
-    """`atomic_write` of `json.dumps(data, **dumps)` (indent 2 and `default=str` unless given)."""
-    dumps = {"indent": 2, "default": str, **dumps}
-    return atomic_write(path, json.dumps(data, **dumps))
 
 
 class RunDirectory:
@@ -195,23 +158,15 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ config and tokenizer
     def read_config_dict(self) -> dict[str, Any]:
-        from ept_hw.config import load_toml
-
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.path} holds no run (no {self.CONFIG})")
         return load_toml(self.config_path)
 
     def config(self):
         """The saved `RunConfig` (keys of older runs migrated)."""
-        from .config import run_config_from_dict
-
         return run_config_from_dict(self.read_config_dict())
 
     def write_config(self, cfg: Any) -> Path:
-        import tomli_w
-
-        from ept_hw.config import to_dict
-
         self.path.mkdir(parents=True, exist_ok=True)
         mapping = to_dict(cfg) if not isinstance(cfg, Mapping) else to_dict(dict(cfg))
         return atomic_write(self.config_path, tomli_w.dumps(mapping))
@@ -225,8 +180,6 @@ class RunDirectory:
         """Save the resolved tile configuration (device, periphery, update, algorithm) the run
         trains with, so that the run never depends on the file or preset it came from. The
         round trip is checked: what is read back equals `tile`."""
-        import tomli_w
-
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.tile_path, tomli_w.dumps({"tile": tile.to_dict()}))
         if self.tile_config() != tile:
@@ -236,8 +189,6 @@ class RunDirectory:
     def tile_config(self):
         """The run's own resolved `TileConfig` (`tile.toml`), or None for a run without an analog
         path (or one written before runs kept their own copy)."""
-        from crossbar import load_tile_config
-
         if not self.tile_path.is_file():
             return None
         return load_tile_config(self.tile_path)
@@ -284,19 +235,13 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> list[dict[str, Any]]:
-        from .metrics import read_metrics
-
         return read_metrics(self.metrics_path)
 
     def metrics_log(self, resume_step: int | None = None):
-        from .metrics import MetricsLog
-
         return MetricsLog(self.metrics_path, resume_step=resume_step)
 
     def final_val_losses(self) -> dict[str, float | None]:
         """Each path's last logged validation loss."""
-        from .metrics import PATHS
-
         rows = self.read_metrics()
         out: dict[str, float | None] = {}
         for p in PATHS:
@@ -324,8 +269,6 @@ class RunDirectory:
     def save_checkpoint(self, payload: Mapping[str, Any]) -> Path:
         """Write `payload` as the latest checkpoint; the one it replaces becomes `previous.pt`
         (the two latest are kept)."""
-        from .checkpoint import save_checkpoint
-
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         latest = self.latest_checkpoint_path
         if latest.is_file() and latest not in self._unreadable:  # a corrupt latest never displaces a good previous
@@ -337,8 +280,6 @@ class RunDirectory:
         """(payload, file) of the latest readable checkpoint. A corrupt latest file is reported
         (a warning naming it) and, with `fallback`, the previous one is used; with no readable
         checkpoint a `FileNotFoundError` or `ValueError` names the files."""
-        from .checkpoint import CorruptCheckpointError, load_checkpoint
-
         files = self.checkpoints()
         if not files:
             raise FileNotFoundError(f"{self.path} has no checkpoint ({self.latest_checkpoint_path} does not exist)")
@@ -360,16 +301,12 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ conductances
     def read_conductances(self) -> dict[str, Any] | None:
-        import torch
-
         if not self.conductances_path.is_file():
             return None
         return torch.load(self.conductances_path, map_location="cpu", weights_only=False)
 
     def save_conductances(self, when: str, weights: Mapping[str, Any]) -> Path:
         """Add the analog weights at `when` ("start", "end") to `conductances.pt`."""
-        import torch
-
         data = self.read_conductances() or {"quantity": "effective weight"}
         data[when] = dict(weights)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -577,10 +514,6 @@ def provenance(cfg: Any, *, tile: Any = None, argv: list[str] | None = None) -> 
     """Where a run came from: package version, git commit (if the code is a git checkout), torch
     and Python versions, the command line, the seed, the start time (UTC), the hash of the
     resolved configuration and, on an analog run, of the resolved tile and the device file's."""
-    import torch
-
-    from ept_hw.config import config_hash
-
     commit, dirty = _git_commit(Path(__file__).resolve().parents[1])
     out: dict[str, Any] = {
         "package": "ept-hw",

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import load_checkpoint
 from .loop import load_run
 from .rundir import RunDirectory
 
@@ -72,7 +73,6 @@ def sample_run(
         raise ValueError("the prompt encodes to no tokens")
     gen = torch.Generator().manual_seed(seed)
     ids = sample_tokens(paths[name], prompt_ids, length, cfg.training.seq_len, temperature, top_k, gen, on_token)
-    from .checkpoint import load_checkpoint
 
     step = int(load_checkpoint(ck_path)["step"])
     return Sample(data.tokenizer.decode(ids), name, step, ck_path)

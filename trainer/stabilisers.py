@@ -44,6 +44,7 @@ from ept_hw.estimators import port_quantities, resreg_gradient
 from ept_hw.model import EquilibriumTransformer
 from ept_hw.ops import outer_product_sum
 from ept_hw.references import dense_ports
+from ept_hw.stability import model_eigreg, model_force, worst_sample
 
 from .controllers import JacregController
 
@@ -229,8 +230,6 @@ class Eigreg:
     def port_update(self, ctx: StepContext) -> PortUpdate:
         """Ports (u = identity rows, δ = gradient columns) and digital gradients of eigreg at the
         worst sample of the batch (largest one-step residual), on the read-out copy."""
-        from ept_hw.stability import model_eigreg, model_force, worst_sample
-
         model, z = ctx.readout(), ctx.z
         with torch.no_grad():
             x_in = model.embed(ctx.idx)

@@ -39,15 +39,18 @@ import torch
 from torch import Tensor
 
 from ept_hw.estimators import EPEstimator, GradientEstimator, GradientResult, compare_gradients, free_phase
-from ept_hw.model import PROJECTION_NAMES, EquilibriumTransformer
+from ept_hw.model import EquilibriumTransformer, PROJECTION_NAMES
 from ept_hw.projection import digital_factory
 from ept_hw.references import BPTTReference, ImplicitReference
 from ept_hw.relaxation import RelaxResult, SolverConfig, StopRule, WindowStop
+from ept_hw.stability import eigenvalues_at_worst
 
 from .analog import CommonNoise, set_common_blocks
+from .bp_reference import BPTransformer
 from .config import RunConfig
 from .controllers import JacregController, ParameterEMA, ValidityGate
 from .divergence import DivergenceMonitor
+from .fidelity import realised_update
 from .metrics import keys_of
 from .optimisers import build_sink, trainable_tensors
 from .stabilisers import Eigreg, Jacreg, PortUpdates, Resreg, Stabiliser, StepContext, update_norm
@@ -282,8 +285,6 @@ class EPPath:
         of `idx` (by one-step residual), on the read-out model (the analog arrays' read-out weights:
         through noisy reads an eigenvalue would be the noise's). Small ARPACK settings (k =
         `training.stability_k`, tol `training.stability_tol`): a monitor, not a reference."""
-        from ept_hw.stability import eigenvalues_at_worst
-
         t = self.cfg.training
         model = self.readout_model()
         solver = self.cfg.solver
@@ -339,7 +340,6 @@ class EPPath:
         before = {n: projections[n].weight.clone() for n in out.updates if n in projections} if self.analog else None
         self.sink.apply(updates, dense, lr)
         if before is not None:  # simulator-side: the arrays' weights read exactly (trainer.fidelity)
-            from .fidelity import realised_update
 
             after = {n: projections[n].weight for n in before}
             out.realised_ratio, out.realised_cos = realised_update(before, after, {n: -out.updates[n] for n in before})
@@ -459,8 +459,6 @@ class BPPath:
     trained by backprop with AdamW (or SGD): the non-equilibrium reference."""
 
     def __init__(self, cfg: RunConfig, generator: torch.Generator, device: torch.device | None = None):
-        from .bp_reference import BPTransformer
-
         self.name = "twin"
         self.cfg = cfg
         self.analog = False

@@ -21,22 +21,29 @@ Wall-clock figures depend on the machine and its load: quote them with the load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from crossbar import save_tile_config, tile_for_device
+from experiments.presets import load_run_config
+from trainer.config import resolve_vocab
+from trainer.data import sample_batch
+from trainer.evaluate import evaluate_retention
+from trainer.loop import build_paths
 
 ALGOS = ("sgd", "mixed_precision", "ttv2", "c_ttv2", "agad")
 
 
 def tile_file(directory: Path, algorithm: str, fast_lr: float | None = None, device: str = "reram_sb") -> Path:
     """A [tile] TOML: `device` with the preset periphery, update and mapping, and `algorithm`."""
-    import dataclasses
-
-    from crossbar import save_tile_config, tile_for_device
-
     tile = tile_for_device(device, algorithm=algorithm)
     name = algorithm
     if fast_lr is not None:
@@ -50,10 +57,6 @@ def tile_file(directory: Path, algorithm: str, fast_lr: float | None = None, dev
 
 
 def cost(repeats: int, seed: int, tmp: Path) -> dict[str, float]:
-    from trainer.config import load_run_config, resolve_vocab
-    from trainer.data import sample_batch
-    from trainer.loop import build_paths
-
     paths = {}
     for algo in ALGOS:
         cfg = load_run_config("demo", {"seed": seed, "analog": {"device": str(tile_file(tmp, algo))}})
@@ -79,9 +82,6 @@ def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
         only: list[str] | None = None) -> list[dict]:
     """`ept-hw compare --model demo --device TILE.toml --steps N` per algorithm (a run directory
     that already has its summary.json is read, not re-run)."""
-    import subprocess
-    import sys
-
     runs: list[tuple[str, str, float | None]] = []
     for algo in algorithms:
         runs.append((algo, algo, None))
@@ -112,8 +112,6 @@ def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
 
 
 def retention(run_dir: Path, seeds: int) -> dict:
-    from trainer.evaluate import evaluate_retention
-
     times = [1.0, 3600.0, 86400.0, 31536000.0]
     out = {}
     for comp in (False, True):
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cost")
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--tmp", default="/tmp/bench_algorithms_tiles")
+    c.add_argument("--tmp", default=None, help="folder for the tile files (default: a new temporary folder)")
     g = sub.add_parser("gap")
     g.add_argument("--out", required=True)
     g.add_argument("--steps", type=int, default=150)
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "cost":
-        res = cost(args.repeats, args.seed, Path(args.tmp))
+        res = cost(args.repeats, args.seed, Path(args.tmp or tempfile.mkdtemp(prefix="bench_algorithms_")))
         print(f"reram_sb, preset periphery, demo model; median s/step over {args.repeats} steps, alternating")
         for algo, s in res.items():
             print(f"{algo:<16} {s:7.3f} s/step   x{s / res['sgd']:.2f} of sgd")

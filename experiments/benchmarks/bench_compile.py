@@ -10,9 +10,12 @@ compiled (`dynamic=False`, so one specialised graph):
   graph cannot take the explicit `torch.Generator` every draw uses);
 - the digital force F(z) of the demo block (C = `--width`, T 16, B 16) with `torch.no_grad`.
 It prints the compile time, both timings, their ratio and whether the outputs are bit-identical.
-The library does not compile anything: on a 2-core CPU at C = 32..128 the compiled calls were
-slower than eager (guard and wrapper overhead exceed the fused kernels' gain) and each graph took
-minutes to compile; rerun this to check on another machine.
+The library does not compile anything. Measured on the shared 2-core machine (inductor, rows 256,
+C = 32, heavily loaded): the periphery's input and output stages ran 1.5x and 3.0x slower
+compiled (bit-identical); the digital force ran 0.60x eager, but took 51 s to compile for one
+input shape (a run relaxes batches of several shapes: training, stacked nudge phases, evaluation),
+differs from eager by up to 4.8e-7 (the twin is the exact reference), and the analog path's reads
+(explicit generators, custom autograd Function) break its graph; rerun this to check elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 
 from crossbar.io import PeripheryReader
 from crossbar.presets import preset_io
+from ept_hw.model import EquilibriumTransformer, ModelConfig
+from ept_hw.projection import digital_factory
 
 
 def _best(fns: dict, repeats: int, inner: int) -> dict:
@@ -73,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<13} compile {t_compile:7.1f} s   eager {t['eager'] * 1e6:8.1f} us   compiled "
               f"{t['compiled'] * 1e6:8.1f} us   compiled/eager {t['compiled'] / t['eager']:5.2f}   bit-identical {same}")
 
-    from ept_hw.model import EquilibriumTransformer, ModelConfig
-    from ept_hw.projection import digital_factory
 
     model = EquilibriumTransformer(ModelConfig(width=args.width, heads=2, context=16, ffn_mult=2), digital_factory,
                                    torch.Generator().manual_seed(0))

@@ -32,7 +32,7 @@ import torch
 from experiments.presets import load_run_config
 from trainer.config import resolve_vocab
 from trainer.data import sample_batch
-from trainer.loop import build_paths
+from trainer.loop import _stability, build_paths
 
 PARTS = ("free", "nudge", "update", "rest", "instruments")
 
@@ -85,8 +85,6 @@ class _Instrumented:
                     eval_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Seconds of one evaluation, one stability run and one health probe (the probe's own
         time inside a health step: the step it rides on is not counted)."""
-        from trainer.loop import _stability
-
         start = time.perf_counter()
         self.path.evaluate(eval_batches)
         t_eval = time.perf_counter() - start

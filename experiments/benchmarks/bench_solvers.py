@@ -25,14 +25,15 @@ import time
 
 import torch
 
+from ept_hw.model import EquilibriumTransformer, ModelConfig
+from ept_hw.projection import digital_factory
 from ept_hw.relaxation import SolverConfig, relax
+from trainer.data import sample_batch
+from trainer.loop import build_paths, load_run
 
 
 def _model_block(C, T, heads, vocab, gen, dtype):
     """The real block from ept_hw.model, adapted to (force, embed, make_trained)."""
-    from ept_hw.model import EquilibriumTransformer, ModelConfig
-    from ept_hw.projection import digital_factory
-
     model = EquilibriumTransformer(ModelConfig(vocab_size=vocab, context=T, width=C, heads=heads),
                                    digital_factory, gen, dtype)
 
@@ -72,9 +73,6 @@ def emulated_blocks(args, dtype):
 
 def trained_run_blocks(run_dir: str, batch: int, seed: int):
     """(label, force, x_in) for a run's twin at initialisation and at its last checkpoint."""
-    from trainer.data import sample_batch
-    from trainer.loop import build_paths, load_run
-
     cfg, data, trained = load_run(run_dir)
     fresh = build_paths(cfg)
     idx, _ = sample_batch(data.val, batch, cfg.training.seq_len, torch.Generator().manual_seed(seed))

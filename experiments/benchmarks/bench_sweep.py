@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from experiments.sweep import SweepOptions, compare_point, gap_stats, run_device_sweep, run_sweep
 from experiments.sweep.requirements import TWIN_MARGIN
 
@@ -88,7 +90,6 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--ray", action="store_true", help="also time the Ray backend (local instance)")
     args = p.parse_args()
-    import torch
 
     torch.set_num_threads(1)
     (scaling if args.what == "scaling" else standard_error)(args)

@@ -5,8 +5,11 @@ points/, runs/, tiles/); rerunning the same command resumes."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-
     from experiments.attribution import choose_factors, attribution_points, attribute_run, check_run
 
     factors = None
@@ -44,8 +45,6 @@ def _run(args: argparse.Namespace) -> int:
     bar = None
     on_record = None
     if not args.no_progress:
-        from tqdm import tqdm
-
         cfg, tile, _ = check_run(args.run_dir)
         chosen, _ = choose_factors(tile, factors, cfg)
         bar = tqdm(total=len(attribution_points(chosen)) * max(args.seeds, 0), desc=f"attribute {args.run_dir}", unit="run",

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 DEFAULT_ALPHAS = (1.0, 0.5, 0.0)
 SUBDIR = "stability"  # the command's own sub-folder of the run
 
@@ -79,8 +81,6 @@ def stability_of_run(
     search: bool = False,
 ) -> dict[str, Any]:
     """Stability figures of every EP path of a run (library function behind the command)."""
-    import torch
-
     from ept_hw.stability import attention_knockout, detect_limit_cycle, eigenvalues_at_worst, find_operating_point
     from trainer.data import sample_batch
 

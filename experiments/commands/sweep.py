@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from experiments.run_args import free_run_dir, load_config_file, overrides_from_args
 
@@ -61,8 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _json_safe(x):
     """Strict JSON: non-finite floats become null, paths and other objects strings."""
-    import math
-
     if isinstance(x, dict):
         return {str(k): _json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -116,8 +117,6 @@ def _run(args: argparse.Namespace) -> int:
     bar = None
     on_record = None
     if not args.no_progress:
-        from tqdm import tqdm
-
         total = (len(sweep_points(axes, grid=args.grid)) + (1 if args.grid else 0)) * args.seeds
         bar = tqdm(total=total, desc=f"sweep {args.out}", unit="task", dynamic_ncols=True)
 

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from crossbar.io import bits_from_res
+from devices import preset_names
 from ept_hw.config import ConfigError, config_hash, load_toml
 from experiments.runfacts import IncompleteRunError, RunFacts, check_run_dir, read_json
-from experiments.sweep.requirements import TWIN_MARGIN, Requirement, derive_requirements
+from experiments.sweep.requirements import Requirement, TWIN_MARGIN, derive_requirements
+from trainer.analog import resolve_tile_config
+from trainer.config import run_config_from_dict
+from trainer.rundir import RunDirectory, file_sha256
 
 from .schema import SCHEMA_VERSION, validate_spec
 
@@ -94,8 +98,6 @@ def _figure(value: Any, unit: str, how: str, note: str | None = None) -> dict[st
 def _unchanged_since_run(path: Path, run_dir: Path | None) -> bool:
     """Whether the device file at `path` is still the one the run was started from (its sha256 in
     the run's `provenance.json`); a run without a recorded hash (older runs) trusts the file."""
-    from trainer.rundir import RunDirectory, file_sha256
-
     if run_dir is None:
         return True
     recorded = RunDirectory(run_dir).read_provenance().get("device_source", {}).get("sha256")
@@ -105,8 +107,6 @@ def _unchanged_since_run(path: Path, run_dir: Path | None) -> bool:
 def device_source(device: str, run_dir: Path | None = None) -> dict[str, Any]:
     """Where the device description came from: a library preset (a stand-in for a real device), a
     fit to a measured trace (with its fit error, from the file's ``[fit]`` table) or a user file."""
-    from devices import preset_names
-
     if device in preset_names():
         return {"kind": "preset", "name": device, "stand_in": True, "path": None, "fit_error": None,
                 "note": "library preset with aihwkit's published numbers: a stand-in for a real device, "
@@ -214,10 +214,6 @@ def resolve_tile(run: RunFacts) -> Any:
     started), never the device file or preset it was started from, which may have been edited or
     moved since. Runs written before runs kept their copy are resolved from their config as they
     were (the file as it is now)."""
-    from trainer.analog import resolve_tile_config
-    from trainer.config import run_config_from_dict
-    from trainer.rundir import RunDirectory
-
     own = RunDirectory(run.path).tile_config()
     if own is not None:
         return own

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from devices.response import derived_figures, plot_response, run_pulse_response
 from experiments.markdown import table
 from experiments.runfacts import RunFacts
+from trainer.evaluate import read_evaluation, retention_line
 
 def _pulse_response(device_cfg: Any, plot_path: Path, n_devices: int = 256, seed: int = 0) -> dict[str, Any] | None:
     """Run the devices package's pulse-response protocol, plot it, return its derived figures."""
     if getattr(device_cfg, "is_ideal", False):
         return None
-    from devices.response import derived_figures, plot_response, run_pulse_response
 
     response = run_pulse_response(device_cfg, n_devices=n_devices, seed=seed, n_traces=12)
     plot_response(plot_path, response, title=f"pulse response: {device_cfg.model} ({n_devices} sampled devices)")
@@ -181,8 +183,6 @@ def _blocks(markdown: str) -> list[tuple[Any, ...]]:
 def _write_pdf(spec: Mapping[str, Any], markdown: str, plots: Sequence[Path], path: Path) -> Path:
     """The datasheet as a PDF document: headings, paragraphs, real tables and the figures, laid out on A4
     pages with matplotlib (`PdfPages`). Image paths in the Markdown are relative to `path`'s folder."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +274,5 @@ def _retention_markdown(run_dir: Path) -> str:
     """The retention line ("loss within X nats of t = 0 after T") when `ept-hw evaluate` has
     written an evaluation into the run; empty otherwise. Markdown only: the JSON schema has no
     retention field yet."""
-    from trainer.evaluate import read_evaluation, retention_line
-
     line = retention_line(read_evaluation(run_dir))
     return f"\n## Retention\n\n{line}\n" if line else ""

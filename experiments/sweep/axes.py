@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from crossbar.io import bits_from_res, res_from_bits
 from ept_hw.config import ConfigError
+from experiments.markdown import table
 
 __all__ = [
     "AxisSpec", "TileEdit", "AXES", "ALGORITHMS", "ALGORITHM_ALIASES", "PERIPHERY_AXES", "axis_table", "parse_axis",
@@ -248,8 +249,6 @@ def base_values(tile: Any) -> dict[str, Any]:
 
 def axis_table() -> str:
     """The axes and the configuration fields they override, as a Markdown table."""
-    from experiments.markdown import table
-
     return table(["axis", "meaning", "unit", "overrides", "weaker ="],
                  [[f"`{a.name}`", a.meaning, a.unit, f"`{a.target}`", a.weaker_means] for a in AXES.values()])
 

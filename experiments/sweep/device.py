@@ -8,17 +8,32 @@ Its settings come as one `SweepOptions` object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
+from crossbar.config import save_tile_config
 from ept_hw.config import ConfigError, check_range
-from trainer.rundir import RunLock, check_out_dir
+from ept_hw.model import EquilibriumTransformer
+from ept_hw.projection import digital_factory
+from ept_hw.relaxation import SolverConfig
+from ept_hw.stability import find_operating_point, leading_eigenvalues
+from experiments.presets import load_run_config
+from trainer.analog import resolve_tile_config
+from trainer.config import merge
+from trainer.data import sample_batch
+from trainer.loop import EXIT_INTERRUPTED, load_run, run
+from trainer.rundir import RunDirectory, RunLock, check_out_dir
 
 from .axes import AXES, PERIPHERY_AXES, apply_overrides, base_values, point_id, sweep_points
-from .engine import MANIFEST, RESULT_KEYS, PointFn, Task, check_backend, check_manifest, run_sweep
+from .engine import MANIFEST, PointFn, RESULT_KEYS, Task, check_backend, check_manifest, run_sweep
 from .requirements import Requirement, derive_requirements
 from .tables import plot_gaps, sweep_rows, write_tables
 
@@ -28,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 
 def _run_config(context: Mapping[str, Any], analog: Mapping[str, Any] | None = None) -> Any:
-    from experiments.presets import load_run_config
-    from trainer.config import merge
-
     overrides = merge(dict(context.get("run_overrides") or {}), {"mode": "compare"})
     analog_base = {"device": context["device"], "periphery": context.get("periphery", "default")}
     overrides = merge(overrides, {"analog": merge(analog_base, dict(analog or {}))})
@@ -39,8 +51,6 @@ def _run_config(context: Mapping[str, Any], analog: Mapping[str, Any] | None = N
 
 def base_tile(context: Mapping[str, Any]) -> Any:
     """The base tile of a sweep, resolved exactly as `compare` resolves `--device` and `--periphery`."""
-    from trainer.analog import resolve_tile_config
-
     return resolve_tile_config(_run_config(context).analog)
 
 
@@ -51,15 +61,6 @@ def leading_re_mu(run_dir: str | Path, n_samples: int = 2) -> float:
     programmed from the arrays' read-out (noise-free) weights, at the operating point of
     `n_samples` validation sequences.
     """
-    import torch
-
-    from ept_hw.model import EquilibriumTransformer
-    from ept_hw.projection import digital_factory
-    from ept_hw.relaxation import SolverConfig
-    from ept_hw.stability import find_operating_point, leading_eigenvalues
-    from trainer.data import sample_batch
-    from trainer.loop import load_run
-
     cfg, data, paths = load_run(run_dir)
     analog = paths["analog"].model
     copy = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(0), dtype=analog.dtype)
@@ -86,11 +87,6 @@ def output_fractions(run_dir: str | Path, n_samples: int = 2) -> dict[str, float
     """Fractions of the analog path's forward (ADC) outputs that are exactly zero, and that sit at the
     largest magnitude any output of the same projection reached (clipped), over one free phase on
     `n_samples` validation sequences at the run's final weights."""
-    import torch
-
-    from trainer.data import sample_batch
-    from trainer.loop import load_run
-
     cfg, data, paths = load_run(run_dir)
     path = paths["analog"]
     idx, _ = sample_batch(data.val, n_samples, cfg.training.seq_len, torch.Generator().manual_seed(cfg.order_seed + 3))
@@ -116,8 +112,6 @@ def output_fractions(run_dir: str | Path, n_samples: int = 2) -> dict[str, float
 
 def _update_cos_mean(rows: Sequence[Mapping[str, Any]]) -> float | None:
     """Mean over projections and over the second half of the run of the analog/twin update cosine."""
-    import math
-
     half = rows[len(rows) // 2:]
     vals = [float(c) for r in half for c in (r.get("update_cos") or {}).values()
             if c is not None and math.isfinite(float(c))]
@@ -126,8 +120,6 @@ def _update_cos_mean(rows: Sequence[Mapping[str, Any]]) -> float | None:
 
 def point_config(overrides: Mapping[str, Any], context: Mapping[str, Any], tile_path: Path) -> Any:
     """The run configuration of one task: the base with the point's tile and the task's seed."""
-    import dataclasses
-
     cfg = _run_config(context, {"device": str(tile_path.resolve()), "periphery": "default"})
     # the point's tile file is the whole tile (the base's `analog.tile` overrides are already in it)
     cfg = dataclasses.replace(cfg, analog=dataclasses.replace(cfg.analog, tile={}))
@@ -151,14 +143,6 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     so that the task is not recorded. The record carries the figures that `stats.degenerate_reasons`
     judges: output zero/clipped fractions, mean update cosine, initial and final validation losses.
     """
-    import shutil
-
-    import torch
-
-    from crossbar.config import save_tile_config
-    from trainer.loop import EXIT_INTERRUPTED, run
-    from trainer.rundir import RunDirectory
-
     torch.set_num_threads(int(context.get("_threads", 1)))
     out = Path(context["_out_dir"])
     k = context.get("point_seed")

@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -170,8 +171,6 @@ def check_manifest(out_dir: Path, context: Mapping[str, Any]) -> bool:
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """A TCP connection to the Ray address's host and port within `timeout` seconds, else
     `SweepBackendError` (ray.init would otherwise wait a long time on a dead address)."""
-    import socket
-
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
