@@ -21,7 +21,11 @@ PresetIOParameters` and `update = PresetUpdateParameters` (SEMANTICS §1.5). Her
   the range; with "fan_in" at κ = 4 (10x coarser steps for W_O, W_2) pulse noise grows them to
   2.6x and 1.8x; with this rule they stay at 1.24x and 0.85x and nothing leaves the range. The
   short runs' losses do not separate the rules (train loss, last 20 steps: max 3.57, this rule
-  3.88, fan_in 4.05; twin 3.15; validation on 4 batches is noisier still).
+  3.88, fan_in 4.05; twin 3.15; validation on 4 batches is noisier still). Full 400-step demo
+  (ECRAM preset, main of 1 Dec 19:12): max rule W_O/W_2 at 0.23/0.17 of the twin's norm with
+  12.4 % of the twin's W_2 outside the range; this rule 0.77/0.57 and 0 % outside; the final
+  validation gaps (+0.318 max, +0.341 this rule, 4 batches) do not separate them: the other
+  projections' realised updates (cosine 0.07–0.33 with the request for W_Q/K/V/W_1) dominate.
 Names: `tile_preset(device_name, algorithm="sgd")` for any `devices` preset; "perfect_ideal" is
 the ideal device with perfect periphery (reproduces `DigitalProjection`).
 """

@@ -197,6 +197,10 @@ def test_work_per_step_counts_the_correction_and_the_readout_assists():
     assert parts["jacreg (read-out copy)"][0] == 0.0
     on_chip = work_per_step({**cfg, "stabilisers": {**cfg["stabilisers"], "resreg_source": "arrays"}}, 50, 10)
     assert on_chip["resreg"] == (2 * aF, 3 * dF)
+    with_eig = work_per_step({**cfg, "stabilisers": {**cfg["stabilisers"], "eigreg": {"weight": 0.1, "iters": 2,
+                                                                                      "block": 3}}}, 50, 10)
+    a1, d1 = force_work(cfg["model"], 1)
+    assert with_eig["eigreg (read-out copy)"] == (0.0, 6 * (4 * a1 + 5 * d1))
     twin = work_per_step(cfg, 50, 10, analog=False)
     assert all(a == 0.0 for a, _ in twin.values())
     assert sum(d for _, d in twin.values()) == pytest.approx(sum(a + d for a, d in parts.values()))

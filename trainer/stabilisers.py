@@ -16,10 +16,10 @@ Adding a stabiliser = one class here with `port_update(ctx)` (+ its line in
     compute it the same way;
   - ``"arrays"`` (on-chip): the path's own reads at the window-mean state, with the free phase's
     window-averaged force (`RelaxResult.force_mean`: W reads averaged by the dynamics) as F.
-    Measured at the demo's operating point it is not the exact-weight resreg (cosine well
-    below 0.9: at the analog fixed point the exact-weight force is the periphery's systematic
-    error, which no averaging of the chip's own reads sees), hence the default; the attribution
-    factor `exact_stabilisers` measures what it costs.
+    Measured at the demo's operating point it is not the exact-weight resreg (cosine below 0.9
+    at every probe measured, −0.85 … 0.88; near the analog fixed point the exact-weight force is
+    largely the periphery's systematic error, which no averaging of the chip's own reads sees),
+    hence the default; the attribution factor `exact_stabilisers` measures what it costs.
   At health probes on the analog path it logs `resreg_cos` and `resreg_norm_ratio`: the on-chip
   estimate against the exact-weight one at the same state (projection weights only).
 - `Jacreg` (digital assist on the analog path: on the read-out weights): λ·‖J_nc v‖²/‖v‖², J_nc v by

@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exact-batch", type=int, default=256)
     parser.add_argument("--device", default="reram_sb")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as the CLI; on a shared 2-core machine two threads "
+                        "made the pulsed updates 5-8x slower)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
     n, batch = args.n, args.batch
