@@ -26,6 +26,10 @@ PresetIOParameters` and `update = PresetUpdateParameters` (SEMANTICS §1.5). Her
   12.4 % of the twin's W_2 outside the range; this rule 0.77/0.57 and 0 % outside; the final
   validation gaps (+0.318 max, +0.341 this rule, 4 batches) do not separate them: the other
   projections' realised updates (cosine 0.07–0.33 with the request for W_Q/K/V/W_1) dominate.
+A differential pair keeps aihwkit's "max" rule: with "max_fan_in" the PCM pair diverged (the
+demo preset's free-phase residual passed the hard limit 0.1 at step 11 at lr 0.5 and at 0.25,
+the tiny preset's loss exploded at step 16), with "max" 20 steps of both ran through (measured
+1 Dec 20:10).
 Names: `tile_preset(device_name, algorithm="sgd")` for any `devices` preset; "perfect_ideal" is
 the ideal device with perfect periphery (reproduces `DigitalProjection`).
 """
@@ -90,6 +94,7 @@ def tile_for_device(device: Any, algorithm: str = "sgd", mode: str = "fast") -> 
     fwd = preset_io()
     bwd = IOParameters(**{**fwd.__dict__, "bound_management": "none"})
     return TileConfig(device=probe.device, forward=fwd, backward=bwd, update=preset_update(mode), algorithm=algorithm,
-                      mapping=MappingParameters(weight_scaling_omega=omega, weight_scaling_rule="max_fan_in",
+                      mapping=MappingParameters(weight_scaling_omega=omega,
+                                                weight_scaling_rule="max" if pair else "max_fan_in",
                                                 weight_scaling_fan_in_max=1.5),
                       differential="auto")

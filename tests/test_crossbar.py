@@ -257,6 +257,7 @@ def test_tile_for_device_applies_the_preset_rules():
     assert tile_for_device("reram_sb", algorithm="ttv2") == tile_preset("reram_sb", algorithm="ttv2")
     pcm = tile_for_device("pcm")
     assert pcm.uses_pair and pcm.mapping.weight_scaling_omega == pytest.approx(1.0)
+    assert pcm.mapping.weight_scaling_rule == "max"  # a pair keeps aihwkit's rule (max_fan_in diverged on PCM)
 
 
 def test_bits_and_resolution_convert_both_ways():
