@@ -359,6 +359,22 @@ class ChoppedTransfer(UpdateAlgorithm):
         one_hot[torch.arange(k, device=tile.device), cols] = 1.0
         return cols, tile.read(self.fast.weights, one_hot, io).T
 
+    def _fire(self, omega: Tensor, max_steps: float, cap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """The buffer's threshold step on a block of columns: where |ω| ≥ 1 it fires trunc(ω)
+        pulses (clamped to ±`max_steps`); the buffer then keeps momentum·ω (`forget_buffer`) or
+        ω − (1 − momentum)·n, clamped to ±`cap` when `cap` > 0 (AGAD's `buffer_cap`).
+        Returns (fire, n, the new buffer)."""
+        p = self.params
+        fire = omega.abs() >= 1.0
+        n = torch.where(fire, torch.trunc(omega).clamp(-max_steps, max_steps), torch.zeros_like(omega))
+        if p.forget_buffer:
+            omega = torch.where(fire, omega * p.momentum, omega)
+        else:
+            omega = omega - (1.0 - p.momentum) * n
+            if cap > 0.0:
+                omega = omega.clamp(-cap, cap)
+        return fire, n, omega
+
     def _write_columns(self, cols: Tensor, n: Tensor) -> None:
         """Signed pulse counts n (out, k) onto columns `cols` of the slow array, pulse by pulse."""
         tile = self.tile
@@ -489,15 +505,7 @@ class DynamicTransfer(ChoppedTransfer):
             self.past_mean[:, cols] = past
             self.switched[cols] = False
             omega = self.buffer[:, cols] + self._signs()[:, cols] * (read - past) * lr_scale
-            fire = omega.abs() >= 1.0
-            n = torch.where(fire, torch.trunc(omega).clamp(-max_steps, max_steps), torch.zeros_like(omega))
-            if p.forget_buffer:
-                omega = torch.where(fire, omega * p.momentum, omega)
-            else:
-                omega = omega - (1.0 - p.momentum) * n
-                if cap > 0.0:
-                    omega = omega.clamp(-cap, cap)
-            self.buffer[:, cols] = omega
+            fire, n, self.buffer[:, cols] = self._fire(omega, max_steps, cap)
             self.running_mean[:, cols] = self.running_mean[:, cols] * (1.0 - weight) + read * weight
             if bool(fire.any()) and self.transfer_counter > n_samples:
                 self._write_columns(cols, n)
