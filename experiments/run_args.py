@@ -16,7 +16,7 @@ from ept_hw.config import ConfigError
 from experiments.presets import load_run_config, preset_names
 from trainer.config import RunConfig, merge
 
-__all__ = ["add_run_arguments", "add_threads_argument", "apply_threads", "config_from_args", "print_result",
+__all__ = ["add_run_arguments", "add_serial_argument", "add_threads_argument", "apply_threads", "config_from_args", "print_result",
            "check_run_target", "execute_run", "load_config_file", "free_run_dir", "result_json", "overrides_from_args"]
 
 
@@ -59,6 +59,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     add_threads_argument(p)
+    add_serial_argument(p)
+
+
+def add_serial_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--serial", action="store_true",
+        help="train a compare run's paths one after the other in this process (default: the twin trains "
+        "in a second process at the same time when the machine has 2+ CPUs; the results are the same)",
+    )
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -186,7 +195,8 @@ def execute_run(args: argparse.Namespace, cfg: RunConfig | None) -> int:
     from trainer.loop import run
 
     progress = not args.no_progress
-    result = run(cfg, args.out, resume=args.resume, init_ckpt=args.init_ckpt, progress=progress)
+    result = run(cfg, args.out, resume=args.resume, init_ckpt=args.init_ckpt, progress=progress,
+                 parallel_paths=not getattr(args, "serial", False))
     report = None
     if args.report:
         from experiments.report import write_report

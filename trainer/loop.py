@@ -59,6 +59,7 @@ from .data import TokenData, bigram_log_probs, bigram_loss, fixed_windows, prepa
 from .divergence import DivergenceEvent
 from .fidelity import mapping_figures, saturation_per_projection
 from .metrics import empty_row, keys_of
+from .parallel import RemotePath, parallel_reason
 from .rundir import RunDirectory, RunLock, Staging, check_out_dir, package_version, provenance
 from .twin import BPPath, StepOutcome, TrainingPath, _cos, analog_counters, build_ep_path, weight_gap
 
@@ -252,9 +253,13 @@ def run(
     init_ckpt: str | Path | None = None,
     progress: bool = False,
     stop_after: int | None = None,
+    parallel_paths: bool = True,
 ) -> RunResult:
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
     (with a checkpoint) after that many steps in this call, as an interruption would.
+    `parallel_paths`: a compare run on the CPU trains the twin in a forked worker process while the
+    analog path trains here (`trainer.parallel`; bit-identical results, about half the wall time
+    on 2 cores), where the machine allows it; False keeps one process.
 
     A new run is built in a locked staging folder beside `run_dir` and renamed to it once its
     configuration, data and arrays are built and its first checkpoint (step 0) is written; any
@@ -267,7 +272,7 @@ def run(
     with _Interrupt() as interrupt:
         try:
             return _run(cfg, RunDirectory(run_dir), interrupt, guard, resume=resume, init_ckpt=init_ckpt,
-                        progress=progress, stop_after=stop_after)
+                        progress=progress, stop_after=stop_after, parallel_paths=parallel_paths)
         except BaseException:
             guard.abandon()
             raise
@@ -357,7 +362,7 @@ def time_split(timers: Mapping[str, float], total: float) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: _Guard, *, resume: bool,
-         init_ckpt: str | Path | None, progress: bool, stop_after: int | None) -> RunResult:
+         init_ckpt: str | Path | None, progress: bool, stop_after: int | None, parallel_paths: bool) -> RunResult:
     """The phases: set-up (checks; nothing written), then resume or a fresh start (a new run's
     first checkpoint gives it its name), steps until the end, a divergence, an interruption or
     `stop_after`, then finish."""
@@ -382,8 +387,31 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
             raise
     r.result.run_dir = rd.path
     log.path = rd.metrics_path
-    _steps(r, log, interrupt, progress, stop_after)
+    _start_workers(r, parallel_paths)
+    try:
+        _steps(r, log, interrupt, progress, stop_after)
+    finally:
+        _stop_workers(r)
     return _finish(r)
+
+
+def _start_workers(r: _Run, enabled: bool) -> None:
+    """Move the twin (every path but the first) into a forked worker when the run allows it."""
+    reason = parallel_reason(enabled, len(r.paths), r.cfg.torch_device)
+    if reason is None and r.step < r.cfg.training.steps:
+        for name in list(r.paths)[1:]:
+            r.paths[name] = RemotePath(r.paths[name])
+        logger.info("training %s in a worker process", ", ".join(list(r.paths)[1:]))
+    elif reason is not None:
+        logger.info("paths train one after the other: %s", reason)
+    r.summary["parallel_paths"] = reason or "the twin trains in a worker process beside the analog path"
+
+
+def _stop_workers(r: _Run) -> None:
+    """Bring every worker path's state back into this process and end the workers."""
+    for name, p in list(r.paths.items()):
+        if isinstance(p, RemotePath):
+            r.paths[name] = p.close()
 
 
 def _set_up(cfg: RunConfig | None, rd: RunDirectory, resume: bool, init_ckpt: str | Path | None) -> _Run:
@@ -525,35 +553,86 @@ def _steps(r: _Run, log: Any, interrupt: _Interrupt, progress: bool, stop_after:
 
 def _train_and_evaluate(r: _Run, schedule: LRSchedule) -> tuple[dict[str, StepOutcome], dict[str, float], DivergenceEvent | None]:
     """One step on every path (same batch), the evaluations and monitors due at it, and the first
-    divergence it shows (a non-finite relaxation, a monitor rule, a non-finite update or validation loss)."""
+    divergence it shows (a non-finite relaxation, a monitor rule, a non-finite update or validation loss).
+    A path in a worker process (`RemotePath`) gets its share first and runs while the others run here."""
     t, step = r.cfg.training, r.step
     idx, targets = sample_batch(r.data.train, t.batch_size, t.seq_len, r.data_gen)
     lr = schedule.lr(t.lr, step)
     health = _probe_due(t, step)
     evaluate = (step + 1) % t.eval_interval == 0 or step + 1 == t.steps
     stab_now = (t.stability_every > 0 and (step + 1) % t.stability_every == 0) or (t.stability_every == -1 and evaluate)
+    args = (idx, targets, lr, health, evaluate, stab_now, r.eval_batches)
+    remote = [n for n, p in r.paths.items() if isinstance(p, RemotePath)]
+    for name in remote:
+        r.paths[name].submit(_path_step, *args)
+    results: dict[str, tuple[Any, ...] | BaseException] = {}
+    failed = False
+    for name, p in r.paths.items():
+        if name in remote or failed:
+            continue
+        try:
+            results[name] = _path_step(p, *args)
+        except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
+            results[name], failed = exc, True
+        else:
+            for part, seconds in results[name][3].items():
+                r.timers[part] += seconds
+    waited = time.perf_counter()
+    for name in remote:
+        try:
+            results[name] = r.paths[name].collect()
+        except FloatingPointError as exc:
+            results[name] = exc
+    _share_wait(r, time.perf_counter() - waited, [results[n][3] for n in remote if not isinstance(results[n], BaseException)])
     outcomes: dict[str, StepOutcome] = {}
     vals: dict[str, float] = {}
     r.stabs = {}
-    for name, p in r.paths.items():
-        try:
-            start = time.perf_counter()
-            outcomes[name] = p.train_step(idx, targets, lr, health=health)
-            probe = float(getattr(p, "last_probe_seconds", 0.0)) if health else 0.0
-            now = r.clock("train", start)
-            r.timers["train"] -= probe
-            r.timers["health_probe"] += probe
-            if evaluate:
-                vals[name] = p.evaluate(r.eval_batches)
-                now = r.clock("evaluation", now)
-            if stab_now:
-                r.stabs[name] = _stability(p, r.eval_batches[0])
-                r.clock("stability", now)
-        except FloatingPointError as exc:  # NaN/inf inside a relaxation (NonFiniteStateError)
-            outcomes.setdefault(name, StepOutcome(loss=math.nan, residual=math.nan))
-            vals.pop(name, None)
-            return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {exc}", math.nan, math.nan)
+    for name in r.paths:
+        res = results.get(name)
+        if res is None:
+            continue
+        if isinstance(res, BaseException):
+            outcomes[name] = StepOutcome(loss=math.nan, residual=math.nan)
+            return outcomes, vals, DivergenceEvent("non_finite", step, name, f"{name}: step {step}: {res}", math.nan, math.nan)
+        outcomes[name], val, stab, _ = res
+        if val is not None:
+            vals[name] = val
+        if stab_now:
+            r.stabs[name] = stab
     return outcomes, vals, _divergence(r, outcomes, vals)
+
+
+def _path_step(p: Any, idx: torch.Tensor, targets: torch.Tensor, lr: float, health: bool, evaluate: bool,
+               stab_now: bool, eval_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
+    """One path's share of a step: the training step, the evaluation and stability monitor when due;
+    returns (outcome, validation loss or None, stability or None, seconds per time-split part)."""
+    secs = dict.fromkeys(("train", "health_probe", "evaluation", "stability"), 0.0)
+    start = time.perf_counter()
+    outcome = p.train_step(idx, targets, lr, health=health)
+    now = time.perf_counter()
+    probe = float(getattr(p, "last_probe_seconds", 0.0)) if health else 0.0
+    secs["train"], secs["health_probe"] = now - start - probe, probe
+    val = stab = None
+    if evaluate:
+        val = p.evaluate(eval_batches)
+        now, before = time.perf_counter(), now
+        secs["evaluation"] = now - before
+    if stab_now:
+        stab = _stability(p, eval_batches[0])
+        secs["stability"] = time.perf_counter() - now
+    return outcome, val, stab, secs
+
+
+def _share_wait(r: _Run, waited: float, remote_secs: list[Mapping[str, float]]) -> None:
+    """Add the seconds spent waiting for worker paths to the time split, in proportion to the parts
+    of the worker's own step (the parts the wait was for; all to training when nothing is known)."""
+    totals = {k: sum(s.get(k, 0.0) for s in remote_secs) for k in ("train", "health_probe", "evaluation", "stability")}
+    norm = sum(totals.values())
+    if norm <= 0:
+        r.timers["train"] += waited
+        return
+    for part, seconds in totals.items():
+        r.timers[part] += waited * seconds / norm
 
 
 def _probe_due(t: Any, step: int) -> bool:

@@ -8,8 +8,8 @@
   its preset periphery (the demo model: C 32, T 16, B 16), the algorithms alternating step by
   step on the same batches so the load of a shared machine hits them alike; median over
   `--repeats` steps, printed as a ratio to sgd measured side by side.
-- ``gap``: one `compare` run per algorithm (same seed, same batches, same twin) on reram_sb with
-  its preset periphery, `--steps` steps; prints the final validation loss of the analog path,
+- ``gap``: one `compare` run per algorithm (same seed, same batches, same twin) on reram_sb (or
+  `--device`) with its preset periphery, `--steps` steps; prints the final validation loss of the analog path,
   of the twin, and their difference (nats). c_ttv2 and agad run twice: at aihwkit's
   `build_config` defaults (fast_lr 0.1) and at a tuned fast_lr (0.5, `--tuned-fast-lr`).
 - ``retention``: `trainer.evaluate.evaluate_retention` of a finished PCM run at
@@ -79,7 +79,7 @@ def cost(repeats: int, seed: int, tmp: Path) -> dict[str, float]:
 
 
 def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
-        only: list[str] | None = None) -> list[dict]:
+        only: list[str] | None = None, device: str = "reram_sb") -> list[dict]:
     """`ept-hw compare --model demo --device TILE.toml --steps N` per algorithm (a run directory
     that already has its summary.json is read, not re-run)."""
     runs: list[tuple[str, str, float | None]] = []
@@ -95,10 +95,10 @@ def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
         run_dir = out / label.replace("@", "_").replace("=", "")
         wall = float("nan")
         if not (run_dir / "summary.json").is_file():
-            device = tile_file(out / "tiles", algo, fast_lr)
+            tile = tile_file(out / "tiles", algo, fast_lr, device)
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "experiments.cli", "compare", "--model", "demo", "--device",
-                            str(device), "--steps", str(steps), "--seed", str(seed), "--out", str(run_dir),
+                            str(tile), "--steps", str(steps), "--seed", str(seed), "--out", str(run_dir),
                             "--no-progress"], check=True, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - start
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--algorithms", default=",".join(ALGOS))
     g.add_argument("--tuned-fast-lr", type=float, default=0.5)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="reram_sb", help="device preset (default: reram_sb, the issue's)")
     g.add_argument("--runs", default="", help="comma-separated labels to run, in this order (e.g. "
                    "'c_ttv2@fast_lr=0.5,agad'; default: every algorithm, tuned after default)")
     r = sub.add_parser("retention")
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{algo:<16} {s:7.3f} s/step   x{s / res['sgd']:.2f} of sgd")
     elif args.what == "gap":
         gap(Path(args.out), args.steps, args.algorithms.split(","), args.tuned_fast_lr, args.seed,
-            [r for r in args.runs.split(",") if r])
+            [r for r in args.runs.split(",") if r], args.device)
     else:
         res = retention(Path(args.run_dir), args.seeds)
         print(json.dumps(res, indent=1, default=str))

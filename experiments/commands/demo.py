@@ -20,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="override the preset's step count")
     p.add_argument("--device", help="override the preset's device")
     p.add_argument("--no-progress", action="store_true")
-    from experiments.run_args import add_threads_argument
+    from experiments.run_args import add_serial_argument, add_threads_argument
 
     add_threads_argument(p)
+    add_serial_argument(p)
     p.set_defaults(func=_run)
 
 
@@ -49,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides["analog"] = {"device": args.device}
     cfg = load_run_config(DEMO_PRESET, overrides)
     out = Path(args.out) if args.out else _free_dir(Path("runs") / "demo")
-    result = run(cfg, out, progress=not args.no_progress)
+    result = run(cfg, out, progress=not args.no_progress, parallel_paths=not args.serial)
     print_result(result)
     report = write_report(result.run_dir)
     s = result.summary

@@ -156,7 +156,8 @@ def compare_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) -> d
     if run_dir.exists():  # left by an interrupted attempt at this task (it has no record): start over
         shutil.rmtree(run_dir)
     init_ckpt = context.get("init_ckpt")
-    result = run(cfg, run_dir, progress=False, init_ckpt=init_ckpt)
+    # one process per task: the sweep's workers already share the cores between tasks
+    result = run(cfg, run_dir, progress=False, init_ckpt=init_ckpt, parallel_paths=False)
     if result.exit_code == EXIT_INTERRUPTED or result.summary.get("interrupted"):
         raise KeyboardInterrupt
     rows = RunDirectory(run_dir).read_metrics()
