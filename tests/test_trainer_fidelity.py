@@ -201,6 +201,12 @@ def test_work_per_step_counts_the_correction_and_the_readout_assists():
                                                                                       "block": 3}}}, 50, 10)
     a1, d1 = force_work(cfg["model"], 1)
     assert with_eig["eigreg (read-out copy)"] == (0.0, 6 * (4 * a1 + 5 * d1))
+    W = 4 * 32 * 32 + 2 * 32 * 64 + 65 * 32
+    assert parts["update (pulsed outer products)"] == (256 * W, 0.0)  # sgd: R = 16·16 token rows into the arrays
+    mp = work_per_step({**cfg, "tile": {"algorithm": "mixed_precision"}}, 50, 10)
+    assert mp["update (mixed precision: digital χ += lr·δuᵀ, threshold check)"] == (0.0, 256 * W + W)
+    tt = work_per_step({**cfg, "tile": {"algorithm": "c_ttv2"}}, 50, 10)
+    assert tt["update (pulsed onto the fast array; transfer buffer)"] == (256 * W, W)
     twin = work_per_step(cfg, 50, 10, analog=False)
     assert all(a == 0.0 for a, _ in twin.values())
     assert sum(d for _, d in twin.values()) == pytest.approx(sum(a + d for a, d in parts.values()))

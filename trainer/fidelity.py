@@ -122,6 +122,13 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
     - resreg: one F and one backward (digital on the read-out copy with source "readout");
     - jacreg: two forces and two F + backward (central difference), on the read-out copy;
     - eigreg: `iters`·`block` of `[stabilisers.eigreg]` (J v + Jᵀ v) on one sequence, on the read-out copy;
+    - update, by the tile's algorithm (W = every array weight, R = B·T token rows): sgd pulses R
+      outer products into the arrays (R·W coincidences, counted as analog); mixed_precision
+      accumulates them digitally (χ += lr·δuᵀ: R·W multiply-adds, plus one threshold check per
+      weight; its transfer pulses are not counted); ttv2, c_ttv2 and agad pulse them onto the
+      fast array (analog) and keep their transfer buffer digitally (counted as at most one
+      operation per weight per step; the transfer reads are not counted); the twin sums them
+      digitally (R·W);
     - remap: one operation per weight every `remap_every` updates (digital; absent unless set).
     Not counted: health probes, evaluations and the stability monitor (not every step)."""
     m, t, e = config["model"], config["training"], config["estimator"]
@@ -161,9 +168,20 @@ def work_per_step(config: Mapping[str, Any], free_steps: float, nudge_steps: flo
         a1, d1 = force_work(m, 1)
         n = st.eigreg.iters * st.eigreg.block
         parts["eigreg (read-out copy)"] = split(n * 4 * a1, n * 5 * d1, False)
-    remap = int(((config.get("tile") or {}).get("mapping") or {}).get("remap_every", 0))
+    tile = config.get("tile") or {}
+    hidden = int(m["ffn_mult"]) * C
+    weights = float(4 * C * C + 2 * C * hidden + V * C)
+    rows = float(B * T)
+    algorithm = tile.get("algorithm", "sgd") if analog else "twin"
+    if algorithm == "twin":
+        parts["update (Σ δuᵀ)"] = (0.0, rows * weights)
+    elif algorithm == "mixed_precision":
+        parts["update (mixed precision: digital χ += lr·δuᵀ, threshold check)"] = (0.0, rows * weights + weights)
+    elif algorithm == "sgd":
+        parts["update (pulsed outer products)"] = (rows * weights, 0.0)
+    else:
+        parts["update (pulsed onto the fast array; transfer buffer)"] = (rows * weights, weights)
+    remap = int((tile.get("mapping") or {}).get("remap_every", 0))
     if analog and remap > 0:
-        hidden = int(m["ffn_mult"]) * C
-        weights = 4 * C * C + 2 * C * hidden + V * C
-        parts["remap"] = (0.0, float(weights) / remap)
+        parts["remap"] = (0.0, weights / remap)
     return parts

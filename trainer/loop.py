@@ -104,6 +104,22 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     return paths
 
 
+#: How each update algorithm turns the requested W ← W − lr·Σδuᵀ into pulses (physics notes).
+_UPDATE_NOTES = {
+    "sgd": "the crossbar converts each token's outer product into pulse trains (expected coincidences per device "
+           "∝ lr·|δ||u|/dw_min, aihwkit semantics).",
+    "mixed_precision": "mixed precision (aihwkit MixedPrecisionCompound): the outer products are summed in a "
+                       "digital accumulator χ (full precision, one value per weight: digital work and memory), "
+                       "and only whole multiples of the device's granularity are pulsed onto the arrays.",
+    "ttv2": "Tiki-Taka v2: the outer products are pulsed onto a fast array A, whose columns are read at "
+            "intervals into a digital buffer H and transferred to the weight array in pulses.",
+    "c_ttv2": "chopped Tiki-Taka v2: as TTv2 with choppers (sign flips of A's update and read that cancel A's "
+              "fixed offsets); digital buffer H.",
+    "agad": "AGAD: as chopped TTv2, with A's reads taken against a dynamic reference (their running mean); "
+            "digital buffer H.",
+}
+
+
 def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
     """The physics choices of the run, stated for the report. `tile`: the analog path's resolved
     `TileConfig` (its reads per MVM and noise mode)."""
@@ -128,8 +144,8 @@ def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
             "the state handed to the nudge is the window mean; the floor is measured from two reads at that state. "
             "The gate, controller and divergence rules use this residual, never the raw one.",
             "Holomorphic nudging with N ≥ 3 is refused on the analog path (complex arithmetic); N = 2 is the centered pair.",
-            f"Learning rate to pulses: W ← W − lr·Σδuᵀ is requested from the arrays (lr = {t.lr:g}); the crossbar "
-            "converts it into pulse trains (expected coincidences per device ∝ lr·|δ||u|/dw_min, aihwkit semantics).",
+            f"Learning rate to pulses: W ← W − lr·Σδuᵀ is requested from the arrays (lr = {t.lr:g}); "
+            + _UPDATE_NOTES.get(tile.algorithm, f"update algorithm `{tile.algorithm}` (crossbar.algorithms).")
         ]
     notes += [
         f"Estimator: {e.nudge} nudging, β (or r) = {e.beta:g}"
