@@ -145,3 +145,22 @@ def test_each_tile_setting_has_one_home_and_old_keys_move_there(tmp_path):
     with pytest.raises(ConfigError) as err:
         run_config_from_dict({"analog": {"tile": {"device": "ecram"}}})
     assert err.value.key == "analog.tile.device"
+
+
+def test_a_run_override_of_a_tile_file_setting_is_warned(tmp_path, caplog):
+    """`analog.tile` wins over a `[tile]` file (documented); when it changes a value the file states
+    (e.g. a preset's own algorithm over a benchmark's tile file) the run says so."""
+    import logging
+
+    from trainer.analog import resolve_tile_config
+    from trainer.config import run_config_from_dict
+
+    (tmp_path / "t.toml").write_text('[tile]\ndevice = "reram_sb"\nalgorithm = "sgd"\nn_reads = 2\n')
+    with caplog.at_level(logging.WARNING, logger="trainer.analog"):
+        tile = resolve_tile_config(run_config_from_dict(
+            {"analog": {"device": str(tmp_path / "t.toml"), "tile": {"algorithm": "mixed_precision", "n_reads": 2,
+                                                                      "noise_mode": "common"}}}).analog)
+    assert tile.algorithm == "mixed_precision"
+    warned = [r.getMessage() for r in caplog.records if "overrides the tile file" in r.getMessage()]
+    assert len(warned) == 1 and "analog.tile.algorithm = 'mixed_precision' (the file: 'sgd')" in warned[0]
+    assert "n_reads" not in warned[0] and "noise_mode" not in warned[0]  # same value / not in the file

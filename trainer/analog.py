@@ -22,8 +22,9 @@ saved in its `state_dict`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -33,7 +34,21 @@ from ept_hw.config import ConfigError, load_toml
 
 from .config import AnalogConfig
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["resolve_tile_config", "self_contained_tile", "build_analog_factory", "CommonNoise", "set_common_blocks"]
+
+
+def _overridden(file_table: Mapping[str, Any], overrides: Mapping[str, Any], prefix: str = "analog.tile.") -> list[str]:
+    """The settings a `[tile]` file states that `overrides` change, as 'key = new (the file: old)'."""
+    out: list[str] = []
+    for key, value in overrides.items():
+        old = file_table.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out += _overridden(old, value, f"{prefix}{key}.")
+        elif key in file_table and old != value:
+            out.append(f"{prefix}{key} = {value!r} (the file: {old!r})")
+    return out
 
 
 def resolve_tile_config(cfg: AnalogConfig):
@@ -50,6 +65,9 @@ def resolve_tile_config(cfg: AnalogConfig):
         data = load_toml(path)
         if "tile" in data:
             tile = tile_config_from_dict(data["tile"])
+            changed = _overridden(data["tile"], cfg.tile)
+            if changed:  # e.g. a preset's own [analog.tile] algorithm over a tile file's
+                logger.warning("analog.tile overrides the tile file %s: %s", name, "; ".join(changed))
         elif "device" in data:
             # the crossbar's preset rules (periphery, update, mapping omega, pair handling) for any device
             tile = tile_for_device(dict(data["device"]), "sgd")

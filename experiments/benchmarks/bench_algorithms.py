@@ -59,7 +59,9 @@ def tile_file(directory: Path, algorithm: str, fast_lr: float | None = None, dev
 def cost(repeats: int, seed: int, tmp: Path) -> dict[str, float]:
     paths = {}
     for algo in ALGOS:
-        cfg = load_run_config("demo", {"seed": seed, "analog": {"device": str(tile_file(tmp, algo))}})
+        # the algorithm also in `analog.tile`: the demo preset's own `[analog.tile] algorithm` would override the file's
+        cfg = load_run_config("demo", {"seed": seed, "analog": {"device": str(tile_file(tmp, algo)),
+                                                               "tile": {"algorithm": algo}}})
         cfg = resolve_vocab(cfg, 65)
         paths[algo] = build_paths(cfg)["analog"]
     t = cfg.training
@@ -99,6 +101,7 @@ def gap(out: Path, steps: int, algorithms: list[str], tuned: float, seed: int,
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "experiments.cli", "compare", "--model", "demo", "--device",
                             str(tile), "--steps", str(steps), "--seed", str(seed), "--out", str(run_dir),
+                            "--set", f'analog.tile.algorithm="{algo}"',  # over the demo preset's own
                             "--no-progress"], check=True, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - start
         summary = json.loads((run_dir / "summary.json").read_text())
