@@ -406,9 +406,9 @@ def _run(cfg: RunConfig | None, rd: RunDirectory, interrupt: _Interrupt, guard: 
     _start_workers(r, parallel_paths)
     try:
         _steps(r, log, interrupt, progress, stop_after)
+        return _finish(r)
     finally:
         _stop_workers(r)
-    return _finish(r)
 
 
 def _start_workers(r: _Run, enabled: bool) -> None:
@@ -738,7 +738,12 @@ def final_evaluation(paths: Mapping[str, Any], data: TokenData, cfg: RunConfig) 
     chunks = list(zip(idx.tensor_split(n_chunks), targets.tensor_split(n_chunks)))
     weights = torch.tensor([float(c[1].numel()) for c in chunks], dtype=torch.float64)
     logger.info("final evaluation on the fixed validation set: %d windows, %d tokens", idx.shape[0], targets.numel())
-    per_chunk = {n: torch.tensor([p.evaluate([c]) for c in chunks], dtype=torch.float64) for n, p in paths.items()}
+    remote = [n for n, p in paths.items() if isinstance(p, RemotePath)]
+    for n in remote:  # a worker path evaluates while the others evaluate here
+        paths[n].submit(_chunk_losses, chunks)
+    losses = {n: _chunk_losses(p, chunks) for n, p in paths.items() if n not in remote}
+    losses.update({n: paths[n].collect() for n in remote})
+    per_chunk = {n: torch.tensor(losses[n], dtype=torch.float64) for n in paths}
 
     def mean_se(x: torch.Tensor) -> tuple[float, float]:
         w = weights / weights.sum()
@@ -758,6 +763,11 @@ def final_evaluation(paths: Mapping[str, Any], data: TokenData, cfg: RunConfig) 
     out["bigram_loss"] = float(-log_p[idx.reshape(-1).long(), targets.reshape(-1).long()].mean())
     out["unigram_entropy"] = unigram_entropy(targets, data.vocab_size)
     return out
+
+
+def _chunk_losses(p: Any, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """A path's validation loss on each chunk of the fixed set (one evaluation batch each)."""
+    return [p.evaluate([c]) for c in chunks]
 
 
 def _finite_update(o: StepOutcome) -> bool:

@@ -102,8 +102,20 @@ def _call(path: Any, method: str, args: tuple, kwargs: dict) -> Any:
     return obj(*args, **kwargs)
 
 
-def _get(path: Any, attribute: str) -> Any:
-    return getattr(path, attribute)
+def _weights(path: Any) -> dict[str, torch.Tensor]:
+    return {name: proj.weight.detach().clone() for name, proj in path.model.projections.items()}
+
+
+class _WeightsView:
+    """``view.projections[name].weight`` over a dict of weights (a remote path's `model`)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.projections = {name: _Weight(w) for name, w in weights.items()}
+
+
+class _Weight:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
 
 
 class _RemoteMonitor:
@@ -120,7 +132,7 @@ class RemotePath:
     """A path living in a forked worker. `submit(fn, *args)` runs ``fn(path, *args)`` there (fn a
     module-level function) and returns at once; `collect()` waits for its result (re-raising the
     worker's exception). The methods the run loop calls on a path are forwarded (each waits);
-    `model` is a snapshot of the worker's model (a copy: changing it changes nothing there)."""
+    `model` is a view of copies of the worker's projection weights (changing it changes nothing there)."""
 
     def __init__(self, path: Any) -> None:
         self.local = path
@@ -169,8 +181,11 @@ class RemotePath:
 
     # ------------------------------------------------------------------ the path's interface
     @property
-    def model(self) -> Any:
-        return self.run(_get, "model")
+    def model(self) -> "_WeightsView":
+        """The worker's projection weights (copies) as ``model.projections[name].weight``: what the
+        metrics row compares between the paths each step (the whole model would cost a pickle of
+        every module per step)."""
+        return _WeightsView(self.run(_weights))
 
     @property
     def monitor(self) -> _RemoteMonitor:
