@@ -496,8 +496,10 @@ def markdown(table: Mapping[str, Any]) -> str:
         rows.append([f"`{r['factor']}`", r["meaning"], _pm(r["gap_without"]), _pm(r["explained"]),
                      _f(r["share"], ".0%") if r["share"] is not None else "—", r["status"]])
     inter, alr = table["interaction"], table["gap_all_removed"]
+    partial = inter.get("n") is not None and inter["n"] < table["seeds"]
     rows.append(["interaction", "full − Σ explained − all removed", "", _pm(inter),
-                 _f(inter.get("share"), ".0%") if inter.get("share") is not None else "—", ""])
+                 _f(inter.get("share"), ".0%") if inter.get("share") is not None else "—",
+                 f"from {inter['n']} of {table['seeds']} seeds (a run failed on the others)" if partial else ""])
     rows.append(["all removed", "every factor above removed together", _pm(alr), "",
                  _f(alr.get("share"), ".0%") if alr.get("share") is not None else "—", alr.get("status", "")])
     lines.append(md_table(["factor", "removed", "gap without it", "explained (full − without)", "share", "status"],

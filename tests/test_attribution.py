@@ -174,7 +174,16 @@ def test_table_arithmetic_shares_and_interaction():
     assert t["gap_all_removed"]["mean"] == pytest.approx(0.1)
     # interaction = full − Σ explained − all removed, per seed: 0.5−0.2−0.1−0.1 = 0.1, 0.6−0.2−0.2−0.1 = 0.1
     assert t["interaction"]["mean"] == pytest.approx(0.1)
-    assert "`a`" in md and "interaction" in md
+    assert "`a`" in md and "interaction" in md and "seeds (a run failed" not in md
+    # a factor run that diverged on seed 1: the interaction rests on seed 0 alone, and says so
+    recs[-2] = {**recs[-2], "status": "diverged", "analog_val_loss": None}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attr, "FACTORS", {"a": attr.Factor("a", "A", lambda t: None, lambda t: t),
+                                     "b": attr.Factor("b", "B", lambda t: None, lambda t: t)})
+        t = attr.attribution_table(recs, ["a", "b"], {}, 2)
+        md = attr.markdown(t)
+    assert t["interaction"]["n"] == 1
+    assert "from 1 of 2 seeds (a run failed on the others)" in md
 
 
 # ------------------------------------------------------------------------------ with a real run
