@@ -401,12 +401,7 @@ class ChoppedTransfer(UpdateAlgorithm):
             cols, read = self._read_columns(j0, k, io)                   # (out, k): columns of A
             signs = self._signs()[:, cols]
             omega = (torch.zeros_like(read) if p.no_buffer else self.buffer[:, cols]) + signs * read * lr_scale
-            fire = omega.abs() >= 1.0
-            n = torch.where(fire, torch.trunc(omega).clamp(-max_steps, max_steps), torch.zeros_like(omega))
-            if p.forget_buffer:
-                omega = torch.where(fire, omega * p.momentum, omega)
-            else:
-                omega = omega - (1.0 - p.momentum) * n
+            fire, n, omega = self._fire(omega, max_steps)
             self.buffer[:, cols] = omega
             if bool(fire.any()):
                 self._write_columns(cols, n)
