@@ -365,6 +365,7 @@ class _Run:
 #: included, unlike `wall_time`), summed over resumed calls.
 TIME_PARTS = ("train", "evaluation", "health_probe", "stability", "metrics_row", "final_evaluation", "checkpoint")
 INSTRUMENT_PARTS = ("evaluation", "health_probe", "stability", "metrics_row", "final_evaluation")
+STEP_PARTS = ("train", "health_probe", "evaluation", "stability")  # the parts of one path's share of a step
 
 
 def time_split(timers: Mapping[str, float], total: float) -> dict[str, Any]:
@@ -622,7 +623,7 @@ def _path_step(p: Any, idx: torch.Tensor, targets: torch.Tensor, lr: float, heal
                stab_now: bool, eval_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
     """One path's share of a step: the training step, the evaluation and stability monitor when due;
     returns (outcome, validation loss or None, stability or None, seconds per time-split part)."""
-    secs = dict.fromkeys(("train", "health_probe", "evaluation", "stability"), 0.0)
+    secs = dict.fromkeys(STEP_PARTS, 0.0)
     start = time.perf_counter()
     outcome = p.train_step(idx, targets, lr, health=health)
     now = time.perf_counter()
@@ -642,7 +643,7 @@ def _path_step(p: Any, idx: torch.Tensor, targets: torch.Tensor, lr: float, heal
 def _share_wait(r: _Run, waited: float, remote_secs: list[Mapping[str, float]]) -> None:
     """Add the seconds spent waiting for worker paths to the time split, in proportion to the parts
     of the worker's own step (the parts the wait was for; all to training when nothing is known)."""
-    totals = {k: sum(s.get(k, 0.0) for s in remote_secs) for k in ("train", "health_probe", "evaluation", "stability")}
+    totals = {k: sum(s.get(k, 0.0) for s in remote_secs) for k in STEP_PARTS}
     norm = sum(totals.values())
     if norm <= 0:
         r.timers["train"] += waited
