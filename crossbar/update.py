@@ -47,9 +47,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from devices.physics import as_mask, select
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
 __all__ = ["UpdateParameters", "PulsePlan", "PulseEvents", "plan_pulses", "sample_counts_per_sample",
@@ -255,10 +257,13 @@ class PulseEvents:
     `element` (E,) int32: the flat device index i·n_in + j; `signed` (E,) int16: the entry's pulse
     count, times +1 for down pulses and −1 for up pulses (sign(d_i)·sign(x_j) > 0 is down). A
     device may have several entries in one sample (stochastic trains: one per slot in which its
-    row and its column both fired), always with the same sign."""
+    row and its column both fired), always with the same sign. `groups`: the entries split into
+    consecutive runs (each within one sample) in which no device appears twice: the slots of a
+    stochastic train; default `per_sample` (one entry per device and sample)."""
 
-    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor):
+    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor, groups: list[int] | None = None):
         self.per_sample, self.element, self.signed = per_sample, element, signed
+        self.groups = per_sample if groups is None else groups
 
     def sample_index(self) -> Tensor:
         """(E,) the sample (counted from the run's first) of each entry."""
@@ -276,7 +281,7 @@ class PulseEvents:
     @staticmethod
     def concat(parts: Sequence["PulseEvents"]) -> "PulseEvents":
         return PulseEvents([c for p in parts for c in p.per_sample], torch.cat([p.element for p in parts]),
-                           torch.cat([p.signed for p in parts]))
+                           torch.cat([p.signed for p in parts]), [c for p in parts for c in p.groups])
 
 
 def _slices_by(weights: Tensor, budget: float, start: int = 0) -> list[slice]:
@@ -349,7 +354,7 @@ def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) 
     entries = entries.view(-1)
     codes = entries.index_select(0, (entries >= 0).nonzero().squeeze(1))  # (faster than masked_select)
     signed = (codes & 1).to(torch.int16).mul_(-2).add_(1)
-    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed)
+    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed, per_slot.tolist())
 
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
@@ -388,29 +393,6 @@ def deterministic_events(plan: PulsePlan, up: UpdateParameters, chunk: slice | N
     return PulseEvents(per_sample, e_idx.to(torch.int32), flat[s_idx, e_idx].to(torch.int16))
 
 
-def _more_pulses(arr: Any, w: Tensor, up: Tensor, h: Mapping[str, Tensor], counts: Tensor,
-                 generator: torch.Generator) -> Tensor:
-    """`w` (one pulse already applied) after the remaining counts − 1 pulses of each device, in
-    the same direction, one after the other (c2c noise per pulse, clipped after each)."""
-    sel = (counts > 1).nonzero().squeeze(1)
-    if sel.numel() == 0:
-        return w
-    w = w.clone()
-    idx, c, d, hs = sel, counts.index_select(0, sel), up.index_select(0, sel), _Gathered(h, sel)
-    we = w.index_select(0, idx)
-    for t in range(1, int(c.max())):
-        if t > 1:
-            keep = (c > t).nonzero().squeeze(1)
-            w.index_copy_(0, idx, we)
-            idx, c, d, we = idx.index_select(0, keep), c.index_select(0, keep), d.index_select(0, keep), \
-                we.index_select(0, keep)
-            hs = _Gathered(h, idx)
-        xi = torch.randn(we.shape, generator=generator, device=generator.device, dtype=we.dtype).to(we.device)
-        we = arr._clip(we + arr._step(we, d, xi, hs), hs)
-    w.index_copy_(0, idx, we)
-    return w
-
-
 class _Gathered(dict):
     """A view of a dict of tensors at an index, each entry gathered on first use (the hidden
     parameters an update rule reads)."""
@@ -431,21 +413,67 @@ class _Gathered(dict):
             return default
 
 
-def _chunk_ranks(element: Tensor, per_sample: Sequence[int], n_el: int) -> tuple[Tensor, Tensor]:
-    """(rank, hits): each entry's rank, the number of earlier samples of the run that pulsed the
-    same device (entries of one device in one sample share it), and each device's number of
-    pulsing samples. One gather and one scatter per sample on that sample's entries."""
+def _pulse_ranks(element: Tensor, count: Tensor | None, groups: Sequence[int], n_el: int) -> tuple[Tensor, Tensor]:
+    """(rank, hits): for each entry, the number of earlier pulses of the chunk on the same device
+    (the entry's `count` pulses take ranks rank … rank + count − 1; `count` None: one each), and
+    each device's number of pulses. Entries come in time order, in `groups` in which no device
+    appears twice: one gather and one scatter per group."""
     seen = torch.zeros(n_el, dtype=torch.int32, device=element.device)
-    rank = torch.empty_like(element)
+    rank = torch.empty(element.shape, dtype=torch.int32, device=element.device)
     a = 0
-    for cnt in per_sample:
+    for cnt in groups:
         if cnt:
             b = a + cnt
             seg = element[a:b]
             r = torch.index_select(seen, 0, seg, out=rank[a:b])
-            seen.index_put_((seg,), r + 1)  # repeated devices of one sample write the same value
+            seen.scatter_(0, seg, r + (1 if count is None else count[a:b]))  # (int64 index: the fast scatter)
             a = b
     return rank, seen
+
+
+def _unit_pulses(ev: PulseEvents, n_el: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(element, up, rank, hits) with one entry per pulse: the device, the direction (True: up),
+    the rank (`_pulse_ranks`) of each pulse, and the pulses per device. An entry with a count > 1
+    (deterministic trains) becomes that many pulses of consecutive ranks."""
+    element, signed = ev.element.long(), ev.signed
+    counts = signed.abs()
+    if int(counts.max()) <= 1:
+        rank, hits = _pulse_ranks(element, None, ev.groups, n_el)
+        return element, signed < 0, rank, hits
+    rank, hits = _pulse_ranks(element, counts.to(torch.int32), ev.groups, n_el)
+    c = counts.long()
+    first = torch.cumsum(c, 0) - c
+    within = torch.arange(int(first[-1] + c[-1]), device=c.device) - first.repeat_interleave(c)
+    return (element.repeat_interleave(c), (signed < 0).repeat_interleave(c),
+            rank.repeat_interleave(c) + within.to(rank.dtype), hits)
+
+
+def _descending(hits: Tensor, k_max: int) -> Tensor:
+    """The devices ordered by their number of pulses, most first (any order among equals).
+    On CPU with fewer than 256 ranks, numpy's stable argsort of uint8 keys (a radix sort, ~4x
+    faster than torch's comparison sort here)."""
+    if hits.device.type == "cpu" and k_max < 256:
+        key = (k_max - hits).to(torch.uint8).numpy()
+        return torch.from_numpy(np.argsort(key, kind="stable"))
+    return torch.argsort(hits, descending=True)
+
+
+class _Prefix(dict):
+    """The first `m` entries of each tensor of `source` (slices, taken on first use)."""
+
+    def __init__(self, source: Mapping[str, Tensor], m: int):
+        super().__init__()
+        self.source, self.m = source, m
+
+    def __missing__(self, key: str) -> Tensor:
+        value = self[key] = self.source[key][: self.m]
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[slice], PulseEvents], plan: PulsePlan,
@@ -454,87 +482,76 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
     mode), every pulse through the device's own update rule.
 
     How it is batched, per chunk of consecutive samples (about `_EXACT_ENTRIES` coincidences):
-    `events_of(chunk)` lists the coincidences sparsely in sample order (`PulseEvents`); each entry
-    gets its **rank**, the number of earlier samples of the chunk that pulsed the same device
-    (`_chunk_ranks`); the devices are sorted by how many samples pulsed them (most first), so
-    that the devices with a rank-r pulse are a prefix of that order, and the signed counts are
-    laid out rank after rank, each rank's prefix contiguous. Then, rank after rank, the prefix
-    of the permuted weights and hidden parameters (slices, no gathers) takes one pulse per
-    device (a device's count > 1: its further pulses follow, `_more_pulses`), with the
-    device's own step, per-pulse cycle-to-cycle noise and clip. Every device thus sees its
-    pulses in sample order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
-    would apply them (within one sample a device's pulses all go one way), so the device state
-    evolves sample by sample for every device model; the work is proportional to the number of
-    pulses, not to samples × devices. Random draws differ from a per-sample loop (other shapes,
-    other order); their distribution is the same.
+    `events_of(chunk)` lists the coincidences sparsely in time order (`PulseEvents`: sample
+    after sample, slot after slot), one entry per pulse (`_unit_pulses`); each pulse gets its
+    **rank**, the number of earlier pulses of the chunk on the same device (`_pulse_ranks`). The
+    devices are sorted by their number of pulses (most first), so that the devices with a
+    rank-r pulse are a prefix of that order, and the pulse directions are laid out rank after
+    rank, each rank's prefix contiguous. Then, rank after rank, the prefix of the permuted
+    weights and hidden parameters (slices, no gathers) takes one pulse per device: the
+    device's own step (a per-device direction; `devices.physics.select`), a standard normal
+    per pulse (drawn for the whole chunk in one call) and the clip. Every device thus sees its
+    pulses in time order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
+    would apply them (within one sample a device's pulses all go one way, so their order there
+    does not matter), and the device state evolves pulse by pulse, sample by sample, for every
+    device model; the work is proportional to the number of pulses, not to samples × devices.
+    Random draws differ from a per-sample loop (other shapes, other order); their distribution
+    is the same.
 
     `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
-    potentiate G⁺, down pulses G⁻ (the pair's refresh is the tile's, after the update). Write
-    noise is redrawn once at the end for the devices that got pulses, not after every sample:
-    the weight the next read sees is the same in distribution. Returns the pulses per device
-    (out, in).
+    potentiate G⁺, down pulses G⁻ (each pulse's normal is used on the side it pulses; the pair's
+    refresh is the tile's, after the update). Write noise is redrawn once at the end for the
+    devices that got pulses, not after every sample: the weight the next read sees is the same
+    in distribution. Returns the pulses per device (out, in).
     """
-    n = plan.bl.shape[0]
     shape = arrays[0].shape
     n_el = shape[0] * shape[1]
     flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
     hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
-    totals = [torch.zeros(n_el, dtype=flat[0].dtype, device=flat[0].device) for _ in arrays]
+    dtype, device = flat[0].dtype, flat[0].device
+    totals = [torch.zeros(n_el, dtype=dtype, device=device) for _ in arrays]
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
         ev = events_of(sl)
         if ev.element.numel() == 0:
             continue
-        element, signed = ev.element, ev.signed
-        rank, hits = _chunk_ranks(element, ev.per_sample, n_el)
+        element, up_pulse, rank, hits = _unit_pulses(ev, n_el)
         k_max = int(hits.max())
-        order = torch.argsort(hits, descending=True)
-        m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r samples
+        order = _descending(hits, k_max).to(device)
+        m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r pulses
         offsets = torch.cumsum(m, 0) - m
-        where = torch.empty_like(order)
-        where[order] = torch.arange(n_el, device=order.device)
-        cell = offsets.index_select(0, rank).add_(where.index_select(0, element))
-        queue = torch.zeros(int(offsets[-1] + m[-1]), dtype=torch.int16, device=signed.device)
-        queue.index_add_(0, cell, signed)  # a device's entries of one sample add up to its count
-        multi = set()
-        big = (queue.abs() > 1).nonzero().squeeze(1)
-        if big.numel():
-            multi = set((torch.searchsorted(offsets, big, right=True) - 1).unique().tolist())
-        del rank, cell
+        where = torch.empty(n_el, dtype=torch.int32, device=device)
+        where[order] = torch.arange(n_el, dtype=torch.int32, device=device)
+        cell = offsets.to(torch.int32).index_select(0, rank).add_(where.index_select(0, element)).long()
+        queue = torch.empty(element.numel(), dtype=torch.bool, device=device)  # every cell holds one pulse
+        queue.scatter_(0, cell, up_pulse)
+        del rank, cell, where, element, up_pulse
+        xi = torch.randn((queue.numel(),), generator=generator, device=generator.device, dtype=dtype).to(device)
         m_list, off_list = m.tolist(), offsets.tolist()
         top = order[: m_list[0]]
         wp = [f.index_select(0, top) for f in flat]
-        tp = [torch.zeros_like(w) for w in wp]  # pulses per device (permuted), per array
-        hp = [{k: v.index_select(0, top) for k, v in h.items()} for h in hidden]
+        hp = [_Gathered(h, top) for h in hidden]
+        n_up = torch.zeros(m_list[0], dtype=dtype, device=device) if pair else None
         for r in range(k_max):
             mr, o = m_list[r], off_list[r]
-            v = queue[o:o + mr]
-            up = v < 0
-            if pair:
-                tp[0][:mr] -= v.clamp(max=0)
-                tp[1][:mr] += v.clamp(min=0)
-            else:
-                tp[0][:mr] += v.abs()
+            up, noise = queue[o:o + mr], xi[o:o + mr]
             if not pair:
-                arr, w = arrays[0], wp[0][:mr]
-                h = {k: t[:mr] for k, t in hp[0].items()}
-                xi = torch.randn((mr,), generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-                new = arr._clip(w + arr._step(w, up, xi, h), h)
-                if r in multi:
-                    new = _more_pulses(arr, new, up, h, v.abs(), generator)
-                w.copy_(new)
+                arr, w, h = arrays[0], wp[0][:mr], _Prefix(hp[0], mr)
+                w.copy_(arr._clip(w + arr._step(w, up, noise, h), h))
                 continue
-            for k, mask in ((0, up), (1, ~up)):  # both as potentiation of their side
-                arr, w = arrays[k], wp[k][:mr]
-                h = {key: t[:mr] for key, t in hp[k].items()}
-                xi = torch.randn((mr,), generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-                new = arr._clip(w + arr._step(w, True, xi, h), h)
-                if r in multi:
-                    new = _more_pulses(arr, new, torch.ones_like(mask), h, torch.where(mask, v.abs(), 1), generator)
-                w.copy_(torch.where(mask, new, w))
+            u = as_mask(up, dtype)
+            n_up[:mr] += u
+            for k, mask in ((0, u), (1, 1.0 - u)):  # both as potentiation of their side
+                arr, w, h = arrays[k], wp[k][:mr], _Prefix(hp[k], mr)
+                new = arr._clip(w + arr._step(w, True, noise, h), h)
+                w.copy_(select(mask, new, w))
         for k in range(len(arrays)):
             flat[k].index_copy_(0, top, wp[k])
-            totals[k].index_add_(0, top, tp[k])
+        if pair:
+            totals[0].index_add_(0, top, n_up)
+            totals[1].index_add_(0, top, hits.index_select(0, top).to(dtype) - n_up)
+        else:
+            totals[0] += hits.to(dtype)
     for k, arr in enumerate(arrays):
         arr._persistent = flat[k].reshape(shape)
         if arr._apparent is not None:

@@ -6,8 +6,9 @@ A `DeviceRule` says, for the devices of one config type (aihwkit's names, SEMANT
   parameters every pulsed device shares (bounds, steps, decay, diffusion, reset bias;
   `sample_pulsed`);
 - `step(cfg, h, w, up, xi)`: the signed Δw of one pulse per device before clipping (up where
-  `up`, down elsewhere), with the per-pulse standard normal `xi` (None: noise-free). Every rule is
-  affine in `xi`;
+  `up`, down elsewhere: a Python bool, a bool tensor, or a float 0/1 tensor), with the per-pulse
+  standard normal `xi` (None: noise-free). Every rule is affine in `xi`. A per-device direction
+  is selected arithmetically (`select`), not with `torch.where`;
 - `noise_std(cfg, h, w, step, up)`: the std of one pulse's cycle-to-cycle noise at w, given the
   noise-free mean step there (used by the integrated n-pulse response);
 - `clip(h, w)`: where a pulse leaves the weight when it crosses a bound;
@@ -33,17 +34,38 @@ from .configs import (
     PowStepDevice, PulsedDevice, SoftBoundsDevice, SoftBoundsReferenceDevice,
 )
 
-__all__ = ["DeviceRule", "register", "rule_for", "clip_to_bounds", "RULES"]
+__all__ = ["DeviceRule", "register", "rule_for", "clip_to_bounds", "select", "as_mask", "RULES"]
 
 Hidden = dict[str, Tensor]
 Randn = Callable[[], Tensor]
 
 
-def _sel(up: Tensor | bool, if_up: Any, if_down: Any) -> Any:
-    """`torch.where(up, if_up, if_down)`, short-cut when the direction is one Python bool."""
+def select(up: Tensor | bool, if_up: Any, if_down: Any) -> Any:
+    """`torch.where(up, if_up, if_down)` for finite values; short-cut when `up` is one Python bool.
+
+    A tensor `up` (bool, or float 0/1 from `as_mask`) selects arithmetically,
+    if_up·u + if_down·(1 − u): exact for finite values (x·1 + y·0 = x), and on CPU ~10x faster
+    than `torch.where`, whose branch per element mispredicts on a random mask (pulse directions
+    are random). A non-finite if_up or if_down gives NaN where it is not selected.
+    """
     if isinstance(up, bool):
         return if_up if up else if_down
-    return torch.where(up, if_up, if_down)
+    u = as_mask(up, if_up.dtype if isinstance(if_up, Tensor) else if_down.dtype)
+    return if_up * u + if_down * (1.0 - u)
+
+
+def as_mask(up: Tensor | bool, dtype: torch.dtype) -> Tensor | bool:
+    """A bool direction tensor as a float 0/1 tensor of `dtype` (for `select`; convert once per step)."""
+    if isinstance(up, bool) or up.dtype == dtype:
+        return up
+    return up.to(dtype)
+
+
+def _signed(up: Tensor | bool, mag: Tensor) -> Tensor:
+    """+mag where up, −mag elsewhere (exact: a product with ±1)."""
+    if isinstance(up, bool):
+        return mag if up else -mag
+    return mag * (up * 2.0 - 1.0)
 
 
 def clip_to_bounds(w: Tensor, h: Hidden) -> Tensor:
@@ -161,10 +183,11 @@ class ConstantStepRule(DeviceRule):
     """w ± Δ±(1 + σξ)."""
 
     def step(self, cfg, h, w, up, xi):
-        mag = _sel(up, h["dwmin_up"], h["dwmin_down"])
+        up = as_mask(up, w.dtype)
+        mag = select(up, h["dwmin_up"], h["dwmin_down"])
         if xi is not None:
             mag = mag * (1.0 + cfg.dw_min_std * xi)
-        return _sel(up, mag, -mag)
+        return _signed(up, mag)
 
 
 def _set_linear_slopes(cfg: Any, h: Hidden, g_up: Tensor, g_down: Tensor, mean_ref: bool) -> None:
@@ -186,15 +209,16 @@ class _LinearFamilyRule(DeviceRule):
     """Step slope±·w + Δ±, multiplicative (1 + σξ) or additive (Δ±σξ) noise."""
 
     def step(self, cfg, h, w, up, xi):
-        slope = _sel(up, h["slope_up"], h["slope_down"])
-        base = _sel(up, h["dwmin_up"], h["dwmin_down"])
+        up = as_mask(up, w.dtype)
+        slope = select(up, h["slope_up"], h["slope_down"])
+        base = select(up, h["dwmin_up"], h["dwmin_down"])
         if xi is None:
             mag = slope * w + base
         elif cfg.mult_noise:
             mag = (slope * w + base) * (1.0 + cfg.dw_min_std * xi)
         else:
             mag = slope * w + base * (1.0 + cfg.dw_min_std * xi)
-        return _sel(up, mag, -mag)
+        return _signed(up, mag)
 
     def noise_std(self, cfg, h, w, step, up):
         if cfg.mult_noise:
@@ -252,15 +276,16 @@ class SoftBoundsReferenceRule(DeviceRule):
         else:
             a_up = torch.where(b_max > 0, wr / b_max, torch.zeros_like(w))
             a_down = torch.where(b_min < 0, wr / b_min, torch.zeros_like(w))
-            shape_factor = 1.0 - torch.where(up, a_up, a_down)
-        base = _sel(up, h["dwmin_up"], h["dwmin_down"])
+            up = as_mask(up, w.dtype)
+            shape_factor = 1.0 - select(up, a_up, a_down)
+        base = select(up, h["dwmin_up"], h["dwmin_down"])
         if xi is None:
             mag = base * shape_factor
         elif cfg.mult_noise:
             mag = base * shape_factor * (1.0 + cfg.dw_min_std * xi)
         else:
             mag = base * (shape_factor + cfg.dw_min_std * xi)
-        return _sel(up, mag, -mag)
+        return _signed(up, mag)
 
     def noise_std(self, cfg, h, w, step, up):
         if cfg.mult_noise:
@@ -295,7 +320,7 @@ class ExpStepRule(DeviceRule):
         else:
             y_up = (1.0 - c.A_up * torch.exp(c.gamma_up * z)).clamp_min(0.0)
             y_down = (1.0 - c.A_down * torch.exp(-c.gamma_down * z)).clamp_min(0.0)
-            dw = torch.where(up, y_up * h["dwmin_up"], -y_down * h["dwmin_down"])
+            dw = select(up, y_up * h["dwmin_up"], -y_down * h["dwmin_down"])
         if xi is not None:
             if self._extra_noise(c):
                 dw = dw + c.dw_min_std * (dw.abs() + c.dw_min_std_add + c.dw_min_std_slope * w.abs()) * xi
@@ -332,12 +357,13 @@ class PowStepRule(DeviceRule):
             frac = ((b_max - w) if up else (w - b_min)) / safe
             gamma = h["gamma_up"] if up else h["gamma_down"]
         else:
-            frac = torch.where(up, b_max - w, w - b_min) / safe
-            gamma = torch.where(up, h["gamma_up"], h["gamma_down"])
-        mag = _sel(up, h["dwmin_up"], h["dwmin_down"]) * frac.clamp_min(0.0).pow(gamma)
+            up = as_mask(up, w.dtype)
+            frac = select(up, b_max - w, w - b_min) / safe
+            gamma = select(up, h["gamma_up"], h["gamma_down"])
+        mag = select(up, h["dwmin_up"], h["dwmin_down"]) * frac.clamp_min(0.0).pow(gamma)
         if xi is not None:
             mag = mag * (1.0 + cfg.dw_min_std * xi)
-        return torch.where(rng != 0, _sel(up, mag, -mag), torch.zeros_like(mag))
+        return torch.where(rng != 0, _signed(up, mag), torch.zeros_like(mag))
 
 
 @register(PiecewiseStepDevice)
@@ -345,6 +371,7 @@ class PiecewiseStepRule(DeviceRule):
     """aihwkit PiecewiseStep: step scaled by linear interpolation of node lists over [b_min, b_max]."""
 
     def step(self, cfg, h, w, up, xi):
+        up = as_mask(up, w.dtype)
         b_max, b_min = h["max_bound"], h["min_bound"]
         n_seg = len(cfg.piecewise_up) - 1
         if n_seg == 0:
@@ -359,7 +386,7 @@ class PiecewiseStepRule(DeviceRule):
             nodes_down = torch.tensor(cfg.piecewise_down, dtype=w.dtype, device=w.device)
             factor_up = (1 - t) * nodes_up[idx] + t * nodes_up[idx + 1]
             factor_down = (1 - t) * nodes_down[idx] + t * nodes_down[idx + 1]
-        mag = _sel(up, h["dwmin_up"] * factor_up, h["dwmin_down"] * factor_down)
+        mag = select(up, h["dwmin_up"] * factor_up, h["dwmin_down"] * factor_down)
         if xi is not None:
             mag = mag * (1.0 + cfg.dw_min_std * xi)
-        return _sel(up, mag, -mag)
+        return _signed(up, mag)
