@@ -70,7 +70,7 @@ def _signed(up: Tensor | bool, mag: Tensor) -> Tensor:
 
 def clip_to_bounds(w: Tensor, h: Hidden) -> Tensor:
     """w clipped to each device's own bounds [min_bound, max_bound] (the one copy of this clip)."""
-    return torch.minimum(torch.maximum(w, h["min_bound"]), h["max_bound"])
+    return torch.clamp(w, h["min_bound"], h["max_bound"])  # = minimum(maximum(w, min), max)
 
 
 RULES: dict[type, "DeviceRule"] = {}
@@ -272,12 +272,11 @@ class SoftBoundsReferenceRule(DeviceRule):
         if isinstance(up, bool):
             bound = b_max if up else b_min
             usable = bound > 0 if up else bound < 0
-            shape_factor = 1.0 - torch.where(usable, wr / bound, torch.zeros_like(w))
-        else:
-            a_up = torch.where(b_max > 0, wr / b_max, torch.zeros_like(w))
-            a_down = torch.where(b_min < 0, wr / b_min, torch.zeros_like(w))
+        else:  # the bound each device's pulse heads for; usable: b_max > 0 (up), b_min < 0 (down)
             up = as_mask(up, w.dtype)
-            shape_factor = 1.0 - select(up, a_up, a_down)
+            bound = select(up, b_max, b_min)
+            usable = bound * (up * 2.0 - 1.0) > 0
+        shape_factor = 1.0 - torch.where(usable, wr / bound, 0.0)
         base = select(up, h["dwmin_up"], h["dwmin_down"])
         if xi is None:
             mag = base * shape_factor
