@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devices.physics import as_mask, select
+from devices.physics import select
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
 __all__ = ["UpdateParameters", "PulsePlan", "PulseEvents", "plan_pulses", "sample_counts_per_sample",
@@ -527,8 +527,8 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
         where = torch.empty(n_el, dtype=torch.int32, device=device)
         where[order] = torch.arange(n_el, dtype=torch.int32, device=device)
         cell = offsets.to(torch.int32).index_select(0, rank).add_(where.index_select(0, element)).long()
-        queue = torch.empty(element.numel(), dtype=torch.bool, device=device)  # every cell holds one pulse
-        queue.scatter_(0, cell, up_pulse)
+        # every cell holds one pulse: 1.0 up, 0.0 down (the float mask `select` takes as it is)
+        queue = torch.empty(element.numel(), dtype=dtype, device=device).scatter_(0, cell, up_pulse.to(dtype))
         del rank, cell, where, element, up_pulse
         xi = torch.randn((queue.numel(),), generator=generator, device=generator.device, dtype=dtype).to(device)
         m_list, off_list = m.tolist(), offsets.tolist()
@@ -543,9 +543,8 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
                 arr, w, h = arrays[0], wp[0][:mr], _Prefix(hp[0], mr)
                 w.copy_(arr._clip(w + arr._step(w, up, noise, h), h))
                 continue
-            u = as_mask(up, dtype)
-            n_up[:mr] += u
-            for k, mask in ((0, u), (1, 1.0 - u)):  # both as potentiation of their side
+            n_up[:mr] += up
+            for k, mask in ((0, up), (1, 1.0 - up)):  # both as potentiation of their side
                 arr, w, h = arrays[k], wp[k][:mr], _Prefix(hp[k], mr)
                 new = arr._clip(w + arr._step(w, True, noise, h), h)
                 w.copy_(select(mask, new, w))

@@ -51,7 +51,7 @@ def select(up: Tensor | bool, if_up: Any, if_down: Any) -> Any:
     if isinstance(up, bool):
         return if_up if up else if_down
     u = as_mask(up, if_up.dtype if isinstance(if_up, Tensor) else if_down.dtype)
-    return if_up * u + if_down * (1.0 - u)
+    return torch.addcmul(if_down * (1.0 - u), if_up, u)
 
 
 def as_mask(up: Tensor | bool, dtype: torch.dtype) -> Tensor | bool:
@@ -65,7 +65,7 @@ def _signed(up: Tensor | bool, mag: Tensor) -> Tensor:
     """+mag where up, −mag elsewhere (exact: a product with ±1)."""
     if isinstance(up, bool):
         return mag if up else -mag
-    return mag * (up * 2.0 - 1.0)
+    return torch.addcmul(-mag, mag, up, value=2.0)  # −m + 2m·u: exact (2m − m = m)
 
 
 def clip_to_bounds(w: Tensor, h: Hidden) -> Tensor:
