@@ -259,11 +259,14 @@ class PulseEvents:
     device may have several entries in one sample (stochastic trains: one per slot in which its
     row and its column both fired), always with the same sign. `groups`: the entries split into
     consecutive runs (each within one sample) in which no device appears twice: the slots of a
-    stochastic train; default `per_sample` (one entry per device and sample)."""
+    stochastic train; default `per_sample` (one entry per device and sample). `unit`: every
+    entry is one pulse (|signed| = 1; stochastic trains), so no count needs checking."""
 
-    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor, groups: list[int] | None = None):
+    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor, groups: list[int] | None = None,
+                 unit: bool = False):
         self.per_sample, self.element, self.signed = per_sample, element, signed
         self.groups = per_sample if groups is None else groups
+        self.unit = unit
 
     def sample_index(self) -> Tensor:
         """(E,) the sample (counted from the run's first) of each entry."""
@@ -281,7 +284,8 @@ class PulseEvents:
     @staticmethod
     def concat(parts: Sequence["PulseEvents"]) -> "PulseEvents":
         return PulseEvents([c for p in parts for c in p.per_sample], torch.cat([p.element for p in parts]),
-                           torch.cat([p.signed for p in parts]), [c for p in parts for c in p.groups])
+                           torch.cat([p.signed for p in parts]), [c for p in parts for c in p.groups],
+                           all(p.unit for p in parts))
 
 
 def _slices_by(weights: Tensor, budget: float, start: int = 0) -> list[slice]:
@@ -310,7 +314,7 @@ def sample_events(plan: PulsePlan, generator: torch.Generator, chunk: slice | No
     lo, hi, _ = sl.indices(plan.bl.shape[0])
     if hi <= lo:
         return PulseEvents([], torch.zeros(0, dtype=torch.int32, device=plan.p.device),
-                           torch.zeros(0, dtype=torch.int16, device=plan.p.device))
+                           torch.zeros(0, dtype=torch.int16, device=plan.p.device), unit=True)
     p, q = plan.p[lo:hi], plan.q[lo:hi]
     # padded entries of a sample: fired rows times the longest slot's fired columns (estimated)
     q_sum = q.sum(1)
@@ -337,7 +341,7 @@ def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) 
     nc_max = int(n_cols.max()) if n_t else 0
     if nc_max == 0 or not bool(per_slot.any()):
         return PulseEvents([0] * n_s, torch.zeros(0, dtype=torch.int32, device=dev),
-                           torch.zeros(0, dtype=torch.int16, device=dev))
+                           torch.zeros(0, dtype=torch.int16, device=dev), unit=True)
     # code of an entry: 2·(i·n_in + j) + [sign(d_i)·sign(x_j) < 0] (low bit 1: an up pulse)
     t_c, j_c = cols.nonzero(as_tuple=True)
     pos = cols.to(torch.int32).cumsum(1)[t_c, j_c] - 1  # place of the column within its slot
@@ -358,7 +362,7 @@ def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) 
     keep = torch.arange(int(first[-1] + per_row[-1]), device=dev) + shift.repeat_interleave(per_row)
     codes = entries.view(-1).index_select(0, keep)
     signed = (codes & 1).to(torch.int16).mul_(-2).add_(1)
-    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed, per_slot.tolist())
+    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed, per_slot.tolist(), unit=True)
 
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
@@ -440,8 +444,8 @@ def _unit_pulses(ev: PulseEvents, n_el: int) -> tuple[Tensor, Tensor, Tensor, Te
     the rank (`_pulse_ranks`) of each pulse, and the pulses per device. An entry with a count > 1
     (deterministic trains) becomes that many pulses of consecutive ranks."""
     element, signed = ev.element.long(), ev.signed
-    counts = signed.abs()
-    if int(counts.max()) <= 1:
+    counts = None if ev.unit else signed.abs()
+    if counts is None or int(counts.max()) <= 1:
         rank, hits = _pulse_ranks(element, None, ev.groups, n_el)
         return element, signed < 0, rank, hits
     rank, hits = _pulse_ranks(element, counts.to(torch.int32), ev.groups, n_el)
