@@ -278,6 +278,53 @@ def test_exact_mode_applies_each_sample_in_order(pair, small_chunks, monkeypatch
     torch.testing.assert_close(tile.pulse_count.float(), expected_pulses)
 
 
+@pytest.mark.parametrize("pair,small_chunks", [(False, False), (True, False), (False, True), (True, True)])
+def test_exact_mode_applies_stochastic_trains_pulse_by_pulse_in_order(pair, small_chunks, monkeypatch):
+    """Stochastic trains (several slots per sample, several pulses per device and sample) on a
+    noise-free soft-bounds device: `apply_per_sample` equals one `DeviceSlot.apply_pulses` call per
+    sample with the same coincidences (recorded as it draws them), exactly, and the pulses it
+    counts are theirs. Fails if a pulse's direction, its rank (the order within a device), the
+    slot groups or the chunk borders were wrong; applying the batch's sums at once differs."""
+    import crossbar.update as update_module
+    from crossbar.tile import DeviceSlot
+
+    if small_chunks:
+        monkeypatch.setattr(update_module, "_EXACT_ENTRIES", 60)
+        monkeypatch.setattr(update_module, "_GEN_ELEMENTS", 200)
+    device = SoftBoundsDevice(dw_min=0.02, w_max=1.0, w_min=0.0 if pair else -1.0, dw_min_dtod=0.0, up_down_dtod=0.0,
+                              w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.0)
+    cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
+                     update=UpdateParameters(mode="exact", desired_bl=8), differential="pair" if pair else "single")
+    g = _gen(21)
+    tile = AnalogTile(cfg, 7, 10, g)
+    tile.program((0.4 if pair else 1.4) * (torch.rand(7, 10, generator=g) - 0.5))
+    reference = DeviceSlot(tile.slot.config, (7, 10), _gen(0), pair)
+    reference.load_state_dict(tile.slot.state_dict())
+    aggregated = DeviceSlot(tile.slot.config, (7, 10), _gen(0), pair)
+    aggregated.load_state_dict(tile.slot.state_dict())
+    x, d = torch.randn(30, 10, generator=g), torch.randn(30, 7, generator=g)
+    plan = plan_pulses(x, d, 0.5, tile.slot.granularity, cfg.update)
+    assert int(plan.bl.max()) > 1
+    recorded = []
+
+    def events_of(sl):
+        recorded.append(sample_events(plan, g, sl))
+        return recorded[-1]
+
+    pulses = update_module.apply_per_sample(tile.slot.arrays, pair, events_of, plan, g)
+    signed = torch.cat([ev.dense((7, 10), torch.float32) for ev in recorded])  # > 0: down pulses
+    assert signed.shape[0] == x.shape[0] and float(signed.abs().max()) >= 2
+    assert small_chunks == (len(recorded) > 1)
+    n_up, n_down = (-signed).clamp(min=0).long(), signed.clamp(min=0).long()
+    for i in range(x.shape[0]):
+        reference.apply_pulses(n_up[i], n_down[i], g)
+    aggregated.apply_pulses(n_up.sum(0), n_down.sum(0), g)
+    torch.testing.assert_close(tile.slot.persistent, reference.persistent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pulses, signed.abs().sum(0))
+    if not pair:
+        assert float((aggregated.persistent - reference.persistent).abs().max()) > 0.02
+
+
 def test_every_configurable_algorithm_has_one_class():
     from crossbar.algorithms import ALGORITHM_CLASSES
     from crossbar.config import ALGORITHMS
