@@ -19,8 +19,9 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
   devices sample after sample, pulse by pulse, through the device's own rule (the reference;
   exact in distribution for every device model). Batched as `apply_per_sample` describes: the
   coincidences of a chunk of samples listed sparsely (`sample_events`: work ∝ pulses, not
-  samples × devices), each device's pulses ranked by sample, the devices sorted by their number
-  of pulsing samples so that each rank is a contiguous prefix, then stepped rank after rank.
+  samples × devices), each pulse ranked by the device's earlier pulses, the devices sorted by
+  their number of pulses so that each rank is a contiguous prefix, then stepped rank after rank
+  (one pulse per device per rank, in time order).
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
   from a binomial with the exact mean and variance of the sum of the per-sample counts (see
   `fast_counts`); applied in one `DeviceArray.apply_pulses` call (the device's own order:
