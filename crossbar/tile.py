@@ -42,7 +42,7 @@ from .config import RefreshParameters, TileConfig
 from .io import IOParameters, PeripheryReader, ReadStats
 from .update import (PulsePlan, UpdateParameters, apply_per_sample, deterministic_coincidences,
                      deterministic_counts_per_sample, deterministic_events, expected_counts, fast_counts, plan_pulses,
-                     sample_coincidences, sample_events, _chunks)
+                     sample_coincidences, sample_trains, _chunks)
 
 __all__ = ["AnalogTile", "DeviceSlot"]
 
@@ -477,7 +477,7 @@ class AnalogTile:
             if up.pulse_type == "deterministic_implicit":
                 counts = lambda sl: deterministic_events(plan, up, sl)  # noqa: E731
             else:
-                counts = lambda sl: sample_events(plan, gen, sl)  # noqa: E731
+                counts = lambda sl: sample_trains(plan, gen, sl)  # noqa: E731
             # a pair's refresh runs after the update (`_after_update`), as in the other modes
             pulses = apply_per_sample(slot.arrays, slot.pair, counts, plan, gen)
             self.pulse_count += pulses.to(self.pulse_count.dtype)

@@ -55,8 +55,8 @@ from torch import Tensor
 from devices.physics import select
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
-__all__ = ["UpdateParameters", "PulsePlan", "PulseEvents", "plan_pulses", "sample_counts_per_sample",
-           "sample_coincidences", "sample_events", "expected_counts", "fast_counts", "deterministic_counts_per_sample",
+__all__ = ["UpdateParameters", "PulsePlan", "PulseEvents", "SlotTrains", "plan_pulses", "sample_counts_per_sample",
+           "sample_coincidences", "sample_events", "sample_trains", "expected_counts", "fast_counts", "deterministic_counts_per_sample",
            "deterministic_coincidences", "deterministic_events", "apply_per_sample", "PULSE_TYPES", "UPDATE_MODES"]
 
 PULSE_TYPES = ("stochastic_compressed", "deterministic_implicit", "none")
@@ -260,14 +260,11 @@ class PulseEvents:
     device may have several entries in one sample (stochastic trains: one per slot in which its
     row and its column both fired), always with the same sign. `groups`: the entries split into
     consecutive runs (each within one sample) in which no device appears twice: the slots of a
-    stochastic train; default `per_sample` (one entry per device and sample). `unit`: every
-    entry is one pulse (|signed| = 1; stochastic trains), so no count needs checking."""
+    stochastic train; default `per_sample` (one entry per device and sample)."""
 
-    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor, groups: list[int] | None = None,
-                 unit: bool = False):
+    def __init__(self, per_sample: list[int], element: Tensor, signed: Tensor, groups: list[int] | None = None):
         self.per_sample, self.element, self.signed = per_sample, element, signed
         self.groups = per_sample if groups is None else groups
-        self.unit = unit
 
     def sample_index(self) -> Tensor:
         """(E,) the sample (counted from the run's first) of each entry."""
@@ -282,11 +279,99 @@ class PulseEvents:
         out.index_add_(0, self.sample_index() * n_el + self.element.long(), self.signed.to(dtype))
         return out.view(len(self.per_sample), *shape)
 
+    def hits(self, n_el: int) -> Tensor:
+        """(n_el,) int32: the pulses of each device over the run."""
+        counts = self.signed.abs().to(torch.float64)
+        return torch.bincount(self.element.long(), weights=counts, minlength=n_el).to(torch.int32)
+
+    def pulse_groups(self):
+        """(element int64, up bool, count int32) per group (`groups`), in time order."""
+        a = 0
+        for cnt in self.groups:
+            if cnt:
+                signed = self.signed[a:a + cnt]
+                yield self.element[a:a + cnt].long(), signed < 0, signed.abs().to(torch.int32)
+                a += cnt
+
     @staticmethod
     def concat(parts: Sequence["PulseEvents"]) -> "PulseEvents":
         return PulseEvents([c for p in parts for c in p.per_sample], torch.cat([p.element for p in parts]),
-                           torch.cat([p.signed for p in parts]), [c for p in parts for c in p.groups],
-                           all(p.unit for p in parts))
+                           torch.cat([p.signed for p in parts]), [c for p in parts for c in p.groups])
+
+
+class SlotTrains:
+    """The stochastic trains of a run of consecutive samples: the rows and columns that fired in
+    each slot, slot after slot (a sample's BLₙ slots in a row). A slot's coincidences are all
+    pairs of its fired rows and fired columns, one pulse each, down where
+    sign(d_i)·sign(x_j) > 0, up elsewhere; no device is pulsed twice in one slot.
+
+    `slot_sample` (T,): each slot's sample (counted from the run's first); `rows` (T, out) and
+    `cols` (T, in) bool: fired; `d_neg` (S, out) and `x_neg` (S, in) bool: the signs of the
+    run's d and x. `events()` lists the coincidences as `PulseEvents`; `hits` and
+    `pulse_groups` feed `apply_per_sample` without that list."""
+
+    def __init__(self, slot_sample: Tensor, rows: Tensor, cols: Tensor, d_neg: Tensor, x_neg: Tensor):
+        self.slot_sample, self.rows, self.cols, self.d_neg, self.x_neg = slot_sample, rows, cols, d_neg, x_neg
+
+    def hits(self, n_el: int) -> Tensor:
+        """(n_el,) int32: the pulses of each device over the run, Σ_slots rowᵀ·col (one product;
+        exact: float32 holds these integer counts exactly below 2^24)."""
+        counts = self.rows.T.to(torch.float32) @ self.cols.to(torch.float32)
+        return counts.reshape(-1).to(torch.int32)
+
+    def pulse_groups(self):
+        """(element int64, up bool, None) per slot with coincidences, in time order: the device
+        i·n_in + j and the direction of each of the slot's pulses (count 1 each)."""
+        n_in = self.cols.shape[1]
+        t_r, i_r = self.rows.nonzero(as_tuple=True)
+        t_c, j_c = self.cols.nonzero(as_tuple=True)
+        row_code = i_r * n_in
+        row_neg = self.d_neg[self.slot_sample[t_r], i_r]
+        col_neg = self.x_neg[self.slot_sample[t_c], j_c]
+        a = b = 0
+        for nr, nc in zip(self.rows.sum(1).tolist(), self.cols.sum(1).tolist()):
+            if nr and nc:
+                element = (row_code[a:a + nr].unsqueeze(1) + j_c[b:b + nc]).view(-1)
+                up = (row_neg[a:a + nr].unsqueeze(1) ^ col_neg[b:b + nc]).view(-1)  # signs differ: up
+                yield element, up, None
+            a, b = a + nr, b + nc
+
+    def events(self) -> PulseEvents:
+        """The coincidences as `PulseEvents` (sample after sample, slot, row, column within it).
+        Built without an (N, out, in) tensor: the fired columns of each slot, padded to the
+        longest slot, are gathered once per fired row and offset by the row (entries ∝ the
+        coincidences, not the array)."""
+        rows, cols, slot_sample = self.rows, self.cols, self.slot_sample
+        dev = rows.device
+        n_t, n_out, n_in = rows.shape[0], rows.shape[1], cols.shape[1]
+        n_s = self.d_neg.shape[0]
+        n_cols = cols.sum(1)
+        per_slot = rows.sum(1) * n_cols
+        per_sample = torch.zeros(n_s, dtype=torch.long, device=dev).index_add_(0, slot_sample, per_slot)
+        nc_max = int(n_cols.max()) if n_t else 0
+        if nc_max == 0 or not bool(per_slot.any()):
+            return PulseEvents([0] * n_s, torch.zeros(0, dtype=torch.int32, device=dev),
+                               torch.zeros(0, dtype=torch.int16, device=dev))
+        # code of an entry: 2·(i·n_in + j) + [sign(d_i)·sign(x_j) < 0] (low bit 1: an up pulse)
+        t_c, j_c = cols.nonzero(as_tuple=True)
+        pos = cols.to(torch.int32).cumsum(1)[t_c, j_c] - 1  # place of the column within its slot
+        col_code = (j_c * 2 + self.x_neg[slot_sample[t_c], j_c]).to(torch.int32)
+        sentinel = -2 * (n_out * n_in + 1)  # marks padding
+        pad = torch.full((n_t, 2, nc_max), sentinel, dtype=torch.int32, device=dev)
+        pad[t_c, 0, pos] = col_code
+        pad[t_c, 1, pos] = col_code ^ 1  # the same columns seen from a row with d_i < 0
+        t_r, i_r = rows.nonzero(as_tuple=True)
+        d_neg = self.d_neg[slot_sample[t_r], i_r]
+        entries = pad.view(2 * n_t, nc_max).index_select(0, t_r * 2 + d_neg)
+        entries += (i_r * (2 * n_in)).to(torch.int32).unsqueeze(1)
+        # the first n_cols[t] places of each fired row's padded block (no scan for the padding)
+        per_row = n_cols.index_select(0, t_r)
+        first = torch.cumsum(per_row, 0) - per_row
+        shift = torch.arange(t_r.numel(), device=dev) * nc_max - first
+        keep = torch.arange(int(first[-1] + per_row[-1]), device=dev) + shift.repeat_interleave(per_row)
+        codes = entries.view(-1).index_select(0, keep)
+        signed = (codes & 1).to(torch.int16).mul_(-2).add_(1)
+        return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed, per_slot.tolist())
 
 
 def _slices_by(weights: Tensor, budget: float, start: int = 0) -> list[slice]:
@@ -304,27 +389,31 @@ def _slices_by(weights: Tensor, budget: float, start: int = 0) -> list[slice]:
 
 
 def sample_events(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None) -> PulseEvents:
-    """Exact stochastic-compressed trains of the samples in `chunk`, as sparse coincidences.
-
-    For every slot of every sample (BLₙ slots), each row fires with probability pᵢ and each column
-    with qⱼ (one uniform draw each); the coincidences of a slot are all pairs of a fired row and a
-    fired column. Built without an (N, out, in) tensor: the fired columns of each slot, padded to
-    the longest slot, are gathered once per fired row and offset by the row (entries ∝ the
-    coincidences, not the array). Entries come in sample order (slot, row, column within it)."""
+    """Exact stochastic-compressed trains of the samples in `chunk`, as sparse coincidences
+    (`SlotTrains.events`), drawn in parts of about `_GEN_ELEMENTS` padded entries."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     lo, hi, _ = sl.indices(plan.bl.shape[0])
     if hi <= lo:
         return PulseEvents([], torch.zeros(0, dtype=torch.int32, device=plan.p.device),
-                           torch.zeros(0, dtype=torch.int16, device=plan.p.device), unit=True)
+                           torch.zeros(0, dtype=torch.int16, device=plan.p.device))
     p, q = plan.p[lo:hi], plan.q[lo:hi]
     # padded entries of a sample: fired rows times the longest slot's fired columns (estimated)
     q_sum = q.sum(1)
     padded = plan.bl[lo:hi].to(p.dtype) * (p.sum(1) + 1.0) * (q_sum + 4.0 * q_sum.sqrt() + 1.0)
-    parts = [_draw_events(plan, generator, s.start, s.stop) for s in _slices_by(padded, _GEN_ELEMENTS, lo)]
+    parts = [_draw_trains(plan, generator, s.start, s.stop).events() for s in _slices_by(padded, _GEN_ELEMENTS, lo)]
     return parts[0] if len(parts) == 1 else PulseEvents.concat(parts)
 
 
-def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) -> PulseEvents:
+def sample_trains(plan: PulsePlan, generator: torch.Generator, chunk: slice | None = None) -> SlotTrains:
+    """Exact stochastic-compressed trains of the samples in `chunk` (`SlotTrains`): for every slot
+    of every sample (BLₙ slots), each row fires with probability pᵢ and each column with qⱼ (one
+    uniform draw each, rows then columns, slot after slot)."""
+    sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
+    lo, hi, _ = sl.indices(plan.bl.shape[0])
+    return _draw_trains(plan, generator, lo, max(lo, hi))
+
+
+def _draw_trains(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) -> SlotTrains:
     p, q = plan.p[lo:hi], plan.q[lo:hi]
     dev = p.device
     n_s, n_out, n_in = hi - lo, p.shape[1], q.shape[1]
@@ -336,34 +425,7 @@ def _draw_events(plan: PulsePlan, generator: torch.Generator, lo: int, hi: int) 
 
     rows = uniform((n_t, n_out)) < p.index_select(0, slot_sample)  # (T, out) fired rows per slot
     cols = uniform((n_t, n_in)) < q.index_select(0, slot_sample)    # (T, in) fired columns
-    n_cols = cols.sum(1)
-    per_slot = rows.sum(1) * n_cols
-    per_sample = torch.zeros(n_s, dtype=torch.long, device=dev).index_add_(0, slot_sample, per_slot)
-    nc_max = int(n_cols.max()) if n_t else 0
-    if nc_max == 0 or not bool(per_slot.any()):
-        return PulseEvents([0] * n_s, torch.zeros(0, dtype=torch.int32, device=dev),
-                           torch.zeros(0, dtype=torch.int16, device=dev), unit=True)
-    # code of an entry: 2·(i·n_in + j) + [sign(d_i)·sign(x_j) < 0] (low bit 1: an up pulse)
-    t_c, j_c = cols.nonzero(as_tuple=True)
-    pos = cols.to(torch.int32).cumsum(1)[t_c, j_c] - 1  # place of the column within its slot
-    x_neg = plan.x_sign[lo:hi] < 0
-    col_code = (j_c * 2 + x_neg[slot_sample[t_c], j_c]).to(torch.int32)
-    sentinel = -2 * (n_out * n_in + 1)  # stays negative after any row offset: marks padding
-    pad = torch.full((n_t, 2, nc_max), sentinel, dtype=torch.int32, device=dev)
-    pad[t_c, 0, pos] = col_code
-    pad[t_c, 1, pos] = col_code ^ 1  # the same columns seen from a row with d_i < 0
-    t_r, i_r = rows.nonzero(as_tuple=True)
-    d_neg = (plan.d_sign[lo:hi] < 0)[slot_sample[t_r], i_r]
-    entries = pad.view(2 * n_t, nc_max).index_select(0, t_r * 2 + d_neg)
-    entries += (i_r * (2 * n_in)).to(torch.int32).unsqueeze(1)
-    # the first n_cols[t] places of each fired row's padded block (no scan for the padding)
-    per_row = n_cols.index_select(0, t_r)
-    first = torch.cumsum(per_row, 0) - per_row
-    shift = torch.arange(t_r.numel(), device=dev) * nc_max - first
-    keep = torch.arange(int(first[-1] + per_row[-1]), device=dev) + shift.repeat_interleave(per_row)
-    codes = entries.view(-1).index_select(0, keep)
-    signed = (codes & 1).to(torch.int16).mul_(-2).add_(1)
-    return PulseEvents(per_sample.tolist(), codes.bitwise_right_shift_(1), signed, per_slot.tolist(), unit=True)
+    return SlotTrains(slot_sample, rows, cols, plan.d_sign[lo:hi] < 0, plan.x_sign[lo:hi] < 0)
 
 
 def deterministic_counts_per_sample(plan: PulsePlan, up: UpdateParameters, chunk: slice | None = None
@@ -422,39 +484,41 @@ class _Gathered(dict):
             return default
 
 
-def _pulse_ranks(element: Tensor, count: Tensor | None, groups: Sequence[int], n_el: int) -> tuple[Tensor, Tensor]:
-    """(rank, hits): for each entry, the number of earlier pulses of the chunk on the same device
-    (the entry's `count` pulses take ranks rank … rank + count − 1; `count` None: one each), and
-    each device's number of pulses. Entries come in time order, in `groups` in which no device
-    appears twice: one gather and one scatter per group."""
-    seen = torch.zeros(n_el, dtype=torch.int32, device=element.device)
-    rank = torch.empty(element.shape, dtype=torch.int32, device=element.device)
-    a = 0
-    for cnt in groups:
-        if cnt:
-            b = a + cnt
-            seg = element[a:b]
-            r = torch.index_select(seen, 0, seg, out=rank[a:b])
-            seen.scatter_(0, seg, r + (1 if count is None else count[a:b]))  # (int64 index: the fast scatter)
-            a = b
-    return rank, seen
+def _pulse_queue(pulses: PulseEvents | SlotTrains, n_el: int, dtype: torch.dtype
+                 ) -> tuple[Tensor, Tensor, Tensor, list[int], Tensor] | None:
+    """The pulses of a chunk, each device's in time order: (queue, top, base, m, hits), None
+    without pulses.
 
-
-def _unit_pulses(ev: PulseEvents, n_el: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(element, up, rank, hits) with one entry per pulse: the device, the direction (True: up),
-    the rank (`_pulse_ranks`) of each pulse, and the pulses per device. An entry with a count > 1
-    (deterministic trains) becomes that many pulses of consecutive ranks."""
-    element, signed = ev.element.long(), ev.signed
-    counts = None if ev.unit else signed.abs()
-    if counts is None or int(counts.max()) <= 1:
-        rank, hits = _pulse_ranks(element, None, ev.groups, n_el)
-        return element, signed < 0, rank, hits
-    rank, hits = _pulse_ranks(element, counts.to(torch.int32), ev.groups, n_el)
-    c = counts.long()
-    first = torch.cumsum(c, 0) - c
-    within = torch.arange(int(first[-1] + c[-1]), device=c.device) - first.repeat_interleave(c)
-    return (element.repeat_interleave(c), (signed < 0).repeat_interleave(c),
-            rank.repeat_interleave(c) + within.to(rank.dtype), hits)
+    `hits` (n_el,): the pulses per device; `queue`: their directions (1.0 up, 0.0 down), device
+    after device (device-major), each device's in time order, so that a device's rank-r pulse
+    (r earlier pulses of the chunk on it) sits at its start + r; `top`: the pulsed devices, most
+    pulses first, so that the devices with a rank-r pulse are top[:m[r]]; `base`: the start of
+    each of them. One gather and two scatters per group of pulses (`pulse_groups`: in time
+    order, no device twice in a group); a group entry with count c > 1 takes c consecutive
+    places."""
+    hits = pulses.hits(n_el)
+    k_max = int(hits.max())
+    if k_max == 0:
+        return None
+    order = _descending(hits, k_max).to(hits.device)
+    m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r pulses
+    start = torch.cumsum(hits, 0, dtype=torch.int64) - hits
+    cursor = start.clone()  # each device's next place
+    queue = torch.empty(int(start[-1] + hits[-1]), dtype=dtype, device=hits.device)
+    for element, up, count in pulses.pulse_groups():
+        place = cursor.index_select(0, element)
+        if count is None:
+            cursor.scatter_(0, element, place + 1)  # (int64 index: the fast scatter)
+        else:
+            cursor.scatter_(0, element, place + count)
+            if int(count.max()) > 1:
+                c = count.long()
+                first = torch.cumsum(c, 0) - c
+                within = torch.arange(int(first[-1] + c[-1]), device=c.device) - first.repeat_interleave(c)
+                place, up = place.repeat_interleave(c) + within, up.repeat_interleave(c)
+        queue.scatter_(0, place, up.to(dtype))
+    top = order[: int(m[0])]
+    return queue, top, start.index_select(0, top), m.tolist(), hits
 
 
 def _descending(hits: Tensor, k_max: int) -> Tensor:
@@ -485,18 +549,18 @@ class _Prefix(dict):
             return default
 
 
-def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[slice], PulseEvents], plan: PulsePlan,
-                     generator: torch.Generator) -> Tensor:
+def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
+                     plan: PulsePlan, generator: torch.Generator) -> Tensor:
     """Apply the per-sample coincidences of `plan` to the devices sample after sample (the exact
     mode), every pulse through the device's own update rule.
 
     How it is batched, per chunk of consecutive samples (about `_EXACT_ENTRIES` coincidences):
-    `events_of(chunk)` lists the coincidences sparsely in time order (`PulseEvents`: sample
-    after sample, slot after slot), one entry per pulse (`_unit_pulses`); each pulse gets its
-    **rank**, the number of earlier pulses of the chunk on the same device (`_pulse_ranks`). The
-    devices are sorted by their number of pulses (most first), so that the devices with a
-    rank-r pulse are a prefix of that order, and the pulse directions are laid out rank after
-    rank, each rank's prefix contiguous. Then, rank after rank, the prefix of the permuted
+    `pulses_of(chunk)` gives the chunk's pulses in time order (`SlotTrains`: the fired rows and
+    columns of each slot, slot after slot; or `PulseEvents`: a sparse list, e.g. deterministic
+    trains); each pulse gets its **rank**, the number of earlier pulses of the chunk on the same
+    device (`_pulse_queue`: one gather and two scatters per slot, no list of all coincidences).
+    The devices are sorted by their number of pulses (most first), so that the devices with a
+    rank-r pulse are a prefix of that order. Then, rank after rank, the prefix of the permuted
     weights and hidden parameters (slices, no gathers) takes one pulse per device: the
     device's own step (a per-device direction; `devices.physics.select`), a standard normal
     per pulse (drawn for the whole chunk in one call) and the clip. Every device thus sees its
@@ -521,29 +585,19 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, events_of: Callable[[sli
     totals = [torch.zeros(n_el, dtype=dtype, device=device) for _ in arrays]
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
-        ev = events_of(sl)
-        if ev.element.numel() == 0:
+        laid_out = _pulse_queue(pulses_of(sl), n_el, dtype)
+        if laid_out is None:
             continue
-        element, up_pulse, rank, hits = _unit_pulses(ev, n_el)
-        k_max = int(hits.max())
-        order = _descending(hits, k_max).to(device)
-        m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r pulses
-        offsets = torch.cumsum(m, 0) - m
-        where = torch.empty(n_el, dtype=torch.int32, device=device)
-        where[order] = torch.arange(n_el, dtype=torch.int32, device=device)
-        cell = offsets.to(torch.int32).index_select(0, rank).add_(where.index_select(0, element)).long()
-        # every cell holds one pulse: 1.0 up, 0.0 down (the float mask `select` takes as it is)
-        queue = torch.empty(element.numel(), dtype=dtype, device=device).scatter_(0, cell, up_pulse.to(dtype))
-        del rank, cell, where, element, up_pulse
+        queue, top, base, m_list, hits = laid_out
         xi = torch.randn((queue.numel(),), generator=generator, device=generator.device, dtype=dtype).to(device)
-        m_list, off_list = m.tolist(), offsets.tolist()
-        top = order[: m_list[0]]
+        k_max, o = len(m_list), 0
         wp = [f.index_select(0, top) for f in flat]
         hp = [_Gathered(h, top) for h in hidden]
         n_up = torch.zeros(m_list[0], dtype=dtype, device=device) if pair else None
         for r in range(k_max):
-            mr, o = m_list[r], off_list[r]
-            up, noise = queue[o:o + mr], xi[o:o + mr]
+            mr = m_list[r]
+            up, noise = queue.index_select(0, base[:mr] + r), xi[o:o + mr]  # rank-r pulses of top[:mr]
+            o += mr
             if not pair:
                 arr, w, h = arrays[0], wp[0][:mr], _Prefix(hp[0], mr)
                 w.copy_(arr._clip(w + arr._step(w, up, noise, h), h))

@@ -282,15 +282,15 @@ def test_exact_mode_applies_each_sample_in_order(pair, small_chunks, monkeypatch
 def test_exact_mode_applies_stochastic_trains_pulse_by_pulse_in_order(pair, small_chunks, monkeypatch):
     """Stochastic trains (several slots per sample, several pulses per device and sample) on a
     noise-free soft-bounds device: `apply_per_sample` equals one `DeviceSlot.apply_pulses` call per
-    sample with the same coincidences (recorded as it draws them), exactly, and the pulses it
-    counts are theirs. Fails if a pulse's direction, its rank (the order within a device), the
-    slot groups or the chunk borders were wrong; applying the batch's sums at once differs."""
+    sample with the same coincidences (its `SlotTrains`, recorded as it draws them, listed by
+    `SlotTrains.events`), exactly, and the pulses it counts are theirs. Fails if a pulse's
+    direction, its rank (the order within a device), the slots or the chunk borders were wrong;
+    applying the batch's sums at once differs."""
     import crossbar.update as update_module
     from crossbar.tile import DeviceSlot
 
     if small_chunks:
         monkeypatch.setattr(update_module, "_EXACT_ENTRIES", 60)
-        monkeypatch.setattr(update_module, "_GEN_ELEMENTS", 200)
     device = SoftBoundsDevice(dw_min=0.02, w_max=1.0, w_min=0.0 if pair else -1.0, dw_min_dtod=0.0, up_down_dtod=0.0,
                               w_max_dtod=0.0, w_min_dtod=0.0, dw_min_std=0.0)
     cfg = TileConfig(device=device.to_dict(), forward=perfect_io(), backward=perfect_io(),
@@ -308,11 +308,11 @@ def test_exact_mode_applies_stochastic_trains_pulse_by_pulse_in_order(pair, smal
     recorded = []
 
     def events_of(sl):
-        recorded.append(sample_events(plan, g, sl))
+        recorded.append(update_module.sample_trains(plan, g, sl))
         return recorded[-1]
 
     pulses = update_module.apply_per_sample(tile.slot.arrays, pair, events_of, plan, g)
-    signed = torch.cat([ev.dense((7, 10), torch.float32) for ev in recorded])  # > 0: down pulses
+    signed = torch.cat([trains.events().dense((7, 10), torch.float32) for trains in recorded])  # > 0: down
     assert signed.shape[0] == x.shape[0] and float(signed.abs().max()) >= 2
     assert small_chunks == (len(recorded) > 1)
     n_up, n_down = (-signed).clamp(min=0).long(), signed.clamp(min=0).long()
