@@ -503,7 +503,7 @@ def _pulse_queue(pulses: PulseEvents | SlotTrains, n_el: int) -> tuple[Tensor, T
     order = _descending(hits, k_max).to(hits.device)
     m = n_el - torch.cumsum(torch.bincount(hits, minlength=k_max + 1), 0)[:k_max]  # devices with > r pulses
     start = torch.cumsum(hits, 0, dtype=torch.int64) - hits
-    cursor = start.clone()  # each device's next place
+    cursor = start.to(torch.int32)  # each device's next place (int32: half the memory of the random accesses)
     queue = torch.empty(int(start[-1] + hits[-1]), dtype=torch.bool, device=hits.device)
     for element, up, count in pulses.pulse_groups():
         place = cursor.index_select(0, element)
@@ -516,7 +516,7 @@ def _pulse_queue(pulses: PulseEvents | SlotTrains, n_el: int) -> tuple[Tensor, T
                 first = torch.cumsum(c, 0) - c
                 within = torch.arange(int(first[-1] + c[-1]), device=c.device) - first.repeat_interleave(c)
                 place, up = place.repeat_interleave(c) + within, up.repeat_interleave(c)
-        queue.scatter_(0, place, up)
+        queue.scatter_(0, place.long(), up)
     top = order[: int(m[0])]
     return queue, top, start.index_select(0, top), m.tolist(), hits
 
