@@ -563,7 +563,8 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     rank-r pulse are a prefix of that order. Then, rank after rank, the prefix of the permuted
     weights and hidden parameters (slices, no gathers) takes one pulse per device: the
     device's own step (a per-device direction; `devices.physics.select`), a standard normal
-    per pulse (drawn for the whole chunk in one call) and the clip. Every device thus sees its
+    per pulse (drawn for the whole chunk in one call; none when `dw_min_std` is 0, where every
+    rule's step is noise-free) and the clip. Every device thus sees its
     pulses in time order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
     would apply them (within one sample a device's pulses all go one way, so their order there
     does not matter), and the device state evolves pulse by pulse, sample by sample, for every
@@ -583,13 +584,15 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
     dtype, device = flat[0].dtype, flat[0].device
     totals = [torch.zeros(n_el, dtype=dtype, device=device) for _ in arrays]
+    noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
         laid_out = _pulse_queue(pulses_of(sl), n_el)
         if laid_out is None:
             continue
         queue, top, base, m_list, hits = laid_out
-        xi = torch.randn((queue.numel(),), generator=generator, device=generator.device, dtype=dtype).to(device)
+        xi = torch.randn((queue.numel(),), generator=generator, device=generator.device, dtype=dtype).to(device) \
+            if noisy else None
         k_max, o = len(m_list), 0
         wp = [f.index_select(0, top) for f in flat]
         hp = [_Gathered(h, top) for h in hidden]
@@ -597,7 +600,7 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
         for r in range(k_max):
             mr = m_list[r]
             up = queue.index_select(0, base[:mr] + r).to(dtype)  # the rank-r pulses of top[:mr]: 1.0 up
-            noise = xi[o:o + mr]
+            noise = xi[o:o + mr] if noisy else None
             o += mr
             if not pair:
                 arr, w, h = arrays[0], wp[0][:mr], _Prefix(hp[0], mr)
