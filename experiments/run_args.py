@@ -232,12 +232,22 @@ def print_result(result: Any) -> None:
     s = result.summary
     print(f"run directory: {result.run_dir}")
     print(f"steps completed: {result.steps_completed}")
-    if "unigram_entropy" in s:
-        print(f"unigram entropy of the validation tokens: {s['unigram_entropy']:.4f} nats")
-    if "bigram_loss" in s:
-        print(f"bigram table (add-0.05, training split) on the validation tokens: {s['bigram_loss']:.4f} nats")
-    for path, v in (s.get("final_val_loss") or {}).items():
-        print(f"final validation loss ({path}): {v:.4f} nats")
+    fe = s.get("final_eval")
+    if fe:  # the final figures and their baselines on the same fixed validation tokens
+        where = f"the fixed validation set ({fe['tokens']} tokens)"
+        print(f"unigram entropy on {where}: {fe['unigram_entropy']:.4f} nats")
+        print(f"bigram table (add-0.05, training split) on {where}: {fe['bigram_loss']:.4f} nats")
+        for path, v in fe["loss"].items():
+            print(f"final validation loss ({path}): {v:.4f} ± {fe['stderr'][path]:.4f} nats")
+        if fe.get("gap") is not None:
+            print(f"gap (analog - twin, paired): {fe['gap']:+.4f} ± {fe['gap_stderr']:.4f} nats")
+    else:
+        if "unigram_entropy" in s:
+            print(f"unigram entropy of the validation tokens: {s['unigram_entropy']:.4f} nats")
+        if "bigram_loss" in s:
+            print(f"bigram table (add-0.05, training split) on the validation tokens: {s['bigram_loss']:.4f} nats")
+        for path, v in (s.get("final_val_loss") or {}).items():
+            print(f"final validation loss ({path}): {v:.4f} nats")
     if s.get("divergence"):
         d = s["divergence"]
         step = d["last_good_checkpoint_step"]

@@ -53,6 +53,23 @@ def test_compare_with_ideal_device_cli(tmp_path, text_file, capsys):
     assert (out / "report.md").is_file() and (out / "plots" / "update_cosine.png").is_file()
 
 
+def test_compare_prints_the_fixed_set_figures(tmp_path, text_file, capsys):
+    """With a fixed validation set the printed losses, baselines and gap are those of that set
+    (the summary's `final_eval`), not the whole-split unigram/bigram of the run's data."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model", "tiny", "--device", "ideal", "--periphery", "perfect", "--data", text_file,
+               "--steps", "2", "--out", str(out), "--set", "training.final_eval_tokens=512", *SMALL])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    fe = json.loads((out / "summary.json").read_text())["final_eval"]
+    assert f"unigram entropy on the fixed validation set ({fe['tokens']} tokens): {fe['unigram_entropy']:.4f}" in printed
+    assert f"bigram table (add-0.05, training split) on the fixed validation set ({fe['tokens']} tokens): " \
+           f"{fe['bigram_loss']:.4f}" in printed
+    for path in ("analog", "twin"):
+        assert f"final validation loss ({path}): {fe['loss'][path]:.4f} ± {fe['stderr'][path]:.4f} nats" in printed
+    assert f"gap (analog - twin, paired): {fe['gap']:+.4f} ± {fe['gap_stderr']:.4f} nats" in printed
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
