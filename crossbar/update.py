@@ -64,8 +64,9 @@ UPDATE_MODES = ("exact", "fast", "expected")
 
 # Largest number of (sample, row, column) count entries materialised at once.
 _CHUNK_ELEMENTS = 1 << 23
-# Padded coincidence entries `sample_events` materialises at once, and coincidence entries one
-# chunk of `apply_per_sample` handles (its fixed cost per chunk is a sort of the array's devices).
+# Padded coincidence entries `sample_events` materialises at once, and expected coincidences
+# (pulses) one chunk of `apply_per_sample` handles (its fixed cost per chunk: one product
+# rowsᵀ·cols, a sort of the array's devices, their weights gathered and written back).
 _GEN_ELEMENTS = 1 << 20
 _EXACT_ENTRIES = 1 << 21
 
