@@ -270,4 +270,7 @@ def _divergence_hint(result: Any) -> str:
     if t.optimizer == "adamw" and t.lr >= 0.01:
         return (f"--optimizer adamw ran with lr {t.lr:g}, an SGD-sized step (the model presets' lr is for SGD): "
                 "start a new run with --lr 1e-3 or so.")
+    if t.schedule.warmup_steps == 0:
+        return (f"Lower --lr (it was {t.lr:g}) or warm it up (--set training.schedule.warmup_steps=50) "
+                "and start a new run.")
     return f"Lower --lr (it was {t.lr:g}) and start a new run."

@@ -350,3 +350,14 @@ def test_divergence_at_the_first_step_points_to_a_checkpoint_that_exists(tmp_pat
     if step == 0:
         assert "initial weights" in printed
     assert "--optimizer adamw ran with lr 1000" in printed and "--lr 1e-3" in printed
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_sgd_divergence_hint_suggests_a_warmup_only_without_one(tmp_path, text_file, capsys, warmup):
+    out = tmp_path / "div"
+    rc = main(["train", "--model", "tiny", "--lr", "1000", "--data", text_file, "--steps", "20",
+               "--set", "divergence.window=2", "--set", f"training.schedule.warmup_steps={warmup}",
+               "--out", str(out), *SMALL])
+    printed = capsys.readouterr().out
+    assert rc == 3 and "Lower --lr (it was 1000)" in printed
+    assert ("training.schedule.warmup_steps=50" in printed) == (warmup == 0)
