@@ -563,11 +563,11 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     device (`_pulse_queue`: one gather and two scatters per slot, no list of all coincidences).
     The devices are sorted by their number of pulses (most first), so that the devices with a
     rank-r pulse are a prefix of that order. Then, rank after rank, the prefix of the permuted
-    weights and hidden parameters (slices, no gathers) takes one pulse per device: the
-    device's own step (a per-device direction; `devices.physics.select`), a standard normal
-    per pulse (drawn for the whole chunk in one call; none when `dw_min_std` is 0, where every
-    rule's step is noise-free) and the clip. Every device thus sees its
-    pulses in time order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
+    weights and hidden parameters (slices, no gathers) takes one pulse per device: its rank-r
+    direction (gathered from the queue), the device's own step (a per-device direction;
+    `devices.physics.select`), a standard normal per pulse (drawn for the whole chunk in one
+    call; none when `dw_min_std` is 0, where every rule's step is noise-free) and the clip.
+    Every device thus sees its pulses in time order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
     would apply them (within one sample a device's pulses all go one way, so their order there
     does not matter), and the device state evolves pulse by pulse, sample by sample, for every
     device model; the work is proportional to the number of pulses, not to samples × devices.
