@@ -100,3 +100,32 @@ def test_existing_run_dir_is_refused(trained, text_file, capsys):
     rc = main(["train", "--model", "tiny", "--data", text_file, "--steps", "3", "--out", str(out), *SMALL])
     assert rc == 2 and "already holds a run" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_bytes() == before
+
+
+def test_demo_command_prints_the_fixed_set_figures(tmp_path, capsys, monkeypatch):
+    """`ept-hw demo` end to end on a shrunk preset: the run, the report, and the learned-vs-unigram
+    lines taken on the same fixed validation tokens as the final losses."""
+    import experiments.presets as presets
+
+    real = presets.load_run_config
+
+    def shrunk(name, overrides=None):
+        assert name == "demo"
+        small = {"model": {"width": 16, "context": 8},
+                 "training": {"batch_size": 4, "seq_len": 8, "eval_interval": 2, "eval_batches": 1,
+                              "final_eval_tokens": 256, "health_interval": 0},
+                 "solver": {"max_steps": 40}, "estimator": {"t2": 6, "beta": 9.6}}
+        for key, value in (overrides or {}).items():
+            small[key] = {**small.get(key, {}), **value} if isinstance(value, dict) else value
+        return real(name, small)
+
+    monkeypatch.setattr(presets, "load_run_config", shrunk)
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--out", str(out), "--no-progress", "--serial"]) == 0
+    printed = capsys.readouterr().out
+    fe = json.loads((out / "summary.json").read_text())["final_eval"]
+    u = fe["unigram_entropy"]
+    for path in ("analog", "twin"):
+        v = fe["loss"][path]
+        assert f"{path}: validation loss {v:.4f} = unigram entropy {u:.4f} - {u - v:.4f} nats" in printed
+    assert (out / "report.md").is_file()

@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     print_result(result)
     report = write_report(result.run_dir)
     s = result.summary
-    entropy = s.get("unigram_entropy")
+    # the unigram entropy of the tokens the final losses were scored on (the fixed set when there is one)
+    entropy = (s.get("final_eval") or {}).get("unigram_entropy", s.get("unigram_entropy"))
     for path, v in (s.get("final_val_loss") or {}).items():
         if entropy is not None:
             print(f"{path}: validation loss {v:.4f} = unigram entropy {entropy:.4f} - {entropy - v:.4f} nats")
