@@ -467,8 +467,8 @@ def deterministic_events(plan: PulsePlan, up: UpdateParameters, chunk: slice | N
 
 
 class _Gathered(dict):
-    """A view of a dict of tensors at an index, each entry gathered on first use (the hidden
-    parameters an update rule reads)."""
+    """A view of a dict of tensors at an index (a gather) or a slice (e.g. a prefix), each entry
+    taken on first use (the hidden parameters an update rule reads)."""
 
     def __init__(self, source: Mapping[str, Tensor], index: Tensor | slice):
         super().__init__()
@@ -533,24 +533,6 @@ def _descending(hits: Tensor, k_max: int) -> Tensor:
     return torch.argsort(hits, descending=True)
 
 
-class _Prefix(dict):
-    """The first `m` entries of each tensor of `source` (slices, taken on first use)."""
-
-    def __init__(self, source: Mapping[str, Tensor], m: int):
-        super().__init__()
-        self.source, self.m = source, m
-
-    def __missing__(self, key: str) -> Tensor:
-        value = self[key] = self.source[key][: self.m]
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
 def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
                      plan: PulsePlan, generator: torch.Generator) -> Tensor:
     """Apply the per-sample coincidences of `plan` to the devices sample after sample (the exact
@@ -605,12 +587,12 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
             noise = xi[o:o + mr] if noisy else None
             o += mr
             if not pair:
-                arr, w, h = arrays[0], wp[0][:mr], _Prefix(hp[0], mr)
+                arr, w, h = arrays[0], wp[0][:mr], _Gathered(hp[0], slice(0, mr))
                 w.copy_(arr._clip(w + arr._step(w, up, noise, h), h))
                 continue
             n_up[:mr] += up
             for k, mask in ((0, up), (1, 1.0 - up)):  # both as potentiation of their side
-                arr, w, h = arrays[k], wp[k][:mr], _Prefix(hp[k], mr)
+                arr, w, h = arrays[k], wp[k][:mr], _Gathered(hp[k], slice(0, mr))
                 new = arr._clip(w + arr._step(w, True, noise, h), h)
                 w.copy_(select(mask, new, w))
         for k in range(len(arrays)):
