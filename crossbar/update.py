@@ -549,10 +549,11 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     direction (gathered from the queue), the device's own step (a per-device direction;
     `devices.physics.select`), a standard normal per pulse (drawn for the whole chunk in one
     call; none when `dw_min_std` is 0, where every rule's step is noise-free) and the clip.
-    Every device thus sees its pulses in time order, one by one, exactly as one `DeviceArray.apply_pulses` call per sample
-    would apply them (within one sample a device's pulses all go one way, so their order there
-    does not matter), and the device state evolves pulse by pulse, sample by sample, for every
-    device model; the work is proportional to the number of pulses, not to samples × devices.
+    Every device thus sees its pulses in time order, one by one, exactly as one
+    `DeviceArray.apply_pulses` call per sample would apply them (within one sample a device's
+    pulses all go one way, so their order there does not matter), and the device state evolves
+    pulse by pulse, sample by sample, for every device model; the work is proportional to the
+    number of pulses, not to samples × devices.
     Random draws differ from a per-sample loop (other shapes, other order); their distribution
     is the same.
 
@@ -605,9 +606,9 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     for k, arr in enumerate(arrays):
         arr._persistent = flat[k].reshape(shape)
         if arr._apparent is not None:
-            noisy = arr._persistent + arr._write_noise_scale() * torch.randn(
+            written = arr._persistent + arr._write_noise_scale() * torch.randn(
                 shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
-            arr._apparent = torch.where(totals[k].reshape(shape) > 0, noisy, arr._apparent)
+            arr._apparent = torch.where(totals[k].reshape(shape) > 0, written, arr._apparent)
     total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
     return total.reshape(shape)
 
