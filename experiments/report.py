@@ -421,11 +421,18 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append("The run was interrupted by the user (Ctrl-C); a checkpoint was saved.\n")
 
     lines.append("## Final figures\n")
+    final = summary.get("final_eval")
+    if final:  # the final figure first; the logged figures below are interim evaluations
+        lines.extend(_final_eval_lines(final, paths))
+        lines.append("\n### From the run's logs\n")
+        lines.append("The validation losses below are the last interim evaluation (a few random validation "
+                     "batches, noisier than the fixed set above); the unigram and bigram lines are for the whole "
+                     "validation split.\n")
     if entropy is not None:
-        lines.append(f"Unigram entropy of the validation tokens: **{entropy:.4f} nats/token** "
+        lines.append(f"Unigram entropy of the whole validation split: **{entropy:.4f} nats/token** "
                      f"(a model below it has learned context; the acceptance bar is {entropy - 0.3:.4f}).\n")
     if bigram is not None:
-        lines.append(f"Bigram table (add-0.05 counts of the training split, scored on the validation tokens): "
+        lines.append(f"Bigram table (add-0.05 counts of the training split, scored on the whole validation split): "
                      f"**{bigram:.4f} nats/token** (a model above it has learned less than which token follows "
                      "which).\n")
     fig_rows = [[label, *(_fmt(figures[p][key]) for p in paths)] for key, label in figure_rows()]
@@ -439,7 +446,7 @@ def write_report(run_dir: str | Path) -> Path:
     if "analog" in paths and "twin" in paths:
         va, vt = figures["analog"]["val_loss"], figures["twin"]["val_loss"]
         if va is not None and vt is not None:
-            lines.append(f"\nGap analog − twin in validation loss: **{va - vt:+.4f} nats**.")
+            lines.append(f"\nGap analog − twin in the last logged validation loss: **{va - vt:+.4f} nats**.")
         gap = _last(rows, "weight_gap")
         if gap is not None:
             lines.append(f"Final weight gap ‖W_analog − W_twin‖/‖W_twin‖: {_fmt(gap)}.")
@@ -447,7 +454,6 @@ def write_report(run_dir: str | Path) -> Path:
         if cos:
             lines.append("Mean update cosine per projection over the last 20 logged steps: " + ", ".join(
                 f"{n} {_fmt(_mean_nested(rows, 'update_cos', n))}" for n in cos) + ".")
-    lines.extend(_final_eval_lines(summary.get("final_eval"), paths))
     health = [(k, _mean_last(rows, k, 5)) for k in ("health_cos", "health_norm_ratio", "health_self_coherence")]
     if any(v is not None for _, v in health):
         lines.append("\nEstimator health on the twin (last probes): " + ", ".join(f"{k} {_fmt(v)}" for k, v in health) + ".")

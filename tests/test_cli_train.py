@@ -68,6 +68,14 @@ def test_compare_prints_the_fixed_set_figures(tmp_path, text_file, capsys):
     for path in ("analog", "twin"):
         assert f"final validation loss ({path}): {fe['loss'][path]:.4f} ± {fe['stderr'][path]:.4f} nats" in printed
     assert f"gap (analog - twin, paired): {fe['gap']:+.4f} ± {fe['gap_stderr']:.4f} nats" in printed
+    # the report leads with the same figures; the logged (interim, whole-split) ones follow, labelled
+    assert main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    fixed = report.index(f"### On the fixed validation set ({fe['tokens']} tokens")
+    logs = report.index("### From the run's logs")
+    assert fixed < logs < report.index("| validation loss (nats/token) |")
+    assert f"**{fe['gap']:+.4f} ± {fe['gap_stderr']:.4f} nats**" in report[fixed:logs]
+    assert "Gap analog − twin in the last logged validation loss" in report[logs:]
 
 
 @pytest.mark.parametrize(
