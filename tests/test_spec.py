@@ -338,3 +338,27 @@ def test_spec_cli_path_errors_and_json(tmp_path, capsys):
     assert main(["spec", "export", str(run), "--out", str(tmp_path / "o2"), "--no-pulse-response"]) == 2
     err = capsys.readouterr().err
     assert "both a run" in err and "sweep.json" in err and not (tmp_path / "o2").exists()
+
+
+def test_spec_carries_the_fixed_set_final_figure(tmp_path):
+    """A run with a fixed-set final evaluation: the spec states it (with standard errors and the
+    baselines on the same tokens) beside the last logged figures; a run without one gets none."""
+    run = _write_run(tmp_path / "runs" / "demo")
+    assert not any("fixed_set" in k for k in build_spec(run)["training"])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["final_eval"] = {"tokens": 32768, "windows": 2048, "chunks": 16, "seq_len": 16,
+                             "loss": {"analog": 2.3685, "twin": 2.3191}, "stderr": {"analog": 0.0104, "twin": 0.0116},
+                             "gap": 0.0494, "gap_stderr": 0.0022, "bigram_loss": 2.53, "unigram_entropy": 3.2473}
+    (run / "summary.json").write_text(json.dumps(summary))
+    result = export_spec(run, tmp_path / "out")
+    spec = json.loads(result.spec_path.read_text())
+    validate_spec(spec)
+    tr = spec["training"]
+    assert tr["analog_fixed_set_loss"]["value"] == pytest.approx(2.3685)
+    assert tr["twin_fixed_set_loss"]["note"] == "standard error 0.0116"
+    assert tr["fixed_set_gap"]["value"] == pytest.approx(0.0494) and "32768 tokens" in tr["fixed_set_gap"]["how"]
+    assert tr["fixed_set_bigram"]["value"] == pytest.approx(2.53)
+    assert tr["fixed_set_unigram_entropy"]["value"] == pytest.approx(3.2473)
+    assert tr["gap"]["value"] == pytest.approx(0.1)  # the last logged figure is still there, as labelled
+    md = result.markdown_path.read_text()
+    assert "| fixed set gap | 0.0494 (standard error 0.0022) | nats |" in md

@@ -278,6 +278,29 @@ def derived_section(run: RunFacts, device_cfg: Any, response_figures: Mapping[st
             "pulses_per_device_per_step": ppd, "adc_conversions_per_token": adc_fig, "settling_time": settle}
 
 
+def _fixed_set_figures(final: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's final figure on its fixed validation set (`final_eval` of the summary), with
+    standard errors and the baselines on the same tokens; {} when the run has none."""
+    if not final or not final.get("loss"):
+        return {}
+    where = f"on the fixed validation set ({final['tokens']} tokens)"
+
+    def se(x: Any) -> str:
+        return f"standard error {x:.4f}"
+
+    out: dict[str, Any] = {}
+    for path in ("analog", "twin"):
+        if path in final["loss"]:
+            out[f"{path}_fixed_set_loss"] = _figure(final["loss"][path], "nats", f"validation loss {where}",
+                                                   se(final["stderr"][path]))
+    if final.get("gap") is not None:
+        out["fixed_set_gap"] = _figure(final["gap"], "nats", f"analog - twin {where}, paired by chunk",
+                                       se(final["gap_stderr"]))
+    out["fixed_set_bigram"] = _figure(final["bigram_loss"], "nats", f"add-0.05 bigram table {where}")
+    out["fixed_set_unigram_entropy"] = _figure(final["unigram_entropy"], "nats", f"unigram entropy {where}")
+    return out
+
+
 def training_section(run: RunFacts) -> dict[str, Any]:
     a, t = run.last("analog_val_loss"), run.last("twin_val_loss")
     gap = None if a is None or t is None else a - t
@@ -290,6 +313,7 @@ def training_section(run: RunFacts) -> dict[str, Any]:
     }
     if run.summary.get("unigram_entropy") is not None:
         out["unigram_entropy"] = _figure(run.summary["unigram_entropy"], "nats", "unigram entropy of the validation text")
+    out.update(_fixed_set_figures(run.summary.get("final_eval")))
     if run.summary.get("divergence"):
         out["divergence"] = run.summary["divergence"]
     for key in ("analog_residual", "analog_residual_floor", "analog_saturation", "analog_adjoint_snr"):

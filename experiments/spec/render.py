@@ -110,9 +110,11 @@ def _markdown(spec: Mapping[str, Any], plots: Sequence[Path], out_dir: Path) -> 
     else:
         lines.append(f"User file `{src['path']}`.")
     training = [["steps", tr["steps"], ""]]
-    for key in ("analog_final_val_loss", "twin_final_val_loss", "gap", "unigram_entropy"):
+    for key in ("analog_final_val_loss", "twin_final_val_loss", "gap", "unigram_entropy", "analog_fixed_set_loss",
+                "twin_fixed_set_loss", "fixed_set_gap", "fixed_set_bigram", "fixed_set_unigram_entropy"):
         if key in tr:
-            training.append([key.replace("_", " "), _fmt(tr[key]["value"]), tr[key]["unit"]])
+            note = f" ({tr[key]['note']})" if tr[key].get("note") else ""
+            training.append([key.replace("_", " "), _fmt(tr[key]["value"]) + note, tr[key]["unit"]])
     lines += ["", "## Training result (base configuration, seed 0)", "", table(["figure", "value", "unit"], training),
               "", "## Requirements", ""]
     if req["rows"]:
