@@ -18,8 +18,8 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 - ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
   devices sample after sample, pulse by pulse, through the device's own rule (the reference;
   exact in distribution for every device model). Batched as `apply_per_sample` describes: the
-  coincidences of a chunk of samples listed sparsely (`sample_events`: work ∝ pulses, not
-  samples × devices), each pulse ranked by the device's earlier pulses, the devices sorted by
+  trains of a chunk of samples kept as the fired rows and columns of each slot (`sample_trains`:
+  work ∝ pulses, not samples × devices), each pulse ranked by the device's earlier pulses, the devices sorted by
   their number of pulses so that each rank is a contiguous prefix, then stepped rank after rank
   (one pulse per device per rank, in time order).
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
@@ -228,8 +228,8 @@ def sample_coincidences(plan: PulsePlan, generator: torch.Generator, chunk: slic
     the same draws in the same order. `signed`: times sign(d_i)·sign(x_j) (> 0: down pulses).
 
     Dense: the (N, BL, out) and (N, BL, in) trains in one batched product, for small batches
-    (a pair's refresh, the reference tests). The exact mode lists the same trains sparsely
-    (`sample_events`: the same distribution, other draws)."""
+    (a pair's refresh, the reference tests). The exact mode keeps the same trains sparsely
+    (`sample_trains`; `sample_events` lists their coincidences: the same distribution, other draws)."""
     sl = chunk if chunk is not None else slice(0, plan.bl.shape[0])
     bl, p, q = plan.bl[sl], plan.p[sl], plan.q[sl]
     n, n_out, n_in = p.shape[0], p.shape[1], q.shape[1]

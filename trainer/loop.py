@@ -274,8 +274,8 @@ def run(
     """Train; `cfg` None with `resume` takes the saved configuration. `stop_after` ends the run
     (with a checkpoint) after that many steps in this call, as an interruption would.
     `parallel_paths`: a compare run on the CPU trains the twin in a forked worker process while the
-    analog path trains here (`trainer.parallel`; bit-identical results; a 100-step demo took 0.68x the serial wall time
-    on 2 cores), where the machine allows it; False keeps one process.
+    analog path trains here (`trainer.parallel`; bit-identical results; a 100-step demo took 0.68x
+    the serial wall time on 2 cores), where the machine allows it; False keeps one process.
 
     A new run is built in a locked staging folder beside `run_dir` and renamed to it once its
     configuration, data and arrays are built and its first checkpoint (step 0) is written; any

@@ -25,6 +25,7 @@ import os
 import pickle
 import signal
 import traceback
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -120,18 +121,6 @@ def _weights(path: Any) -> dict[str, torch.Tensor]:
     return {name: proj.weight.detach().clone() for name, proj in path.model.projections.items()}
 
 
-class _WeightsView:
-    """``view.projections[name].weight`` over a dict of weights (a remote path's `model`)."""
-
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        self.projections = {name: _Weight(w) for name, w in weights.items()}
-
-
-class _Weight:
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-
-
 class _RemoteMonitor:
     """`path.monitor` of a remote path: `check` runs on the worker's monitor (it keeps state)."""
 
@@ -195,11 +184,11 @@ class RemotePath:
 
     # ------------------------------------------------------------------ the path's interface
     @property
-    def model(self) -> "_WeightsView":
+    def model(self) -> SimpleNamespace:
         """The worker's projection weights (copies) as ``model.projections[name].weight``: what the
         metrics row compares between the paths each step (the whole model would cost a pickle of
         every module per step)."""
-        return _WeightsView(self.run(_weights))
+        return SimpleNamespace(projections={n: SimpleNamespace(weight=w) for n, w in self.run(_weights).items()})
 
     @property
     def monitor(self) -> _RemoteMonitor:
