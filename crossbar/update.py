@@ -534,28 +534,34 @@ def _descending(hits: Tensor, k_max: int) -> Tensor:
 
 
 def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
-                     plan: PulsePlan, generator: torch.Generator) -> Tensor:
+                     plan: PulsePlan, generator: torch.Generator, compiled: bool | None = None) -> Tensor:
     """Apply the per-sample coincidences of `plan` to the devices sample after sample (the exact
-    mode), every pulse through the device's own update rule.
+    mode), every pulse through the device's own update rule, in time order.
 
-    How it is batched, per chunk of consecutive samples (about `_EXACT_ENTRIES` coincidences):
-    `pulses_of(chunk)` gives the chunk's pulses in time order (`SlotTrains`: the fired rows and
-    columns of each slot, slot after slot; or `PulseEvents`: a sparse list, e.g. deterministic
-    trains); each pulse gets its **rank**, the number of earlier pulses of the chunk on the same
-    device (`_pulse_queue`: one gather and two scatters per slot, no list of all coincidences).
-    The devices are sorted by their number of pulses (most first), so that the devices with a
-    rank-r pulse are a prefix of that order. Then, rank after rank, the prefix of the permuted
-    weights and hidden parameters (slices, no gathers) takes one pulse per device: its rank-r
-    direction (gathered from the queue), the device's own step (a per-device direction;
-    `devices.physics.select`), a standard normal per pulse (drawn for the whole chunk in one
-    call; none when `dw_min_std` is 0, where every rule's step is noise-free) and the clip.
-    Every device thus sees its pulses in time order, one by one, exactly as one
+    Per chunk of consecutive samples (about `_EXACT_ENTRIES` coincidences), `pulses_of(chunk)`
+    gives the chunk's pulses in time order: `SlotTrains` (the fired rows and columns of each
+    slot, slot after slot) or `PulseEvents` (a sparse list, e.g. deterministic trains). Two ways
+    to apply them, with the same meaning:
+
+    - compiled (`devices.kernels`, numba; used when every array is a float32 CPU array whose
+      rule has a kernel and numba imports; `compiled=None` decides, True insists, False refuses):
+      the pulses are walked as the hardware sends them, sample after sample, slot after slot, in
+      each slot every fired row times every fired column (row-major) stepping device (i, j)
+      once through its rule's scalar kernel, with its own standard normal, then the clip. The
+      normals come from `generator` in one `torch.randn` call per chunk (the chunk's
+      coincidences counted first), consumed in walk order; one thread; no sorting.
+    - torch (`_apply_ranked`, any rule and device, e.g. CUDA tensors or PiecewiseStep): each
+      pulse gets its rank (the number of earlier pulses of the chunk on the same device), the
+      devices are sorted by their number of pulses, and the devices are stepped rank after rank
+      with torch ops (one pulse per device per rank, in time order per device).
+
+    Either way every device sees its pulses in time order, one by one, exactly as one
     `DeviceArray.apply_pulses` call per sample would apply them (within one sample a device's
     pulses all go one way, so their order there does not matter), and the device state evolves
     pulse by pulse, sample by sample, for every device model; the work is proportional to the
-    number of pulses, not to samples × devices.
-    Random draws differ from a per-sample loop (other shapes, other order); their distribution
-    is the same.
+    number of pulses, not to samples × devices. c2c normals: none are drawn when `dw_min_std` is
+    0 (every rule's step is then noise-free). Random draws differ from a per-sample loop and
+    between the two ways (other order); their distribution is the same.
 
     `arrays`: one `DeviceArray`, or (G⁺, G⁻) of a differential pair (`pair`): up pulses
     potentiate G⁺, down pulses G⁻ (each pulse's normal is used on the side it pulses; the pair's
@@ -563,6 +569,70 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
     devices that got pulses, not after every sample: the weight the next read sees is the same
     in distribution. Returns the pulses per device (out, in).
     """
+    shape = arrays[0].shape
+    use_kernel = compiled is not False and _kernels_apply(arrays)
+    if compiled and not use_kernel:
+        raise ValueError("apply_per_sample(compiled=True): no compiled kernel applies (numba missing, "
+                         "a non-CPU or non-float32 array, or a rule without a kernel)")
+    apply = _apply_compiled if use_kernel else _apply_ranked
+    flat, totals = apply(arrays, pair, pulses_of, plan, generator)
+    for k, arr in enumerate(arrays):
+        arr._persistent = flat[k].reshape(shape)
+        if arr._apparent is not None:
+            written = arr._persistent + arr._write_noise_scale() * torch.randn(
+                shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
+            arr._apparent = torch.where(totals[k].reshape(shape) > 0, written, arr._apparent)
+    total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
+    return total.reshape(shape)
+
+
+def _kernels_apply(arrays: Sequence[Any]) -> bool:
+    """Whether `_apply_compiled` applies: numba imports, every array is float32 on the CPU and its
+    rule has a compiled kernel (`devices.kernels`)."""
+    from devices import kernels
+
+    return all(arr.device.type == "cpu" and arr.dtype == torch.float32 and kernels.kernel_for(arr.rule) is not None
+               for arr in arrays)
+
+
+def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
+                    plan: PulsePlan, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    """The compiled walk (`apply_per_sample`): (new flat weights, pulses per device) per array."""
+    from devices import kernels
+
+    n_el = arrays[0].shape[0] * arrays[0].shape[1]
+    flat = [arr.persistent_weights.reshape(-1).clone().contiguous() for arr in arrays]
+    sides = []
+    for arr, f in zip(arrays, flat):
+        kernel = kernels.kernel_for(arr.rule)
+        sides.append((kernel, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden)))
+    n_up, n_down = np.zeros(n_el, np.int32), np.zeros(n_el, np.int32)
+    noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
+    entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
+    for sl in _slices_by(entries, _EXACT_ENTRIES):
+        pulses = pulses_of(sl)
+        if isinstance(pulses, SlotTrains):
+            count = int((pulses.rows.sum(1) * pulses.cols.sum(1)).sum()) if pulses.rows.numel() else 0
+        else:
+            count = int(pulses.signed.abs().sum(dtype=torch.int64)) if pulses.signed.numel() else 0
+        if count == 0:
+            continue
+        xi = torch.randn((count,), generator=generator, device=generator.device, dtype=torch.float32).cpu().numpy() \
+            if noisy else None
+        if isinstance(pulses, SlotTrains):
+            done = kernels.apply_slot_trains(pulses.rows.numpy(), pulses.cols.numpy(), pulses.slot_sample.numpy(),
+                                             pulses.d_neg.numpy(), pulses.x_neg.numpy(), xi, sides, n_up, n_down)
+        else:
+            done = kernels.apply_pulse_list(pulses.element.numpy(), pulses.signed.numpy(), xi, sides, n_up, n_down)
+        assert done == count, (done, count)
+    up_t, down_t = torch.from_numpy(n_up).float(), torch.from_numpy(n_down).float()
+    return flat, ([up_t, down_t] if pair else [up_t + down_t])
+
+
+def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
+                  plan: PulsePlan, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    """The torch path (`apply_per_sample`): pulses ranked per device, devices sorted by their
+    number of pulses, stepped rank after rank. (new flat weights, pulses per device) per array."""
     shape = arrays[0].shape
     n_el = shape[0] * shape[1]
     flat = [arr.persistent_weights.reshape(-1).clone() for arr in arrays]
@@ -603,14 +673,7 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
             totals[1].index_add_(0, top, hits.index_select(0, top).to(dtype) - n_up)
         else:
             totals[0] += hits.to(dtype)
-    for k, arr in enumerate(arrays):
-        arr._persistent = flat[k].reshape(shape)
-        if arr._apparent is not None:
-            written = arr._persistent + arr._write_noise_scale() * torch.randn(
-                shape, generator=generator, device=generator.device, dtype=arr.dtype).to(arr.device)
-            arr._apparent = torch.where(totals[k].reshape(shape) > 0, written, arr._apparent)
-    total = totals[0] if len(totals) == 1 else totals[0] + totals[1]
-    return total.reshape(shape)
+    return flat, totals
 
 
 def _split_sums(bl: Tensor, ps: Tensor, qs: Tensor, p_abs: Tensor, q_abs: Tensor) -> tuple[Tensor, Tensor]:
