@@ -600,13 +600,10 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
     """The compiled walk (`apply_per_sample`): (new flat weights, pulses per device) per array."""
     from devices import kernels
 
-    n_el = arrays[0].shape[0] * arrays[0].shape[1]
-    flat = [arr.persistent_weights.reshape(-1).clone().contiguous() for arr in arrays]
     sides = []
-    for arr, f in zip(arrays, flat):
+    for arr in arrays:
         kernel = kernels.kernel_for(arr.rule)
-        sides.append((kernel, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden)))
-    n_up, n_down = np.zeros(n_el, np.int32), np.zeros(n_el, np.int32)
+        sides.append((kernel, *kernels.pack(kernel, arr.config, arr.hidden, arr.persistent_weights)))
     noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
@@ -621,12 +618,17 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
             if noisy else None
         if isinstance(pulses, SlotTrains):
             done = kernels.apply_slot_trains(pulses.rows.numpy(), pulses.cols.numpy(), pulses.slot_sample.numpy(),
-                                             pulses.d_neg.numpy(), pulses.x_neg.numpy(), xi, sides, n_up, n_down)
+                                             pulses.d_neg.numpy(), pulses.x_neg.numpy(), xi, sides)
         else:
-            done = kernels.apply_pulse_list(pulses.element.numpy(), pulses.signed.numpy(), xi, sides, n_up, n_down)
-        assert done == count, (done, count)
-    up_t, down_t = torch.from_numpy(n_up).float(), torch.from_numpy(n_down).float()
-    return flat, ([up_t, down_t] if pair else [up_t + down_t])
+            done = kernels.apply_pulse_list(pulses.element.numpy(), pulses.signed.numpy(), xi, sides)
+        if done != count:
+            raise RuntimeError(f"compiled walk applied {done} pulses, expected {count}")
+    flat, totals = [], []
+    for _, rec, _ in sides:
+        w, n = kernels.unpack(rec)
+        flat.append(torch.from_numpy(w))
+        totals.append(torch.from_numpy(n).to(torch.float32))
+    return flat, totals  # (a pair: G⁺ counts the up pulses, G⁻ the down pulses)
 
 
 def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
