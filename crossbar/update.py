@@ -17,11 +17,15 @@ Per sample n (SEMANTICS §1.2, aihwkit `calculateBlAB`, `performUpdateManagement
 Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 - ``"exact"``: Bernoulli slot trains per sample, coincidences counted per sample, applied to the
   devices sample after sample, pulse by pulse, through the device's own rule (the reference;
-  exact in distribution for every device model). Batched as `apply_per_sample` describes: the
-  trains of a chunk of samples kept as the fired rows and columns of each slot (`sample_trains`:
-  work ∝ pulses, not samples × devices), each pulse ranked by the device's earlier pulses, the devices sorted by
-  their number of pulses so that each rank is a contiguous prefix, then stepped rank after rank
-  (one pulse per device per rank, in time order).
+  exact in distribution for every device model). The trains of a chunk of samples are kept as
+  the fired rows and columns of each slot (`sample_trains`: work ∝ pulses, not samples ×
+  devices) and applied by `apply_per_sample`: by a compiled walk in time order (numba,
+  `devices.kernels`: slot after slot, every fired row times every fired column stepping its
+  device once through the rule's scalar kernel, with its own c2c normal, then the clip) where
+  every array is float32 on the CPU and its rule has a kernel; elsewhere (CUDA, float64,
+  PiecewiseStep, numba missing) by torch ops: each pulse ranked by the device's earlier pulses,
+  the devices sorted by their number of pulses so that each rank is a contiguous prefix, then
+  stepped rank after rank (one pulse per device per rank, in time order).
 - ``"fast"``: per element, the up and down coincidence counts of the whole batch drawn at once
   from a binomial with the exact mean and variance of the sum of the per-sample counts (see
   `fast_counts`); applied in one `DeviceArray.apply_pulses` call (the device's own order:
@@ -600,10 +604,13 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
     """The compiled walk (`apply_per_sample`): (new flat weights, pulses per device) per array."""
     from devices import kernels
 
+    n_el = arrays[0].shape[0] * arrays[0].shape[1]
+    flat = [arr.persistent_weights.reshape(-1).clone().contiguous() for arr in arrays]
+    counts = [np.zeros(n_el, np.int32) for _ in arrays]  # pulses per device of each array
     sides = []
-    for arr in arrays:
+    for arr, f, n in zip(arrays, flat, counts):
         kernel = kernels.kernel_for(arr.rule)
-        sides.append((kernel, *kernels.pack(kernel, arr.config, arr.hidden, arr.persistent_weights)))
+        sides.append((kernel, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden), n))
     noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):
@@ -623,12 +630,7 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
             done = kernels.apply_pulse_list(pulses.element.numpy(), pulses.signed.numpy(), xi, sides)
         if done != count:
             raise RuntimeError(f"compiled walk applied {done} pulses, expected {count}")
-    flat, totals = [], []
-    for _, rec, _ in sides:
-        w, n = kernels.unpack(rec)
-        flat.append(torch.from_numpy(w))
-        totals.append(torch.from_numpy(n).to(torch.float32))
-    return flat, totals  # (a pair: G⁺ counts the up pulses, G⁻ the down pulses)
+    return flat, [torch.from_numpy(n).to(torch.float32) for n in counts]  # (a pair: G⁺ ups, G⁻ downs)
 
 
 def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from .physics import (
     ConstantStepRule, DeviceRule, ExpStepRule, LinearStepRule, PowStepRule, SoftBoundsReferenceRule, SoftBoundsRule,
@@ -47,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching AVAILABLE 
             return args[0]
         return lambda f: f
 
-__all__ = ["Kernel", "KERNELS", "AVAILABLE", "register_kernel", "kernel_for", "pack", "unpack", "step_each",
+__all__ = ["Kernel", "KERNELS", "AVAILABLE", "register_kernel", "kernel_for", "pack", "step_each",
            "apply_slot_trains", "apply_pulse_list"]
 
 # rule kinds (the scalar kernel's branch)
@@ -73,8 +72,6 @@ KERNELS: dict[type, Kernel] = {}
 
 def register_kernel(rule_type: type[DeviceRule], kind: int, hidden: tuple[str, ...],
                     constants: Callable[[Any], tuple[float, ...]]) -> None:
-    if len(hidden) > 6:  # (columns 0..5 of a device's record, `pack`)
-        raise ValueError(f"a kernel reads at most 6 hidden parameters, got {hidden}")
     KERNELS[rule_type] = Kernel(kind, hidden, constants)
 
 
@@ -83,28 +80,13 @@ def kernel_for(rule: DeviceRule) -> Kernel | None:
     return KERNELS.get(type(rule)) if AVAILABLE else None
 
 
-# A device's record: its kernel's hidden parameters in columns 0..K-1 (K <= 6), its weight in
-# column WEIGHT and its pulse count (int32 bits) in column COUNT: 32 bytes, half a cache line, so
-# that a pulse touches one line (separate arrays for weights, parameters and counts cost ~25%).
-WEIGHT, COUNT, RECORD = 6, 7, 8
-
-
-def pack(kernel: Kernel, cfg: Any, hidden: dict[str, Any], w: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """(records (n, RECORD) float32, cp (C,) float32): per device (flattened) its kernel's hidden
-    parameters, its weight `w` (a tensor of the same shape; None: 0) and a zero pulse count; and
-    the kernel's config constants. `hidden`: torch tensors of one shape."""
-    cols = [hidden[k].reshape(-1).float().cpu() for k in kernel.hidden]
-    zero = torch.zeros_like(cols[0])
-    weight = zero if w is None else w.reshape(-1).float().cpu()
-    cols += [zero] * (WEIGHT - len(cols)) + [weight, zero]
-    rec = torch.stack(cols, dim=1).numpy()  # (the count column: int32 bits of 0.0 are 0)
+def pack(kernel: Kernel, cfg: Any, hidden: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(hp (n, K) float32, cp (C,) float32): the devices' hidden parameters of `kernel`, one row
+    per device (flattened), and its config constants. `hidden`: torch tensors of one shape."""
+    cols = [hidden[k].reshape(-1).float().cpu().numpy() for k in kernel.hidden]
+    hp = np.ascontiguousarray(np.stack(cols, axis=1), dtype=np.float32)
     cp = np.asarray(kernel.constants(cfg), dtype=np.float32)
-    return rec, cp
-
-
-def unpack(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weights (n,) float32, pulse counts (n,) int32) of packed records."""
-    return rec[:, WEIGHT].copy(), rec.view(np.int32)[:, COUNT].copy()
+    return hp, cp
 
 
 def _flag(v: bool) -> float:
@@ -275,7 +257,7 @@ def _make_walkers(kind: int):
     its branch folded; numba caches each kind's walkers on disk separately)."""
 
     @njit(cache=True)
-    def walk_trains(rows, cols, slot_sample, d_neg, x_neg, xi, noisy, rec0, cnt0, cp0, rec1, cnt1, cp1, pair):
+    def walk_trains(rows, cols, slot_sample, d_neg, x_neg, xi, noisy, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
         n_t, n_out = rows.shape
         n_in = cols.shape[1]
         fired = np.empty(n_in, np.int64)
@@ -303,16 +285,19 @@ def _make_walkers(kind: int):
                     if noisy:
                         x = xi[k]
                     k += 1
-                    if pair and not up:  # a down pulse potentiates G⁻
-                        rec1[e, WEIGHT] = _pulse(kind, rec1[e, WEIGHT], True, x, noisy, rec1, e, cp1)
-                        cnt1[e, COUNT] += 1
-                    else:  # (pair: an up pulse potentiates G⁺)
-                        rec0[e, WEIGHT] = _pulse(kind, rec0[e, WEIGHT], up, x, noisy, rec0, e, cp0)
-                        cnt0[e, COUNT] += 1
+                    if not pair:
+                        n0[e] += 1
+                        w0[e] = _pulse(kind, w0[e], up, x, noisy, hp0, e, cp0)
+                    elif up:  # an up pulse potentiates G⁺
+                        n0[e] += 1
+                        w0[e] = _pulse(kind, w0[e], True, x, noisy, hp0, e, cp0)
+                    else:  # a down pulse potentiates G⁻
+                        n1[e] += 1
+                        w1[e] = _pulse(kind, w1[e], True, x, noisy, hp1, e, cp1)
         return k
 
     @njit(cache=True)
-    def walk_list(element, signed, xi, noisy, rec0, cnt0, cp0, rec1, cnt1, cp1, pair):
+    def walk_list(element, signed, xi, noisy, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
         k = 0
         x = _ZERO
         for a in range(element.shape[0]):
@@ -325,12 +310,15 @@ def _make_walkers(kind: int):
                 if noisy:
                     x = xi[k]
                 k += 1
-                if pair and not up:
-                    rec1[e, WEIGHT] = _pulse(kind, rec1[e, WEIGHT], True, x, noisy, rec1, e, cp1)
-                    cnt1[e, COUNT] += 1
+                if not pair:
+                    n0[e] += 1
+                    w0[e] = _pulse(kind, w0[e], up, x, noisy, hp0, e, cp0)
+                elif up:
+                    n0[e] += 1
+                    w0[e] = _pulse(kind, w0[e], True, x, noisy, hp0, e, cp0)
                 else:
-                    rec0[e, WEIGHT] = _pulse(kind, rec0[e, WEIGHT], up, x, noisy, rec0, e, cp0)
-                    cnt0[e, COUNT] += 1
+                    n1[e] += 1
+                    w1[e] = _pulse(kind, w1[e], True, x, noisy, hp1, e, cp1)
         return k
 
     return walk_trains, walk_list
@@ -339,24 +327,25 @@ def _make_walkers(kind: int):
 _WALKERS = {kind: _make_walkers(kind) for kind in (CONSTANT, LINEAR, SB_REFERENCE, EXP, POW)}
 
 
-def _sides(sides: list[tuple[Kernel, np.ndarray, np.ndarray]]):
-    (k0, rec0, cp0), (k1, rec1, cp1) = sides[0], sides[-1]
+def _sides(sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
+    (k0, *side0), (k1, *side1) = sides[0], sides[-1]
     if k0.kind != k1.kind:
         raise ValueError("both sides of a pair need the same kernel")
-    return _WALKERS[k0.kind], (rec0, rec0.view(np.int32), cp0, rec1, rec1.view(np.int32), cp1, len(sides) == 2)
+    return _WALKERS[k0.kind], (*side0, *side1, len(sides) == 2)
 
 
 def apply_slot_trains(rows: np.ndarray, cols: np.ndarray, slot_sample: np.ndarray, d_neg: np.ndarray,
-                      x_neg: np.ndarray, xi: np.ndarray | None, sides: list[tuple[Kernel, np.ndarray, np.ndarray]]
-                      ) -> int:
+                      x_neg: np.ndarray, xi: np.ndarray | None,
+                      sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
     """Walk stochastic slot trains in time order: slot after slot (`slot_sample[t]`: the slot's
     sample), in each slot every fired row i (rows[t, i]) times every fired column j (cols[t, j])
     steps device i·n_in + j once, in that order (row-major), down where d_neg[s, i] == x_neg[s, j]
     (sign(d_i)·sign(x_j) > 0), up elsewhere, with the next normal of `xi` (None: noise-free).
 
-    `sides`: [(kernel, records, cp)] (`pack`) for one array, or (G⁺, G⁻) of a differential pair
-    (up pulses potentiate G⁺, down pulses potentiate G⁻); each record's weight and pulse count are
-    updated in place (`unpack`). Returns the number of pulses."""
+    `sides`: [(kernel, w, hp, cp, counts)] for one array, or (G⁺, G⁻) of a differential pair (up
+    pulses potentiate G⁺, down pulses potentiate G⁻); `w` (n,) float32 (`hp`, `cp`: `pack`) is
+    updated in place and `counts` (n,) int32 counts the pulses each device of that side takes.
+    Returns the number of pulses."""
     walkers, args = _sides(sides)
     noisy = xi is not None
     noise = xi if noisy else np.zeros(1, np.float32)
@@ -364,7 +353,7 @@ def apply_slot_trains(rows: np.ndarray, cols: np.ndarray, slot_sample: np.ndarra
 
 
 def apply_pulse_list(element: np.ndarray, signed: np.ndarray, xi: np.ndarray | None,
-                     sides: list[tuple[Kernel, np.ndarray, np.ndarray]]) -> int:
+                     sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
     """Walk a list of pulse entries in order: entry a gives device element[a] |signed[a]|
     consecutive pulses, up where signed[a] < 0, down where > 0; otherwise as `apply_slot_trains`."""
     walkers, args = _sides(sides)
