@@ -610,7 +610,7 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
     sides = []
     for arr, f, n in zip(arrays, flat, counts):
         kernel = kernels.kernel_for(arr.rule)
-        sides.append((kernel, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden), n))
+        sides.append((kernel, arr.config, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden), n))
     noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
     entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
     for sl in _slices_by(entries, _EXACT_ENTRIES):

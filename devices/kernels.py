@@ -59,20 +59,23 @@ _ZERO = np.float32(0.0)
 
 @dataclass(frozen=True)
 class Kernel:
-    """A rule's kernel: its `kind`, the hidden parameters it reads (columns of the packed rows)
-    and `constants(cfg)`, the config values it reads (rounded to float32)."""
+    """A rule's kernel: its `kind`, the hidden parameters it reads (columns of the packed rows),
+    `constants(cfg)`, the config values it reads (rounded to float32), and `alt(cfg)`, which of
+    the rule's two noise forms the config uses (a compile-time constant of the walkers)."""
 
     kind: int
     hidden: tuple[str, ...]
     constants: Callable[[Any], tuple[float, ...]]
+    alt: Callable[[Any], bool] = lambda cfg: False
 
 
 KERNELS: dict[type, Kernel] = {}
 
 
 def register_kernel(rule_type: type[DeviceRule], kind: int, hidden: tuple[str, ...],
-                    constants: Callable[[Any], tuple[float, ...]]) -> None:
-    KERNELS[rule_type] = Kernel(kind, hidden, constants)
+                    constants: Callable[[Any], tuple[float, ...]],
+                    alt: Callable[[Any], bool] = lambda cfg: False) -> None:
+    KERNELS[rule_type] = Kernel(kind, hidden, constants, alt)
 
 
 def kernel_for(rule: DeviceRule) -> Kernel | None:
@@ -89,22 +92,18 @@ def pack(kernel: Kernel, cfg: Any, hidden: dict[str, Any]) -> tuple[np.ndarray, 
     return hp, cp
 
 
-def _flag(v: bool) -> float:
-    return 1.0 if v else 0.0
-
-
 register_kernel(ConstantStepRule, CONSTANT, ("dwmin_up", "dwmin_down", "min_bound", "max_bound"),
                 lambda c: (c.dw_min_std,))
 for _rule in (LinearStepRule, SoftBoundsRule):
     register_kernel(_rule, LINEAR,
                     ("slope_up", "slope_down", "dwmin_up", "dwmin_down", "min_bound", "max_bound"),
-                    lambda c: (c.dw_min_std, _flag(c.mult_noise)))
+                    lambda c: (c.dw_min_std,), lambda c: not c.mult_noise)
 register_kernel(SoftBoundsReferenceRule, SB_REFERENCE,
                 ("max_bound", "min_bound", "reference", "dwmin_up", "dwmin_down"),
-                lambda c: (c.dw_min_std, _flag(c.mult_noise)))
+                lambda c: (c.dw_min_std,), lambda c: not c.mult_noise)
 register_kernel(ExpStepRule, EXP, ("max_bound", "min_bound", "dwmin_up", "dwmin_down"),
-                lambda c: (c.a, c.b, c.A_up, c.A_down, c.gamma_up, c.gamma_down, c.dw_min_std,
-                           _flag(ExpStepRule._extra_noise(c)), c.dw_min_std_add, c.dw_min_std_slope))
+                lambda c: (c.a, c.b, c.A_up, c.A_down, c.gamma_up, c.gamma_down, c.dw_min_std, c.dw_min_std_add,
+                           c.dw_min_std_slope), ExpStepRule._extra_noise)
 register_kernel(PowStepRule, POW, ("max_bound", "min_bound", "dwmin_up", "dwmin_down", "gamma_up", "gamma_down"),
                 lambda c: (c.dw_min_std,))
 
@@ -121,7 +120,7 @@ def _clamp(v, lo, hi):
 
 
 @njit(cache=True, inline="always")
-def _constant(w, up, xi, noisy, hp, e, cp):
+def _constant(w, up, xi, noisy, alt, hp, e, cp):
     """ConstantStepRule: w ± Δ±(1 + σξ), clipped to the bounds."""
     mag = hp[e, 0] if up else hp[e, 1]
     if noisy:
@@ -131,7 +130,7 @@ def _constant(w, up, xi, noisy, hp, e, cp):
 
 
 @njit(cache=True, inline="always")
-def _linear(w, up, xi, noisy, hp, e, cp):
+def _linear(w, up, xi, noisy, alt, hp, e, cp):
     """_LinearFamilyRule (LinearStep, SoftBounds): ±(slope±·w + Δ±), multiplicative (1 + σξ) or
     additive (Δ±σξ) noise, clipped to the bounds."""
     if up:
@@ -140,7 +139,7 @@ def _linear(w, up, xi, noisy, hp, e, cp):
         slope, base = hp[e, 1], hp[e, 3]
     if not noisy:
         mag = slope * w + base
-    elif cp[1] != 0:
+    elif not alt:  # multiplicative noise
         mag = (slope * w + base) * (_ONE + cp[0] * xi)
     else:
         mag = slope * w + base * (_ONE + cp[0] * xi)
@@ -149,7 +148,7 @@ def _linear(w, up, xi, noisy, hp, e, cp):
 
 
 @njit(cache=True, inline="always")
-def _sb_reference(w, up, xi, noisy, hp, e, cp):
+def _sb_reference(w, up, xi, noisy, alt, hp, e, cp):
     """SoftBoundsReferenceRule: soft bounds acting on w + r; the pulse clips w + r to the bounds."""
     b_max, b_min, ref = hp[e, 0], hp[e, 1], hp[e, 2]
     wr = w + ref
@@ -162,7 +161,7 @@ def _sb_reference(w, up, xi, noisy, hp, e, cp):
     shape_factor = _ONE - (wr / bound if usable else _ZERO)
     if not noisy:
         mag = base * shape_factor
-    elif cp[1] != 0:
+    elif not alt:  # multiplicative noise
         mag = base * shape_factor * (_ONE + cp[0] * xi)
     else:
         mag = base * (shape_factor + cp[0] * xi)
@@ -171,7 +170,7 @@ def _sb_reference(w, up, xi, noisy, hp, e, cp):
 
 
 @njit(cache=True, inline="always")
-def _exp(w, up, xi, noisy, hp, e, cp):
+def _exp(w, up, xi, noisy, alt, hp, e, cp):
     """ExpStepRule: y = max(1 − A·exp(±γz), 0), z = 2w/(b_max − b_min)·a + b; zero step where
     b_max − b_min <= 0; clipped to the bounds."""
     b_max, b_min = hp[e, 0], hp[e, 1]
@@ -188,8 +187,8 @@ def _exp(w, up, xi, noisy, hp, e, cp):
             y = _ZERO
         dw = -y * hp[e, 3]
     if noisy:
-        if cp[7] != 0:
-            dw = dw + cp[6] * (abs(dw) + cp[8] + cp[9] * abs(w)) * xi
+        if alt:  # dw_min_std_add / dw_min_std_slope
+            dw = dw + cp[6] * (abs(dw) + cp[7] + cp[8] * abs(w)) * xi
         else:
             dw = dw * (_ONE + cp[6] * xi)
     if not b_diff > 0:
@@ -198,7 +197,7 @@ def _exp(w, up, xi, noisy, hp, e, cp):
 
 
 @njit(cache=True, inline="always")
-def _pow(w, up, xi, noisy, hp, e, cp):
+def _pow(w, up, xi, noisy, alt, hp, e, cp):
     """PowStepRule: up Δ⁺((b_max − w)/R)^γ⁺, down Δ⁻((w − b_min)/R)^γ⁻, R = b_max − b_min (zero
     step where R = 0); clipped to the bounds."""
     b_max, b_min = hp[e, 0], hp[e, 1]
@@ -220,44 +219,45 @@ def _pow(w, up, xi, noisy, hp, e, cp):
 
 
 @njit(cache=True, inline="always")
-def _pulse(kind, w, up, xi, noisy, hp, e, cp):
+def _pulse(kind, w, up, xi, noisy, alt, hp, e, cp):
     """Device e's weight after one pulse (up or down) with the standard normal xi (unused
-    unless `noisy`): the rule's step, then its clip."""
+    unless `noisy`; `alt`: the rule's other noise form, `Kernel.alt`): the rule's step, then its clip."""
     if kind == LINEAR:
-        return _linear(w, up, xi, noisy, hp, e, cp)
+        return _linear(w, up, xi, noisy, alt, hp, e, cp)
     if kind == SB_REFERENCE:
-        return _sb_reference(w, up, xi, noisy, hp, e, cp)
+        return _sb_reference(w, up, xi, noisy, alt, hp, e, cp)
     if kind == CONSTANT:
-        return _constant(w, up, xi, noisy, hp, e, cp)
+        return _constant(w, up, xi, noisy, alt, hp, e, cp)
     if kind == EXP:
-        return _exp(w, up, xi, noisy, hp, e, cp)
-    return _pow(w, up, xi, noisy, hp, e, cp)
+        return _exp(w, up, xi, noisy, alt, hp, e, cp)
+    return _pow(w, up, xi, noisy, alt, hp, e, cp)
 
 
 # ---------------------------------------------------------------------- walkers
 @njit(cache=True)
-def _step_each(kind, w, up, xi, noisy, hp, cp):
+def _step_each(kind, w, up, xi, noisy, alt, hp, cp):
     out = np.empty_like(w)
     for e in range(w.shape[0]):
-        out[e] = _pulse(kind, w[e], up[e], xi[e], noisy, hp, e, cp)
+        out[e] = _pulse(kind, w[e], up[e], xi[e], noisy, alt, hp, e, cp)
     return out
 
 
 def step_each(kernel: Kernel, w: np.ndarray, up: np.ndarray, xi: np.ndarray | None, hp: np.ndarray,
-              cp: np.ndarray) -> np.ndarray:
+              cp: np.ndarray, alt: bool) -> np.ndarray:
     """One pulse on every device e (direction up[e], normal xi[e]; None: noise-free): the new
     weights, clipped (for the kernel-vs-rule tests)."""
     noise = np.zeros_like(w) if xi is None else np.ascontiguousarray(xi, dtype=np.float32)
     return _step_each(kernel.kind, np.ascontiguousarray(w, dtype=np.float32), np.ascontiguousarray(up, dtype=np.bool_),
-                      noise, xi is not None, hp, cp)
+                      noise, xi is not None, alt, hp, cp)
 
 
-def _make_walkers(kind: int):
-    """The two walkers compiled for one rule kind (a closure constant: the kernel is inlined and
-    its branch folded; numba caches each kind's walkers on disk separately)."""
+def _make_walkers(kind: int, noisy: bool, alt: bool):
+    """The two walkers compiled for one rule kind, with or without c2c noise, in one of the rule's
+    two noise forms (closure constants: the kernel is inlined and its branches folded; numba
+    compiles each combination on first use and caches it on disk separately)."""
 
     @njit(cache=True)
-    def walk_trains(rows, cols, slot_sample, d_neg, x_neg, xi, noisy, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
+    def walk_trains(rows, cols, slot_sample, d_neg, x_neg, xi, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
         n_t, n_out = rows.shape
         n_in = cols.shape[1]
         fired = np.empty(n_in, np.int64)
@@ -287,17 +287,17 @@ def _make_walkers(kind: int):
                     k += 1
                     if not pair:
                         n0[e] += 1
-                        w0[e] = _pulse(kind, w0[e], up, x, noisy, hp0, e, cp0)
+                        w0[e] = _pulse(kind, w0[e], up, x, noisy, alt, hp0, e, cp0)
                     elif up:  # an up pulse potentiates G⁺
                         n0[e] += 1
-                        w0[e] = _pulse(kind, w0[e], True, x, noisy, hp0, e, cp0)
+                        w0[e] = _pulse(kind, w0[e], True, x, noisy, alt, hp0, e, cp0)
                     else:  # a down pulse potentiates G⁻
                         n1[e] += 1
-                        w1[e] = _pulse(kind, w1[e], True, x, noisy, hp1, e, cp1)
+                        w1[e] = _pulse(kind, w1[e], True, x, noisy, alt, hp1, e, cp1)
         return k
 
     @njit(cache=True)
-    def walk_list(element, signed, xi, noisy, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
+    def walk_list(element, signed, xi, w0, hp0, cp0, n0, w1, hp1, cp1, n1, pair):
         k = 0
         x = _ZERO
         for a in range(element.shape[0]):
@@ -312,51 +312,53 @@ def _make_walkers(kind: int):
                 k += 1
                 if not pair:
                     n0[e] += 1
-                    w0[e] = _pulse(kind, w0[e], up, x, noisy, hp0, e, cp0)
+                    w0[e] = _pulse(kind, w0[e], up, x, noisy, alt, hp0, e, cp0)
                 elif up:
                     n0[e] += 1
-                    w0[e] = _pulse(kind, w0[e], True, x, noisy, hp0, e, cp0)
+                    w0[e] = _pulse(kind, w0[e], True, x, noisy, alt, hp0, e, cp0)
                 else:
                     n1[e] += 1
-                    w1[e] = _pulse(kind, w1[e], True, x, noisy, hp1, e, cp1)
+                    w1[e] = _pulse(kind, w1[e], True, x, noisy, alt, hp1, e, cp1)
         return k
 
     return walk_trains, walk_list
 
 
-_WALKERS = {kind: _make_walkers(kind) for kind in (CONSTANT, LINEAR, SB_REFERENCE, EXP, POW)}
+_WALKERS = {(kind, noisy, alt): _make_walkers(kind, noisy, alt)
+            for kind in (CONSTANT, LINEAR, SB_REFERENCE, EXP, POW) for noisy in (False, True) for alt in (False, True)}
 
 
-def _sides(sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
-    (k0, *side0), (k1, *side1) = sides[0], sides[-1]
-    if k0.kind != k1.kind:
-        raise ValueError("both sides of a pair need the same kernel")
-    return _WALKERS[k0.kind], (*side0, *side1, len(sides) == 2)
+def _sides(sides: list[tuple[Kernel, Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], noisy: bool):
+    (k0, cfg0, *side0), (k1, cfg1, *side1) = sides[0], sides[-1]
+    alt = bool(k0.alt(cfg0))
+    if k0.kind != k1.kind or alt != bool(k1.alt(cfg1)):
+        raise ValueError("both sides of a pair need the same kernel and noise form")
+    return _WALKERS[(k0.kind, noisy, alt)], (*side0, *side1, len(sides) == 2)
 
 
 def apply_slot_trains(rows: np.ndarray, cols: np.ndarray, slot_sample: np.ndarray, d_neg: np.ndarray,
                       x_neg: np.ndarray, xi: np.ndarray | None,
-                      sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
+                      sides: list[tuple[Kernel, Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
     """Walk stochastic slot trains in time order: slot after slot (`slot_sample[t]`: the slot's
     sample), in each slot every fired row i (rows[t, i]) times every fired column j (cols[t, j])
     steps device i·n_in + j once, in that order (row-major), down where d_neg[s, i] == x_neg[s, j]
     (sign(d_i)·sign(x_j) > 0), up elsewhere, with the next normal of `xi` (None: noise-free).
 
-    `sides`: [(kernel, w, hp, cp, counts)] for one array, or (G⁺, G⁻) of a differential pair (up
+    `sides`: [(kernel, config, w, hp, cp, counts)] for one array, or (G⁺, G⁻) of a differential pair (up
     pulses potentiate G⁺, down pulses potentiate G⁻); `w` (n,) float32 (`hp`, `cp`: `pack`) is
     updated in place and `counts` (n,) int32 counts the pulses each device of that side takes.
     Returns the number of pulses."""
-    walkers, args = _sides(sides)
     noisy = xi is not None
+    walkers, args = _sides(sides, noisy)
     noise = xi if noisy else np.zeros(1, np.float32)
-    return int(walkers[0](rows, cols, slot_sample, d_neg, x_neg, noise, noisy, *args))
+    return int(walkers[0](rows, cols, slot_sample, d_neg, x_neg, noise, *args))
 
 
 def apply_pulse_list(element: np.ndarray, signed: np.ndarray, xi: np.ndarray | None,
-                     sides: list[tuple[Kernel, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
+                     sides: list[tuple[Kernel, Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> int:
     """Walk a list of pulse entries in order: entry a gives device element[a] |signed[a]|
     consecutive pulses, up where signed[a] < 0, down where > 0; otherwise as `apply_slot_trains`."""
-    walkers, args = _sides(sides)
     noisy = xi is not None
+    walkers, args = _sides(sides, noisy)
     noise = xi if noisy else np.zeros(1, np.float32)
-    return int(walkers[1](element, signed, noise, noisy, *args))
+    return int(walkers[1](element, signed, noise, *args))

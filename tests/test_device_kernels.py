@@ -65,7 +65,7 @@ def test_kernel_equals_torch_rule(name, noisy):
     kernel = kernels.kernel_for(rule)
     hp, cp = kernels.pack(kernel, cfg, h)
     got = torch.from_numpy(kernels.step_each(kernel, w.numpy(), up.numpy(), None if noise is None else noise.numpy(),
-                                             hp, cp))
+                                             hp, cp, kernel.alt(cfg)))
     for mask in (up.float(), up):
         want = rule.clip(h, w + rule.step(cfg, h, w, mask, noise))
         assert bool(torch.isfinite(want).all())
@@ -86,7 +86,7 @@ def test_kernel_directions_and_clip_matter():
     arr, h, w, up, xi = _draws(cfg, 5000, seed=3)
     kernel = kernels.kernel_for(arr.rule)
     hp, cp = kernels.pack(kernel, cfg, h)
-    got = kernels.step_each(kernel, w.numpy(), up.numpy(), xi.numpy(), hp, cp)
+    got = kernels.step_each(kernel, w.numpy(), up.numpy(), xi.numpy(), hp, cp, kernel.alt(cfg))
     flipped = arr.rule.clip(h, w + arr.rule.step(cfg, h, w, ~up, xi)).numpy()
     unclipped = (w + arr.rule.step(cfg, h, w, up, xi)).numpy()
     assert (got != flipped).mean() > 0.6 and (got != unclipped).mean() > 0.3  # (~28% start outside the range)
