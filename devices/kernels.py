@@ -8,16 +8,18 @@ devices through both and asserts equality (bit for bit, or within a stated numbe
 the rule calls `exp`/`pow`, whose float32 implementations differ between torch and libm).
 
 A kernel is registered per rule class (`register_kernel`) with the hidden parameters it reads
-(packed per device into one (n_devices, K) float32 row each, one cache line per pulse) and the
-config constants it reads. `kernel_for(rule)` matches the rule's exact class (a subclass that
+(`pack`: one (n_devices, K) float32 array, a device's K parameters side by side), the config
+constants it reads and which of the rule's two noise forms a config uses (`alt`). `kernel_for(rule)` matches the rule's exact class (a subclass that
 changes the physics must register its own kernel). Rules with kernels: ConstantStep,
 LinearStep, SoftBounds, SoftBoundsReference, ExpStep, PowStep. Without: PiecewiseStep (and
 Ideal, which takes no pulses): those use the torch path.
 
 The pulse walkers (`apply_slot_trains`, `apply_pulse_list`) step the devices pulse after pulse in
 the order given (time order), each pulse through the kernel with its own standard normal, one
-thread. They live here, beside the scalar kernels, so that numba's on-disk cache (`cache=True`,
-keyed on this file) never pairs a walker with a stale kernel.
+thread; they are compiled per rule kind, noise on/off and noise form (constants, so the kernel
+is inlined without branches on them). They live here, beside the scalar kernels, so that
+numba's on-disk cache (`cache=True`, keyed on this file's contents) never pairs a walker with a
+stale kernel.
 
 numba is a project dependency; where it does not import, `AVAILABLE` is False and `kernel_for`
 returns None (callers fall back to torch).
