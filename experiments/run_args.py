@@ -46,6 +46,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> Non
     p.add_argument("--seed", type=int, help=f"seed of every random draw ({PRESET_VALUE})")
     p.add_argument("--torch-device", metavar="cpu|cuda|cuda:N",
                    help="where the run's tensors live (default: cpu; a CUDA device must be available)")
+    p.add_argument("--compile", choices=("none", "inductor", "aot_eager"),
+                   help="torch.compile the digital twin's plain force evaluations (default: none; inductor "
+                        "compiles each new shape once, seconds to tens of seconds)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="any config key, TOML value, e.g. --set training.eval_interval=10 --set stabilisers.gate=true "
@@ -112,6 +115,7 @@ FLAG_KEYS = {
     "tokenizer": "data.tokenizer", "vocab_size": "data.vocab_size", "steps": "training.steps",
     "batch_size": "training.batch_size", "seq_len": "training.seq_len", "lr": "training.lr",
     "beta": "estimator.beta", "seed": "seed", "data": "data.source", "torch_device": "torch_device",
+    "compile": "compile",
 }
 
 

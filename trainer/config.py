@@ -31,7 +31,7 @@ from ept_hw.config import (
     load_toml, merge, to_dict,
 )
 from ept_hw.estimators import EstimatorConfig
-from ept_hw.model import ModelConfig
+from ept_hw.model import COMPILE_BACKENDS, ModelConfig
 from ept_hw.relaxation import SolverConfig
 from ept_hw.stability import EigRegConfig
 
@@ -224,6 +224,11 @@ class RunConfig:
     # Where the run's tensors live: "cpu", "cuda" or "cuda:N" (`--torch-device`); checked against
     # the machine when a run starts (`ept_hw.config.resolve_torch_device`), not when a config loads.
     torch_device: str = "cpu"
+    # torch.compile for the digital (twin) path's plain force evaluations (free and nudged phases):
+    # "none", "inductor" (faster per evaluation, seconds to compile each new shape) or "aot_eager"
+    # (bit-identical, for tests); see `EquilibriumTransformer.compile_force`. The analog path's
+    # force, whose reads draw from the tiles' generators, always runs eager.
+    compile: str = "none"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(min_steps=0, tol=1e-4, max_steps=300))
@@ -241,6 +246,7 @@ class RunConfig:
             check_positive_int("data_seed", self.data_seed, minimum=0)
         check_choice("dtype", self.dtype, ("float32", "float64"))
         check_torch_device("torch_device", self.torch_device)
+        check_choice("compile", self.compile, COMPILE_BACKENDS)
         if self.training.seq_len > self.model.context:
             raise ConfigError(
                 "training.seq_len", self.training.seq_len, f"at most model.context = {self.model.context}"

@@ -100,6 +100,7 @@ def build_paths(cfg: RunConfig, tile: Any = None) -> dict[str, TrainingPath]:
     if cfg.mode != "ep" or cfg.path == "twin":
         model = EquilibriumTransformer(cfg.model, digital_factory, torch.Generator().manual_seed(seed), dtype=dtype,
                                        device=device)
+        model.compile_force(cfg.compile)
         paths["twin"] = build_ep_path("twin", model, cfg, analog=False, probe_seed=seed + 7)
     return paths
 

@@ -10,12 +10,15 @@ compiled (`dynamic=False`, so one specialised graph):
   graph cannot take the explicit `torch.Generator` every draw uses);
 - the digital force F(z) of the demo block (C = `--width`, T 16, B 16) with `torch.no_grad`.
 It prints the compile time, both timings, their ratio and whether the outputs are bit-identical.
-The library does not compile anything. Measured on the shared 2-core machine (inductor, rows 256,
-C = 32, heavily loaded): the periphery's input and output stages ran 1.5x and 3.0x slower
-compiled (bit-identical); the digital force ran 0.60x eager, but took 51 s to compile for one
-input shape (a run relaxes batches of several shapes: training, stacked nudge phases, evaluation),
-differs from eager by up to 4.8e-7 (the twin is the exact reference), and the analog path's reads
-(explicit generators, custom autograd Function) break its graph; rerun this to check elsewhere.
+Measured on the shared 2-core machine (inductor, rows 256, C = 32, heavily loaded): the periphery's
+input and output stages ran 1.5x and 3.0x slower compiled (bit-identical); the digital force ran
+0.60x eager, but took 51 s to compile for one input shape, and differs from eager by up to
+4.8e-7. Again on 2 Dec at C = 128 (loaded): input stage 1.11x, output stage 2.34x, force 0.76x
+(max |diff| 4.8e-7). Hence the library never compiles the periphery, and compiles only the digital
+twin's force, on request (`RunConfig.compile` / `--compile inductor`,
+`EquilibriumTransformer.compile_force`, where the whole training step is measured by
+`bench_ep_step --compile inductor`); the analog path's reads (explicit generators, custom autograd
+Function) would break its graph. Rerun this to check elsewhere.
 """
 
 from __future__ import annotations

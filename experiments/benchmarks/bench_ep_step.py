@@ -17,6 +17,11 @@ Per path it reports, as the median over `--repeats` steps:
   intervals: (evaluation + stability monitor)/eval_interval + health probe/health_interval;
 - the analog/digital ratio of s/step (training step alone, and with instruments).
 
+With `--compile inductor` a third path, the twin whose plain force evaluations are compiled
+(`RunConfig.compile`, `EquilibriumTransformer.compile_force`), is timed beside them (row
+`twin+c`; its ratio columns are compiled/eager twin), and a line gives analog/compiled twin. The
+compilation itself happens in the warm-up and is not timed (the first step of each new shape).
+
 Timings are wall-clock on whatever machine runs it; say how loaded it was when quoting them.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -96,18 +102,23 @@ class _Instrumented:
         return {"eval": t_eval, "stability": t_stab, "probe": self.record.get("probe", 0.0)}
 
 
-def bench_width(width: int, heads: int, repeats: int, seed: int) -> dict[str, dict[str, float]]:
+def bench_width(width: int, heads: int, repeats: int, seed: int, compile_backend: str = "none"
+                ) -> dict[str, dict[str, float]]:
     cfg = load_run_config("demo", {"model": {"width": width, "heads": heads}, "seed": seed})
     cfg = resolve_vocab(cfg, 65)
     t = cfg.training
     paths = {name: _Instrumented(p) for name, p in build_paths(cfg).items()}
+    if compile_backend != "none":  # a third path: the twin with its plain force evaluations compiled
+        torch._dynamo.reset()  # compiled code is cached per code object: each width starts afresh
+        paths["twin+c"] = _Instrumented(build_paths(replace(cfg, compile=compile_backend))["twin"])
     gen = torch.Generator().manual_seed(seed)
     data = torch.randint(0, 65, (200_000,), generator=gen)
     eval_batches = [sample_batch(data, t.batch_size, t.seq_len, gen) for _ in range(t.eval_batches)]
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in paths}
     batch = sample_batch(data, t.batch_size, t.seq_len, gen)
-    for p in paths.values():  # warm-up (first-call allocations, lazy caches)
+    for p in paths.values():  # warm-up (first-call allocations, lazy caches, compilation of the shapes)
         p.step(*batch, t.lr)
+        p.instruments(*batch, t.lr, eval_batches)
     for _ in range(repeats):
         batch = sample_batch(data, t.batch_size, t.seq_len, gen)
         for name, p in paths.items():
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per path and width (median kept)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the trainer's default is 1)")
+    ap.add_argument("--compile", default="none", choices=("none", "inductor", "aot_eager"),
+                    help="also time the twin with this torch.compile backend (row twin+c; compile time excluded)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"demo preset (T 16, B 16, H {args.heads}, ECRAM, common noise), torch threads {torch.get_num_threads()}, "
@@ -147,16 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(f"{p:>11}" for p in PARTS) + f" {'a/d step':>8} {'a/d +instr':>10}")
     print(head)
     for width in (int(w) for w in args.widths.split(",")):
-        res = bench_width(width, args.heads, args.repeats, args.seed)
-        for name in ("twin", "analog"):
+        res = bench_width(width, args.heads, args.repeats, args.seed, args.compile)
+        for name in [n for n in ("twin", "twin+c", "analog") if n in res]:
             r = res[name]
             ratio = ratio_i = ""
-            if name == "analog":
+            if name != "twin":  # analog: analog/twin; twin+c: compiled twin/eager twin
                 d = res["twin"]
                 ratio = f"{r['step'] / d['step']:8.2f}"
                 ratio_i = f"{(r['step'] + r['instruments']) / (d['step'] + d['instruments']):10.2f}"
             print(f"{width:>4} {name:<7} {r['step']:7.3f} {r['forces']:6.0f} {r['tokens_per_s']:7.0f} "
                   + " ".join(f"{r[p]:11.4f}" for p in PARTS) + f" {ratio:>8} {ratio_i:>10}")
+        if "twin+c" in res:
+            a, c = res["analog"], res["twin+c"]
+            print(f"{width:>4} analog / compiled twin: {a['step'] / c['step']:.2f} (step), "
+                  f"{(a['step'] + a['instruments']) / (c['step'] + c['instruments']):.2f} (+instr)")
     return 0
 
 
