@@ -46,7 +46,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, device: bool = True) -> Non
     p.add_argument("--seed", type=int, help=f"seed of every random draw ({PRESET_VALUE})")
     p.add_argument("--torch-device", metavar="cpu|cuda|cuda:N",
                    help="where the run's tensors live (default: cpu; a CUDA device must be available)")
-    p.add_argument("--compile", choices=("none", "inductor", "aot_eager"),
+    p.add_argument("--compile", metavar="none|inductor|aot_eager",
                    help="torch.compile the digital twin's plain force evaluations (default: none; inductor "
                         "compiles each new shape once, seconds to tens of seconds)")
     p.add_argument(

@@ -224,7 +224,8 @@ class RunConfig:
     # Where the run's tensors live: "cpu", "cuda" or "cuda:N" (`--torch-device`); checked against
     # the machine when a run starts (`ept_hw.config.resolve_torch_device`), not when a config loads.
     torch_device: str = "cpu"
-    # torch.compile for the digital (twin) path's plain force evaluations (free and nudged phases):
+    # torch.compile for the digital (twin) path's plain force evaluations (free and nudged phases,
+    # the nudge's Jᵀv):
     # "none", "inductor" (faster per evaluation, seconds to compile each new shape) or "aot_eager"
     # (bit-identical, for tests); see `EquilibriumTransformer.compile_force`. The analog path's
     # force, whose reads draw from the tiles' generators, always runs eager.
