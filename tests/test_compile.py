@@ -111,6 +111,31 @@ def test_aot_eager_backend_by_name_derivatives_and_an_ep_estimate():
                 assert torch.equal(t, getattr(gb, part)[name]), (est_cfg.correction, name)
 
 
+def test_port_reads_and_other_parameters_take_the_eager_force():
+    """A recorder (the port reads of EP) or explicit parameters (leaves that require grad) need the
+    projections' autograd.Function and the given tensors: those calls bypass the compiled graph."""
+    from ept_hw.ops import PortRecorder
+
+    eager, comp = _model(), _model()
+    comp.compile_force(_Counting())
+    idx, _ = _batch()
+    x_in = eager.embed(idx)
+    cot = torch.randn(x_in.shape, generator=torch.Generator().manual_seed(5))
+    recorded = []
+    for m in (eager, comp):
+        rec = PortRecorder()
+        z = x_in.clone().requires_grad_(True)
+        torch.autograd.grad(m.force(z, x_in, recorder=rec), z, cot)
+        recorded.append(rec.weight_grads())
+    assert set(recorded[1]) == set(recorded[0]) and len(recorded[0]) == 6
+    for name, g in recorded[0].items():
+        assert torch.equal(g, recorded[1][name]), name
+    params = {k: (2.0 * v).requires_grad_(True) for k, v in comp.params.items()}
+    with torch.no_grad():
+        assert torch.equal(comp.force(x_in, x_in, params=params), eager.force(x_in, x_in, params=params))
+        assert not torch.equal(comp.force(x_in, x_in, params=params), comp.force(x_in, x_in))
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_force(caplog):
     def broken(gm, example_inputs):
         raise RuntimeError("no C++ compiler here")
