@@ -111,6 +111,35 @@ def test_aot_eager_backend_by_name_derivatives_and_an_ep_estimate():
                 assert torch.equal(t, getattr(gb, part)[name]), (est_cfg.correction, name)
 
 
+def test_the_compiled_force_follows_weight_updates_and_loaded_checkpoints():
+    """The compiled graph reads the model's current tensors: after an in-place update, a program()
+    and a load_state_dict (new tensors) it still equals the eager force of the same weights."""
+    eager, comp = _model(), _model()
+    comp.compile_force("aot_eager")
+    idx, _ = _batch()
+    x_in = eager.embed(idx)
+
+    def same() -> bool:
+        with torch.no_grad():
+            return torch.equal(comp.force(x_in, x_in), eager.force(x_in, x_in))
+
+    assert same()
+    for m in (eager, comp):  # an SGD-like in-place step on a projection and a digital parameter
+        m.projections["W_1"].parameter.sub_(0.1)
+        m.params["ln1_g"].mul_(1.5)
+    assert same()
+    w = torch.randn(CFG.width, CFG.width, generator=torch.Generator().manual_seed(6))
+    for m in (eager, comp):
+        m.projections["W_O"].program(w)
+    assert same()
+    other = _model(seed=9).state_dict()
+    for m in (eager, comp):
+        m.load_state_dict(other)
+    assert same()
+    with torch.no_grad():
+        assert torch.equal(comp.force(x_in, x_in), _model(seed=9).force(x_in, x_in))
+
+
 def test_port_reads_and_other_parameters_take_the_eager_force():
     """A recorder (the port reads of EP) or explicit parameters (leaves that require grad) need the
     projections' autograd.Function and the given tensors: those calls bypass the compiled graph."""
