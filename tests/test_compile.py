@@ -19,7 +19,7 @@ from ept_hw.projection import digital_factory
 from ept_hw.relaxation import SolverConfig
 from experiments.presets import load_run_config
 from trainer.config import RunConfig, resolve_vocab, run_config_from_dict
-from trainer.loop import build_paths
+from trainer.loop import build_paths, physics_notes
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -197,11 +197,13 @@ def test_compile_is_refused_for_analog_projections_and_unknown_backends():
     assert RunConfig().compile == "none"
 
 
-def test_run_config_compiles_the_twin_only():
+def test_run_config_compiles_the_twin_only_and_the_report_says_so():
     cfg = resolve_vocab(load_run_config("tiny", {"compile": "aot_eager"}), 65)
     paths = build_paths(cfg)
     assert paths["twin"].model.compile_backend == "aot_eager"
     assert paths["analog"].model.compile_backend == "none"
+    assert any("torch.compile (backend aot_eager)" in n for n in physics_notes(cfg))
+    assert not any("torch.compile" in n for n in physics_notes(resolve_vocab(load_run_config("tiny"), 65)))
 
 
 @pytest.mark.slow

@@ -173,6 +173,12 @@ def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
             + ("at every evaluation" if t.stability_every == -1 else f"every {t.stability_every} steps")
             + ("; the analog path's on its arrays' read-out weights (a digital copy), not through noisy reads." if cfg.uses_analog else ".")
         )
+    if cfg.compile != "none" and (cfg.mode != "ep" or cfg.path == "twin") and cfg.mode != "bp":
+        notes.append(
+            f"The twin's plain force evaluations (free phase, nudged states, the nudge's Jᵀv) ran through torch.compile "
+            f"(backend {cfg.compile}): equal to the eager force up to float rounding, not bit for bit"
+            + (" (aot_eager: bit for bit)." if cfg.compile == "aot_eager" else ".")
+        )
     return notes
 
 
