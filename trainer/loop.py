@@ -176,7 +176,8 @@ def physics_notes(cfg: RunConfig, tile: Any = None) -> list[str]:
     if cfg.compile != "none" and (cfg.mode != "ep" or cfg.path == "twin") and cfg.mode != "bp":
         notes.append(
             f"The twin's plain force evaluations (free phase, nudged states, the nudge's Jᵀv) ran through torch.compile "
-            f"(backend {cfg.compile}): equal to the eager force up to float rounding, not bit for bit"
+            f"(backend {cfg.compile}; had the compiler failed, the log has a warning and the eager force served the "
+            "rest of the run): equal to the eager force up to float rounding, not bit for bit"
             + (" (aot_eager: bit for bit)." if cfg.compile == "aot_eager" else ".")
         )
     return notes
