@@ -202,7 +202,7 @@ def test_run_config_compiles_the_twin_only_and_the_report_says_so():
     paths = build_paths(cfg)
     assert paths["twin"].model.compile_backend == "aot_eager"
     assert paths["analog"].model.compile_backend == "none"
-    assert any("torch.compile (backend aot_eager)" in n for n in physics_notes(cfg))
+    assert any("torch.compile (backend aot_eager;" in n for n in physics_notes(cfg))
     assert not any("torch.compile" in n for n in physics_notes(resolve_vocab(load_run_config("tiny"), 65)))
 
 
