@@ -284,6 +284,10 @@ class PulseEvents:
         out.index_add_(0, self.sample_index() * n_el + self.element.long(), self.signed.to(dtype))
         return out.view(len(self.per_sample), *shape)
 
+    def n_pulses(self) -> int:
+        """The number of pulses listed (Σ |signed|)."""
+        return int(self.signed.abs().sum(dtype=torch.int64)) if self.signed.numel() else 0
+
     def hits(self, n_el: int) -> Tensor:
         """(n_el,) int32: the pulses of each device over the run."""
         counts = self.signed.abs().to(torch.float64)
@@ -317,6 +321,10 @@ class SlotTrains:
 
     def __init__(self, slot_sample: Tensor, rows: Tensor, cols: Tensor, d_neg: Tensor, x_neg: Tensor):
         self.slot_sample, self.rows, self.cols, self.d_neg, self.x_neg = slot_sample, rows, cols, d_neg, x_neg
+
+    def n_pulses(self) -> int:
+        """The number of pulses: Σ_slots (fired rows)·(fired columns)."""
+        return int((self.rows.sum(1) * self.cols.sum(1)).sum()) if self.rows.numel() else 0
 
     def hits(self, n_el: int) -> Tensor:
         """(n_el,) int32: the pulses of each device over the run, Σ_slots rowᵀ·col (one product;
@@ -579,7 +587,10 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
         raise ValueError("apply_per_sample(compiled=True): no compiled kernel applies (numba missing, "
                          "a non-CPU or non-float32 array, or a rule without a kernel)")
     apply = _apply_compiled if use_kernel else _apply_ranked
-    flat, totals = apply(arrays, pair, pulses_of, plan, generator)
+    entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
+    chunks = _slices_by(entries, _EXACT_ENTRIES)
+    noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
+    flat, totals = apply(arrays, pair, pulses_of, chunks, noisy, generator)
     for k, arr in enumerate(arrays):
         arr._persistent = flat[k].reshape(shape)
         if arr._apparent is not None:
@@ -600,8 +611,9 @@ def _kernels_apply(arrays: Sequence[Any]) -> bool:
 
 
 def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
-                    plan: PulsePlan, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
-    """The compiled walk (`apply_per_sample`): (new flat weights, pulses per device) per array."""
+                    chunks: list[slice], noisy: bool, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    """The compiled walk (`apply_per_sample`, chunk after chunk; c2c normals drawn when `noisy`):
+    (new flat weights, pulses per device) per array."""
     from devices import kernels
 
     n_el = arrays[0].shape[0] * arrays[0].shape[1]
@@ -611,14 +623,9 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
     for arr, f, n in zip(arrays, flat, counts):
         kernel = kernels.kernel_for(arr.rule)
         sides.append((kernel, arr.config, f.numpy(), *kernels.pack(kernel, arr.config, arr.hidden), n))
-    noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
-    entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
-    for sl in _slices_by(entries, _EXACT_ENTRIES):
+    for sl in chunks:
         pulses = pulses_of(sl)
-        if isinstance(pulses, SlotTrains):
-            count = int((pulses.rows.sum(1) * pulses.cols.sum(1)).sum()) if pulses.rows.numel() else 0
-        else:
-            count = int(pulses.signed.abs().sum(dtype=torch.int64)) if pulses.signed.numel() else 0
+        count = pulses.n_pulses()
         if count == 0:
             continue
         xi = torch.randn((count,), generator=generator, device=generator.device, dtype=torch.float32).cpu().numpy() \
@@ -634,7 +641,7 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
 
 
 def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
-                  plan: PulsePlan, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+                  chunks: list[slice], noisy: bool, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
     """The torch path (`apply_per_sample`): pulses ranked per device, devices sorted by their
     number of pulses, stepped rank after rank. (new flat weights, pulses per device) per array."""
     shape = arrays[0].shape
@@ -643,9 +650,7 @@ def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice]
     hidden = [{k: v.reshape(-1) for k, v in arr.hidden.items()} for arr in arrays]
     dtype, device = flat[0].dtype, flat[0].device
     totals = [torch.zeros(n_el, dtype=dtype, device=device) for _ in arrays]
-    noisy = any(getattr(arr.config, "dw_min_std", 0.0) != 0 for arr in arrays)  # else no c2c draws (same result)
-    entries = plan.bl.to(plan.p.dtype) * plan.p.sum(1) * plan.q.sum(1)  # expected coincidences per sample
-    for sl in _slices_by(entries, _EXACT_ENTRIES):
+    for sl in chunks:
         laid_out = _pulse_queue(pulses_of(sl), n_el)
         if laid_out is None:
             continue
