@@ -26,10 +26,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from devices.normals import draw_key, fill_normals, padded
 from ept_hw.config import ConfigError, check_choice, check_finite_range
+
+from . import io_kernels
 
 __all__ = ["IOParameters", "PeripheryReader", "ReadStats", "analog_read", "effective_res", "res_from_bits", "bits_from_res",
            "BOUND_MANAGEMENT", "NOISE_MANAGEMENT",
@@ -153,13 +157,26 @@ class PeripheryReader:
     out once: step sizes, which stages act, and the weight matrix in ADC-per-DAC units (kept for
     as long as the weight tensor is unchanged). `analog_read` is the same read as a function.
 
-    Built once per periphery (an `AnalogTile` holds one per direction); a read then issues one
-    tensor operation per stage that acts and no Python-side checks. The random draws (their
-    order, shapes and generator) and the arithmetic are those of the straightforward
-    implementation, so outputs are bit-identical to it.
+    Built once per periphery (an `AnalogTile` holds one per direction). Two implementations of
+    the same read:
+
+    - **compiled** (`crossbar.io_kernels`, numba): the DAC stage and the ADC stage are one pass
+      each around the torch product, and the output noise is drawn by `devices.normals`
+      (Philox4x32-10 and Box–Muller, one 64-bit key drawn from `generator` per pass). Used for
+      float32 CPU reads when numba imports and the periphery has none of: stochastic rounding,
+      input noise, weight noise, noise management "max" (`compiled=None` decides, True insists,
+      False refuses).
+    - **torch**: one tensor operation per stage that acts and no Python-side checks; its random
+      draws (order, shapes, generator) and arithmetic are those of the straightforward
+      implementation, so its outputs are bit-identical to it.
+
+    Both give the same read in distribution; given the same generator state they draw different
+    noise (the compiled path's normals are not torch's `randn` stream). Without output noise
+    they agree exactly, up to ADC bins that a different rounding of the product flips
+    (`tests/test_io_compiled.py`).
     """
 
-    def __init__(self, io: IOParameters):
+    def __init__(self, io: IOParameters, compiled: bool | None = None):
         self.io = io
         self.perfect = io.is_perfect
         in_step, out_step = io.inp_step, io.out_step
@@ -191,6 +208,21 @@ class PeripheryReader:
         self._w_key: tuple | None = None
         self._w_src: Tensor | None = None
         self._w_units_t: Tensor | None = None
+        nm_mode = {"none": io_kernels.NM_NONE, "abs_max": io_kernels.NM_ABS_MAX,
+                   "constant": io_kernels.NM_CONSTANT}.get(nm)
+        covered = (io_kernels.AVAILABLE and nm_mode is not None and not io.inp_sto_round and not io.out_sto_round
+                   and not self.inp_noise and not self.has_w_noise)
+        if compiled and not self.perfect and not covered:
+            raise ValueError("PeripheryReader(compiled=True): the compiled read does not cover this periphery "
+                             "(numba missing, stochastic rounding, input or weight noise, or noise_management 'max')")
+        self.compiled = covered and compiled is not False and not self.perfect
+        self._nm_mode = nm_mode
+        # the constants as the torch path's float32 ops round them
+        self._k = dict(thres=np.float32(io.nm_thres), in_unit=np.float32(self.in_unit),
+                       in_bound=np.float32(self.in_bound), sigma=np.float32(self.out_noise),
+                       bound=np.float32(self.bound))
+        self._no_noise = np.zeros(0, dtype=np.float32)
+        self._buffers: dict[str, np.ndarray] = {}
 
     def _scaled_weights_t(self, w: Tensor) -> Tensor:
         """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes."""
@@ -241,6 +273,55 @@ class PeripheryReader:
             _quantise_(y, io.out_sto_round, generator, blocks)
         return self._clip_(y, per_row)
 
+    def _pass_compiled(self, w_units_t: Tensor, x: Tensor, alpha: np.ndarray, mode: int, generator: torch.Generator,
+                       per_row: bool, digital_scale: float, blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """`_pass` by the compiled stages: `io_kernels.prepare` (α into `alpha` (N,) float32 unless
+        `mode` is NM_GIVEN; DAC), the torch product, `devices.normals` for the output noise (one
+        key from `generator` per pass, one block's worth: blocks share it) and `io_kernels.finish`
+        (noise, ADC, clip, counts, and the final scaling by α·final_factor·digital_scale, which the
+        torch path applies after bound management). Returns what `_pass` returns, y rescaled."""
+        k = self._k
+        xn = x.detach().contiguous().numpy()
+        xu = self._scratch("xu", xn.size).reshape(xn.shape)
+        io_kernels.prepare(xn, alpha, mode, k["thres"], k["in_unit"], self.quantise_in, k["in_bound"],
+                           not self.within, xu)
+        y = torch.from_numpy(xu) @ w_units_t.detach()
+        n, m = y.shape
+        rows = n // blocks
+        noise = self._no_noise
+        if self.out_noise:
+            k0, k1 = draw_key(generator)
+            noise = self._scratch("noise", padded(rows * m))
+            fill_normals(noise, k0, k1)
+        count_abs = np.empty(n, dtype=np.int64)
+        count_pos = np.empty(n, dtype=np.int64)
+        factor = np.float32(self.final_factor * digital_scale)
+        if not io_kernels.finish(y.numpy(), noise, k["sigma"], rows, self.quantise_out, k["bound"], alpha, factor,
+                                 count_abs, count_pos):
+            return y, None, None
+        clipped = torch.from_numpy(count_abs)
+        touched = None
+        if per_row:
+            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(count_pos) > 0
+        return y, clipped, touched
+
+    def _scratch(self, name: str, n: int) -> np.ndarray:
+        """A float32 buffer of n elements, reused across reads (a fresh 100 kB array costs its page
+        faults on every read). Its contents are consumed within one pass."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < n:
+            buf = self._buffers[name] = np.empty(max(n, 1024), dtype=np.float32)
+        return buf[:n]
+
+    def _reread(self, w: Tensor, w_units_t: Tensor, x: Tensor, alpha: Tensor, generator: torch.Generator,
+                compiled_scale: float | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """A bound-management re-read of the vectors x with the noise-management scales `alpha` (N, 1).
+        `compiled_scale`: None for the torch path, else the compiled path with this digital scale."""
+        if compiled_scale is not None:
+            a = alpha.reshape(-1).contiguous().numpy().copy()
+            return self._pass_compiled(w_units_t, x, a, io_kernels.NM_GIVEN, generator, True, compiled_scale)
+        return self._pass(w, w_units_t, x, alpha.reciprocal(), generator, True)
+
     def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Clip y to ±bound in place. Returns y, the per-vector count of outputs at the bound
         (None when there are none) and, with `per_row`, the per-vector saturation that bound
@@ -257,19 +338,20 @@ class PeripheryReader:
         return y, clipped, touched
 
     def _bound_managed(self, w: Tensor, w_units_t: Tensor, flat: Tensor, alpha: Tensor, generator: torch.Generator,
-                       y: Tensor, clipped: Tensor, saturated: Tensor) -> int:
+                       y: Tensor, clipped: Tensor, saturated: Tensor, compiled_scale: float | None = None) -> int:
         """Iterative bound management (in place on y, clipped): re-read the saturated vectors with
         the input scaled down by 2, 4, ... until none saturates or the factors run out. Returns the
-        number of vectors re-read."""
+        number of vectors re-read. `compiled_scale` as `_reread` (y then holds final values: a re-read's
+        α·factor rescaling is already in its outputs)."""
         reads = 0
         for factor in self.bm_factors:
             if not bool(saturated.any()):
                 break
             idx = saturated.nonzero().squeeze(-1)
-            y_again, clip_again, sat_again = self._pass(w, w_units_t, flat[idx], (alpha[idx] * factor).reciprocal(),
-                                                        generator, True)
+            y_again, clip_again, sat_again = self._reread(w, w_units_t, flat[idx], alpha[idx] * factor, generator,
+                                                          compiled_scale)
             reads += int(idx.numel())
-            y[idx] = y_again * factor
+            y[idx] = y_again if compiled_scale is not None else y_again * factor
             clipped[idx] = 0 if clip_again is None else clip_again
             if sat_again is None:  # no re-read vector reached the bound: done
                 break
@@ -303,28 +385,23 @@ class PeripheryReader:
         if blocks < 1 or (blocks > 1 and (x.dim() < 2 or x.shape[0] % blocks)):
             raise ValueError(f"analog_read: {blocks} blocks do not divide the leading dimension of {tuple(x.shape)}")
 
-        nm = io.noise_management
-        if nm == "none":
-            alpha = torch.ones(n_vec, 1, dtype=x.dtype, device=x.device)
-        elif nm == "constant":
-            alpha = torch.full((n_vec, 1), io.nm_thres, dtype=x.dtype, device=x.device)
-        else:
-            if nm == "abs_max":
-                alpha = flat.abs().amax(dim=-1, keepdim=True)
-            else:  # "max": aihwkit MAX uses the signed maximum; fall back to abs max where it is <= 0
-                lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
-                alpha = torch.where(hi > 0, hi, torch.maximum(-lo, hi))
-            if io.nm_thres > 0.0:
-                alpha = alpha.clamp_max(io.nm_thres)
-            alpha = torch.where(alpha > 0, alpha, 1.0)
-
         w_units_t = self._scaled_weights_t(w)
         bm = bool(self.bm_factors)
-        y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm, blocks)
+        # the compiled path (None: the torch path) applies the digital scale inside its passes
+        compiled_scale = digital_scale if (self.compiled and x.dtype == torch.float32 and x.device.type == "cpu"
+                                           and generator.device.type == "cpu") else None
+        if compiled_scale is not None:
+            alpha_np = np.empty(n_vec, dtype=np.float32)
+            y, clipped, saturated = self._pass_compiled(w_units_t, flat, alpha_np, self._nm_mode, generator, bm,
+                                                        digital_scale, blocks)
+            alpha = torch.from_numpy(alpha_np).unsqueeze(1)
+        else:
+            alpha = self._alpha(flat)
+            y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm, blocks)
         reads = n_vec
         if bm and clipped is not None:
             if blocks == 1:
-                reads += self._bound_managed(w, w_units_t, flat, alpha, generator, y, clipped, saturated)
+                reads += self._bound_managed(w, w_units_t, flat, alpha, generator, y, clipped, saturated, compiled_scale)
             else:
                 # block by block from the state the main pass left (each block's own re-reads)
                 after_main = generator.get_state()
@@ -338,7 +415,7 @@ class PeripheryReader:
                         generator.set_state(after_main)
                     y_b, clipped_b = y[part], clipped[part]  # views: written in place
                     reads += self._bound_managed(w, w_units_t, flat[part], alpha[part], generator, y_b, clipped_b,
-                                                 saturated[part])
+                                                 saturated[part], compiled_scale)
                     last = b
                 if 0 <= last < blocks - 1:
                     generator.set_state(after_main)  # the last block drew nothing after its main pass
@@ -347,8 +424,29 @@ class PeripheryReader:
             stats.adc_conversions += reads * n_out
             if clipped is not None:
                 stats.adc_clipped += int(clipped.sum())
-        y.mul_(alpha * (self.final_factor * digital_scale))
+        if compiled_scale is None:
+            y.mul_(alpha * (self.final_factor * digital_scale))
         return y.reshape(*lead, n_out)
+
+    def _alpha(self, flat: Tensor) -> Tensor:
+        """The noise-management scale α (N, 1) of each input vector (torch path)."""
+        io = self.io
+        nm = io.noise_management
+        n_vec = flat.shape[0]
+        if nm == "none":
+            alpha = torch.ones(n_vec, 1, dtype=flat.dtype, device=flat.device)
+        elif nm == "constant":
+            alpha = torch.full((n_vec, 1), io.nm_thres, dtype=flat.dtype, device=flat.device)
+        else:
+            if nm == "abs_max":
+                alpha = flat.abs().amax(dim=-1, keepdim=True)
+            else:  # "max": aihwkit MAX uses the signed maximum; fall back to abs max where it is <= 0
+                lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+                alpha = torch.where(hi > 0, hi, torch.maximum(-lo, hi))
+            if io.nm_thres > 0.0:
+                alpha = alpha.clamp_max(io.nm_thres)
+            alpha = torch.where(alpha > 0, alpha, 1.0)
+        return alpha
 
 
 def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator,
