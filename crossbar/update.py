@@ -49,6 +49,7 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -614,7 +615,7 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
                     chunks: list[slice], noisy: bool, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
     """The compiled walk (`apply_per_sample`, chunk after chunk; c2c normals drawn when `noisy`):
     (new flat weights, pulses per device) per array."""
-    from devices import kernels
+    from devices import kernels, normals
 
     n_el = arrays[0].shape[0] * arrays[0].shape[1]
     flat = [arr.persistent_weights.reshape(-1).clone().contiguous() for arr in arrays]
@@ -628,8 +629,9 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
         count = pulses.n_pulses()
         if count == 0:
             continue
-        xi = torch.randn((count,), generator=generator, device=generator.device, dtype=torch.float32).cpu().numpy() \
-            if noisy else None
+        xi = None
+        if noisy:  # the c2c normals, in a buffer reused by this thread's exact updates
+            xi = normals.fill(_normals_buffer(normals.padded(count)), generator)
         if isinstance(pulses, SlotTrains):
             done = kernels.apply_slot_trains(pulses.rows.numpy(), pulses.cols.numpy(), pulses.slot_sample.numpy(),
                                              pulses.d_neg.numpy(), pulses.x_neg.numpy(), xi, sides)
@@ -638,6 +640,18 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
         if done != count:
             raise RuntimeError(f"compiled walk applied {done} pulses, expected {count}")
     return flat, [torch.from_numpy(n).to(torch.float32) for n in counts]  # (a pair: G⁺ ups, G⁻ downs)
+
+
+_SCRATCH = threading.local()
+
+
+def _normals_buffer(n: int) -> np.ndarray:
+    """A float32 array of n elements, this thread's, reused by every compiled exact update (a fresh
+    array of tens of MB pays its page faults on each update, several times the draw itself)."""
+    buf = getattr(_SCRATCH, "normals", None)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH.normals = np.empty(n, dtype=np.float32)
+    return buf[:n]
 
 
 def _apply_ranked(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slice], PulseEvents | SlotTrains],
