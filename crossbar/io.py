@@ -223,12 +223,13 @@ class PeripheryReader:
                        bound=np.float32(self.bound))
         self._no_noise = np.zeros(0, dtype=np.float32)
         self._buffers: dict[str, np.ndarray] = {}
+        self._key_buf = torch.empty(2, dtype=torch.int64)
 
     def _scaled_weights_t(self, w: Tensor) -> Tensor:
         """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes."""
         key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, w.device)
         if self._w_units_t is None or key != self._w_key or self._w_src is None:
-            self._w_units_t = (w * self.w_factor).T
+            self._w_units_t = (w.detach() * self.w_factor).T
             self._w_key = key
             self._w_src = w  # held so that its storage (and data_ptr) is not reused while cached
         return self._w_units_t
@@ -282,35 +283,34 @@ class PeripheryReader:
         torch path applies after bound management). Returns what `_pass` returns, y rescaled."""
         k = self._k
         xn = x.detach().contiguous().numpy()
+        n = xn.shape[0]
         xu = self._scratch("xu", xn.size).reshape(xn.shape)
         io_kernels.prepare(xn, alpha, mode, k["thres"], k["in_unit"], self.quantise_in, k["in_bound"],
                            not self.within, xu)
-        y = torch.from_numpy(xu) @ w_units_t.detach()
-        n, m = y.shape
+        y = torch.from_numpy(xu) @ w_units_t
+        m = y.shape[1]
         rows = n // blocks
         noise = self._no_noise
         if self.out_noise:
-            k0, k1 = draw_key(generator)
             noise = self._scratch("noise", padded(rows * m))
-            fill_normals(noise, k0, k1)
-        count_abs = np.empty(n, dtype=np.int64)
-        count_pos = np.empty(n, dtype=np.int64)
+            fill_normals(noise, *draw_key(generator, self._key_buf))
+        counts = self._scratch("counts", 2 * n, np.int64)
         factor = np.float32(self.final_factor * digital_scale)
         if not io_kernels.finish(y.numpy(), noise, k["sigma"], rows, self.quantise_out, k["bound"], alpha, factor,
-                                 count_abs, count_pos):
+                                 counts[:n], counts[n:]):
             return y, None, None
-        clipped = torch.from_numpy(count_abs)
+        clipped = torch.from_numpy(counts[:n].copy())  # a copy: the scratch serves the next pass
         touched = None
         if per_row:
-            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(count_pos) > 0
+            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(counts[n:] > 0)
         return y, clipped, touched
 
-    def _scratch(self, name: str, n: int) -> np.ndarray:
-        """A float32 buffer of n elements, reused across reads (a fresh 100 kB array costs its page
-        faults on every read). Its contents are consumed within one pass."""
+    def _scratch(self, name: str, n: int, dtype: Any = np.float32) -> np.ndarray:
+        """A buffer of n elements, reused across reads (a fresh 100 kB array costs its page faults
+        on every read). Its contents are consumed within one pass."""
         buf = self._buffers.get(name)
         if buf is None or buf.size < n:
-            buf = self._buffers[name] = np.empty(max(n, 1024), dtype=np.float32)
+            buf = self._buffers[name] = np.empty(max(n, 1024), dtype=dtype)
         return buf[:n]
 
     def _reread(self, w: Tensor, w_units_t: Tensor, x: Tensor, alpha: Tensor, generator: torch.Generator,
@@ -391,10 +391,10 @@ class PeripheryReader:
         compiled_scale = digital_scale if (self.compiled and x.dtype == torch.float32 and x.device.type == "cpu"
                                            and generator.device.type == "cpu") else None
         if compiled_scale is not None:
-            alpha_np = np.empty(n_vec, dtype=np.float32)
+            alpha_np = self._scratch("alpha", n_vec)  # (bound management's re-reads use their own)
             y, clipped, saturated = self._pass_compiled(w_units_t, flat, alpha_np, self._nm_mode, generator, bm,
                                                         digital_scale, blocks)
-            alpha = torch.from_numpy(alpha_np).unsqueeze(1)
+            alpha = torch.from_numpy(alpha_np).unsqueeze(1) if bm and clipped is not None else None
         else:
             alpha = self._alpha(flat)
             y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm, blocks)
@@ -426,7 +426,7 @@ class PeripheryReader:
                 stats.adc_clipped += int(clipped.sum())
         if compiled_scale is None:
             y.mul_(alpha * (self.final_factor * digital_scale))
-        return y.reshape(*lead, n_out)
+        return y if len(lead) == 1 else y.reshape(*lead, n_out)
 
     def _alpha(self, flat: Tensor) -> Tensor:
         """The noise-management scale α (N, 1) of each input vector (torch path)."""

@@ -116,9 +116,13 @@ def fill_normals(out, k0, k1):  # pragma: no cover - compiled
         out[3 * n4 + j] = b * s
 
 
-def draw_key(generator: torch.Generator) -> tuple[np.uint32, np.uint32]:
-    """One 64-bit key (two 32-bit words) from `generator`: what a draw takes from it."""
-    k = torch.randint(0, 2**32, (2,), generator=generator, device=generator.device, dtype=torch.int64).tolist()
+def draw_key(generator: torch.Generator, out: torch.Tensor | None = None) -> tuple[np.uint32, np.uint32]:
+    """One 64-bit key (two 32-bit words, uniform in [0, 2³²) each) from `generator`: what a draw
+    takes from it. `out`: an int64 tensor of two elements on the generator's device to draw into
+    (a caller drawing often keeps one; the draw is the same)."""
+    if out is None:
+        out = torch.empty(2, dtype=torch.int64, device=generator.device)
+    k = out.random_(0, 2**32, generator=generator).tolist()
     return np.uint32(k[0]), np.uint32(k[1])
 
 
