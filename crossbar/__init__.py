@@ -8,7 +8,8 @@ Public API::
     tile_for_device(device, algorithm="sgd", mode="fast")   # any device (name, path, dict, config)
     AnalogTile(config, out_features, in_features, generator)
     AnalogProjection(weight, config, generator, name="W"); analog_factory(config, generator)
-    analog_read(weights, x, io, generator, stats=None, digital_scale=1.0)
+    analog_read(weights, x, io, generator, stats=None, digital_scale=1.0, compiled=None)
+        # compiled=None: numba passes + devices.normals where they apply, else torch (crossbar.io)
 
 AnalogProjection beyond the `Projection` protocol:
     proj.counters() -> {"pulses_max", "pulses_mean", "mvm_reads", "adc_conversions",

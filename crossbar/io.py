@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devices.normals import draw_key, fill_normals, padded
+from devices.normals import draw_key, padded
 from ept_hw.config import ConfigError, check_choice, check_finite_range
 
 from . import io_kernels
@@ -290,14 +290,14 @@ class PeripheryReader:
         y = torch.from_numpy(xu) @ w_units_t
         m = y.shape[1]
         rows = n // blocks
-        noise = self._no_noise
-        if self.out_noise:
+        noise, k0, k1 = self._no_noise, 0, 0
+        if self.out_noise:  # one key per pass; `finish` fills the normals and adds them
             noise = self._scratch("noise", padded(rows * m))
-            fill_normals(noise, *draw_key(generator, self._key_buf))
+            k0, k1 = draw_key(generator, self._key_buf)
         counts = self._scratch("counts", 2 * n, np.int64)
         factor = np.float32(self.final_factor * digital_scale)
-        if not io_kernels.finish(y.numpy(), noise, k["sigma"], rows, self.quantise_out, k["bound"], alpha, factor,
-                                 counts[:n], counts[n:]):
+        if not io_kernels.finish(y.numpy(), noise, k0, k1, k["sigma"], rows, self.quantise_out, k["bound"], alpha,
+                                 factor, counts[:n], counts[n:]):
             return y, None, None
         clipped = torch.from_numpy(counts[:n].copy())  # a copy: the scratch serves the next pass
         touched = None
@@ -450,12 +450,14 @@ class PeripheryReader:
 
 
 def analog_read(weights: Tensor, x: Tensor, io: IOParameters, generator: torch.Generator,
-                stats: ReadStats | None = None, digital_scale: float = 1.0) -> Tensor:
+                stats: ReadStats | None = None, digital_scale: float = 1.0, compiled: bool | None = None) -> Tensor:
     """y = x Wᵀ through the periphery `io` (W: (out, in) in device units, x: (..., in)).
 
     For the transposed read pass `weights.T`. Computes in x's dtype. Every random draw comes from
     `generator`. `stats` (optional) accumulates read counters. `digital_scale` multiplies the
     result after the ADC (the tile's mapping scale; folded into the final rescaling). Repeated
     reads of one periphery should hold a `PeripheryReader` (this builds one per call).
+    `compiled`: which implementation (`PeripheryReader`: None picks the compiled one where it
+    applies; the two draw different noise of the same distribution).
     """
-    return PeripheryReader(io)(weights, x, generator, stats, digital_scale)
+    return PeripheryReader(io, compiled)(weights, x, generator, stats, digital_scale)

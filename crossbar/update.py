@@ -21,7 +21,8 @@ Update modes (`UpdateParameters.mode`; aihwkit has only the first):
   the fired rows and columns of each slot (`sample_trains`: work ∝ pulses, not samples ×
   devices) and applied by `apply_per_sample`: by a compiled walk in time order (numba,
   `devices.kernels`: slot after slot, every fired row times every fired column stepping its
-  device once through the rule's scalar kernel, with its own c2c normal, then the clip) where
+  device once through the rule's scalar kernel, with its own c2c normal from `devices.normals`,
+  then the clip) where
   every array is float32 on the CPU and its rule has a kernel; elsewhere (CUDA, float64,
   PiecewiseStep, numba missing) by torch ops: each pulse ranked by the device's earlier pulses,
   the devices sorted by their number of pulses so that each rank is a contiguous prefix, then
@@ -561,8 +562,9 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
       the pulses are walked as the hardware sends them, sample after sample, slot after slot, in
       each slot every fired row times every fired column (row-major) stepping device (i, j)
       once through its rule's scalar kernel, with its own standard normal, then the clip. The
-      normals come from `generator` in one `torch.randn` call per chunk (the chunk's
-      coincidences counted first), consumed in walk order; one thread; no sorting.
+      normals are one `devices.normals` draw per chunk (keyed by `generator`; the chunk's
+      coincidences counted first, the buffer reused by the thread's later updates), consumed in
+      walk order; one thread; no sorting.
     - torch (`_apply_ranked`, any rule and device, e.g. CUDA tensors or PiecewiseStep): each
       pulse gets its rank (the number of earlier pulses of the chunk on the same device), the
       devices are sorted by their number of pulses, and the devices are stepped rank after rank

@@ -101,9 +101,12 @@ def _sincos(r):  # pragma: no cover - compiled
 @njit(cache=True)
 def fill_normals(out, k0, k1):  # pragma: no cover - compiled
     """Fill the float32 array `out` (length a multiple of 4) with the draw of len(out) normals
-    under key (k0, k1) (module docstring: four planes of n4 = len(out)/4)."""
+    under key (k0, k1), two integers in [0, 2³²) (module docstring: four planes of
+    n4 = len(out)/4)."""
     n4 = out.shape[0] // 4
     zero = np.uint32(0)
+    k0 = np.uint32(k0)
+    k1 = np.uint32(k1)
     for j in range(n4):
         r0, r1, r2, r3 = _philox(np.uint32(j), zero, zero, zero, k0, k1)
         a = _radius(r0)
@@ -116,14 +119,14 @@ def fill_normals(out, k0, k1):  # pragma: no cover - compiled
         out[3 * n4 + j] = b * s
 
 
-def draw_key(generator: torch.Generator, out: torch.Tensor | None = None) -> tuple[np.uint32, np.uint32]:
-    """One 64-bit key (two 32-bit words, uniform in [0, 2³²) each) from `generator`: what a draw
-    takes from it. `out`: an int64 tensor of two elements on the generator's device to draw into
-    (a caller drawing often keeps one; the draw is the same)."""
+def draw_key(generator: torch.Generator, out: torch.Tensor | None = None) -> tuple[int, int]:
+    """One 64-bit key (two 32-bit words, ints uniform in [0, 2³²) each) from `generator`: what a
+    draw takes from it. `out`: an int64 tensor of two elements on the generator's device to draw
+    into (a caller drawing often keeps one; the draw is the same)."""
     if out is None:
         out = torch.empty(2, dtype=torch.int64, device=generator.device)
-    k = out.random_(0, 2**32, generator=generator).tolist()
-    return np.uint32(k[0]), np.uint32(k[1])
+    k0, k1 = out.random_(0, 2**32, generator=generator).tolist()
+    return k0, k1
 
 
 def padded(n: int) -> int:

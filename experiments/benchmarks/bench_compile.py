@@ -14,8 +14,9 @@ Measured on the shared 2-core machine (inductor, rows 256, C = 32, heavily loade
 input and output stages ran 1.5x and 3.0x slower compiled (bit-identical); the digital force ran
 0.60x eager, but took 51 s to compile for one input shape, and differs from eager by up to
 4.8e-7. Again on 2 Dec at C = 128 (loaded): input stage 1.11x, output stage 2.34x, force 0.76x
-(max |diff| 4.8e-7). Hence the library never compiles the periphery, and compiles only the digital
-twin's force, on request (`RunConfig.compile` / `--compile inductor`,
+(max |diff| 4.8e-7). Hence the library never hands the periphery to torch.compile (its compiled
+read path is two numba passes, `crossbar/io_kernels.py`, measured by `bench_ep_step`), and
+torch.compiles only the digital twin's force, on request (`RunConfig.compile` / `--compile inductor`,
 `EquilibriumTransformer.compile_force`, where the whole training step is measured by
 `bench_ep_step --compile inductor`); the analog path's reads (explicit generators, custom autograd
 Function) would break its graph. Rerun this to check elsewhere.
