@@ -311,17 +311,22 @@ def test_periphery_reader_rescales_weights_that_changed():
 @pytest.mark.parametrize("variant", [{}, {"out_bound": 0.6}, {"out_bound": 0.6, "bm_test_negative_bound": False},
                                      {"inp_sto_round": True, "out_sto_round": True, "inp_noise": 0.02},
                                      {"w_noise": 0.02, "w_noise_type": "pcm_read", "out_bound": 0.6}])
-def test_common_noise_blocks_read_in_one_pass_equal_block_by_block(variant):
+@pytest.mark.parametrize("compiled", [None, False])
+def test_common_noise_blocks_read_in_one_pass_equal_block_by_block(variant, compiled):
     """`PeripheryReader(blocks=k)` (one product for the k stacked nudge phases, noise drawn once)
     gives, draw for draw, what k reads with the generator reset before each give: outputs, read
-    counters (bound-management re-reads included) and the generator's final state."""
+    counters (bound-management re-reads included) and the generator's final state; and blocks
+    of equal inputs read alike. Both implementations: the compiled read (`compiled=None` takes
+    it for the first three peripheries) and the torch path."""
     from dataclasses import replace
 
     from crossbar.io import PeripheryReader, ReadStats
     from crossbar.presets import preset_io
 
     io = replace(preset_io(), **variant)
-    read = PeripheryReader(io)
+    read = PeripheryReader(io, compiled)
+    covered = not ({"inp_sto_round", "w_noise"} & set(variant))
+    assert read.compiled == (compiled is None and covered)
     w = 0.3 * torch.randn(7, 9, generator=_gen(0))
     for k, b in ((2, 3), (3, 2)):
         base = torch.randn(b, 4, 9, generator=_gen(k)) * (1 + 3 * torch.rand(b, 4, 1, generator=_gen(k + 1)))
@@ -339,6 +344,8 @@ def test_common_noise_blocks_read_in_one_pass_equal_block_by_block(variant):
         if "out_bound" in variant:  # the case that matters: some vectors were re-read
             assert stats.mvm_reads > x.shape[0] * x.shape[1]
         assert not torch.equal(got[:b], got[b:2 * b])  # different inputs, different reads
+        same = read(w, torch.cat([base, base]), _gen(9), blocks=2)
+        assert torch.equal(same[:b], same[b:])
 
 
 def test_tile_read_common_matches_seeded_block_reads():

@@ -1,6 +1,7 @@
 """The compiled periphery read (`PeripheryReader` with `crossbar.io_kernels` and
 `devices.normals`) against the torch path: bit-equal without output noise, the same noise
-statistics with it, the same common-random-number blocks, and the fallbacks."""
+statistics with it, and the fallbacks. Common-random-number blocks on both paths:
+`tests/test_crossbar.py::test_common_noise_blocks_read_in_one_pass_equal_block_by_block`."""
 
 from __future__ import annotations
 
@@ -102,33 +103,6 @@ def test_compiled_noise_scales_with_alpha_and_lands_before_the_adc():
         units = part / (alpha * step)
         assert torch.equal(units, units.round())
         assert abs(float(part.std()) / (alpha * math.sqrt(0.2**2 + step**2 / 12)) - 1) < 0.03
-
-
-@pytest.mark.parametrize("variant", [{}, {"out_bound": 0.6}, {"out_bound": 0.6, "bm_test_negative_bound": False}])
-def test_compiled_blocks_equal_block_by_block_reads(variant):
-    """Common random numbers on the compiled path: a read of k stacked blocks equals k reads
-    with the generator reset before each (outputs, counters, final generator state), noise and
-    bound-management re-reads included; and blocks of equal inputs read alike."""
-    io = replace(preset_io(), **variant)
-    read = PeripheryReader(io, compiled=True)
-    w = 0.3 * torch.randn(7, 9, generator=_gen(0))
-    for k, b in ((2, 3), (3, 2)):
-        base = torch.randn(b, 4, 9, generator=_gen(k)) * (1 + 3 * torch.rand(b, 4, 1, generator=_gen(k + 1)))
-        x = torch.cat([base * (1 + 0.2 * i) for i in range(k)])
-        ref_gen, ref_stats, outs = _gen(7), ReadStats(), []
-        start = ref_gen.get_state()
-        for chunk in x.split(b):
-            ref_gen.set_state(start)
-            outs.append(read(w, chunk, ref_gen, ref_stats))
-        gen, stats_ = _gen(7), ReadStats()
-        got = read(w, x, gen, stats_, blocks=k)
-        assert torch.equal(got, torch.cat(outs))
-        assert torch.equal(gen.get_state(), ref_gen.get_state())
-        assert stats_.as_dict() == ref_stats.as_dict()
-        if "out_bound" in variant:
-            assert stats_.mvm_reads > x.shape[0] * x.shape[1]
-        same = read(w, torch.cat([base, base]), _gen(9), blocks=2)
-        assert torch.equal(same[:b], same[b:])
 
 
 def test_compiled_read_reproduces_from_the_seed_and_advances_the_generator():
