@@ -153,3 +153,16 @@ def test_tile_reads_use_the_compiled_path():
     tile.transpose(torch.randn(3, 8, generator=_gen(2)))
     readers = list(tile._readers.values())
     assert readers and all(r.compiled for r in readers)
+
+
+def test_non_finite_inputs_stay_visible_on_both_paths():
+    """A NaN or infinite input makes its row's outputs NaN on both paths (the clip must not turn a
+    diverged state into finite values); the other rows are read normally."""
+    w = 0.3 * torch.randn(4, 6, generator=_gen(0))
+    x = torch.randn(3, 6, generator=_gen(1))
+    x[1, 2] = float("nan")
+    x[2, 0] = float("inf")
+    for compiled in (True, False):
+        y = PeripheryReader(preset_io(), compiled=compiled)(w, x, _gen(2))
+        assert torch.isfinite(y[0]).all()
+        assert torch.isnan(y[1:]).all()
