@@ -4,7 +4,9 @@
 operations: noise management (divide by α) -> input quantisation (DAC, step inp_res·2·inp_bound)
 -> clip ±inp_bound -> input noise -> MVM -> weight read noise -> output noise -> output
 quantisation (ADC, step out_res·2·out_bound) -> clip ±out_bound -> multiply by α (and by the
-bound-management factor). Vectorised over every leading dimension.
+bound-management factor). Vectorised over every leading dimension. Two implementations of the
+same read (`PeripheryReader`): compiled numba passes around the torch product, with the output
+noise from `devices.normals`, and plain torch ops with `torch.randn`.
 
 Where we differ from aihwkit
 ----------------------------
@@ -172,8 +174,8 @@ class PeripheryReader:
 
     Both give the same read in distribution; given the same generator state they draw different
     noise (the compiled path's normals are not torch's `randn` stream). Without output noise
-    they agree exactly, up to ADC bins that a different rounding of the product flips
-    (`tests/test_io_compiled.py`).
+    they agree bit for bit (the same product, the same float32 operations in the same order;
+    `tests/test_io_compiled.py`).
     """
 
     def __init__(self, io: IOParameters, compiled: bool | None = None):
@@ -277,10 +279,11 @@ class PeripheryReader:
     def _pass_compiled(self, w_units_t: Tensor, x: Tensor, alpha: np.ndarray, mode: int, generator: torch.Generator,
                        per_row: bool, digital_scale: float, blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """`_pass` by the compiled stages: `io_kernels.prepare` (α into `alpha` (N,) float32 unless
-        `mode` is NM_GIVEN; DAC), the torch product, `devices.normals` for the output noise (one
-        key from `generator` per pass, one block's worth: blocks share it) and `io_kernels.finish`
-        (noise, ADC, clip, counts, and the final scaling by α·final_factor·digital_scale, which the
-        torch path applies after bound management). Returns what `_pass` returns, y rescaled."""
+        `mode` is NM_GIVEN; DAC), the torch product, one key from `generator` for the output noise
+        and `io_kernels.finish` (the `devices.normals` draw under that key, one block's worth that
+        every block shares; noise, ADC, clip, counts, and the final scaling by
+        α·final_factor·digital_scale, which the torch path applies after bound management).
+        Returns what `_pass` returns, y rescaled."""
         k = self._k
         xn = x.detach().contiguous().numpy()
         n = xn.shape[0]

@@ -6,18 +6,20 @@ itself. This module draws them at about 2.3 ns, vectorised, with every bit still
 caller's seeded `torch.Generator`:
 
 - **Key.** A draw of n normals takes one 64-bit key from the generator (`draw_key`: two 32-bit
-  integers by one `torch.randint`). So seeds, `manual_seed` resets, `get_state`/`set_state` and
+  integers by one `random_` into an int64 tensor). So seeds, `manual_seed` resets, `get_state`/`set_state` and
   checkpoints of the generator reproduce the normals exactly, as they do torch's own draws;
   the generator advances by one key per draw whatever n is.
 - **Bits.** Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011;
-  the generator of cuRAND and JAX), counter = the draw's position, key = the draw's key. Checked
+  one of cuRAND's generators and the one behind torch's CUDA random numbers), counter = the
+  draw's position, key = the draw's key. Checked
   against the paper's known-answer vectors in `tests/test_normals.py`.
 - **Normals.** Box–Muller on each pair of 32-bit words: radius sqrt(−2 ln u), u = (2k + 1)·2⁻²⁴
   from the top 23 bits of one word (so u ∈ (0, 1), |z| ≤ 5.77), angle 2πv, v = the top 24 bits of
   the other over 2²⁴. ln, sin and cos are float32 minimax polynomials (the classic Cephes
-  coefficients), within 1e-7 relative of float64 (tested), so the loop vectorises without a
-  vector math library. Box–Muller is exact in distribution; the only departures from N(0, 1) are
-  the 2⁻²⁴ grids of u and v, as in torch's float32 `randn` (which also truncates near 5.8σ).
+  coefficients), about 1e-7 relative from float64 (3e-7 tested), so the loop vectorises without
+  a vector math library. Box–Muller is exact in distribution; the only departures from N(0, 1)
+  are the 2⁻²³ and 2⁻²⁴ grids of u and v, as in torch's float32 `randn` (which also truncates
+  near 5.8σ).
 - **Layout.** n normals use n4 = ⌈n/4⌉ counters; counter c gives the four normals at positions
   c, n4 + c, 2·n4 + c, 3·n4 + c (four planes, so that the loop writes contiguously and
   vectorises). A draw is a function of (key, n) alone.
