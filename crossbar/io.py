@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devices.normals import draw_key, padded
+from devices.normals import draw_key, fill_normals, padded
 from ept_hw.config import ConfigError, check_choice, check_finite_range
 
 from . import io_kernels
@@ -279,9 +279,9 @@ class PeripheryReader:
     def _pass_compiled(self, w_units_t: Tensor, x: Tensor, alpha: np.ndarray, mode: int, generator: torch.Generator,
                        per_row: bool, digital_scale: float, blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """`_pass` by the compiled stages: `io_kernels.prepare` (α into `alpha` (N,) float32 unless
-        `mode` is NM_GIVEN; DAC), the torch product, one key from `generator` for the output noise
-        and `io_kernels.finish` (the `devices.normals` draw under that key, one block's worth that
-        every block shares; noise, ADC, clip, counts, and the final scaling by
+        `mode` is NM_GIVEN; DAC), the torch product, the output noise (a `devices.normals` draw
+        under one key from `generator`, one block's worth that every block shares) and
+        `io_kernels.finish` (noise, ADC, clip, counts, and the final scaling by
         α·final_factor·digital_scale, which the torch path applies after bound management).
         Returns what `_pass` returns, y rescaled."""
         k = self._k
@@ -293,14 +293,14 @@ class PeripheryReader:
         y = torch.from_numpy(xu) @ w_units_t
         m = y.shape[1]
         rows = n // blocks
-        noise, k0, k1 = self._no_noise, 0, 0
-        if self.out_noise:  # one key per pass; `finish` fills the normals and adds them
+        noise = self._no_noise
+        if self.out_noise:  # one key per pass, one block's worth of normals
             noise = self._scratch("noise", padded(rows * m))
-            k0, k1 = draw_key(generator, self._key_buf)
+            fill_normals(noise, *draw_key(generator, self._key_buf))
         counts = self._scratch("counts", 2 * n, np.int64)
         factor = np.float32(self.final_factor * digital_scale)
-        if not io_kernels.finish(y.numpy(), noise, k0, k1, k["sigma"], rows, self.quantise_out, k["bound"], alpha,
-                                 factor, counts[:n], counts[n:]):
+        if not io_kernels.finish(y.numpy(), noise, k["sigma"], rows, self.quantise_out, k["bound"], alpha, factor,
+                                 counts[:n], counts[n:]):
             return y, None, None
         clipped = torch.from_numpy(counts[:n].copy())  # a copy: the scratch serves the next pass
         touched = None

@@ -7,8 +7,8 @@ arithmetic (about 15 small ops a read). Here they are two passes, one on each si
 - `prepare`: per input vector the noise-management scale α (abs max, constant or given), then
   x/α in DAC steps, rounded (DAC) and clipped to ±inp_bound, in the torch path's float32 order
   (1/α, then divided by the step, then the product).
-- `finish`: per output y + σ·ξ (ξ the read's normals, drawn here by `devices.normals` from the
-  pass's key: one call fills the block's noise and applies it), rounded (ADC), the
+- `finish`: per output y + σ·ξ (ξ the read's normals, a `devices.normals` draw made just
+  before by the caller), rounded (ADC), the
   counts of outputs at ±out_bound (both signs, and the upper one alone, for bound management and
   the ADC statistics), the clip, and the final rescaling by α·step·out_scale·digital scale.
 
@@ -16,6 +16,11 @@ Rounding is half to even, as `torch.round`. What is not here stays in torch: the
 bound management's choice of vectors to re-read. The stages the compiled path
 does not cover (stochastic rounding, input noise, weight noise, noise management "max") send
 the whole read to the torch path (`PeripheryReader`).
+
+The normals are drawn by a separate call (`devices.normals.fill_normals`), not from inside
+`finish`: numba's on-disk cache is keyed on each function's own file, so a cached `finish` that
+called into `devices/normals.py` could keep running an older version of it after that file
+changed. (Fusing the two saved nothing measurable.)
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 
 from devices.kernels import AVAILABLE, njit
-from devices.normals import fill_normals
 
 __all__ = ["AVAILABLE", "NM_NONE", "NM_ABS_MAX", "NM_CONSTANT", "NM_GIVEN", "prepare", "finish"]
 
@@ -82,18 +86,14 @@ def _finish_row(yr, nz, sigma, quantise, bound, scale):  # pragma: no cover - co
 
 
 @njit(cache=True)
-def finish(y, noise, k0, k1, sigma, rows, quantise, bound, alpha, factor, count_abs, count_pos):  # pragma: no cover
+def finish(y, noise, sigma, rows, quantise, bound, alpha, factor, count_abs, count_pos):  # pragma: no cover
     """In place on the (N, M) products y (ADC units): y + σ·noise, rounded, clipped to ±bound,
     times the row's output scale float32(α_i·factor) (α from `prepare`; factor: the ADC step
-    times out_scale and the digital scale, float32). With σ ≠ 0 `noise` (a buffer of
-    `devices.normals.padded(rows·M)` float32) is first filled with the draw of that many normals
-    under key (k0, k1) (`devices.normals.fill_normals`), read row-major: row i takes the noise of
-    row i mod `rows`, so N/rows equal blocks see the same noise. count_abs[i] / count_pos[i]:
-    outputs of row i with |y| >= bound / y >= bound (before the clip). Returns the total of
-    count_abs. σ = 0 adds nothing (and neither fills nor reads `noise`)."""
+    times out_scale and the digital scale, float32). Row i takes the noise of row i mod `rows`
+    (noise: at least rows·M normals, row-major), so N/rows equal blocks see the same noise.
+    count_abs[i] / count_pos[i]: outputs of row i with |y| >= bound / y >= bound (before the
+    clip). Returns the total of count_abs. σ = 0 adds nothing (and reads no noise)."""
     n, m = y.shape
-    if sigma != 0.0:
-        fill_normals(noise, np.uint32(k0), np.uint32(k1))
     total = 0
     for i in range(n):
         scale = np.float32(alpha[i] * factor)
