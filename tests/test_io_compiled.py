@@ -66,8 +66,8 @@ def test_compiled_read_without_noise_equals_torch_path(variant):
 def test_compiled_read_noise_has_the_torch_paths_statistics():
     """With output noise the two paths draw different numbers with the same statistics: the
     error against the exact product, per output, has the same mean and standard deviation (σ
-    times α times the ADC's rounding), the same distribution (two-sample KS) and the same share
-    of clipped outputs."""
+    and the ADC's rounding error combined, α = 1), the same distribution (two-sample KS) and
+    the same share of clipped outputs."""
     io = replace(preset_io(), out_noise=0.1, out_bound=1.5, bound_management="none")
     w = 0.25 * torch.randn(32, 48, generator=_gen(5))
     x = torch.rand(4000, 48, generator=_gen(6)) * 2 - 1
