@@ -279,7 +279,9 @@ def attribution_point(overrides: Mapping[str, Any], context: Mapping[str, Any]) 
     result = run(cfg, run_dir, progress=False)
     if result.exit_code == EXIT_INTERRUPTED or result.summary.get("interrupted"):
         raise KeyboardInterrupt
-    losses = RunDirectory(run_dir).final_val_losses()
+    # the run's final figure (the fixed validation set when the run has one, else the last logged
+    # evaluation): the figure the original run's gap is quoted in (`attribution_table`)
+    losses = result.summary.get("final_val_loss") or {}
     diverged = result.summary.get("divergence")
     key = "twin" if overrides.get("twin") else "analog"
     return {
@@ -359,6 +361,14 @@ def attribution_points(chosen: Sequence[str]) -> list[dict[str, Any]]:
     return pts
 
 
+def task_context(cfg: Any, tile: Any, out: Path, threads: int = 1) -> dict[str, Any]:
+    """What every task of an attribution is handed (`attribution_point`'s context): the run's
+    configuration and tile as plain data, the output folder and the torch threads."""
+    return {"config": json.loads(json.dumps(to_dict(cfg), default=str)),
+            "tile": json.loads(json.dumps(tile.to_dict(), default=str)),
+            "_out_dir": str(out), "_threads": int(threads)}
+
+
 def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, factors: Sequence[str] | None = None,
                   threads: int = 1, retry_failed: bool = False,
                   on_record: Callable[[dict[str, Any]], None] | None = None) -> AttributionResult:
@@ -374,9 +384,7 @@ def attribute_run(run_dir: str | Path, *, seeds: int = 2, workers: int = 1, fact
     chosen, skipped = choose_factors(tile, factors, cfg)
     rd = RunDirectory(run_dir)
     out = rd.subdir(SUBDIR, create=False).resolve()
-    context = {"config": json.loads(json.dumps(to_dict(cfg), default=str)),
-               "tile": json.loads(json.dumps(tile.to_dict(), default=str)),
-               "_out_dir": str(out), "_threads": int(threads)}
+    context = task_context(cfg, tile, out, threads)
     points = attribution_points(chosen)
     out.mkdir(exist_ok=True)
     with RunLock(out):  # one attribution of a run at a time (a second one is refused, naming the holder)

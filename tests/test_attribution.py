@@ -196,7 +196,8 @@ def tiny_run(tmp_path_factory):
     (root / "small.txt").write_text(TEXT)
     assert main(["compare", "--model", "tiny", "--device", "ecram", "--data", str(root / "small.txt"), "--steps", "2",
                  "--batch-size", "2", "--seq-len", "16", "--set", "training.eval_interval=2",
-                 "--set", "training.eval_batches=1", "--out", str(root / "run"), "--no-progress"]) == 0
+                 "--set", "training.eval_batches=1", "--set", "training.final_eval_tokens=128",
+                 "--out", str(root / "run"), "--no-progress"]) == 0
     return root / "run"
 
 
@@ -282,6 +283,21 @@ def test_bad_input_exit_2_and_nothing_written(tiny_run, tmp_path, capsys, case):
                 "unknown": "stabilisers", "one_seed": ">= 2", "not_compare": "compare"}[case]
     assert expected in err and "Traceback" not in err
     assert _snapshot(run) == before and not (run / "attribution").exists()
+
+
+def test_a_task_reports_its_runs_final_figure(tiny_run, tmp_path):
+    """A task's loss is its run's final figure, on the fixed validation set when the run has one
+    (as the original run's gap is): not the last in-loop evaluation, a smaller and different sample."""
+    from trainer.rundir import RunDirectory
+
+    cfg, tile, summary = attr.check_run(tiny_run)
+    assert summary["final_eval"]["tokens"] > 0  # the fixture's run has a fixed-set figure
+    context = {**attr.task_context(cfg, tile, tmp_path / "attribution"), "point_seed": 0}
+    rec = attr.attribution_point({"twin": True}, context)
+    task = json.loads((tmp_path / "attribution" / rec["run_dir"] / "summary.json").read_text())
+    assert rec["twin_val_loss"] == task["final_eval"]["loss"]["twin"] == summary["final_eval"]["loss"]["twin"]
+    logged = RunDirectory(tmp_path / "attribution" / rec["run_dir"]).final_val_losses()["twin"]
+    assert logged != rec["twin_val_loss"]  # the two figures differ: the test tells them apart
 
 
 @pytest.mark.slow
