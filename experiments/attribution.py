@@ -12,8 +12,8 @@ with seed + `SEED_STRIDE`·k on the run's data order, as a sweep does; k = 0 is 
 
 Every run is a task of the sweep engine (`experiments.sweep.engine.run_sweep`: parallel workers,
 one atomic record per task, resume), under ``RUN/attribution/`` (``points/``, ``runs/``,
-``tiles/``): finished tasks are never redone. With L the final validation loss of a run and
-seed k:
+``tiles/``): finished tasks are never redone. With L the final validation loss of a run (its
+summary's `final_val_loss`: the fixed validation set when the run has one) and seed k:
 
     gap_full_k      = L_full_k − L_twin_k
     gap_without_f_k = L_f_k − L_twin_k
