@@ -321,7 +321,7 @@ class PeripheryReader:
         """A bound-management re-read of the vectors x with the noise-management scales `alpha` (N, 1).
         `compiled_scale`: None for the torch path, else the compiled path with this digital scale."""
         if compiled_scale is not None:
-            a = alpha.reshape(-1).contiguous().numpy().copy()
+            a = alpha.reshape(-1).contiguous().numpy()  # `alpha` is the caller's fresh product
             return self._pass_compiled(w_units_t, x, a, io_kernels.NM_GIVEN, generator, True, compiled_scale)
         return self._pass(w, w_units_t, x, alpha.reciprocal(), generator, True)
 

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from devices import kernels, normals
 from devices.physics import select
 from ept_hw.config import check_choice, check_positive_int, check_finite_range
 
@@ -607,8 +608,6 @@ def apply_per_sample(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[sli
 def _kernels_apply(arrays: Sequence[Any]) -> bool:
     """Whether `_apply_compiled` applies: numba imports, every array is float32 on the CPU and its
     rule has a compiled kernel (`devices.kernels`)."""
-    from devices import kernels
-
     return all(arr.device.type == "cpu" and arr.dtype == torch.float32 and kernels.kernel_for(arr.rule) is not None
                for arr in arrays)
 
@@ -617,8 +616,6 @@ def _apply_compiled(arrays: Sequence[Any], pair: bool, pulses_of: Callable[[slic
                     chunks: list[slice], noisy: bool, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
     """The compiled walk (`apply_per_sample`, chunk after chunk; c2c normals drawn when `noisy`):
     (new flat weights, pulses per device) per array."""
-    from devices import kernels, normals
-
     n_el = arrays[0].shape[0] * arrays[0].shape[1]
     flat = [arr.persistent_weights.reshape(-1).clone().contiguous() for arr in arrays]
     counts = [np.zeros(n_el, np.int32) for _ in arrays]  # pulses per device of each array
