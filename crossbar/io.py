@@ -154,6 +154,20 @@ def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator, blocks: 
     return v.round_()
 
 
+class _PassBuffers:
+    """A compiled pass's working arrays for one shape (`PeripheryReader._buffers_for`): the DAC
+    inputs xu (n, k) and a tensor sharing them, the noise, the two rows of clip counts, α."""
+
+    __slots__ = ("xu", "xu_t", "noise", "counts", "alpha")
+
+    def __init__(self, n: int, k: int, noise_n: int):
+        self.xu = np.empty((n, k), dtype=np.float32)
+        self.xu_t = torch.from_numpy(self.xu)
+        self.noise = np.empty(noise_n, dtype=np.float32)
+        self.counts = np.empty((2, n), dtype=np.int64)
+        self.alpha = np.empty(n, dtype=np.float32)
+
+
 class PeripheryReader:
     """The read of one `IOParameters`, with everything that does not depend on the data worked
     out once: step sizes, which stages act, and the weight matrix in ADC-per-DAC units (kept for
@@ -207,6 +221,7 @@ class PeripheryReader:
                 break
             self.bm_factors.append(nxt)
             factor = nxt
+        self.bound_managed = bool(self.bm_factors)
         self._w_key: tuple | None = None
         self._w_src: Tensor | None = None
         self._w_units_t: Tensor | None = None
@@ -220,12 +235,12 @@ class PeripheryReader:
         self.compiled = covered and compiled is not False and not self.perfect
         self._nm_mode = nm_mode
         # the constants as the torch path's float32 ops round them
-        self._k = dict(thres=np.float32(io.nm_thres), in_unit=np.float32(self.in_unit),
-                       in_bound=np.float32(self.in_bound), sigma=np.float32(self.out_noise),
-                       bound=np.float32(self.bound))
-        self._no_noise = np.zeros(0, dtype=np.float32)
-        self._buffers: dict[str, np.ndarray] = {}
+        self._thres, self._in_unit32 = np.float32(io.nm_thres), np.float32(self.in_unit)
+        self._in_bound32, self._sigma32, self._bound32 = (np.float32(self.in_bound), np.float32(self.out_noise),
+                                                          np.float32(self.bound))
+        self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}
         self._key_buf = torch.empty(2, dtype=torch.int64)
+        self._cpu_generator: torch.Generator | None = None  # the last generator found to be on the CPU
 
     def _scaled_weights_t(self, w: Tensor) -> Tensor:
         """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes."""
@@ -276,45 +291,51 @@ class PeripheryReader:
             _quantise_(y, io.out_sto_round, generator, blocks)
         return self._clip_(y, per_row)
 
-    def _pass_compiled(self, w_units_t: Tensor, x: Tensor, alpha: np.ndarray, mode: int, generator: torch.Generator,
-                       per_row: bool, digital_scale: float, blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """`_pass` by the compiled stages: `io_kernels.prepare` (α into `alpha` (N,) float32 unless
-        `mode` is NM_GIVEN; DAC), the torch product, the output noise (a `devices.normals` draw
-        under one key from `generator`, one block's worth that every block shares) and
-        `io_kernels.finish` (noise, ADC, clip, counts, and the final scaling by
+    def _pass_compiled(self, w_units_t: Tensor, x: Tensor, alpha: np.ndarray | None, mode: int,
+                       generator: torch.Generator, per_row: bool, digital_scale: float,
+                       blocks: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None, np.ndarray]:
+        """`_pass` by the compiled stages: `io_kernels.prepare` (α into the pass's own buffer, or
+        from `alpha` with `mode` NM_GIVEN; DAC), the torch product, the output noise (a
+        `devices.normals` draw under one key from `generator`, one block's worth that every block
+        shares) and `io_kernels.finish` (noise, ADC, clip, counts, and the final scaling by
         α·final_factor·digital_scale, which the torch path applies after bound management).
-        Returns what `_pass` returns, y rescaled."""
-        k = self._k
-        xn = x.detach().contiguous().numpy()
-        n = xn.shape[0]
-        xu = self._scratch("xu", xn.size).reshape(xn.shape)
-        io_kernels.prepare(xn, alpha, mode, k["thres"], k["in_unit"], self.quantise_in, k["in_bound"],
-                           not self.within, xu)
-        y = torch.from_numpy(xu) @ w_units_t
-        m = y.shape[1]
+        Returns what `_pass` returns, y rescaled, and the α (N,) the pass used (its buffer: valid
+        until the next pass of this shape)."""
+        xn = x.detach().numpy() if x.is_contiguous() else x.detach().contiguous().numpy()
+        n, k = xn.shape
+        m = w_units_t.shape[1]
         rows = n // blocks
-        noise = self._no_noise
+        buf = self._buffers_for(n, k, rows * m)
+        if alpha is None:
+            alpha = buf.alpha
+        io_kernels.prepare(xn, alpha, mode, self._thres, self._in_unit32, self.quantise_in, self._in_bound32,
+                           not self.within, buf.xu)
+        y = buf.xu_t @ w_units_t
+        noise = buf.noise
         if self.out_noise:  # one key per pass, one block's worth of normals
-            noise = self._scratch("noise", padded(rows * m))
             fill_normals(noise, *draw_key(generator, self._key_buf))
-        counts = self._scratch("counts", 2 * n, np.int64)
-        factor = np.float32(self.final_factor * digital_scale)
-        if not io_kernels.finish(y.numpy(), noise, k["sigma"], rows, self.quantise_out, k["bound"], alpha, factor,
-                                 counts[:n], counts[n:]):
-            return y, None, None
-        clipped = torch.from_numpy(counts[:n].copy())  # a copy: the scratch serves the next pass
+        counts = buf.counts
+        if not io_kernels.finish(y.numpy(), noise, self._sigma32, rows, self.quantise_out, self._bound32, alpha,
+                                 np.float32(self.final_factor * digital_scale), counts[0], counts[1]):
+            return y, None, None, alpha
+        clipped = torch.from_numpy(counts[0].copy())  # a copy: the buffer serves the next pass
         touched = None
         if per_row:
-            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(counts[n:] > 0)
-        return y, clipped, touched
+            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(counts[1] > 0)
+        return y, clipped, touched, alpha
 
-    def _scratch(self, name: str, n: int, dtype: Any = np.float32) -> np.ndarray:
-        """A buffer of n elements, reused across reads (a fresh 100 kB array costs its page faults
-        on every read). Its contents are consumed within one pass."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.size < n:
-            buf = self._buffers[name] = np.empty(max(n, 1024), dtype=dtype)
-        return buf[:n]
+    def _buffers_for(self, n: int, k: int, noise_n: int) -> "_PassBuffers":
+        """The compiled pass's buffers for n input vectors of length k (and noise_n normals),
+        kept per shape (a fresh 100 kB array costs its page faults on every read, and a read of
+        a known shape then does no allocation but its output). Their contents are consumed within
+        one pass, except α, which the caller reads before the next pass of the same shape."""
+        key = (n, k, noise_n)
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= 32:  # bound-management re-reads come in many sizes: keep it bounded
+                self._buffers.clear()
+            buf = self._buffers[key] = _PassBuffers(n, k, padded(noise_n) if self.out_noise else 0)
+        return buf
 
     def _reread(self, w: Tensor, w_units_t: Tensor, x: Tensor, alpha: Tensor, generator: torch.Generator,
                 compiled_scale: float | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -322,7 +343,7 @@ class PeripheryReader:
         `compiled_scale`: None for the torch path, else the compiled path with this digital scale."""
         if compiled_scale is not None:
             a = alpha.reshape(-1).contiguous().numpy()  # `alpha` is the caller's fresh product
-            return self._pass_compiled(w_units_t, x, a, io_kernels.NM_GIVEN, generator, True, compiled_scale)
+            return self._pass_compiled(w_units_t, x, a, io_kernels.NM_GIVEN, generator, True, compiled_scale)[:3]
         return self._pass(w, w_units_t, x, alpha.reciprocal(), generator, True)
 
     def _clip_(self, y: Tensor, per_row: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -374,30 +395,28 @@ class PeripheryReader:
         blocks in one product; only the (rare) bound-management re-reads go block by block."""
         if x.shape[-1] != weights.shape[1]:
             raise ValueError(f"analog_read: input has last dimension {x.shape[-1]}, expected {weights.shape[1]}")
-        io = self.io
-        w = weights if (weights.dtype == x.dtype and weights.device == x.device) else \
-            weights.to(dtype=x.dtype, device=x.device)
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
+        same_place = weights.is_cpu and x.is_cpu or weights.device == x.device
+        w = weights if (weights.dtype is x.dtype and same_place) else weights.to(dtype=x.dtype, device=x.device)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         n_vec, n_out = flat.shape[0], w.shape[0]
         if self.perfect:
             if stats is not None:
                 stats.mvm_reads += n_vec
             y = flat @ (w.T * digital_scale if digital_scale != 1.0 else w.T)
-            return y.reshape(*lead, n_out)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
         if blocks < 1 or (blocks > 1 and (x.dim() < 2 or x.shape[0] % blocks)):
             raise ValueError(f"analog_read: {blocks} blocks do not divide the leading dimension of {tuple(x.shape)}")
 
         w_units_t = self._scaled_weights_t(w)
-        bm = bool(self.bm_factors)
+        bm = self.bound_managed
         # the compiled path (None: the torch path) applies the digital scale inside its passes
-        compiled_scale = digital_scale if (self.compiled and x.dtype == torch.float32 and x.device.type == "cpu"
-                                           and generator.device.type == "cpu") else None
+        compiled_scale = digital_scale if (self.compiled and x.dtype is torch.float32 and x.is_cpu
+                                           and self._on_cpu(generator)) else None
         if compiled_scale is not None:
-            alpha_np = self._scratch("alpha", n_vec)  # (bound management's re-reads use their own)
-            y, clipped, saturated = self._pass_compiled(w_units_t, flat, alpha_np, self._nm_mode, generator, bm,
-                                                        digital_scale, blocks)
-            alpha = torch.from_numpy(alpha_np).unsqueeze(1) if bm and clipped is not None else None
+            y, clipped, saturated, alpha_np = self._pass_compiled(w_units_t, flat, None, self._nm_mode, generator, bm,
+                                                                  digital_scale, blocks)
+            # (a copy: bound management's re-reads may reuse the buffer)
+            alpha = torch.from_numpy(alpha_np.copy()).unsqueeze(1) if bm and clipped is not None else None
         else:
             alpha = self._alpha(flat)
             y, clipped, saturated = self._pass(w, w_units_t, flat, alpha.reciprocal(), generator, bm, blocks)
@@ -429,7 +448,16 @@ class PeripheryReader:
                 stats.adc_clipped += int(clipped.sum())
         if compiled_scale is None:
             y.mul_(alpha * (self.final_factor * digital_scale))
-        return y if len(lead) == 1 else y.reshape(*lead, n_out)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+
+    def _on_cpu(self, generator: torch.Generator) -> bool:
+        """Whether `generator` is a CPU generator (remembered for the last one found to be)."""
+        if generator is self._cpu_generator:
+            return True
+        if generator.device.type != "cpu":
+            return False
+        self._cpu_generator = generator
+        return True
 
     def _alpha(self, flat: Tensor) -> Tensor:
         """The noise-management scale α (N, 1) of each input vector (torch path)."""

@@ -41,14 +41,20 @@ def prepare(x, alpha, mode, thres, in_unit, quantise, in_bound, clamp, xu):  # p
     `alpha` (N,) by `mode` (NM_*; NM_GIVEN reads it from `alpha`). thres: nm_thres (float32)."""
     n, k = x.shape
     one = np.float32(1.0)
+    xb = x.view(np.int32)
     for i in range(n):
         if mode == NM_GIVEN:
             a = alpha[i]
         elif mode == NM_ABS_MAX:
-            a = np.float32(0.0)
+            # max |x| as the integer max of the bit patterns with the sign bit cleared: for
+            # floats >= 0 the order is the same, and the integer max vectorises (a float max
+            # reduction does not, without fast-math). A NaN sorts above +inf, so it propagates
+            # as in torch's amax (then α = 1 below, as on the torch path).
+            bits = xb[i]
+            ib = np.int32(0)
             for j in range(k):
-                v = abs(x[i, j])
-                a = v if v > a else a
+                ib = max(ib, bits[j] & np.int32(0x7FFFFFFF))
+            a = np.int32(ib).view(np.float32)
             if thres > 0.0 and a > thres:
                 a = thres
             if not a > 0.0:

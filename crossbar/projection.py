@@ -41,10 +41,12 @@ class AnalogProjection:
         return self.tile.out_features
 
     def _real_read(self, read: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
-        with torch.no_grad():
-            if torch.is_complex(v):
-                return torch.complex(read(v.real.contiguous()), read(v.imag.contiguous()))
-            return read(v)
+        if torch.is_grad_enabled():  # (EP's reads come with grad mode off: skip the context there)
+            with torch.no_grad():
+                return self._real_read(read, v)
+        if v.is_complex():
+            return torch.complex(read(v.real.contiguous()), read(v.imag.contiguous()))
+        return read(v)
 
     def forward(self, u: Tensor) -> Tensor:
         if u.shape[-1] != self.in_features:
@@ -63,10 +65,9 @@ class AnalogProjection:
         n = self.out_features if transpose else self.in_features
         if v.shape[-1] != n:
             raise ValueError(f"{self.name}.read_common: input has last dimension {v.shape[-1]}, expected {n}")
-        if torch.is_complex(v):
+        if v.is_complex():
             raise ValueError(f"{self.name}.read_common: real inputs only")
-        with torch.no_grad():
-            return self.tile.read_common(v.detach(), seed, blocks, transpose)
+        return self._real_read(lambda x: self.tile.read_common(x, seed, blocks, transpose), v.detach())
 
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:
         """W ← W − lr·Σ δuᵀ by pulses; `task_rows` as `AnalogTile.apply_update` (what transfer_every counts)."""
