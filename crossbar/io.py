@@ -161,11 +161,22 @@ class _PassBuffers:
     __slots__ = ("xu", "xu_t", "noise", "counts", "alpha")
 
     def __init__(self, n: int, k: int, noise_n: int):
-        self.xu = np.empty((n, k), dtype=np.float32)
-        self.xu_t = torch.from_numpy(self.xu)
-        self.noise = np.empty(noise_n, dtype=np.float32)
-        self.counts = np.empty((2, n), dtype=np.int64)
-        self.alpha = np.empty(n, dtype=np.float32)
+        self._set(np.empty((n, k), dtype=np.float32), np.empty(noise_n, dtype=np.float32),
+                  np.empty((2, n), dtype=np.int64), np.empty(n, dtype=np.float32))
+
+    def _set(self, xu: np.ndarray, noise: np.ndarray, counts: np.ndarray, alpha: np.ndarray) -> None:
+        self.xu, self.noise, self.counts, self.alpha = xu, noise, counts, alpha
+        self.xu_t = torch.from_numpy(xu)
+
+    def fits(self, n: int, k: int, noise_n: int) -> bool:
+        return self.xu.size >= n * k and self.noise.size >= noise_n and self.alpha.size >= n
+
+    def head(self, n: int, k: int, noise_n: int) -> "_PassBuffers":
+        """Views of the first elements of these buffers, shaped for n vectors of length k."""
+        view = _PassBuffers.__new__(_PassBuffers)
+        view._set(self.xu.reshape(-1)[:n * k].reshape(n, k), self.noise[:noise_n],
+                  self.counts.reshape(-1)[:2 * n].reshape(2, n), self.alpha[:n])
+        return view
 
 
 class PeripheryReader:
@@ -239,6 +250,7 @@ class PeripheryReader:
         self._in_bound32, self._sigma32, self._bound32 = (np.float32(self.in_bound), np.float32(self.out_noise),
                                                           np.float32(self.bound))
         self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}
+        self._reread_buffers: _PassBuffers | None = None
         self._key_buf = torch.empty(2, dtype=torch.int64)
         self._cpu_generator: torch.Generator | None = None  # the last generator found to be on the CPU
 
@@ -305,7 +317,7 @@ class PeripheryReader:
         n, k = xn.shape
         m = w_units_t.shape[1]
         rows = n // blocks
-        buf = self._buffers_for(n, k, rows * m)
+        buf = self._buffers_for(n, k, rows * m, alpha is not None)
         if alpha is None:
             alpha = buf.alpha
         io_kernels.prepare(xn, alpha, mode, self._thres, self._in_unit32, self.quantise_in, self._in_bound32,
@@ -324,17 +336,25 @@ class PeripheryReader:
             touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(counts[1] > 0)
         return y, clipped, touched, alpha
 
-    def _buffers_for(self, n: int, k: int, noise_n: int) -> "_PassBuffers":
-        """The compiled pass's buffers for n input vectors of length k (and noise_n normals),
-        kept per shape (a fresh 100 kB array costs its page faults on every read, and a read of
-        a known shape then does no allocation but its output). Their contents are consumed within
-        one pass, except α, which the caller reads before the next pass of the same shape."""
+    def _buffers_for(self, n: int, k: int, noise_n: int, given_alpha: bool) -> "_PassBuffers":
+        """The compiled pass's buffers for n input vectors of length k (and noise_n normals).
+        A main pass's are kept per shape (a fresh 100 kB array costs its page faults on every
+        read; a read of a known shape then allocates nothing but its output): their contents are
+        consumed within the pass, except α, which the caller reads before the next pass of the
+        same shape. Bound-management re-reads (`given_alpha`) come in many sizes: they share one
+        set, grown to the largest, and take views of it."""
+        noise_n = padded(noise_n) if self.out_noise else 0
+        if given_alpha:
+            buf = self._reread_buffers
+            if buf is None or not buf.fits(n, k, noise_n):
+                buf = self._reread_buffers = _PassBuffers(max(n, 1), max(k, 1), noise_n)
+            return buf.head(n, k, noise_n)
         key = (n, k, noise_n)
         buf = self._buffers.get(key)
         if buf is None:
-            if len(self._buffers) >= 32:  # bound-management re-reads come in many sizes: keep it bounded
+            if len(self._buffers) >= 8:  # more shapes than a training step reads: start over
                 self._buffers.clear()
-            buf = self._buffers[key] = _PassBuffers(n, k, padded(noise_n) if self.out_noise else 0)
+            buf = self._buffers[key] = _PassBuffers(n, k, noise_n)
         return buf
 
     def _reread(self, w: Tensor, w_units_t: Tensor, x: Tensor, alpha: Tensor, generator: torch.Generator,

@@ -166,3 +166,21 @@ def test_non_finite_inputs_stay_visible_on_both_paths():
         y = PeripheryReader(preset_io(), compiled=compiled)(w, x, _gen(2))
         assert torch.isfinite(y[0]).all()
         assert torch.isnan(y[1:]).all()
+
+
+def test_kept_buffers_stay_bounded_over_many_read_sizes():
+    """A reader keeps its working arrays between reads, per main-pass shape (a handful per
+    training step) and one shared set for bound-management re-reads, whose sizes vary read to
+    read. Reads of 40 different sizes, most with re-reads, must not keep 40 sets: the memory a
+    reader holds is bounded by its largest read, not by how many sizes it has seen."""
+    io = replace(preset_io(), out_bound=0.6)  # many outputs saturate: re-reads of varying size
+    reader = PeripheryReader(io, compiled=True)
+    w = 0.3 * torch.randn(24, 40, generator=_gen(1))
+    stats = ReadStats()
+    for i, n in enumerate(range(20, 420, 10)):
+        reader(w, _inputs(n, 40, i), _gen(i), stats)
+    assert stats.mvm_reads > sum(range(20, 420, 10))  # re-reads happened
+    held = sum(b.xu.nbytes + b.noise.nbytes + b.counts.nbytes + b.alpha.nbytes
+               for b in [*reader._buffers.values(), reader._reread_buffers])
+    largest = 410 * 40 * 4 + 410 * 24 * 4 + 410 * 3 * 8  # one read of the largest size
+    assert len(reader._buffers) <= 8 and held <= 10 * largest
