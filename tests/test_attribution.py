@@ -101,9 +101,13 @@ def test_each_factor_edits_what_it_says_and_nothing_else():
     _other_fields_equal(d, dev, dtod)
     s = attr.factor_tile(tile, ["symmetric"])
     assert s.device_config() == symmetric_device(dev) and s.forward == tile.forward
+    i = attr.factor_tile(tile, ["ideal_device"])
+    assert i.device_config().is_ideal and i.algorithm == "sgd" and i.forward == tile.forward
+    every_device = attr.factor_tile(tile, [f for f in attr.FACTORS if f != "ideal_device"])
+    e = every_device.device_config()
+    assert every_device.forward.is_perfect and e.dw_min_std == 0 and e.dw_min_dtod == 0 and e.w_max == -e.w_min
     every = attr.factor_tile(tile, list(attr.FACTORS))
-    e = every.device_config()
-    assert every.forward.is_perfect and e.dw_min_std == 0 and e.dw_min_dtod == 0 and e.w_max == -e.w_min
+    assert every.forward.is_perfect and every.device_config().is_ideal
     with pytest.raises(ConfigError, match="one of"):
         attr.factor_tile(tile, ["stabilisers"])
 
@@ -118,7 +122,27 @@ def test_factors_that_do_not_apply_are_named_with_a_reason():
         attr.choose_factors(tile_preset("ideal"), ["symmetric"])
     chosen, skipped = attr.choose_factors(tile_preset("ideal"), None)
     assert chosen == ["periphery", "quantisation", "read_noise"]
-    assert set(skipped) == {"symmetric", "c2c", "d2d", "exact_stabilisers"}
+    assert set(skipped) == {"symmetric", "c2c", "d2d", "ideal_device", "exact_stabilisers"}
+    # programming noise on an ideal device is still something to remove
+    noisy_writes = tile_preset("ideal").replace(programming_noise=0.01)
+    assert attr.FACTORS["ideal_device"].not_applicable(noisy_writes) is None
+    assert attr.factor_tile(noisy_writes, ["ideal_device"]).programming_noise == 0.0
+
+
+@pytest.mark.parametrize("name", ["ecram", "pcm", "reram_sb"])
+@pytest.mark.parametrize("algorithm", ["sgd", "mixed_precision", "ttv2"])
+def test_every_factor_removed_leaves_the_twins_tile(name, algorithm):
+    """With every tile factor removed the tile is the ideal one the twin stands for: an ideal
+    device (never a pair) updated by plain SGD with perfect periphery on both reads, whatever
+    the device, the algorithm or a differential pair's refresh. If something were left (a pair,
+    a transfer algorithm, a noisy read), "all removed" would not measure what the table says."""
+    tile = tile_preset(name, algorithm)
+    every = attr.factor_tile(tile, list(attr.FACTORS))
+    assert every.device_config().is_ideal and not every.uses_pair and every.algorithm == "sgd"
+    assert every.forward == perfect_io() and every.backward == perfect_io() and every.programming_noise == 0.0
+    for f in attr.FACTORS:
+        target = None if attr.FACTORS[f].target == "config" else every
+        assert attr.FACTORS[f].not_applicable(target), f  # nothing left to remove
 
 
 def test_exact_stabilisers_factor_edits_the_configuration_not_the_tile():
