@@ -67,11 +67,13 @@ def _radius(r):  # pragma: no cover - compiled
     """sqrt(−2 ln u), u = (2k + 1)·2⁻²⁴ with k the top 23 bits of r; ln by frexp and a polynomial."""
     u = _F(np.int32((r >> np.uint32(9)) * np.uint32(2) + np.uint32(1))) * _F(5.9604645e-08)
     b = np.float32(u).view(np.int32)
-    e = _F((b >> 23) - 126)
-    m = np.int32((b & np.int32(0x007FFFFF)) | np.int32(0x3F000000)).view(np.float32)  # u = m 2^e, m in [.5, 1)
-    small = m < _F(0.70710677)
-    e = e - _F(1.0) if small else e
-    x = (m + m - _F(1.0)) if small else (m - _F(1.0))  # ln u = ln(1 + x) + e ln 2, x in [-0.29, 0.41)
+    mant = b & np.int32(0x007FFFFF)
+    m = np.int32(mant | np.int32(0x3F000000)).view(np.float32)  # u = m 2^e, m in [.5, 1)
+    # m < float32(0.70710677) (bits 0x3F3504F3) as an integer test, and its two cases as exact
+    # arithmetic (m·2 − 1 or m·1 − 1; e − 1 or e): no branches in the vectorised loop
+    small = np.int32(mant < np.int32(0x003504F3))
+    e = _F((b >> 23) - 126 - small)
+    x = m * _F(1 + small) - _F(1.0)  # ln u = ln(1 + x) + e ln 2, x in [-0.29, 0.41)
     z = x * x
     y = ((((((((_F(7.0376836292e-2) * x - _F(1.1514610310e-1)) * x + _F(1.1676998740e-1)) * x
                - _F(1.2420140846e-1)) * x + _F(1.4249322787e-1)) * x - _F(1.6668057665e-1)) * x
@@ -91,13 +93,11 @@ def _sincos(r):  # pragma: no cover - compiled
     s = ((_F(-1.9515295891e-4) * z + _F(8.3321608736e-3)) * z - _F(1.6666654611e-1)) * z * t + t
     c = ((_F(2.443315711809948e-5) * z - _F(1.388731625493765e-3)) * z + _F(4.166664568298827e-2)) * z * z \
         - _F(0.5) * z + _F(1.0)
-    q = q & 3
-    odd = (q & 1) == 1
+    odd = (q & 1) == 1  # q in 0..4 (4 is quadrant 0 again)
     sq = c if odd else s
     cq = s if odd else c
-    sq = -sq if q >= 2 else sq
-    cq = -cq if (q == 1 or q == 2) else cq
-    return sq, cq
+    # the quadrant's signs as factors ±1 (exact): no branches in the vectorised loop
+    return sq * _F(1 - (q & 2)), cq * _F(1 - ((q + 1) & 2))  # sin < 0 for q in {2, 3}; cos < 0 for q in {1, 2}
 
 
 @njit(cache=True)
