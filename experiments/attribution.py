@@ -23,8 +23,8 @@ summary's `final_val_loss`: the fixed validation set when the run has one) and s
 
 Each is averaged over seeds with its standard error and 95 % interval (`experiments.sweep.stats.
 gap_stats`); the share of a factor is mean explained_f / mean gap_full. Writes
-``attribution.json``, ``attribution.md`` (the table) and ``attribution.png`` (a waterfall from the
-full gap down to the gap with everything removed).
+``attribution.json``, ``attribution.md`` (the table) and ``attribution.png`` (per factor the gap
+with it removed, beside the full gap; `plot_attribution`).
 
 With every tile factor removed the tile is the one the twin stands for (an ideal device by plain
 SGD, perfect periphery), so the "all removed" gap checks the list itself: what remains there is a
@@ -541,45 +541,52 @@ def markdown(table: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_waterfall(table: Mapping[str, Any], path: Path) -> Path | None:
-    """Waterfall: the full gap, each factor's explained part, the interaction, and what is left with
-    every factor removed (error bars: standard error over seeds)."""
+def plot_attribution(table: Mapping[str, Any], path: Path) -> Path | None:
+    """Per factor, the gap with that factor removed (a horizontal bar, error bar: standard error
+    over seeds), beside the full gap (dashed line, shaded ± its standard error) and zero; the
+    last row is the gap with every factor removed. Each bar's label gives what the factor
+    explains (full − without) and its share. Not a waterfall: the factors overlap (`periphery`
+    contains `quantisation` and `read_noise`, `ideal_device` the device factors) and interact,
+    so their explained parts do not add up to the gap, and a chart that stacked them would
+    suggest they do."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = table["gap_full"]["mean"]
+    full = table["gap_full"]
+    g = full["mean"]
     if g is None:
         return None
-    labels, bottoms, heights, errs, colors = ["full gap"], [0.0], [g], [table["gap_full"]["se"] or 0.0], ["#444444"]
-    level = g
-    steps = [(r["factor"], r["explained"]) for r in table["rows"]] + [("interaction", table["interaction"])]
-    for name, st in steps:
-        x = st["mean"]
-        if x is None:
-            continue
-        labels.append(name)
-        bottoms.append(level - x)
-        heights.append(x)
-        errs.append(st["se"] or 0.0)
-        colors.append("#2a9d8f" if x >= 0 else "#e76f51")
-        level -= x
+    rows = [(r["factor"], r["gap_without"], r["explained"], r["share"], r["status"]) for r in table["rows"]]
     alr = table["gap_all_removed"]
-    if alr["mean"] is not None:
-        labels.append("all removed")
-        bottoms.append(0.0)
-        heights.append(alr["mean"])
-        errs.append(alr["se"] or 0.0)
-        colors.append("#444444")
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2, 4))
-    xs = list(range(len(labels)))
-    ax.bar(xs, heights, bottom=bottoms, color=colors, yerr=errs, capsize=3)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=30, ha="right")
-    ax.set_ylabel("analog − twin validation loss [nats]")
-    ax.set_title(f"Gap attribution ({table['seeds']} seeds; green: removing the factor narrows the gap, red: widens it)")
+    rows.append(("all removed", alr, None, alr.get("share"), alr.get("status", "")))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+    ys = list(range(len(rows)))[::-1]
+    se = full["se"] or 0.0
+    ax.axvspan(g - se, g + se, color="#bbbbbb", alpha=0.5, linewidth=0)
+    ax.axvline(g, color="#444444", linestyle="--", linewidth=1.0, label=f"full gap {g:+.4f}")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    values = [st["mean"] for _, st, _, _, _ in rows if st["mean"] is not None] + [g, 0.0]
+    span = (max(values) - min(values)) or abs(g) or 1.0
+    for y, (name, st, expl, share, status) in zip(ys, rows):
+        if st["mean"] is None:
+            ax.text(0.0, y, f"  {status or 'no value'}", va="center", fontsize=9, color="#e76f51")
+            continue
+        color = "#444444" if expl is None else ("#2a9d8f" if st["mean"] <= g else "#e76f51")
+        ax.barh(y, st["mean"], xerr=st["se"] or 0.0, color=color, height=0.6, capsize=3)
+        note = f"{st['mean']:+.4f}"
+        if expl is not None and expl["mean"] is not None:
+            note += f"   explains {expl['mean']:+.4f}" + (f" ({share:.0%})" if share is not None else "")
+        ax.text(max(st["mean"], 0.0) + (st["se"] or 0.0) + 0.02 * span, y, note, va="center", fontsize=8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r[0] for r in rows])
+    lo, hi = min(values), max(values)
+    ax.set_xlim(min(lo, 0.0) - 0.05 * span, hi + 0.75 * span)
+    ax.set_xlabel("analog − twin validation loss with the factor removed [nats]")
+    ax.set_title(f"Gap attribution ({table['seeds']} seeds): green narrows the gap, red widens it; "
+                 "explained parts overlap and need not add up", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
 
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
@@ -591,5 +598,5 @@ def write_attribution(out: Path, table: Mapping[str, Any]) -> tuple[Path, Path, 
     """``attribution.json``, ``attribution.md`` and ``attribution.png`` under `out` (atomic writes)."""
     json_path = atomic_write_json(out / TABLE_JSON, dict(table), allow_nan=False)
     md_path = atomic_write(out / TABLE_MD, "# Gap attribution\n\n" + markdown(table))
-    plot_path = plot_waterfall(table, out / PLOT)
+    plot_path = plot_attribution(table, out / PLOT)
     return json_path, md_path, plot_path

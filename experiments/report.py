@@ -7,7 +7,7 @@ weight gap, estimator health, stability; panel titles in `PANELS`), and the devi
 (weight) histograms at start and end. `report.md` states the configuration, the
 physics choices of the analog relaxation, the final figures side by side, the validation
 text's unigram entropy and the device and periphery parameters the analog path trained with (a
-table from the run's own `tile.toml`), and the gap-attribution table and waterfall of
+table from the run's own `tile.toml`), and the gap-attribution table and chart of
 `ept-hw attribute` when the run has one (`attribution/`). Every table cell is escaped (`experiments.markdown`).
 """
 
@@ -509,7 +509,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def _attribution_section(rd: RunDirectory) -> list[str]:
-    """The gap-attribution table and waterfall of `ept-hw attribute`, when the run has one."""
+    """The gap-attribution table and chart of `ept-hw attribute`, when the run has one."""
     path = rd.path / SUBDIR / TABLE_JSON
     if not path.is_file():
         return []

@@ -263,7 +263,7 @@ def test_resume_never_redoes_finished_runs(tiny_run, tmp_path, monkeypatch):
     assert len((run / "calls.txt").read_text().splitlines()) == 10
     attr.attribute_run(run, seeds=3, factors=["c2c", "d2d"])
     assert len((run / "calls.txt").read_text().splitlines()) == 15
-    # the run report includes the table and the waterfall
+    # the run report includes the table and the chart
     from experiments.report import write_report
 
     report = write_report(run).read_text()
