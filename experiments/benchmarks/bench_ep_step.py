@@ -15,7 +15,9 @@ Per path it reports, as the median over `--repeats` steps:
   (`apply_update` on every projection and the digital periphery), the rest of the step
   (stabilisers: resreg, jacreg), and the instruments amortised per step at the preset's
   intervals: (evaluation + stability monitor)/eval_interval + health probe/health_interval;
-- the analog/digital ratio of s/step (training step alone, and with instruments).
+- the analog/digital ratio of s/step (training step alone, and with instruments), and the
+  median and quartiles of the step-by-step ratios (each analog step over the twin's step on the
+  same batch just before it; `paired_summary`).
 
 With `--compile inductor` a third path, the twin whose plain force evaluations are compiled
 (`RunConfig.compile`, `EquilibriumTransformer.compile_force`), is timed beside them (row
@@ -139,8 +141,18 @@ def bench_width(width: int, heads: int, repeats: int, seed: int, compile_backend
             per_step += ins["probe"] / t.health_interval
         med["instruments"] = per_step
         med["tokens_per_s"] = t.batch_size * t.seq_len / med["step"]
+        if name != "twin":  # the step's ratio to the twin's on the same batch, measured right after it
+            med["paired"] = [r["step"] / d["step"] for r, d in zip(rows[name], rows["twin"])]
         out[name] = med
     return out
+
+
+def paired_summary(ratios: list[float]) -> str:
+    """Median and quartiles of per-step ratios (each a step over the twin's step on the same batch,
+    the two timed one after the other): a load change on a shared machine that lasts longer than
+    a step moves both sides of a ratio alike, so these spread less than a ratio of medians."""
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}, {len(ratios)} steps)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 ratio_i = f"{(r['step'] + r['instruments']) / (d['step'] + d['instruments']):10.2f}"
             print(f"{width:>4} {name:<7} {r['step']:7.3f} {r['forces']:6.0f} {r['tokens_per_s']:7.0f} "
                   + " ".join(f"{r[p]:11.4f}" for p in PARTS) + f" {ratio:>8} {ratio_i:>10}")
+        print(f"{width:>4} analog/twin step by step: {paired_summary(res['analog']['paired'])}")
         if "twin+c" in res:
             a, c = res["analog"], res["twin+c"]
             print(f"{width:>4} analog / compiled twin: {a['step'] / c['step']:.2f} (step), "
