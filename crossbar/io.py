@@ -249,8 +249,8 @@ class PeripheryReader:
         self._thres, self._in_unit32 = np.float32(io.nm_thres), np.float32(self.in_unit)
         self._in_bound32, self._sigma32, self._bound32 = (np.float32(self.in_bound), np.float32(self.out_noise),
                                                           np.float32(self.bound))
-        self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}
-        self._reread_buffers: _PassBuffers | None = None
+        self._arena: _PassBuffers | None = None  # the compiled pass's arrays (`_buffers_for`)
+        self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}  # views of them, per main-pass shape
         self._key_buf = torch.empty(2, dtype=torch.int64)
         self._cpu_generator: torch.Generator | None = None  # the last generator found to be on the CPU
 
@@ -337,25 +337,29 @@ class PeripheryReader:
         return y, clipped, touched, alpha
 
     def _buffers_for(self, n: int, k: int, noise_n: int, given_alpha: bool) -> "_PassBuffers":
-        """The compiled pass's buffers for n input vectors of length k (and noise_n normals).
-        A main pass's are kept per shape (a fresh 100 kB array costs its page faults on every
-        read; a read of a known shape then allocates nothing but its output): their contents are
-        consumed within the pass, except α, which the caller reads before the next pass of the
-        same shape. Bound-management re-reads (`given_alpha`) come in many sizes: they share one
-        set, grown to the largest, and take views of it."""
+        """The compiled pass's buffers for n input vectors of length k (and noise_n normals):
+        views of one set of arrays per reader (`_arena`), grown to the largest read it has made,
+        so a reader holds one read's worth of memory whatever the shapes it reads (a fresh 100 kB
+        array costs its page faults on every read). A main pass's views are kept per shape, so a
+        read of a known shape makes no view and allocates nothing but its output; bound-management
+        re-reads (`given_alpha`) come in many sizes and take fresh views. Contents are consumed
+        within a pass: the caller copies what it keeps (α, the clip counts) before the next one."""
         noise_n = padded(noise_n) if self.out_noise else 0
-        if given_alpha:
-            buf = self._reread_buffers
-            if buf is None or not buf.fits(n, k, noise_n):
-                buf = self._reread_buffers = _PassBuffers(max(n, 1), max(k, 1), noise_n)
-            return buf.head(n, k, noise_n)
         key = (n, k, noise_n)
-        buf = self._buffers.get(key)
-        if buf is None:
-            if len(self._buffers) >= 8:  # more shapes than a training step reads: start over
-                self._buffers.clear()
-            buf = self._buffers[key] = _PassBuffers(n, k, noise_n)
-        return buf
+        if not given_alpha:
+            buf = self._buffers.get(key)
+            if buf is not None:
+                return buf
+        if self._arena is None or not self._arena.fits(n, k, noise_n):
+            old = self._arena
+            size = (n * k, noise_n, n) if old is None else \
+                (max(n * k, old.xu.size), max(noise_n, old.noise.size), max(n, old.alpha.size))
+            self._arena = _PassBuffers(size[2], max(1, -(-size[0] // max(size[2], 1))), size[1])
+            self._buffers.clear()  # views of the old arrays
+        view = self._arena.head(n, k, noise_n)
+        if not given_alpha:
+            self._buffers[key] = view
+        return view
 
     def _reread(self, w: Tensor, w_units_t: Tensor, x: Tensor, alpha: Tensor, generator: torch.Generator,
                 compiled_scale: float | None) -> tuple[Tensor, Tensor | None, Tensor | None]:

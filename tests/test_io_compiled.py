@@ -169,18 +169,22 @@ def test_non_finite_inputs_stay_visible_on_both_paths():
 
 
 def test_kept_buffers_stay_bounded_over_many_read_sizes():
-    """A reader keeps its working arrays between reads, per main-pass shape (a handful per
-    training step) and one shared set for bound-management re-reads, whose sizes vary read to
-    read. Reads of 40 different sizes, most with re-reads, must not keep 40 sets: the memory a
-    reader holds is bounded by its largest read, not by how many sizes it has seen."""
+    """A reader keeps its working arrays between reads: one set, grown to its largest read, with
+    views of it kept per main-pass shape (bound-management re-reads, whose sizes vary read to
+    read, take fresh views). Reads of 40 different sizes, most with re-reads, must leave it
+    holding about one read's worth of memory of the largest size, not one set per size seen."""
     io = replace(preset_io(), out_bound=0.6)  # many outputs saturate: re-reads of varying size
     reader = PeripheryReader(io, compiled=True)
     w = 0.3 * torch.randn(24, 40, generator=_gen(1))
     stats = ReadStats()
-    for i, n in enumerate(range(20, 420, 10)):
+    sizes = range(20, 420, 10)
+    for i, n in enumerate(sizes):
         reader(w, _inputs(n, 40, i), _gen(i), stats)
-    assert stats.mvm_reads > sum(range(20, 420, 10))  # re-reads happened
-    held = sum(b.xu.nbytes + b.noise.nbytes + b.counts.nbytes + b.alpha.nbytes
-               for b in [*reader._buffers.values(), reader._reread_buffers])
+    assert stats.mvm_reads > sum(sizes)  # re-reads happened
+    arrays = {id(a.base if a.base is not None else a): (a.base if a.base is not None else a)
+              for b in reader._buffers.values() for a in (b.xu, b.noise, b.counts, b.alpha)}
+    arena = reader._arena
+    arrays.update({id(a): a for a in (arena.xu, arena.noise, arena.counts, arena.alpha)})
+    held = sum(a.nbytes for a in arrays.values())
     largest = 410 * 40 * 4 + 410 * 24 * 4 + 410 * 3 * 8  # one read of the largest size
-    assert len(reader._buffers) <= 8 and held <= 10 * largest
+    assert held <= 1.5 * largest, (held, largest)
