@@ -155,28 +155,14 @@ def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator, blocks: 
 
 
 class _PassBuffers:
-    """A compiled pass's working arrays for one shape (`PeripheryReader._buffers_for`): the DAC
-    inputs xu (n, k) and a tensor sharing them, the noise, the two rows of clip counts, α."""
+    """A compiled pass's working arrays, views of its reader's arena (`PeripheryReader._buffers_for`):
+    the DAC inputs xu (n, k) and a tensor sharing them, the noise, the two rows of clip counts, α."""
 
     __slots__ = ("xu", "xu_t", "noise", "counts", "alpha")
 
-    def __init__(self, n: int, k: int, noise_n: int):
-        self._set(np.empty((n, k), dtype=np.float32), np.empty(noise_n, dtype=np.float32),
-                  np.empty((2, n), dtype=np.int64), np.empty(n, dtype=np.float32))
-
-    def _set(self, xu: np.ndarray, noise: np.ndarray, counts: np.ndarray, alpha: np.ndarray) -> None:
+    def __init__(self, xu: np.ndarray, noise: np.ndarray, counts: np.ndarray, alpha: np.ndarray):
         self.xu, self.noise, self.counts, self.alpha = xu, noise, counts, alpha
         self.xu_t = torch.from_numpy(xu)
-
-    def fits(self, n: int, k: int, noise_n: int) -> bool:
-        return self.xu.size >= n * k and self.noise.size >= noise_n and self.alpha.size >= n
-
-    def head(self, n: int, k: int, noise_n: int) -> "_PassBuffers":
-        """Views of the first elements of these buffers, shaped for n vectors of length k."""
-        view = _PassBuffers.__new__(_PassBuffers)
-        view._set(self.xu.reshape(-1)[:n * k].reshape(n, k), self.noise[:noise_n],
-                  self.counts.reshape(-1)[:2 * n].reshape(2, n), self.alpha[:n])
-        return view
 
 
 class PeripheryReader:
@@ -249,7 +235,9 @@ class PeripheryReader:
         self._thres, self._in_unit32 = np.float32(io.nm_thres), np.float32(self.in_unit)
         self._in_bound32, self._sigma32, self._bound32 = (np.float32(self.in_bound), np.float32(self.out_noise),
                                                           np.float32(self.bound))
-        self._arena: _PassBuffers | None = None  # the compiled pass's arrays (`_buffers_for`)
+        # the compiled pass's arrays (`_buffers_for`): flat DAC inputs, noise, clip counts, α
+        self._arena: tuple[np.ndarray, ...] = (np.empty(0, np.float32), np.empty(0, np.float32),
+                                               np.empty(0, np.int64), np.empty(0, np.float32))
         self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}  # views of them, per main-pass shape
         self._key_buf = torch.empty(2, dtype=torch.int64)
         self._cpu_generator: torch.Generator | None = None  # the last generator found to be on the CPU
@@ -311,8 +299,8 @@ class PeripheryReader:
         `devices.normals` draw under one key from `generator`, one block's worth that every block
         shares) and `io_kernels.finish` (noise, ADC, clip, counts, and the final scaling by
         α·final_factor·digital_scale, which the torch path applies after bound management).
-        Returns what `_pass` returns, y rescaled, and the α (N,) the pass used (its buffer: valid
-        until the next pass of this shape)."""
+        Returns what `_pass` returns, y rescaled, and the α (N,) the pass used (a view of the
+        reader's arena: valid until its next pass)."""
         xn = x.detach().numpy() if x.is_contiguous() else x.detach().contiguous().numpy()
         n, k = xn.shape
         m = w_units_t.shape[1]
@@ -350,13 +338,14 @@ class PeripheryReader:
             buf = self._buffers.get(key)
             if buf is not None:
                 return buf
-        if self._arena is None or not self._arena.fits(n, k, noise_n):
-            old = self._arena
-            size = (n * k, noise_n, n) if old is None else \
-                (max(n * k, old.xu.size), max(noise_n, old.noise.size), max(n, old.alpha.size))
-            self._arena = _PassBuffers(size[2], max(1, -(-size[0] // max(size[2], 1))), size[1])
+        xu, noise, counts, alpha = self._arena
+        if xu.size < n * k or noise.size < noise_n or alpha.size < n:
+            cap = max(n, alpha.size)
+            self._arena = xu, noise, counts, alpha = (
+                np.empty(max(n * k, xu.size), dtype=np.float32), np.empty(max(noise_n, noise.size), dtype=np.float32),
+                np.empty(2 * cap, dtype=np.int64), np.empty(cap, dtype=np.float32))
             self._buffers.clear()  # views of the old arrays
-        view = self._arena.head(n, k, noise_n)
+        view = _PassBuffers(xu[:n * k].reshape(n, k), noise[:noise_n], counts[:2 * n].reshape(2, n), alpha[:n])
         if not given_alpha:
             self._buffers[key] = view
         return view
