@@ -156,12 +156,14 @@ def _quantise_(v: Tensor, stochastic: bool, generator: torch.Generator, blocks: 
 
 class _PassBuffers:
     """A compiled pass's working arrays, views of its reader's arena (`PeripheryReader._buffers_for`):
-    the DAC inputs xu (n, k) and a tensor sharing them, the noise, the two rows of clip counts, α."""
+    the DAC inputs xu (n, k) and a tensor sharing them, the noise, the clip counts (|y| at the
+    bound, y at the upper bound: two rows of one array), α."""
 
-    __slots__ = ("xu", "xu_t", "noise", "counts", "alpha")
+    __slots__ = ("xu", "xu_t", "noise", "count_abs", "count_pos", "alpha")
 
     def __init__(self, xu: np.ndarray, noise: np.ndarray, counts: np.ndarray, alpha: np.ndarray):
-        self.xu, self.noise, self.counts, self.alpha = xu, noise, counts, alpha
+        self.xu, self.noise, self.alpha = xu, noise, alpha
+        self.count_abs, self.count_pos = counts[0], counts[1]
         self.xu_t = torch.from_numpy(xu)
 
 
@@ -240,15 +242,20 @@ class PeripheryReader:
                                                np.empty(0, np.int64), np.empty(0, np.float32))
         self._buffers: dict[tuple[int, int, int], _PassBuffers] = {}  # views of them, per main-pass shape
         self._key_buf = torch.empty(2, dtype=torch.int64)
+        self._factor_of: tuple[float, np.float32] = (math.nan, np.float32(math.nan))  # (digital scale, factor)
         self._cpu_generator: torch.Generator | None = None  # the last generator found to be on the CPU
 
     def _scaled_weights_t(self, w: Tensor) -> Tensor:
-        """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes."""
+        """(w·in_unit/out_unit)ᵀ, recomputed only when `w` (storage, layout or content) changes.
+        The tensor last seen, at the same storage and version, is the usual case and is tested
+        first (a tensor's metadata and contents change only with its version or its storage)."""
+        if w is self._w_src and w._version == self._w_key[3] and w.data_ptr() == self._w_key[0]:
+            return self._w_units_t
         key = (w.data_ptr(), tuple(w.shape), w.stride(), w._version, w.dtype, w.device)
         if self._w_units_t is None or key != self._w_key or self._w_src is None:
             self._w_units_t = (w.detach() * self.w_factor).T
             self._w_key = key
-            self._w_src = w  # held so that its storage (and data_ptr) is not reused while cached
+        self._w_src = w  # held so that its storage (and data_ptr) is not reused while cached
         return self._w_units_t
 
     def _pass(self, w: Tensor, w_units_t: Tensor, x: Tensor, inv_alpha: Tensor, generator: torch.Generator,
@@ -301,7 +308,9 @@ class PeripheryReader:
         α·final_factor·digital_scale, which the torch path applies after bound management).
         Returns what `_pass` returns, y rescaled, and the α (N,) the pass used (a view of the
         reader's arena: valid until its next pass)."""
-        xn = x.detach().numpy() if x.is_contiguous() else x.detach().contiguous().numpy()
+        if x.requires_grad:
+            x = x.detach()
+        xn = x.numpy() if x.is_contiguous() else x.contiguous().numpy()
         n, k = xn.shape
         m = w_units_t.shape[1]
         rows = n // blocks
@@ -314,14 +323,15 @@ class PeripheryReader:
         noise = buf.noise
         if self.out_noise:  # one key per pass, one block's worth of normals
             fill_normals(noise, *draw_key(generator, self._key_buf))
-        counts = buf.counts
+        if digital_scale != self._factor_of[0]:  # float32(final_factor·digital_scale), per digital scale
+            self._factor_of = (digital_scale, np.float32(self.final_factor * digital_scale))
         if not io_kernels.finish(y.numpy(), noise, self._sigma32, rows, self.quantise_out, self._bound32, alpha,
-                                 np.float32(self.final_factor * digital_scale), counts[0], counts[1]):
+                                 self._factor_of[1], buf.count_abs, buf.count_pos):
             return y, None, None, alpha
-        clipped = torch.from_numpy(counts[0].copy())  # a copy: the buffer serves the next pass
+        clipped = torch.from_numpy(buf.count_abs.copy())  # a copy: the buffer serves the next pass
         touched = None
         if per_row:
-            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(counts[1] > 0)
+            touched = clipped > 0 if self.io.bm_test_negative_bound else torch.from_numpy(buf.count_pos > 0)
         return y, clipped, touched, alpha
 
     def _buffers_for(self, n: int, k: int, noise_n: int, given_alpha: bool) -> "_PassBuffers":
@@ -332,12 +342,12 @@ class PeripheryReader:
         read of a known shape makes no view and allocates nothing but its output; bound-management
         re-reads (`given_alpha`) come in many sizes and take fresh views. Contents are consumed
         within a pass: the caller copies what it keeps (α, the clip counts) before the next one."""
-        noise_n = padded(noise_n) if self.out_noise else 0
         key = (n, k, noise_n)
         if not given_alpha:
             buf = self._buffers.get(key)
             if buf is not None:
                 return buf
+        noise_n = padded(noise_n) if self.out_noise else 0
         xu, noise, counts, alpha = self._arena
         if xu.size < n * k or noise.size < noise_n or alpha.size < n:
             cap = max(n, alpha.size)

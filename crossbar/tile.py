@@ -70,6 +70,7 @@ class DeviceSlot:
         # The refresh read of one array's device weights (out, in) -> (out, in), given a generator:
         # set by the tile (one-hot column reads through `refresh_forward`); None reads exactly.
         self.reader: Callable[[Tensor, torch.Generator], Tensor] | None = None
+        self._difference: tuple | None = None  # a pair's (G⁺, G⁻, their versions, G⁺ − G⁻, its version)
 
     @property
     def is_ideal(self) -> bool:
@@ -81,9 +82,18 @@ class DeviceSlot:
 
     @property
     def weights(self) -> Tensor:
-        if self.pair:
-            return self.arrays[0].weights - self.arrays[1].weights
-        return self.arrays[0].weights
+        """The weights a read sees: the device's, or for a pair G⁺ − G⁻. A pair's difference is
+        kept while neither array's weights nor the difference itself changed (each read would
+        otherwise form it again, and its readers' weight caches would miss)."""
+        if not self.pair:
+            return self.arrays[0].weights
+        a, b = self.arrays[0].weights, self.arrays[1].weights
+        held = self._difference
+        if (held is None or held[0] is not a or held[1] is not b or held[2] != a._version
+                or held[3] != b._version or held[4]._version != held[5]):
+            w = a - b
+            held = self._difference = (a, b, a._version, b._version, w, w._version)
+        return held[4]
 
     @property
     def persistent(self) -> Tensor:
@@ -264,6 +274,7 @@ class AnalogTile:
         self._scale_key: tuple[int, int] | None = None
         self._scale_value: float | None = None
         self._scale_ref: Tensor | None = None
+        self._wt_of: tuple[Tensor, Tensor] | None = None  # (slot.weights, its transposed view)
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
         self.n_remaps = 0
@@ -367,10 +378,11 @@ class AnalogTile:
         if blocks > 1 and (self.config.n_reads > 1 or self.noise_mode == "frozen"):
             raise ValueError("a read of common-noise blocks needs n_reads = 1 and a noise mode other than 'frozen'")
         y = read(w_dev, x, self.read_generator, self.read_stats, digital_scale, blocks)
-        for _ in range(self.config.n_reads - 1):
-            y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
-        if self.config.n_reads > 1:
-            y = y / self.config.n_reads
+        n_reads = self.config.n_reads
+        if n_reads > 1:
+            for _ in range(n_reads - 1):
+                y = y + read(w_dev, x, self.read_generator, self.read_stats, digital_scale)
+            y = y / n_reads
         return y
 
     def read_common(self, v: Tensor, seed: int, blocks: int, transpose: bool = False) -> Tensor:
@@ -395,7 +407,10 @@ class AnalogTile:
         return torch.cat(outs, dim=0)
 
     def _uniform_scale(self) -> float | None:
-        key = (id(self.scale), self.scale._version)
+        scale = self.scale
+        if scale is self._scale_ref and scale._version == self._scale_key[1]:
+            return self._scale_value
+        key = (id(scale), scale._version)
         if self._scale_key != key:  # `scale` is replaced (program, load), never edited in place
             lo, hi = torch.aminmax(self.scale)
             self._scale_key, self._scale_value = key, (float(hi) if float(lo) == float(hi) else None)
@@ -420,10 +435,18 @@ class AnalogTile:
             raise ValueError(f"transpose: input has last dimension {d.shape[-1]}, expected {self.out_features}")
         uniform = self._uniform_scale()
         if uniform is not None:
-            return self.read(self.slot.weights.T, d, self.config.backward, uniform, blocks)
+            return self.read(self._weights_t(), d, self.config.backward, uniform, blocks)
         # a per-row digital scale acts on the rows of W, i.e. on the inputs of the transposed read
         ds = d * self.scale.squeeze(1).to(d.dtype)
-        return self.read(self.slot.weights.T, ds, self.config.backward, blocks=blocks)
+        return self.read(self._weights_t(), ds, self.config.backward, blocks=blocks)
+
+    def _weights_t(self) -> Tensor:
+        """slot.weights.T as one view object for as long as slot.weights is the same tensor, so
+        that the backward reader's cache of scaled weights finds it by identity."""
+        w = self.slot.weights
+        if self._wt_of is None or self._wt_of[0] is not w:
+            self._wt_of = (w, w.T)
+        return self._wt_of[1]
 
     # ------------------------------------------------------------------ updates
     def apply_update(self, u: Tensor, delta: Tensor, lr: float, task_rows: int | None = None) -> None:

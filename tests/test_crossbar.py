@@ -305,7 +305,40 @@ def test_periphery_reader_rescales_weights_that_changed():
     w2 = w + 0.05  # a new tensor; and the transposed read of it
     assert torch.equal(read(w2, x, _gen(4)), analog_read(w2, x, io, _gen(4)))
     d = torch.randn(30, 12, generator=_gen(5))
-    assert torch.equal(read(w2.T, d, _gen(6)), analog_read(w2.T, d, io, _gen(6)))
+    wt = w2.T  # one view object, read again after its base changed in place
+    assert torch.equal(read(wt, d, _gen(6)), analog_read(wt, d, io, _gen(6)))
+    w2.add_(0.1)
+    assert torch.equal(read(wt, d, _gen(7)), analog_read(wt, d, io, _gen(7)))
+
+
+@pytest.mark.parametrize("preset", ["ecram", "pcm"])
+def test_tile_reads_see_weights_changed_in_place_or_replaced(preset):
+    """The tile hands its readers the same weight tensor (and one transposed view of it) from read
+    to read, which their caches find by identity; a pair's G⁺ − G⁻ is kept between reads. Reads
+    after a device array's weights changed in place, or were replaced by an update, equal reads
+    of the devices' present weights through fresh readers."""
+    from crossbar.io import PeripheryReader
+
+    tile = AnalogTile(tile_preset(preset), 6, 10, _gen(0))
+    tile.program(0.1 * torch.randn(6, 10, generator=_gen(1)))
+    x, d = torch.randn(8, 10, generator=_gen(2)), torch.randn(8, 6, generator=_gen(3))
+
+    def fresh(transpose: bool, seed: int) -> torch.Tensor:
+        arrays = tile.slot.arrays
+        w = arrays[0].weights - arrays[1].weights if tile.slot.pair else arrays[0].weights.clone()
+        io = tile.config.backward if transpose else tile.config.forward
+        return PeripheryReader(io)(w.T if transpose else w, d if transpose else x, _gen(seed), None,
+                                   tile._uniform_scale())
+
+    for step in range(3):
+        for transpose in (False, True):
+            tile.read_generator.manual_seed(10 + step)
+            got = tile.transpose(d) if transpose else tile.forward(x)
+            assert torch.equal(got, fresh(transpose, 10 + step)), (step, transpose)
+        if step == 0:
+            tile.slot.arrays[0].weights.mul_(0.5)  # in place
+        else:
+            tile.apply_update(x, 0.5 * d, lr=0.1)  # new device weights
 
 
 @pytest.mark.parametrize("variant", [{}, {"out_bound": 0.6}, {"out_bound": 0.6, "bm_test_negative_bound": False},

@@ -182,7 +182,7 @@ def test_kept_buffers_stay_bounded_over_many_read_sizes():
         reader(w, _inputs(n, 40, i), _gen(i), stats)
     assert stats.mvm_reads > sum(sizes)  # re-reads happened
     arrays = {id(a.base if a.base is not None else a): (a.base if a.base is not None else a)
-              for b in reader._buffers.values() for a in (b.xu, b.noise, b.counts, b.alpha)}
+              for b in reader._buffers.values() for a in (b.xu, b.noise, b.count_abs, b.count_pos, b.alpha)}
     arrays.update({id(a): a for a in reader._arena})
     held = sum(a.nbytes for a in arrays.values())
     largest = 410 * 40 * 4 + 410 * 24 * 4 + 410 * 3 * 8  # one read of the largest size

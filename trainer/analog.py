@@ -93,6 +93,7 @@ class CommonNoise:
         self.name = inner.name
         self.seed_generator = torch.Generator().manual_seed(seed)
         self.blocks: tuple[int, int] | None = None
+        self._seed_buf = torch.empty(1, dtype=torch.int64)  # what torch.randint would allocate per draw
 
     in_features = property(lambda self: self.inner.in_features)
     out_features = property(lambda self: self.inner.out_features)
@@ -102,7 +103,7 @@ class CommonNoise:
         if self.blocks is not None:
             k, b = self.blocks
             if k >= 2 and v.shape[0] == k * b:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self.seed_generator))
+                seed = self._seed_buf.random_(0, 2**62, generator=self.seed_generator).item()
                 if not torch.is_complex(v):
                     return self.inner.read_common(v, seed, k, transpose)
                 outs = []  # complex: two real reads per block (AnalogProjection), block by block
