@@ -2,7 +2,8 @@
 
 Run by hand:  python -m experiments.benchmarks.bench_ep_step [--widths 32,64,128 --repeats 3]
 
-For each width C (other settings: the `demo` preset, i.e. T 16, B 16, H 2, ECRAM with its preset
+For each width C (other settings: the `demo` preset, i.e. T 16, B 16, H 2, ECRAM (`--device`: another
+preset or device file) with its preset
 periphery, common read noise, the demo's estimator and stabilisers), both paths of
 `trainer.loop.build_paths` are built from the same seed and trained on the same random batches,
 the two paths alternating step by step so that the load of a shared machine hits them alike.
@@ -104,9 +105,9 @@ class _Instrumented:
         return {"eval": t_eval, "stability": t_stab, "probe": self.record.get("probe", 0.0)}
 
 
-def bench_width(width: int, heads: int, repeats: int, seed: int, compile_backend: str = "none"
+def bench_width(width: int, heads: int, repeats: int, seed: int, compile_backend: str = "none", device: str = "ecram"
                 ) -> dict[str, dict[str, float]]:
-    cfg = load_run_config("demo", {"model": {"width": width, "heads": heads}, "seed": seed})
+    cfg = load_run_config("demo", {"model": {"width": width, "heads": heads}, "analog": {"device": device}, "seed": seed})
     cfg = resolve_vocab(cfg, 65)
     t = cfg.training
     paths = {name: _Instrumented(p) for name, p in build_paths(cfg).items()}
@@ -161,18 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per path and width (median kept)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="ecram", help="the analog path's device: a preset name or a device file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the trainer's default is 1)")
     ap.add_argument("--compile", default="none", choices=("none", "inductor", "aot_eager"),
                     help="also time the twin with this torch.compile backend (row twin+c; compile time excluded)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"demo preset (T 16, B 16, H {args.heads}, ECRAM, common noise), torch threads {torch.get_num_threads()}, "
+    print(f"demo preset (T 16, B 16, H {args.heads}, {args.device}, common noise), torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats} steps, paths alternating")
     head = (f"{'C':>4} {'path':<7} {'s/step':>7} {'F/step':>6} {'tok/s':>7} "
             + " ".join(f"{p:>11}" for p in PARTS) + f" {'a/d step':>8} {'a/d +instr':>10}")
     print(head)
     for width in (int(w) for w in args.widths.split(",")):
-        res = bench_width(width, args.heads, args.repeats, args.seed, args.compile)
+        res = bench_width(width, args.heads, args.repeats, args.seed, args.compile, args.device)
         for name in [n for n in ("twin", "twin+c", "analog") if n in res]:
             r = res[name]
             ratio = ratio_i = ""
