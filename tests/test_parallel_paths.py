@@ -97,6 +97,6 @@ def test_worker_errors_reach_the_parent():
 
 
 def test_parallel_reason_names_why_not():
-    assert parallel_reason(False, 2, "cpu") == "training.parallel_paths is off"
+    assert parallel_reason(False, 2, "cpu") == "parallel paths are off (--serial)"
     assert parallel_reason(True, 1, "cpu") == "one path"
     assert "meta" in parallel_reason(True, 2, "meta")

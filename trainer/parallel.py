@@ -12,10 +12,11 @@ with the same number of torch threads (tested in ``tests/test_parallel_paths.py`
 copy of the path is stale while the worker runs; `RemotePath.close` loads the worker's final state
 into it (`state_dict` / `load_state_dict`, the checkpoint's round trip) and ends the worker.
 
-Used when `training.parallel_paths` is on, the run has more than one path, the tensors live on the
-CPU, the platform can ``fork``, this machine has at least 2 CPUs and the run is not already inside a
-daemonic worker (a sweep or attribution worker: those use the cores already); otherwise the loop
-is serial (`parallel_reason` says why).
+Used when `trainer.loop.run(parallel_paths=True)` (the default; the CLI's `--serial` turns it off),
+the run has more than one path, the tensors live on the CPU, the platform can ``fork``, this
+machine has at least 2 CPUs and the run is not already inside a daemonic worker (a sweep or
+attribution worker: those use the cores already); otherwise the loop is serial (`parallel_reason`
+says why).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class WorkerDied(RuntimeError):
 def parallel_reason(enabled: bool, n_paths: int, torch_device: torch.device | str) -> str | None:
     """None when a run may train its paths in parallel worker processes, else why not."""
     if not enabled:
-        return "training.parallel_paths is off"
+        return "parallel paths are off (--serial)"
     if n_paths < 2:
         return "one path"
     if torch.device(torch_device).type != "cpu":

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: the first free runs/demo, runs/demo-1, ...)")
     p.add_argument("--steps", type=int, help="override the preset's step count")
     p.add_argument("--device", help="override the preset's device")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from experiments.run_args import add_serial_argument, add_threads_argument
 
     add_threads_argument(p)

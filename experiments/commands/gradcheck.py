@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-B", "--batch", type=int, default=_DEFAULTS.batch, help="batch size")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="seed of the random block and data")
     p.add_argument("--resinit", type=float, default=_M.resinit, help="scale of W_O, W_2 at init")
-    p.add_argument("--dtype", choices=("float64", "float32"), default=_DEFAULTS.dtype)
+    p.add_argument("--dtype", choices=("float64", "float32"), default=_DEFAULTS.dtype,
+                   help="precision of the model and of every gradient")
     p.add_argument("--estimator", choices=("one_sided", "centered", "holomorphic"), default=_E.nudge,
                    help="nudging scheme")
     p.add_argument("--beta", type=float, default=_E.beta, help="β, or the radius r for holomorphic")

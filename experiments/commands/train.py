@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("ep", "bptt", "bp"), help="default: ep (or --config's)")
     p.add_argument("--path", choices=("twin", "analog"), help="mode ep: digital (twin, default) or analog arrays")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), help="default: sgd (or the preset's)")
-    p.add_argument("--schedule", choices=("constant", "wsd"), help="learning-rate schedule (default: constant)")
+    p.add_argument("--schedule", choices=("constant", "wsd"), help="learning-rate schedule (default: the preset's; constant in tiny and base)")
     p.add_argument("--warmup", type=int, help="warmup steps of the wsd schedule (default: the preset's)")
     p.add_argument("--ema", type=float, help="parameter EMA decay, 0: off (default: the preset's)")
     p.add_argument("--report", action="store_true", help="write the report at the end")
