@@ -271,9 +271,9 @@ class AnalogTile:
         self.noise_seed = _derive_seed(generator)
         self.read_stats = ReadStats()
         self._readers: dict[int, PeripheryReader] = {}  # by id of the config's IOParameters
-        self._scale_key: tuple[int, int] | None = None
+        self._scale_ref: Tensor | None = None  # the scale tensor `_scale_value` was worked out from
+        self._scale_version = -1
         self._scale_value: float | None = None
-        self._scale_ref: Tensor | None = None
         self._wt_of: tuple[Tensor, Tensor] | None = None  # (slot.weights, its transposed view)
         self.pulse_count = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.n_updates = 0
@@ -407,14 +407,13 @@ class AnalogTile:
         return torch.cat(outs, dim=0)
 
     def _uniform_scale(self) -> float | None:
+        """The digital scale when every row shares it, else None; worked out again only when
+        `scale` is another tensor (program, load, remap replace it) or was edited in place."""
         scale = self.scale
-        if scale is self._scale_ref and scale._version == self._scale_key[1]:
-            return self._scale_value
-        key = (id(scale), scale._version)
-        if self._scale_key != key:  # `scale` is replaced (program, load), never edited in place
-            lo, hi = torch.aminmax(self.scale)
-            self._scale_key, self._scale_value = key, (float(hi) if float(lo) == float(hi) else None)
-            self._scale_ref = self.scale
+        if scale is not self._scale_ref or scale._version != self._scale_version:
+            lo, hi = torch.aminmax(scale)
+            self._scale_value = float(hi) if float(lo) == float(hi) else None
+            self._scale_ref, self._scale_version = scale, scale._version
         return self._scale_value
 
     def forward(self, u: Tensor, blocks: int = 1) -> Tensor:

@@ -314,9 +314,11 @@ def test_periphery_reader_rescales_weights_that_changed():
 @pytest.mark.parametrize("preset", ["ecram", "pcm"])
 def test_tile_reads_see_weights_changed_in_place_or_replaced(preset):
     """The tile hands its readers the same weight tensor (and one transposed view of it) from read
-    to read, which their caches find by identity; a pair's G⁺ − G⁻ is kept between reads. Reads
-    after a device array's weights changed in place, or were replaced by an update, equal reads
-    of the devices' present weights through fresh readers."""
+    to read, which their caches find by identity; a pair's G⁺ − G⁻ is kept between reads, and the
+    tile's uniform digital scale between changes of `scale`. Reads after a device array's weights
+    changed in place or were replaced by an update, after reprogramming (a new scale) and after
+    the scale was edited in place, equal reads of the present weights and scale through fresh
+    readers."""
     from crossbar.io import PeripheryReader
 
     tile = AnalogTile(tile_preset(preset), 6, 10, _gen(0))
@@ -327,18 +329,23 @@ def test_tile_reads_see_weights_changed_in_place_or_replaced(preset):
         arrays = tile.slot.arrays
         w = arrays[0].weights - arrays[1].weights if tile.slot.pair else arrays[0].weights.clone()
         io = tile.config.backward if transpose else tile.config.forward
-        return PeripheryReader(io)(w.T if transpose else w, d if transpose else x, _gen(seed), None,
-                                   tile._uniform_scale())
+        scale = float(tile.scale.max())
+        assert torch.all(tile.scale == scale)  # a uniform scale: the readers apply it
+        return PeripheryReader(io)(w.T if transpose else w, d if transpose else x, _gen(seed), None, scale)
 
-    for step in range(3):
+    for step in range(5):
         for transpose in (False, True):
             tile.read_generator.manual_seed(10 + step)
             got = tile.transpose(d) if transpose else tile.forward(x)
             assert torch.equal(got, fresh(transpose, 10 + step)), (step, transpose)
         if step == 0:
             tile.slot.arrays[0].weights.mul_(0.5)  # in place
-        else:
+        elif step == 1:
             tile.apply_update(x, 0.5 * d, lr=0.1)  # new device weights
+        elif step == 2:
+            tile.program(0.3 * torch.randn(6, 10, generator=_gen(4)))  # a new scale
+        else:
+            tile.scale.mul_(1.5)  # the scale edited in place
 
 
 @pytest.mark.parametrize("variant", [{}, {"out_bound": 0.6}, {"out_bound": 0.6, "bm_test_negative_bound": False},
