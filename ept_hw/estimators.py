@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .config import ConfigError, check_choice, check_positive_int, check_range
 from .model import EquilibriumTransformer
-from .ops import PortRecorder, outer_product_sum
+from .ops import PortRecorder, all_finite, outer_product_sum
 from .relaxation import RelaxResult, SolverConfig, StopRule, one_step_residual, relax
 
 __all__ = [
@@ -212,7 +212,7 @@ def port_quantities(
     model.check_state(z, "z", finite=True)
     if cotangent.shape != z.shape:
         raise ValueError(f"cotangent has shape {tuple(cotangent.shape)}, expected {tuple(z.shape)}")
-    if not bool(torch.isfinite(cotangent).all()):
+    if not all_finite(cotangent):
         raise FloatingPointError("the cotangent (adjoint) contains NaN or inf")
     params = {n: t.detach().requires_grad_(True) for n, t in model.params.items()}
     recorder = PortRecorder()
@@ -439,7 +439,7 @@ class EPEstimator:
                 if step == cfg.n_steps:
                     nudge_res = one_step_residual(Z, f, eps)
                 Z = Z + eps * f
-                if not bool(torch.isfinite(Z).all()):
+                if not all_finite(Z):
                     raise FloatingPointError(f"nudged state became NaN/inf at nudge step {step}")
                 if select and step % cfg.snapshot_every == 0 and step >= cfg.t2 - cfg.snapshot_every:
                     a = adjoint_of(Z)

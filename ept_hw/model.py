@@ -29,7 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .config import ConfigError, check_choice, check_positive_int, check_range, to_dict
-from .ops import PortRecorder, project, transpose_read
+from .ops import PortRecorder, all_finite, project, transpose_read
 from .projection import DigitalProjection, Projection, ProjectionFactory
 
 logger = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ class EquilibriumTransformer:
             )
         if z.dtype not in (self.dtype, _complex_of(self.dtype)):
             raise TypeError(f"{what} has dtype {z.dtype}, the model computes in {self.dtype} (or its complex form)")
-        if finite and not bool(torch.isfinite(z).all()):
+        if finite and not all_finite(z):
             raise FloatingPointError(f"{what} contains NaN or inf")
 
     # ----------------------------------------------------------------- the block

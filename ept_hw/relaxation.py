@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from ept_hw.config import ConfigError, check_choice, check_positive_int, check_range
+from ept_hw.ops import all_finite
 
 __all__ = [
     "SolverConfig",
@@ -211,7 +212,7 @@ def one_step_residual(z: Tensor, f: Tensor, eps: float) -> Tensor:
 
 
 def _check_finite(t: Tensor, what: str, step: int, method: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         bad = (~torch.isfinite(_flat(t))).any(dim=1).nonzero().flatten().tolist()
         raise NonFiniteStateError(what, step, method, bad)
 

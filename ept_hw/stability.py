@@ -39,7 +39,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigs
 from torch import Tensor
 
 from ept_hw.config import check_choice, check_positive_int, check_range
-from ept_hw.ops import PortRecorder
+from ept_hw.ops import PortRecorder, all_finite
 from ept_hw.relaxation import NonFiniteStateError, SolverConfig, one_step_residual, relax
 
 __all__ = [
@@ -230,7 +230,7 @@ def leading_eigenvalues(
         v = torch.as_tensor(np.ascontiguousarray(x).real, dtype=z.dtype, device=z.device).reshape(z.shape)
         with torch.no_grad():
             out = jv(v)
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteStateError("Jacobian-vector product", count[0], "eigenvalues", [])
         return out.reshape(-1).to(torch.float64).cpu().numpy()
 
@@ -341,7 +341,7 @@ def _newton_krylov_fixed_point(force: Force, z: Tensor, eps: float, maxiter: int
         logger.info("Newton-Krylov found no fixed point: %s", type(exc).__name__)
         return None
     out = torch.as_tensor(sol, dtype=dtype, device=z.device).reshape(shape)
-    return out if bool(torch.isfinite(out).all()) else None
+    return out if all_finite(out) else None
 
 
 # ------------------------------------------------------------------------- limit cycles
@@ -430,7 +430,7 @@ def detect_limit_cycle(
     with torch.no_grad():
         for step in range(n_steps + 1):
             f = force(z)
-            finite = bool(torch.isfinite(f).all())
+            finite = all_finite(f)
             if not finite:
                 verdict, reason = "divergent", f"non-finite force at step {step}"
                 break
@@ -443,7 +443,7 @@ def detect_limit_cycle(
             if step == n_steps:
                 break
             z = z + eps * f
-            if not bool(torch.isfinite(z).all()):
+            if not all_finite(z):
                 verdict, reason = "divergent", f"non-finite state at step {step + 1}"
                 break
             norm = float(torch.linalg.vector_norm(z.reshape(batch, -1), dim=1).max())

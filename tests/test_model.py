@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ept_hw.config import ConfigError
 from ept_hw.model import EquilibriumTransformer, ModelConfig, gelu_tanh, layer_norm, softmax_ratio
-from ept_hw.ops import PortRecorder
+from ept_hw.ops import PortRecorder, all_finite
 from ept_hw.projection import DigitalProjection, digital_factory
 
 CFG = ModelConfig(vocab_size=11, context=6, width=8, heads=2)
@@ -261,3 +261,25 @@ def test_complex_states_are_read_as_two_real_reads():
     assert float((real_only.force(z, x) - exact.force(z, x)).abs().max()) < 1e-14
     assert float((real_only.loss_grad(z, tg) - exact.loss_grad(z, tg)).abs().max()) < 1e-15
     assert float(exact.force(z, x).imag.abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    """`all_finite` (the relaxations' and the nudge's per-step check) agrees with
+    torch.isfinite(t).all() wherever the bad entry sits and whatever its sign: a reduction that
+    dropped NaNs, looked at one end only or ignored an imaginary part would pass a bad state."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).to(dtype)
+    assert all_finite(base) and all_finite(base[:, ::2])
+    bads = [float("nan"), float("inf"), float("-inf")]
+    if dtype.is_complex:
+        bads += [complex(0.0, float("inf")), complex(float("nan"), 0.0), complex(0.0, float("-inf"))]
+    for bad in bads:
+        for pos in [(0, 0, 0), (3, 2, 4), (1, 1, 2)]:
+            t = base.clone()
+            t[pos] = bad
+            assert not all_finite(t), (bad, pos)
+            assert bool(torch.isfinite(t).all()) is False
+            if dtype.is_complex:
+                assert not all_finite(t.conj())
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(4))
