@@ -2,7 +2,7 @@
 
 Where a hot loop needs many normals (the read noise of every analog read), torch's `randn`
 (mt19937 and Box–Muller, about 5–6 ns a normal on one core here) costs as much as the product
-itself. This module draws them at about 2.3 ns, vectorised, with every bit still owned by the
+itself. This module draws them at about 1.7 ns, vectorised, with every bit still owned by the
 caller's seeded `torch.Generator`:
 
 - **Key.** A draw of n normals takes one 64-bit key from the generator (`draw_key`: two 32-bit
@@ -109,16 +109,25 @@ def fill_normals(out, k0, k1):  # pragma: no cover - compiled
     zero = np.uint32(0)
     k0 = np.uint32(k0)
     k1 = np.uint32(k1)
+    # Two passes over `out`: the Philox words into the four planes as raw bits, then Box–Muller
+    # in place. The same numbers as one fused loop, about 10 % faster here (1.66 vs 1.86 ns a
+    # normal): each loop is shorter and vectorises with more of its work in flight.
+    bits = out.view(np.uint32)
     for j in range(n4):
         r0, r1, r2, r3 = _philox(np.uint32(j), zero, zero, zero, k0, k1)
-        a = _radius(r0)
-        s, c = _sincos(r1)
+        bits[j] = r0
+        bits[n4 + j] = r1
+        bits[2 * n4 + j] = r2
+        bits[3 * n4 + j] = r3
+    for j in range(n4):
+        a = _radius(bits[j])
+        s, c = _sincos(bits[n4 + j])
+        b = _radius(bits[2 * n4 + j])
+        s2, c2 = _sincos(bits[3 * n4 + j])
         out[j] = a * c
         out[n4 + j] = a * s
-        b = _radius(r2)
-        s, c = _sincos(r3)
-        out[2 * n4 + j] = b * c
-        out[3 * n4 + j] = b * s
+        out[2 * n4 + j] = b * c2
+        out[3 * n4 + j] = b * s2
 
 
 def draw_key(generator: torch.Generator, out: torch.Tensor | None = None) -> tuple[int, int]:
